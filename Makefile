@@ -1,0 +1,19 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`. Each builds .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,s3]'
+	touch $@
+
+.PHONY: demo test bench
+demo: $(VENV)/.installed
+	$(BIN)/baton demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/storage_bench.py

@@ -1,0 +1,49 @@
+"""Errors that say which file is wrong and what to do; each subclasses the built-in a caller would catch."""
+
+from __future__ import annotations
+
+
+class SnapshotError(Exception):
+    """Base of every storage error, for callers that want to catch them all."""
+
+
+class SnapshotNotFoundError(SnapshotError, FileNotFoundError):
+    """No level holds a complete snapshot; ``checked`` lists every place looked at and why it was passed over."""
+
+    def __init__(self, base: str, checked: list[str]):
+        self.checked = checked
+        lines = "\n  - ".join(checked)
+        super().__init__(f"No snapshot found for {base}: checked\n  - {lines}")
+
+
+class TornSnapshotError(SnapshotError, ValueError):
+    """A snapshot that is incomplete or corrupt: missing/truncated part, gap, size or checksum mismatch."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}")
+
+
+class IncompatibleTargetError(SnapshotError, ValueError):
+    """The snapshot's names, shapes or dtypes do not fit the parameters it was asked to load into."""
+
+
+class UnsafeCheckpointError(SnapshotError, ValueError):
+    """A pickle that asks to run code (any callable outside the tensor allow-list); nothing was executed."""
+
+
+class SnapshotExistsError(SnapshotError, FileExistsError):
+    """Publishing an id that already exists without ``overwrite=True``."""
+
+
+class PartialApplyError(SnapshotError, RuntimeError):
+    """Applying failed after some live bytes changed (storage died or a part changed under the reader).
+
+    Everything checkable is checked before the first write, so this only happens when storage misbehaves
+    during the load; the target holds a mix of versions and the caller must restore it (``applied`` lists
+    the tensors already written).
+    """
+
+    def __init__(self, message: str, applied: list[str]):
+        self.applied = applied
+        super().__init__(f"{message} (after {len(applied)} tensors were written: the target is torn, restore it)")

@@ -1,0 +1,89 @@
+"""File names of a snapshot, and the checks that keep ids and ranks from becoming paths.
+
+The names are FastDeploy's (``fastdeploy/rl/dynamic_weight_manager.py``) so that either side can read what
+the other wrote. Ids are restricted to ``[A-Za-z0-9_-]`` with no dots: a dot would make
+``model_state.tp0.{id}.pdparams`` ambiguous with a part name (id ``v1.part3`` vs id ``v1`` part 3).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_MANIFEST_RE = re.compile(r"model_state\.tp(\d+)\.([A-Za-z0-9][A-Za-z0-9_-]*)\.manifest\.json")
+_PART_INDEX_RE = re.compile(r"\.part(\d+)\.")
+
+
+class Level(enum.IntEnum):
+    """Where a snapshot was found, in the order the loader tries them."""
+
+    PARTS = 1
+    FULL = 2
+    LEGACY = 3
+    FALLBACK = 4
+
+    @property
+    def label(self) -> str:
+        return {1: "chunked parts", 2: "single full file", 3: "legacy name", 4: "shared fallback dir"}[self.value]
+
+
+def check_id(version_id: object) -> str:
+    """Refuse ids that could escape the root or collide with another file name."""
+    if not isinstance(version_id, str) or not ID_PATTERN.fullmatch(version_id):
+        raise ValueError(
+            f"invalid snapshot id {version_id!r}: use 1-128 characters from [A-Za-z0-9_-], starting with a "
+            "letter or digit (no '/', '..', dots, spaces or other path syntax), e.g. 'step-120'"
+        )
+    return version_id
+
+
+def check_rank(rank: object) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"invalid rank {rank!r}: a rank is a non-negative integer (0 for a single server)")
+    return rank
+
+
+def base_name(rank: int, version_id: str) -> str:
+    return f"model_state.tp{check_rank(rank)}.{check_id(version_id)}"
+
+
+def part_name(rank: int, version_id: str, index: int) -> str:
+    return f"{base_name(rank, version_id)}.part{index}.pdparams"
+
+
+def full_name(rank: int, version_id: str) -> str:
+    return f"{base_name(rank, version_id)}.pdparams"
+
+
+def legacy_name(version_id: str) -> str:
+    """Old FastDeploy naming: rank 0 glued to the id, e.g. ``model_state.tp012.pdparams`` for id 12."""
+    return f"model_state.tp0{check_id(version_id)}.pdparams"
+
+
+def manifest_name(rank: int, version_id: str) -> str:
+    return f"{base_name(rank, version_id)}.manifest.json"
+
+
+def pending_name(rank: int, version_id: str) -> str:
+    """Marker a publisher writes before its first part and removes after the manifest.
+
+    It lets the compatibility mode (parts without a manifest, as FastDeploy's trainer writes them) tell a
+    killed Baton publish apart from a finished foreign one.
+    """
+    return f"{base_name(rank, version_id)}.publishing"
+
+
+def part_regex(rank: int, version_id: str) -> re.Pattern[str]:
+    return re.compile(re.escape(base_name(rank, version_id)) + r"\.part(\d+)\.pdparams")
+
+
+def part_index(file_name: str) -> int | None:
+    """The integer N of ``….part{N}.…``; parts are ordered by it, never by string sort."""
+    m = _PART_INDEX_RE.search(file_name)
+    return int(m.group(1)) if m else None
+
+
+def parse_manifest_name(file_name: str) -> tuple[int, str] | None:
+    m = _MANIFEST_RE.fullmatch(file_name)
+    return (int(m.group(1)), m.group(2)) if m else None

@@ -1,0 +1,149 @@
+"""The safetensors byte layout, read and written without a second copy of the data.
+
+Layout: 8-byte little-endian header length, a JSON header (``{name: {dtype, shape, data_offsets}}`` plus an
+optional ``__metadata__`` string map) padded with spaces to 8 bytes, then the tensor bytes back to back with
+no holes. This is what ``safetensors.paddle.save_file`` writes and what ``paddle.load(path, safetensors=True)``
+reads; Baton writes it itself so that tensors stream straight from the live buffers to storage and back into
+live parameters, and checks every header field before trusting it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import TornSnapshotError
+
+# safetensors dtype code -> (numpy dtype holding the raw bits, paddle dtype name)
+DTYPES: dict[str, tuple[np.dtype, str]] = {
+    "BOOL": (np.dtype(np.bool_), "bool"),
+    "U8": (np.dtype(np.uint8), "uint8"),
+    "I8": (np.dtype(np.int8), "int8"),
+    "I16": (np.dtype(np.int16), "int16"),
+    "U16": (np.dtype(np.uint16), "uint16"),
+    "F16": (np.dtype(np.float16), "float16"),
+    "BF16": (np.dtype(np.uint16), "bfloat16"),
+    "I32": (np.dtype(np.int32), "int32"),
+    "U32": (np.dtype(np.uint32), "uint32"),
+    "F32": (np.dtype(np.float32), "float32"),
+    "F64": (np.dtype(np.float64), "float64"),
+    "I64": (np.dtype(np.int64), "int64"),
+    "U64": (np.dtype(np.uint64), "uint64"),
+    "F8_E4M3": (np.dtype(np.uint8), "float8_e4m3fn"),
+    "F8_E5M2": (np.dtype(np.uint8), "float8_e5m2"),
+}
+_BY_PADDLE = {paddle_name: code for code, (_, paddle_name) in DTYPES.items() if code != "U16"}
+_BY_PADDLE["uint16"] = "U16"
+_BY_NUMPY = {np.dtype(np.bool_): "BOOL", np.dtype(np.uint8): "U8", np.dtype(np.int8): "I8",
+             np.dtype(np.int16): "I16", np.dtype(np.uint16): "U16", np.dtype(np.float16): "F16",
+             np.dtype(np.int32): "I32", np.dtype(np.uint32): "U32", np.dtype(np.float32): "F32",
+             np.dtype(np.float64): "F64", np.dtype(np.int64): "I64", np.dtype(np.uint64): "U64"}
+
+MAX_HEADER_BYTES = 100 << 20
+HEADER_PROBE_BYTES = 64 << 10  # one read that holds the whole header of any ordinary part
+
+
+def code_of_paddle(dtype: object) -> str:
+    name = str(dtype).removeprefix("paddle.")
+    if name not in _BY_PADDLE:
+        raise TypeError(f"dtype {dtype} has no safetensors code; cast it to a supported dtype before publishing")
+    return _BY_PADDLE[name]
+
+
+def code_of_numpy(dtype: np.dtype) -> str:
+    if np.dtype(dtype) not in _BY_NUMPY:
+        raise TypeError(f"numpy dtype {dtype} has no safetensors code; cast it before publishing")
+    return _BY_NUMPY[np.dtype(dtype)]
+
+
+def itemsize(code: str) -> int:
+    return DTYPES[code][0].itemsize
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str  # safetensors code
+    shape: tuple[int, ...]
+    start: int  # offset of the first byte from the start of the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Header:
+    entries: tuple[TensorEntry, ...]  # in file order
+    data_start: int
+    file_size: int
+    metadata: dict[str, str]
+
+
+def encode_header(items: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
+    """Header bytes (length prefix included) for tensors written back to back in the given order."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, code, shape, nbytes in items:
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def header_length(prefix: bytes, path: str, file_size: int) -> int:
+    """The JSON length from the first 8 bytes, refused when it cannot be a safetensors header."""
+    if file_size < 8 or len(prefix) < 8:
+        raise TornSnapshotError(path, f"file is {file_size} bytes, too short for a safetensors header")
+    if prefix[:1] == b"\x80":
+        raise TornSnapshotError(
+            path, "this is a pickle (paddle.save) file, but this level must hold safetensors bytes: "
+            "re-save it with safetensors.paddle.save_file or `baton publish`")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > MAX_HEADER_BYTES or 8 + length > file_size:
+        raise TornSnapshotError(path, f"header length {length} does not fit in a {file_size}-byte file (truncated?)")
+    return length
+
+
+def parse_header(raw: bytes, path: str, file_size: int) -> Header:
+    """Validate a header completely: dtypes, shapes, offsets that tile the data exactly, and the file size."""
+    length = header_length(raw, path, file_size)
+    if len(raw) < 8 + length:
+        raise ValueError("parse_header needs the whole header")
+    try:
+        doc = json.loads(raw[8 : 8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TornSnapshotError(path, f"header is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise TornSnapshotError(path, "header is not a JSON object")
+    metadata = doc.pop("__metadata__", None) or {}
+    data_start = 8 + length
+    entries = []
+    for name, info in doc.items():
+        try:
+            code, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            ok = code in DTYPES and all(isinstance(d, int) and d >= 0 for d in shape)
+            ok = ok and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise TornSnapshotError(path, f"header entry {name!r} is malformed: {info!r}")
+        if math.prod(shape) * itemsize(code) != end - begin:
+            raise TornSnapshotError(path, f"tensor {name!r}: shape {list(shape)} {code} does not match {end - begin} bytes")
+        entries.append(TensorEntry(name, code, shape, data_start + begin, data_start + end))
+    entries.sort(key=lambda e: (e.start, e.end))
+    cursor = data_start
+    for e in entries:
+        if e.start != cursor:
+            raise TornSnapshotError(path, f"tensor {e.name!r} starts at byte {e.start}, expected {cursor} (hole or overlap)")
+        cursor = e.end
+    if cursor != file_size:
+        why = "truncated" if cursor > file_size else "has trailing bytes"
+        raise TornSnapshotError(path, f"file is {file_size} bytes but its header describes {cursor} ({why})")
+    return Header(tuple(entries), data_start, file_size, {str(k): str(v) for k, v in dict(metadata).items()})

@@ -1,0 +1,273 @@
+"""Publishing: shard a state dict into safetensors parts, then commit it by writing the manifest last."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xxhash
+from tqdm.auto import tqdm
+
+from . import layout
+from .errors import SnapshotExistsError
+from .fs import is_local, join, listing, open_fs
+from .manifest import Manifest, PartRecord, TensorRecord
+from .tensorfile import code_of_numpy, code_of_paddle, encode_header, itemsize
+
+DEFAULT_PART_BYTES = 512 << 20
+
+
+@dataclass(frozen=True)
+class PublishReport:
+    version: str
+    rank: int
+    parts: int
+    bytes: int
+    seconds: float
+    manifest_url: str
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / 1e9 / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class _Item:
+    name: str
+    value: Any
+    code: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _describe(name: str, value: Any) -> _Item:
+    if isinstance(value, np.ndarray):
+        code = code_of_numpy(value.dtype)
+    elif type(value).__module__.startswith("paddle") or hasattr(value, "place"):
+        code = code_of_paddle(value.dtype)
+    else:
+        raise TypeError(f"state dict entry {name!r} is a {type(value).__name__}; expected a Paddle tensor or numpy array")
+    shape = tuple(int(d) for d in value.shape)
+    return _Item(name, value, code, shape, int(np.prod(shape, dtype=np.int64)) * itemsize(code))
+
+
+def _raw_bytes(item: _Item) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 array, sharing memory with a contiguous CPU tensor."""
+    value = item.value
+    if isinstance(value, np.ndarray):
+        return np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+    import paddle
+
+    t = value.detach()
+    if not t.place.is_cpu_place():
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if item.code == "BF16":
+        t = t.view(paddle.uint16)
+    elif item.code.startswith("F8"):
+        t = t.view(paddle.uint8)
+    if item.nbytes == 0:
+        return np.empty(0, np.uint8)
+    return np.from_dlpack(t).reshape(-1).view(np.uint8)
+
+
+def plan_parts(items: list[_Item], part_bytes: int) -> list[list[_Item]]:
+    """Greedy, order-preserving split; a tensor larger than ``part_bytes`` gets a part of its own."""
+    parts: list[list[_Item]] = []
+    size = 0
+    for item in items:
+        if not parts or (size + item.nbytes > part_bytes and parts[-1]):
+            parts.append([])
+            size = 0
+        parts[-1].append(item)
+        size += item.nbytes
+    return parts
+
+
+def _digests(buffers: list) -> tuple[str, str]:
+    sha, xx = hashlib.sha256(), xxhash.xxh3_128()
+    for b in buffers:
+        sha.update(b)
+        xx.update(b)
+    return sha.hexdigest(), xx.hexdigest()
+
+
+def _write_local(path: str, buffers: list, hasher: ThreadPoolExecutor, durable: bool) -> tuple[str, str]:
+    # hashing (GIL released) on one core overlaps the kernel copying pages on the other
+    digest: Future = hasher.submit(_digests, buffers)
+    with open(path, "wb") as f:
+        for b in buffers:
+            f.write(b)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    return digest.result()
+
+
+def _write_atomic_local(path: str, data: bytes, durable: bool) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if durable:
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove_version(fs, root: str, names: Mapping[str, int], rank: int, version_id: str) -> None:
+    """Manifest first: from that instant the version no longer exists for any reader."""
+    manifest = layout.manifest_name(rank, version_id)
+    if manifest in names:
+        fs.rm_file(join(root, manifest))
+    rx = layout.part_regex(rank, version_id)
+    for name in names:
+        if rx.fullmatch(name) or name == layout.pending_name(rank, version_id):
+            fs.rm_file(join(root, name))
+
+
+def publish(
+    state_dict: Mapping[str, Any],
+    root_url: str,
+    version_id: str,
+    rank: int = 0,
+    *,
+    part_bytes: int = DEFAULT_PART_BYTES,
+    overwrite: bool = False,
+    metadata: Mapping[str, str] | None = None,
+    durable: bool = True,
+    progress: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> PublishReport:
+    """Write ``state_dict`` as ``model_state.tp{rank}.{id}.part{N}.pdparams`` files plus the manifest.
+
+    Until the manifest lands the version does not exist for Baton readers, and a ``.publishing`` marker keeps
+    FastDeploy-compatible (manifest-less) readers from taking the half-written parts either. ``durable``
+    fsyncs local parts before the manifest so a power cut cannot commit a version whose bytes are lost.
+    """
+    layout.check_id(version_id)
+    layout.check_rank(rank)
+    if part_bytes <= 0:
+        raise ValueError(f"part_bytes must be positive, got {part_bytes}")
+    if not state_dict:
+        raise ValueError("state_dict is empty: nothing to publish")
+    items = [_describe(str(k), v) for k, v in state_dict.items()]
+    fs, root = open_fs(root_url, storage_options)
+    local = is_local(fs)
+    names = listing(fs, root)
+    manifest_file = layout.manifest_name(rank, version_id)
+    if manifest_file in names and not overwrite:
+        raise SnapshotExistsError(
+            f"{root_url}/{manifest_file} already exists: version {version_id!r} rank {rank} is published. "
+            "Pick a new id, or pass overwrite=True (--overwrite) to replace it")
+    _remove_version(fs, root, names, rank, version_id)  # leftovers of an interrupted publish, or the overwrite
+    if local:
+        os.makedirs(root, exist_ok=True)
+    marker = join(root, layout.pending_name(rank, version_id))
+    fs.pipe_file(marker, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode())
+
+    start = time.perf_counter()
+    plan = plan_parts(items, part_bytes)
+    total = sum(i.nbytes for i in items)
+    records: list[PartRecord | None] = [None] * len(plan)
+    tensors: dict[str, TensorRecord] = {}
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"publish {version_id} tp{rank}", disable=not progress)
+    # remote: up to two parts in flight (memory = 2 parts); local: one writer plus one hashing thread
+    with ThreadPoolExecutor(2) as pool:
+        pending: list[Future] = []
+        for index, part in enumerate(plan):
+            name = layout.part_name(rank, version_id, index)
+            header = encode_header([(i.name, i.code, i.shape, i.nbytes) for i in part], {"format": "pd"})
+            for i in part:
+                tensors[i.name] = TensorRecord(i.code, i.shape, index)
+            buffers = [header, *(_raw_bytes(i) for i in part)]
+            size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in buffers)
+            if local:
+                sha, xx = _write_local(join(root, name), buffers, pool, durable)
+                records[index] = PartRecord(name, index, size, sha, xx, len(part))
+                bar.update(size - len(header))
+            else:
+                while len(pending) >= 2:
+                    pending.pop(0).result()
+                pending.append(pool.submit(_upload, fs, join(root, name), buffers, index, len(part), records, bar))
+        for f in pending:
+            f.result()
+    bar.close()
+    manifest = Manifest(version_id, rank, time.time(), [r for r in records if r], tensors, dict(metadata or {}))
+    manifest_path = join(root, manifest_file)
+    if local:
+        _write_atomic_local(manifest_path, manifest.to_json(), durable)
+    else:
+        fs.pipe_file(manifest_path, manifest.to_json())
+    fs.rm_file(marker)
+    seconds = time.perf_counter() - start
+    return PublishReport(version_id, rank, len(plan), manifest.total_bytes, seconds, f"{root_url.rstrip('/')}/{manifest_file}")
+
+
+def _upload(fs, path: str, buffers: list, index: int, count: int, records: list, bar) -> None:
+    data = b"".join(buffers)  # one part in memory: object stores take whole bodies
+    sha, xx = _digests([data])
+    fs.pipe_file(path, data)
+    records[index] = PartRecord(path.rsplit("/", 1)[-1], index, len(data), sha, xx, count)
+    bar.update(len(data) - len(buffers[0]))
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    id: str
+    ranks: tuple[int, ...]
+    published_at: float
+    bytes: int
+
+
+def list_versions(root_url: str, *, storage_options: dict[str, Any] | None = None) -> list[VersionInfo]:
+    """Committed versions (those with a manifest), oldest first."""
+    fs, root = open_fs(root_url, storage_options)
+    found: dict[str, list[Manifest]] = {}
+    for name in listing(fs, root):
+        parsed = layout.parse_manifest_name(name)
+        if parsed:
+            raw = fs.cat_file(join(root, name))
+            found.setdefault(parsed[1], []).append(Manifest.from_json(raw, join(root, name)))
+    infos = [
+        VersionInfo(vid, tuple(sorted(m.rank for m in ms)), max(m.published_at for m in ms), sum(m.total_bytes for m in ms))
+        for vid, ms in found.items()
+    ]
+    return sorted(infos, key=lambda v: (v.published_at, v.id))
+
+
+def prune(
+    root_url: str,
+    keep_last: int,
+    *,
+    keep: tuple[str, ...] | list[str] = (),
+    storage_options: dict[str, Any] | None = None,
+) -> list[str]:
+    """Delete all but the newest ``keep_last`` versions (and any id in ``keep``); returns the ids removed.
+
+    Each version's manifests go first, so a reader either sees the whole version or none of it.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1 (got {keep_last}): pruning never deletes every version")
+    versions = list_versions(root_url, storage_options=storage_options)
+    doomed = [v for v in versions[: max(0, len(versions) - keep_last)] if v.id not in set(keep)]
+    fs, root = open_fs(root_url, storage_options)
+    names = listing(fs, root)
+    for v in doomed:
+        for rank in v.ranks:
+            _remove_version(fs, root, names, rank, v.id)
+    return [v.id for v in doomed]
