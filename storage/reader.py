@@ -452,6 +452,18 @@ def load_snapshot(
         raise ValueError(f"verify must be 'full', 'stream' or 'none', not {verify!r}")
     start = time.perf_counter()
     src = resolve(root_url, version_id, rank, fallback_dir=fallback_dir, strict=strict, storage_options=storage_options)
+    targets, verified = apply_source(src, into, verify=verify, cast=cast, copy_fn=copy_fn, prefetch=prefetch,
+                                     progress=progress, label=f"load {version_id} tp{rank}")
+    return LoadReport(
+        version_id, rank, int(src.level), src.level.label, src.urls(), src.bytes, time.perf_counter() - start,
+        len(targets), verified, targets if into is None else None)
+
+
+def apply_source(
+    src: Source, into: Target | None, *, verify: str = "full", cast: bool = False, copy_fn: CopyFn | None = None,
+    prefetch: int = 2, progress: bool = False, label: str = "load",
+) -> tuple[dict[str, Any], str]:
+    """Check ``src`` against the target, verify, apply; returns the target table and what was verified."""
     index = src.index()
     if into is None:
         import paddle
@@ -459,16 +471,29 @@ def load_snapshot(
         targets = {n: paddle.empty(list(shape), dtype=DTYPES[code][1]) for n, (code, shape) in index.items()}
     else:
         targets = _target_table(into)
-    check_fits(index, targets, ", ".join(src.urls()[:1]) + (f" (+{len(src.files) - 1} parts)" if len(src.files) > 1 else ""), cast)
+    where = src.urls()[0] + (f" (+{len(src.files) - 1} more parts)" if len(src.files) > 1 else "")
+    check_fits(index, targets, where, cast)
     has_digests = any(src.digests)
     if verify == "full" and has_digests:
         _verify_all(src, prefetch)
-    with tqdm(total=src.bytes, unit="B", unit_scale=True, desc=f"load {version_id} tp{rank}", disable=not progress) as bar:
+    with tqdm(total=src.bytes, unit="B", unit_scale=True, desc=label, disable=not progress) as bar:
         _apply(src, targets, verify, copy_fn, prefetch, bar)
     if not has_digests or verify == "none":
         verified = "sizes and headers only" + ("" if has_digests else " (no manifest: no checksums to check)")
     else:
         verified = "xxh3_128 before apply" if verify == "full" else "xxh3_128 while applying"
-    return LoadReport(
-        version_id, rank, int(src.level), src.level.label, src.urls(), src.bytes, time.perf_counter() - start,
-        len(index), verified, targets if into is None else None)
+    return targets, verified
+
+
+def read_state_file(url: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A whole trainer file (safetensors, or a paddle.save pickle read without running code) as Paddle tensors."""
+    fs, path = open_fs(url, storage_options)
+    root, _, name = path.rpartition("/")
+    names = listing(fs, root)
+    if name not in names:
+        raise FileNotFoundError(f"{url}: no such file")
+    if fs.cat_file(path, start=0, end=1) == b"\x80":
+        src = Source(Level.FULL, fs, [path], [names[name]], [None], [None], arrays=load_state_pickle(fs.cat_file(path), url))
+    else:
+        src = _probe_file(fs, root, names, name, Level.FULL)
+    return apply_source(src, None, verify="none", label=f"read {name}")[0]

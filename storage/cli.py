@@ -1,0 +1,134 @@
+"""``baton publish | inspect | verify | versions | prune``: the storage commands."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from . import audit, reader, writer
+from .errors import SnapshotError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+_RANK_FILE = re.compile(r"model_state\.tp(\d+)\.pdparams")
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use e.g. 512MiB, 1GiB, 64MB or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _sources(src: str, rank: int) -> list[tuple[int, str]]:
+    """(rank, file) pairs: one file, or every ``model_state.tp{r}.pdparams`` in a local directory."""
+    path = Path(src)
+    if "://" not in src and path.is_dir():
+        found = sorted((int(m.group(1)), str(p)) for p in path.iterdir() if (m := _RANK_FILE.fullmatch(p.name)))
+        if not found:
+            raise SystemExit(f"baton publish: {src} holds no model_state.tp{{r}}.pdparams files")
+        return found
+    return [(rank, src)]
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    for rank, src in _sources(args.src, args.rank):
+        state = reader.read_state_file(src)
+        r = writer.publish(state, args.to, args.id, rank, part_bytes=args.part_size, overwrite=args.overwrite, progress=True)
+        print(f"published {r.version} rank {r.rank}: {r.parts} parts, {human(r.bytes)} in {r.seconds:.2f} s "
+              f"({r.gbps:.2f} GB/s) -> {r.manifest_url}")
+        del state
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    states = audit.inspect_snapshot(args.url, args.id, args.rank, fallback_dir=args.fallback_dir, strict=args.strict)
+    print(f"{'level':<6}{'source':<21}{'state':<10}{'files':>6}{'bytes':>12}  where / detail")
+    for s in states:
+        print(f"{int(s.level):<6}{s.level.label:<21}{s.state:<10}{s.files:>6}{human(s.bytes):>12}  {s.where}")
+        if s.detail:
+            print(f"{'':<55}{s.detail}")
+    chosen = next((s for s in states if s.state == "complete"), None)
+    print(f"would load: level {int(chosen.level)} ({chosen.level.label})" if chosen else "would load: nothing (no complete level)")
+    return 0 if chosen else 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    level, checks = audit.verify_snapshot(args.url, args.id, args.rank, fallback_dir=args.fallback_dir, strict=args.strict)
+    for c in checks:
+        print(f"{'ok ' if c.ok else 'BAD'} {c.url}: {c.detail}")
+    bad = sum(not c.ok for c in checks)
+    print(f"level {int(level)} ({level.label}): {len(checks) - bad}/{len(checks)} files verified")
+    return 1 if bad else 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    import datetime
+
+    for v in writer.list_versions(args.url):
+        when = datetime.datetime.fromtimestamp(v.published_at).isoformat(timespec="seconds")
+        print(f"{v.id:<24} ranks {','.join(map(str, v.ranks)):<10} {human(v.bytes):>12}  {when}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    removed = writer.prune(args.url, args.keep_last, keep=args.keep)
+    print(f"removed {len(removed)} version(s): {', '.join(removed) or '-'}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    def where(p: argparse.ArgumentParser) -> None:
+        p.add_argument("url", help="snapshot root: a directory or fsspec URL (file://, s3://bucket/prefix, memory://)")
+        p.add_argument("--id", required=True, help="version id ([A-Za-z0-9_-], e.g. step-120)")
+        p.add_argument("--rank", type=int, default=0, help="tensor-parallel rank (default 0)")
+        p.add_argument("--fallback-dir", help="shared fallback directory (level 4) holding model_state.tp{r}.{id}.pdparams")
+        p.add_argument("--strict", action="store_true", help="refuse parts that have no manifest")
+
+    p = sub.add_parser("publish", help="shard a checkpoint into part files + manifest",
+                       description="Shard a trainer checkpoint into model_state.tp{r}.{id}.part{N}.pdparams files and "
+                       "commit it by writing the manifest last.")
+    p.add_argument("src", help="a .pdparams (paddle.save pickle, read without running code) or safetensors file, or a "
+                   "local directory of per-rank model_state.tp{r}.pdparams files")
+    p.add_argument("--to", required=True, help="snapshot root URL to publish into")
+    p.add_argument("--id", required=True, help="version id ([A-Za-z0-9_-], e.g. step-120)")
+    p.add_argument("--rank", type=int, default=0, help="rank to publish a single file as (default 0)")
+    p.add_argument("--part-size", type=parse_size, default=writer.DEFAULT_PART_BYTES,
+                   help="largest part; a bigger tensor gets a part of its own (default 512MiB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a version that already exists")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("inspect", help="show what exists at each loading level and which would load")
+    where(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", help="re-hash the parts (sha256 + xxh3) against the manifest")
+    where(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("versions", help="list committed versions, oldest first")
+    p.add_argument("url", help="snapshot root URL")
+    p.set_defaults(func=cmd_versions)
+
+    p = sub.add_parser("prune", help="delete old versions (manifest first)")
+    p.add_argument("url", help="snapshot root URL")
+    p.add_argument("--keep-last", type=int, required=True, help="how many of the newest versions to keep (>= 1)")
+    p.add_argument("--keep", nargs="*", default=[], help="ids never to delete (e.g. the one a server serves now)")
+    p.set_defaults(func=cmd_prune)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return args.func(args)
+    except (SnapshotError, ValueError, FileNotFoundError) as exc:
+        print(f"baton {args.command}: {exc}", file=sys.stderr)
+        return 2

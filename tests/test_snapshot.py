@@ -1,0 +1,274 @@
+"""Publish/load conformance, run on local disk, memory:// and a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+import safetensors.paddle as stp
+
+import storage
+from storage import layout
+from storage.fs import join, open_fs
+from tests.conftest import assert_same, make_state, zeros_like
+
+PART = 8 << 10  # small parts so every state dict spans several
+
+
+def files(root: str) -> dict[str, int]:
+    from storage.fs import listing
+
+    fs, path = open_fs(root)
+    return listing(fs, path)
+
+
+def write(root: str, name: str, data: bytes) -> None:
+    fs, path = open_fs(root)
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(join(path, name), data)
+
+
+def read(root: str, name: str) -> bytes:
+    fs, path = open_fs(root)
+    return fs.cat_file(join(path, name))
+
+
+def remove(root: str, name: str) -> None:
+    fs, path = open_fs(root)
+    fs.rm_file(join(path, name))
+
+
+def save_safetensors(root: str, name: str, state: dict) -> None:
+    write(root, name, stp.save({k: v.contiguous() for k, v in state.items()}))
+
+
+def test_round_trip_into_dict_and_layer(root):
+    state = make_state(1)
+    report = storage.publish(state, root, "v1", part_bytes=PART)
+    assert report.parts >= 3 and report.bytes == sum(files(root)[f"model_state.tp0.v1.part{i}.pdparams"] for i in range(report.parts))
+    target = zeros_like(state)
+    ptrs = {k: v.data_ptr() for k, v in target.items()}
+    loaded = storage.load_snapshot(root, "v1", into=target)
+    assert_same(target, state)
+    assert {k: v.data_ptr() for k, v in target.items()} == ptrs, "must write in place, not rebind"
+    assert (loaded.level, loaded.version, loaded.tensors, loaded.bytes) == (1, "v1", len(state), report.bytes)
+    assert len(loaded.files) == report.parts and "before apply" in loaded.verified
+
+    layer = paddle.nn.Linear(16, 8)
+    storage.publish(layer.state_dict(), root, "lin", rank=3)
+    fresh = paddle.nn.Linear(16, 8)
+    storage.load_snapshot(root, "lin", rank=3, into=fresh)
+    assert_same(fresh.state_dict(), layer.state_dict())
+
+
+def test_manifest_is_last_and_complete(root):
+    state = make_state(2)
+    storage.publish(state, root, "v2", part_bytes=PART)
+    import json
+
+    m = json.loads(read(root, "model_state.tp0.v2.manifest.json"))
+    assert m["format"] == "baton.snapshot" and m["id"] == "v2" and m["rank"] == 0
+    assert m["total_bytes"] == sum(p["bytes"] for p in m["parts"])
+    assert set(m["tensors"]) == set(state) and m["total_tensors"] == len(state)
+    assert all(len(p["sha256"]) == 64 for p in m["parts"])
+    assert m["tensors"]["layers.0.mlp.down.weight"]["dtype"] == "BF16"
+    assert not any(n.endswith(".publishing") for n in files(root)), "pending marker removed after commit"
+
+
+def test_part_order_is_numeric_not_lexical(root):
+    state = {f"t{i:02d}": paddle.full([256], float(i)) for i in range(12)}
+    storage.publish(state, root, "many", part_bytes=1024)  # one tensor per part: part10, part11 sort before part2
+    assert "model_state.tp0.many.part11.pdparams" in files(root)
+    target = {k: paddle.zeros([256]) for k in state}
+    storage.load_snapshot(root, "many", into=target)
+    assert_same(target, state)
+
+
+def test_levels_are_tried_in_priority_order(root, tmp_path):
+    v_parts, v_full, v_legacy, v_fallback = (make_state(s) for s in (10, 20, 30, 40))
+    fallback = str(tmp_path / "shared_ipc_meta")
+    import os
+
+    os.makedirs(fallback)
+    paddle.save(v_fallback, os.path.join(fallback, "model_state.tp0.7.pdparams"))
+    t = zeros_like(v_parts)
+    assert storage.load_snapshot(root, "7", into=t, fallback_dir=fallback).level == 4
+    assert_same(t, v_fallback)
+    save_safetensors(root, "model_state.tp07.pdparams", v_legacy)
+    assert storage.load_snapshot(root, "7", into=t, fallback_dir=fallback).level == 3
+    assert_same(t, v_legacy)
+    save_safetensors(root, "model_state.tp0.7.pdparams", v_full)
+    assert storage.load_snapshot(root, "7", into=t, fallback_dir=fallback).level == 2
+    assert_same(t, v_full)
+    storage.publish(v_parts, root, "7", part_bytes=PART)
+    report = storage.load_snapshot(root, "7", into=t, fallback_dir=fallback)
+    assert (report.level, report.source) == (1, "chunked parts")
+    assert_same(t, v_parts)
+
+
+def test_fastdeploy_parts_without_manifest_load_in_compat_mode(root):
+    state = make_state(5)
+    names = list(state)
+    save_safetensors(root, "model_state.tp2.9.part0.pdparams", {k: state[k] for k in names[:3]})
+    save_safetensors(root, "model_state.tp2.9.part1.pdparams", {k: state[k] for k in names[3:]})
+    t = zeros_like(state)
+    report = storage.load_snapshot(root, "9", rank=2, into=t)
+    assert report.level == 1 and "no manifest" in report.verified
+    assert_same(t, state)
+    with pytest.raises(storage.TornSnapshotError, match="manifest missing"):
+        storage.load_snapshot(root, "9", rank=2, into=zeros_like(state), strict=True)
+
+
+def test_baton_parts_load_with_paddle_safetensors(root, tmp_path):
+    state = make_state(3)
+    report = storage.publish(state, root, "fd", part_bytes=PART)
+    merged = {}
+    for i in range(report.parts):
+        local = tmp_path / f"p{i}.pdparams"
+        local.write_bytes(read(root, f"model_state.tp0.fd.part{i}.pdparams"))
+        merged.update(paddle.load(str(local), safetensors=True))  # exactly how FastDeploy reads a part
+    assert_same(merged, state)
+    assert all(merged[k].dtype == state[k].dtype for k in state)
+
+
+def assert_untouched(target: dict, before: dict) -> None:
+    assert_same(target, before)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "gap", "flip", "drop_manifest_strict", "pending", "extra_part", "size"])
+def test_torn_snapshots_are_refused_and_target_untouched(root, damage):
+    state = make_state(4)
+    report = storage.publish(state, root, "t", part_bytes=PART)
+    part1 = "model_state.tp0.t.part1.pdparams"
+    data = read(root, part1)
+    strict = False
+    if damage == "truncate":
+        write(root, part1, data[:-10])
+    elif damage == "gap":
+        remove(root, "model_state.tp0.t.manifest.json")
+        remove(root, part1)
+    elif damage == "flip":  # same size, one bit different: only the checksum can tell
+        write(root, part1, data[:-1] + bytes([data[-1] ^ 1]))
+    elif damage == "drop_manifest_strict":
+        remove(root, "model_state.tp0.t.manifest.json")
+        strict = True
+    elif damage == "pending":  # a publisher killed before its manifest
+        remove(root, "model_state.tp0.t.manifest.json")
+        write(root, layout.pending_name(0, "t"), b"{}")
+    elif damage == "extra_part":
+        write(root, f"model_state.tp0.t.part{report.parts}.pdparams", data)
+    elif damage == "size":
+        write(root, part1, data + b"\0" * 8)
+    target = make_state(99)
+    before = {k: v.clone() for k, v in target.items()}
+    with pytest.raises(storage.TornSnapshotError) as err:
+        storage.load_snapshot(root, "t", into=target, strict=strict)
+    assert "model_state.tp0.t." in str(err.value)
+    assert_untouched(target, before)
+
+
+def test_torn_higher_level_falls_back_to_complete_lower_level(root):
+    state, full = make_state(6), make_state(7)
+    storage.publish(state, root, "f", part_bytes=PART)
+    remove(root, "model_state.tp0.f.part0.pdparams")
+    save_safetensors(root, "model_state.tp0.f.pdparams", full)
+    t = zeros_like(state)
+    assert storage.load_snapshot(root, "f", into=t).level == 2
+    assert_same(t, full)
+
+
+def test_truncated_single_file_is_refused(root):
+    state = make_state(8)
+    save_safetensors(root, "model_state.tp0.s.pdparams", state)
+    write(root, "model_state.tp0.s.pdparams", read(root, "model_state.tp0.s.pdparams")[:-100])
+    with pytest.raises(storage.TornSnapshotError, match="truncated"):
+        storage.load_snapshot(root, "s", into=zeros_like(state))
+
+
+def test_nothing_found_lists_every_place(root, tmp_path):
+    with pytest.raises(storage.SnapshotNotFoundError) as err:
+        storage.load_snapshot(root, "nope", rank=1, into={}, fallback_dir=str(tmp_path))
+    msg = str(err.value)
+    for needle in ("model_state.tp1.nope.part*.pdparams", "model_state.tp1.nope.pdparams", "model_state.tp0nope.pdparams",
+                   str(tmp_path)):
+        assert needle in msg
+    assert isinstance(err.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "v 1", "", "v1.part3", ".hidden", "x" * 200, 5])
+def test_bad_ids_are_refused(root, bad):
+    with pytest.raises(ValueError, match="invalid snapshot id"):
+        storage.publish({"a": paddle.ones([1])}, root, bad)
+    with pytest.raises(ValueError, match="invalid snapshot id"):
+        storage.load_snapshot(root, bad, into={})
+
+
+def test_incompatible_target_is_refused_before_any_write(root):
+    state = make_state(9)
+    storage.publish(state, root, "x", part_bytes=PART)
+    for mutate, needle in (
+        (lambda t: t.__setitem__("embed.weight", paddle.zeros([63, 32])), "shape"),
+        (lambda t: t.__setitem__("layers.0.odd", paddle.zeros([3, 5, 7], dtype="float64")), "dtype"),
+        (lambda t: t.pop("step"), "unexpected tensor"),
+        (lambda t: t.__setitem__("extra", paddle.zeros([1])), "missing tensor"),
+    ):
+        target = make_state(11)
+        mutate(target)
+        before = {k: v.clone() for k, v in target.items()}
+        with pytest.raises(storage.IncompatibleTargetError, match=needle):
+            storage.load_snapshot(root, "x", into=target)
+        assert_untouched(target, before)
+
+
+def test_cast_loads_float32_into_bfloat16(root):
+    state = {"w": paddle.randn([17, 9])}
+    storage.publish(state, root, "c")
+    target = {"w": paddle.zeros([17, 9], dtype="bfloat16")}
+    storage.load_snapshot(root, "c", into=target, cast=True)
+    np.testing.assert_array_equal(target["w"].astype("float32").numpy(), state["w"].astype("bfloat16").astype("float32").numpy())
+
+
+def test_into_none_returns_fresh_tensors(root):
+    state = make_state(12)
+    storage.publish(state, root, "n", part_bytes=PART)
+    report = storage.load_snapshot(root, "n")
+    assert_same(report.state_dict, state)
+    assert report.state_dict["layers.0.mlp.down.weight"].dtype == paddle.bfloat16
+
+
+def test_republish_refused_unless_overwrite(root):
+    storage.publish(make_state(1), root, "r", part_bytes=PART)
+    with pytest.raises(storage.SnapshotExistsError, match="overwrite"):
+        storage.publish(make_state(2), root, "r", part_bytes=PART)
+    small = {"only": paddle.ones([4])}
+    storage.publish(small, root, "r", overwrite=True)
+    assert [n for n in files(root) if n.startswith("model_state.tp0.r.part")] == ["model_state.tp0.r.part0.pdparams"]
+    t = {"only": paddle.zeros([4])}
+    storage.load_snapshot(root, "r", into=t)
+    assert_same(t, small)
+
+
+def test_list_and_prune_versions(root):
+    for i in range(4):
+        storage.publish({"w": paddle.full([8], float(i))}, root, f"s{i}")
+        storage.publish({"w": paddle.full([8], float(i))}, root, f"s{i}", rank=1)
+    assert [v.id for v in storage.list_versions(root)] == ["s0", "s1", "s2", "s3"]
+    assert storage.list_versions(root)[0].ranks == (0, 1)
+    removed = storage.prune(root, keep_last=2, keep=["s0"])
+    assert removed == ["s1"]
+    assert [v.id for v in storage.list_versions(root)] == ["s0", "s2", "s3"]
+    assert not any(".s1." in n for n in files(root))
+    with pytest.raises(ValueError):
+        storage.prune(root, keep_last=0)
+
+
+def test_stream_verify_reports_partial_apply(root):
+    state = make_state(13)
+    storage.publish(state, root, "p", part_bytes=PART)
+    last = storage.list_versions(root)[0]
+    part = f"model_state.tp0.p.part{2}.pdparams"
+    data = read(root, part)
+    write(root, part, data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(storage.PartialApplyError) as err:
+        storage.load_snapshot(root, "p", into=zeros_like(state), verify="stream")
+    assert err.value.applied and part in str(err.value) and last.id == "p"
