@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import audit, reader, writer
+from . import audit, layout, reader, writer
 from .errors import SnapshotError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
@@ -41,6 +41,7 @@ def _sources(src: str, rank: int) -> list[tuple[int, str]]:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    layout.check_id(args.id)  # before reading a possibly huge source
     for rank, src in _sources(args.src, args.rank):
         state = reader.read_state_file(src)
         r = writer.publish(state, args.to, args.id, rank, part_bytes=args.part_size, overwrite=args.overwrite, progress=True)

@@ -31,7 +31,7 @@ from .pickle_safe import load_state_pickle
 from .tensorfile import DTYPES, HEADER_PROBE_BYTES, Header, code_of_numpy, code_of_paddle, header_length, parse_header
 
 log = logging.getLogger("baton.storage")
-_HASH_WINDOW = 8 << 20
+_HASH_WINDOW = 2 << 20
 _FLOATS = {"F16", "BF16", "F32", "F64"}
 Target = Union[Mapping[str, Any], Any]  # a dict of paddle tensors / numpy arrays, or a paddle.nn.Layer
 CopyFn = Callable[[Any, Any], None]  # (live paddle tensor, loaded paddle tensor) -> None, in place

@@ -1,0 +1,525 @@
+#!/usr/bin/env python
+"""Benchmark of the ``storage`` package against the plainest ways to do the same work on this machine.
+
+Every figure this script reports as a verdict is a RATIO against a baseline measured in the same run (the
+same process for timings), so that disk, page cache and CPU speed of the machine cancel out:
+
+1. Publish (local dir, ``durable=True``): ``storage.publish`` vs a raw writer that writes the same bytes, split
+   into files of the same sizes as the parts, with open/write/fsync per file (publish fsyncs each part, so
+   both do the same durability work), and vs ``paddle.save`` of one full file (plus an fsync, for the same
+   reason; it runs once: it is slow, and above ``--skip-paddle-save-above`` GiB it is not timed at all).
+2. Local load into live tensors: ``storage.load_snapshot(verify="full"|"none")`` vs a raw read of the same
+   part files with ``readinto`` into ONE reused, preallocated buffer (the honest "cat": GNU ``cat f >
+   /dev/null`` splices and never copies a byte to user space, so it is no baseline), and vs ``paddle.load``
+   of the full file plus assigning into the target. Every file is read once before timing so the page cache
+   is equally warm for every method.
+3. Peak memory above the live weights, each load in a fresh subprocess: allocate and touch the target, reset
+   the peak (``/proc/self/clear_refs``), load, and report ``VmHWM`` minus the RSS before the load. Chunked
+   loading should stay flat (about a part at most) across sizes; ``paddle.load`` grows with the model.
+4. S3 (a moto server on loopback, in its own process so it does not share the client's GIL):
+   ``load_snapshot(verify="stream"|"full")`` vs a raw concurrent ``fs.cat`` of the same objects with s3fs.
+
+GB/s are 1e9 bytes of tensor payload per second for every method, so a ratio is a ratio of times. Timings are
+the best of ``--repeats`` runs. Results go to a fixed-width table and to ``bench/results/storage.json``.
+
+    python bench/storage_bench.py                 # 0.5, 1, 2 GiB local; 0.25, 0.5 GiB on S3 (~6 min)
+    python bench/storage_bench.py --quick         # tiny sizes, a smoke test of every section
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `storage` imports when the script runs from anywhere
+warnings.filterwarnings("ignore", category=UserWarning)  # paddle's import-time ccache notice
+
+import storage  # noqa: E402
+from storage.fs import open_fs  # noqa: E402
+from storage.manifest import Manifest  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "storage.json"
+MiB, GiB = 1 << 20, 1 << 30
+VERSION = "bench"
+BUCKET = "baton-bench"
+# section -> (baseline the target is measured against, ratio it must reach); memory is "at most"
+TARGETS = {"publish": 0.8, "local load": 0.8, "s3 load": 0.9, "peak memory": 1.25}
+
+
+# ---- the state dict ---------------------------------------------------------------------------------------
+
+def model_shapes(size_bytes: int) -> dict[str, tuple[int, ...]]:
+    """A float32 transformer-shaped state dict of about ``size_bytes`` (tensors of 8-64 MiB at hidden 2048).
+
+    The hidden size shrinks for tiny (``--quick``) sizes so at least one layer fits. Deterministic, so a
+    child process rebuilds the same shapes from the size alone.
+    """
+    for d in (2048, 1024, 512, 256, 128):
+        ffn = 11 * d // 4
+        layer = 4 * (d * 3 * d + d * d + 2 * d * ffn + 2 * d)
+        ends = 4 * (2 * 2 * d * d + d)  # embedding, lm head, final norm
+        if ends + layer <= size_bytes or d == 128:
+            break
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (2 * d, d)}
+    for i in range(max(1, round((size_bytes - ends) / layer))):
+        p = f"layers.{i}."
+        shapes |= {p + "attn_norm.weight": (d,), p + "attn.qkv.weight": (d, 3 * d), p + "attn.out.weight": (d, d),
+                   p + "mlp_norm.weight": (d,), p + "mlp.up.weight": (d, ffn), p + "mlp.down.weight": (ffn, d)}
+    return shapes | {"norm.weight": (d,), "lm_head.weight": (d, 2 * d)}
+
+
+def payload_of(shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(4 * int(np.prod(s)) for s in shapes.values())
+
+
+def make_state(shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict[str, np.ndarray]]:
+    """Paddle CPU tensors filled with random floats, and flat numpy views of the same memory (for raw I/O)."""
+    import paddle
+
+    biggest = max(int(np.prod(s)) for s in shapes.values())
+    pool = np.random.default_rng(0).random(biggest, dtype=np.float32)
+    state, views = {}, {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        t = paddle.empty(list(shape), dtype="float32")
+        view = np.from_dlpack(t).reshape(-1)
+        np.multiply(pool[: view.size], np.float32(1 + i / 1000), out=view)  # scaled copies: cheap, all distinct
+        state[name], views[name] = t, view
+    return state, views
+
+
+def make_target(shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Zeroed (so touched, resident) Paddle tensors: the live weights a load writes into."""
+    import paddle
+
+    return {name: paddle.zeros(list(shape), dtype="float32") for name, shape in shapes.items()}
+
+
+def assign_all(loaded: dict, target: dict) -> None:
+    import paddle
+
+    with paddle.no_grad():
+        for name, t in loaded.items():
+            paddle.assign(t, output=target[name])
+
+
+# ---- measuring --------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    size_gib: float
+    section: str
+    method: str
+    payload_bytes: int
+    times: list[float] = field(default_factory=list)  # every repeat, seconds
+    baseline: str | None = None  # the method `ratio` compares against
+    ratio: float | None = None  # throughput ratio vs baseline (memory: peak delta / part size)
+    at_least: float | None = None  # the target: ratio >= at_least ...
+    at_most: float | None = None  # ... or ratio <= at_most
+    peak_delta_mib: float | None = None
+    note: str = ""
+    skipped: bool = False
+
+    @property
+    def seconds(self) -> float | None:
+        return min(self.times) if self.times else None
+
+    @property
+    def gbps(self) -> float | None:
+        return self.payload_bytes / 1e9 / self.seconds if self.seconds else None
+
+    @property
+    def meets(self) -> bool | None:
+        if self.ratio is None or (self.at_least is None and self.at_most is None):
+            return None
+        return (self.at_least is None or self.ratio >= self.at_least) and (self.at_most is None or self.ratio <= self.at_most)
+
+    def compare(self, base: Row, at_least: float | None = None) -> Row:
+        """Set the throughput ratio against ``base`` (same payload, so the ratio of times)."""
+        if self.seconds and base.seconds:
+            self.baseline, self.ratio, self.at_least = base.method, base.seconds / self.seconds, at_least
+        return self
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"seconds": self.seconds, "gbps": self.gbps, "meets_target": self.meets}
+
+
+def timings(fn: Callable[[], object], repeats: int, setup: Callable[[], object] | None = None) -> list[float]:
+    """Wall time of ``fn`` ``repeats`` times; ``setup`` runs untimed before each."""
+    times = []
+    for _ in range(repeats):
+        if setup:
+            setup()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def measured(rows: list[Row], row: Row) -> Row:
+    rows.append(row)
+    if row.skipped:
+        log(f"{row.size_gib:g} GiB {row.section}: {row.method} skipped ({row.note})")
+    elif row.peak_delta_mib is not None:
+        log(f"{row.size_gib:g} GiB {row.section}: {row.method} peak +{row.peak_delta_mib:.1f} MiB")
+    else:
+        log(f"{row.size_gib:g} GiB {row.section}: {row.method} {row.seconds:.3f} s, {row.gbps:.2f} GB/s")
+    return row
+
+
+# ---- raw baselines ----------------------------------------------------------------------------------------
+
+def fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(root: Path) -> Manifest:
+    path = root / f"model_state.tp0.{VERSION}.manifest.json"
+    return Manifest.from_json(path.read_bytes(), str(path))
+
+
+def part_layout(manifest: Manifest, names: list[str]) -> list[tuple[int, list[str]]]:
+    """(file size, tensor names in state-dict order) of every part, from the manifest publish wrote."""
+    return [(p.bytes, [n for n in names if manifest.tensors[n].part == p.index]) for p in manifest.parts]
+
+
+def raw_write(out: Path, layout: list[tuple[int, list[str]]], views: dict[str, np.ndarray]) -> None:
+    """The same bytes in files of the parts' sizes (zeros where a part has its header), fsync'd like publish."""
+    for index, (size, names) in enumerate(layout):
+        with open(out / f"part{index}", "wb") as f:
+            f.write(bytes(size - sum(views[n].nbytes for n in names)))
+            for name in names:
+                f.write(views[name])
+            f.flush()
+            os.fsync(f.fileno())
+    fsync_path(out)
+
+
+def read_through(paths: list[Path], buf: np.ndarray) -> int:
+    """Read every file to its end with ``readinto`` into the one reused ``buf``; returns bytes read.
+
+    This is the honest 'cat': the bytes really reach user memory, as they must for a load. (GNU ``cat f >
+    /dev/null`` uses splice and copies nothing, so it measures nothing useful.)
+    """
+    mv, total = memoryview(buf), 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(mv):
+                total += n
+    return total
+
+
+# ---- sections ---------------------------------------------------------------------------------------------
+
+def bench_publish(rows: list[Row], gib: float, work: Path, shapes: dict, state: dict, views: dict, payload: int,
+                  args) -> Path:
+    """Publish vs raw write vs paddle.save; leaves the published version and the full file for the loads."""
+    import paddle
+
+    pub, raw, full = work / "pub", work / "raw", work / "full.pdparams"
+    publish = measured(rows, Row(gib, "publish", "storage.publish", payload, timings(
+        lambda: storage.publish(state, str(pub), VERSION, part_bytes=args.part_size, durable=True),
+        args.repeats, setup=lambda: shutil.rmtree(pub, ignore_errors=True))))
+    layout = part_layout(read_manifest(pub), list(state))
+    raw_row = measured(rows, Row(gib, "publish", "raw write+fsync (same part sizes)", payload, timings(
+        lambda: raw_write(raw, layout, views), args.repeats, setup=lambda: fresh_dir(raw))))
+    shutil.rmtree(raw)  # the loads read the published parts themselves
+
+    def save_full(obj) -> None:
+        paddle.save(obj, str(full))
+        fsync_path(full)
+
+    if gib <= args.skip_paddle_save_above:
+        paddle_row = measured(rows, Row(gib, "publish", "paddle.save+fsync (one file)", payload, timings(
+            lambda: save_full(state), 1), note="one run"))
+        publish.note = f"{paddle_row.seconds / publish.seconds:.1f}x paddle.save"
+    else:
+        measured(rows, Row(gib, "publish", "paddle.save+fsync (one file)", payload, skipped=True,
+                           note=f"skipped above {args.skip_paddle_save_above:g} GiB"))
+        log("writing the full file for the paddle.load baselines (untimed, numpy arrays: faster to pickle)")
+        save_full({name: views[name].reshape(shape) for name, shape in shapes.items()})
+    publish.compare(raw_row, TARGETS["publish"])
+    return pub
+
+
+def bench_local_load(rows: list[Row], gib: float, work: Path, pub: Path, shapes: dict, views: dict, payload: int,
+                     args) -> None:
+    import paddle
+
+    parts = sorted(pub.glob("*.part*.pdparams"))
+    full = work / "full.pdparams"
+    buf = np.empty(max(p.stat().st_size for p in parts), np.uint8)
+    read_through([*parts, full], buf)  # warm: every method finds the same files in the page cache
+    target = make_target(shapes)
+    raw = measured(rows, Row(gib, "local load", "raw readinto, one buffer", payload,
+                             timings(lambda: read_through(parts, buf), args.repeats)))
+    loads = [measured(rows, Row(gib, "local load", f"load_snapshot(verify={verify})", payload, timings(
+        lambda: storage.load_snapshot(str(pub), VERSION, into=target, verify=verify), args.repeats)))
+        for verify in ("full", "none")]
+    for name, v in views.items():  # the loads really moved the bytes
+        np.testing.assert_array_equal(np.from_dlpack(target[name]).reshape(-1), v, err_msg=name)
+    paddle_row = measured(rows, Row(gib, "local load", "paddle.load+assign (one file)", payload, timings(
+        lambda: assign_all(paddle.load(str(full)), target), args.repeats))).compare(raw)
+    for row in loads:
+        row.compare(raw, TARGETS["local load"]).note = f"{paddle_row.seconds / row.seconds:.1f}x paddle.load"
+
+
+def bench_memory(rows: list[Row], gib: float, work: Path, pub: Path, size_bytes: int, payload: int, args) -> None:
+    cases = [("chunked", "load_snapshot(verify=full)", str(pub)), ("single", "paddle.load+assign (one file)",
+                                                                     str(work / "full.pdparams"))]
+    for kind, method, root in cases:
+        out = subprocess.run([sys.executable, __file__, "--child", kind, "--child-root", root,
+                              "--child-bytes", str(size_bytes)], capture_output=True, text=True, check=True)
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        delta = got["hwm"] - got["rss_before"]
+        measured(rows, Row(gib, "peak memory", method, payload, [got["seconds"]], baseline="part size",
+                           ratio=delta / args.part_size, at_most=TARGETS["peak memory"] if kind == "chunked" else None,
+                           peak_delta_mib=delta / MiB, note=f"{delta / payload:.2f}x model"))
+
+
+def child_main(kind: str, root: str, size_bytes: int) -> None:
+    """In a fresh process: peak RSS of one load above the already-resident target."""
+    import paddle
+
+    target = make_target(model_shapes(size_bytes))
+    load = {
+        "chunked": lambda: storage.load_snapshot(root, VERSION, into=target, verify="full"),
+        "single": lambda: assign_all(paddle.load(root), target),
+    }[kind]
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    rss_before = proc_status_bytes("VmRSS")
+    start = time.perf_counter()
+    load()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"rss_before": rss_before, "hwm": proc_status_bytes("VmHWM"), "seconds": seconds}))
+
+
+def proc_status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 in a child process (our own, stopped by closing its stdin)."""
+    proc = subprocess.Popen([sys.executable, __file__, "--child", "moto"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        endpoint = proc.stdout.readline().strip()
+        if not endpoint.startswith("http://"):
+            raise RuntimeError(f"moto server did not start (said {endpoint!r})")
+        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                          AWS_DEFAULT_REGION="us-east-1", BATON_S3_ENDPOINT=endpoint)
+        fs, _ = open_fs(f"s3://{BUCKET}")
+        fs.mkdir(BUCKET)
+        yield endpoint
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
+
+
+def moto_child() -> None:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    print(f"http://{host}:{port}", flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    server.stop()
+
+
+def s3_cat(root_url: str, files: list[str]) -> int:
+    """Raw baseline: every part fetched concurrently in one s3fs ``cat`` (all of them in memory at once)."""
+    fs, root = open_fs(root_url)
+    return sum(len(b) for b in fs.cat([f"{root}/{f}" for f in files]).values())
+
+
+def bench_s3(rows: list[Row], args) -> None:
+    with moto_server():
+        for gib in args.s3_sizes:
+            shapes = model_shapes(int(gib * GiB))
+            state, _ = make_state(shapes)
+            payload = payload_of(shapes)
+            url = f"s3://{BUCKET}/size{int(gib * GiB)}"
+            measured(rows, Row(gib, "s3 load", "storage.publish to s3 (info)", payload, timings(
+                lambda: storage.publish(state, url, VERSION, part_bytes=args.part_size), 1)))
+            fs, root = open_fs(url)
+            files = [p.file for p in Manifest.from_json(fs.cat_file(f"{root}/model_state.tp0.{VERSION}.manifest.json"),
+                                                        url).parts]
+            target = make_target(shapes)
+            raw = measured(rows, Row(gib, "s3 load", "raw s3fs cat, all parts concurrently", payload,
+                                     timings(lambda: s3_cat(url, files), args.repeats)))
+            for verify in ("stream", "full"):
+                measured(rows, Row(gib, "s3 load", f"load_snapshot(verify={verify})", payload, timings(
+                    lambda: storage.load_snapshot(url, VERSION, into=target, verify=verify), args.repeats),
+                    note="fetches every part twice" if verify == "full" else "")).compare(raw, TARGETS["s3 load"])
+            fs.rm(root, recursive=True)
+            del state, target
+            gc.collect()
+
+
+def bench_local(rows: list[Row], args, tmp: Path) -> None:
+    for gib in args.sizes:
+        size_bytes = int(gib * GiB)
+        work = tmp / f"size{size_bytes}"
+        work.mkdir()
+        shapes = model_shapes(size_bytes)
+        state, views = make_state(shapes)
+        payload = payload_of(shapes)
+        log(f"{gib:g} GiB: {len(state)} tensors, {payload / GiB:.3f} GiB payload")
+        pub = bench_publish(rows, gib, work, shapes, state, views, payload, args)
+        bench_local_load(rows, gib, work, pub, shapes, views, payload, args)
+        del state, views
+        gc.collect()
+        bench_memory(rows, gib, work, pub, size_bytes, payload, args)
+        shutil.rmtree(work)
+
+
+# ---- report -----------------------------------------------------------------------------------------------
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def target_text(row: Row) -> str:
+    if row.at_least is not None:
+        return f">= {row.at_least:.2f}x"
+    if row.at_most is not None:
+        return f"<= {row.at_most:.2f}x part"
+    return ""
+
+
+def table(rows: list[Row]) -> str:
+    head = (f"{'GiB':>6}  {'section':<11}  {'method':<38}  {'best s':>8}  {'GB/s':>6}  {'+MiB':>7}  "
+            f"{'ratio':>6}  {'vs':<34}  {'target':<14}  {'verdict':<7}  note")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        verdict = {True: "ok", False: "MISSES", None: ""}[r.meets] if not r.skipped else "skipped"
+        lines.append(
+            f"{r.size_gib:>6g}  {r.section:<11}  {r.method:<38}  {fmt(r.seconds, '.3f'):>8}  {fmt(r.gbps, '.2f'):>6}  "
+            f"{fmt(r.peak_delta_mib, '.1f'):>7}  {fmt(r.ratio, '.2f'):>6}  {r.baseline or '':<34}  "
+            f"{target_text(r):<14}  {verdict:<7}  {r.note}".rstrip())
+    return "\n".join(lines)
+
+
+def machine_info() -> dict:
+    import paddle
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return {
+        "nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "cpu": cpu,
+        "mem_total_gib": proc_meminfo_gib("MemTotal"), "platform": platform.platform(),
+        "python": platform.python_version(), "paddle": paddle.__version__, "numpy": np.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
+    }
+
+
+def proc_meminfo_gib(key: str) -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return round(int(line.split()[1]) / (1 << 20), 2)
+    return 0.0
+
+
+# ---- command line -----------------------------------------------------------------------------------------
+
+def gib_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=gib_list, help="local state dict sizes, GiB (default 0.5,1,2; --quick 0.0625)")
+    p.add_argument("--s3-sizes", type=gib_list, help="S3 state dict sizes, GiB (default 0.25,0.5; --quick 0.0625)")
+    p.add_argument("--part-size", type=float, help="part size for publish, MiB (default 128; --quick 16)")
+    p.add_argument("--skip-paddle-save-above", type=float, default=1.0, metavar="GIB",
+                   help="do not time paddle.save for sizes above this many GiB (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, best kept (default 3)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every section")
+    p.add_argument("--no-s3", action="store_true", help="skip the S3 section")
+    p.add_argument("--tmp", default="/tmp", help="where the scratch directory goes (default /tmp)")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS.relative_to(REPO)})")
+    p.add_argument("--child", choices=["chunked", "single", "moto"], help=argparse.SUPPRESS)
+    p.add_argument("--child-root", help=argparse.SUPPRESS)
+    p.add_argument("--child-bytes", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.sizes = args.sizes or ([0.0625] if args.quick else [0.5, 1.0, 2.0])
+    args.s3_sizes = args.s3_sizes or ([0.0625] if args.quick else [0.25, 0.5])
+    args.part_size = int((args.part_size or (16 if args.quick else 128)) * MiB)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child == "moto":
+        return moto_child()
+    if args.child:
+        return child_main(args.child, args.child_root, args.child_bytes)
+    rows: list[Row] = []
+    tmp = Path(tempfile.mkdtemp(prefix="baton-bench-", dir=args.tmp))
+    started = time.perf_counter()
+    try:
+        bench_local(rows, args, tmp)
+        if not args.no_s3:
+            bench_s3(rows, args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(table(rows))
+    doc = {
+        "machine": machine_info(),
+        "config": {"sizes_gib": args.sizes, "s3_sizes_gib": [] if args.no_s3 else args.s3_sizes,
+                   "part_size_bytes": args.part_size, "repeats": args.repeats, "quick": args.quick,
+                   "skip_paddle_save_above_gib": args.skip_paddle_save_above},
+        "targets": {"publish": "storage.publish >= 0.8x raw write+fsync",
+                    "local load": "load_snapshot >= 0.8x raw readinto",
+                    "s3 load": "load_snapshot >= 0.9x raw s3fs cat",
+                    "peak memory": "chunked load peak above live weights <= 1.25x part size"},
+        "total_seconds": time.perf_counter() - started,
+        "rows": [r.to_json() for r in rows],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"\nwrote {args.out} ({doc['total_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

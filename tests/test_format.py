@@ -1,0 +1,97 @@
+"""The byte format and names, pinned: golden bytes, safetensors interop, id rules, part ordering."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+import paddle
+import pytest
+import safetensors.numpy as stn
+import safetensors.paddle as stp
+
+from storage import layout
+from storage.errors import TornSnapshotError
+from storage.tensorfile import encode_header, parse_header
+from storage.writer import _describe, _raw_bytes, plan_parts
+
+
+def part_bytes(state: dict) -> bytes:
+    items = [_describe(k, v) for k, v in state.items()]
+    header = encode_header([(i.name, i.code, i.shape, i.nbytes) for i in items], {"format": "pd"})
+    return header + b"".join(_raw_bytes(i).tobytes() for i in items)
+
+
+def test_golden_bytes():
+    data = part_bytes({"a": np.arange(3, dtype=np.float32), "b": np.array([[1, 2]], dtype=np.int64)})
+    (n,) = struct.unpack("<Q", data[:8])
+    assert n % 8 == 0
+    assert data[8 : 8 + n].rstrip(b" ") == (
+        b'{"__metadata__":{"format":"pd"},"a":{"dtype":"F32","shape":[3],"data_offsets":[0,12]},'
+        b'"b":{"dtype":"I64","shape":[1,2],"data_offsets":[12,28]}}')
+    assert hashlib.sha256(data).hexdigest() == "5a0c94a0da94341a179e1137809f854e2d6309d6501493226f9d56ff77a8fd59"
+    assert data[8 + n :] == np.arange(3, dtype=np.float32).tobytes() + np.array([1, 2], np.int64).tobytes()
+    # the reference implementation reads it the same
+    loaded = stn.load(data)
+    np.testing.assert_array_equal(loaded["a"], np.arange(3, dtype=np.float32))
+    np.testing.assert_array_equal(loaded["b"], [[1, 2]])
+
+
+def test_output_is_deterministic():
+    state = {"x": np.ones((4, 4), np.float16), "y": np.zeros(5, np.uint8)}
+    assert part_bytes(state) == part_bytes(dict(state))
+
+
+def test_reads_what_the_safetensors_library_writes_including_bfloat16():
+    state = {"w": paddle.randn([5, 3]).astype("bfloat16"), "v": paddle.arange(4, dtype="int32")}
+    data = stp.save(state)
+    header = parse_header(data, "mem", len(data))
+    entries = {e.name: e for e in header.entries}
+    assert entries["w"].dtype == "BF16" and entries["w"].shape == (5, 3)
+    raw = np.frombuffer(data, np.uint8)[entries["w"].start : entries["w"].end]
+    np.testing.assert_array_equal(raw.view(np.uint16).reshape(5, 3), state["w"].view(paddle.uint16).numpy())
+
+
+@pytest.mark.parametrize("cut", [4, 20, -1])
+def test_truncated_headers_are_torn(cut):
+    data = part_bytes({"a": np.arange(10, dtype=np.float32)})
+    with pytest.raises(TornSnapshotError):
+        parse_header(data[:cut], "f", len(data[:cut]))
+
+
+def test_overlapping_offsets_are_torn():
+    body = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    body += b" " * (-len(body) % 8)
+    data = struct.pack("<Q", len(body)) + body + b"\0" * 8
+    with pytest.raises(TornSnapshotError, match="hole or overlap"):
+        parse_header(data, "f", len(data))
+
+
+def test_pickle_under_safetensors_name_is_explained():
+    data = b"\x80\x04" + b"\0" * 16
+    with pytest.raises(TornSnapshotError, match="pickle"):
+        parse_header(data, "f", len(data))
+
+
+def test_names_match_fastdeploy():
+    assert layout.part_name(3, "12", 4) == "model_state.tp3.12.part4.pdparams"
+    assert layout.full_name(3, "12") == "model_state.tp3.12.pdparams"
+    assert layout.legacy_name("12") == "model_state.tp012.pdparams"
+    assert layout.manifest_name(1, "step-9") == "model_state.tp1.step-9.manifest.json"
+    assert sorted(["x.part10.pdparams", "x.part2.pdparams", "x.part1.pdparams"], key=layout.part_index) == [
+        "x.part1.pdparams", "x.part2.pdparams", "x.part10.pdparams"]
+    assert layout.part_regex(1, "2").fullmatch("model_state.tp12.part0.pdparams") is None
+
+
+@pytest.mark.parametrize("rank", [-1, 1.5, "0", True])
+def test_bad_ranks_are_refused(rank):
+    with pytest.raises(ValueError, match="invalid rank"):
+        layout.part_name(rank, "v", 0)
+
+
+def test_plan_parts_bounds_and_keeps_order():
+    items = [_describe(f"t{i}", np.zeros(n, np.uint8)) for i, n in enumerate([40, 70, 200, 10, 10, 90])]
+    parts = plan_parts(items, 100)
+    assert [[i.name for i in p] for p in parts] == [["t0"], ["t1"], ["t2"], ["t3", "t4"], ["t5"]]
+    assert all(sum(i.nbytes for i in p) <= 100 or len(p) == 1 for p in parts)
