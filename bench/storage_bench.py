@@ -33,6 +33,7 @@ import contextlib
 import datetime
 import gc
 import json
+import logging
 import os
 import platform
 import shutil
@@ -340,6 +341,7 @@ def moto_server() -> Iterator[str]:
         endpoint = proc.stdout.readline().strip()
         if not endpoint.startswith("http://"):
             raise RuntimeError(f"moto server did not start (said {endpoint!r})")
+        logging.getLogger("botocore").setLevel(logging.WARNING)  # "Found credentials" on every open_fs
         os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                           AWS_DEFAULT_REGION="us-east-1", BATON_S3_ENDPOINT=endpoint)
         fs, _ = open_fs(f"s3://{BUCKET}")
@@ -357,6 +359,7 @@ def moto_server() -> Iterator[str]:
 def moto_child() -> None:
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -424,6 +427,12 @@ def target_text(row: Row) -> str:
     if row.at_most is not None:
         return f"<= {row.at_most:.2f}x part"
     return ""
+
+
+def ordered(rows: list[Row]) -> list[Row]:
+    """Measurement order, except that within one size and section the baselines come before what they judge."""
+    group = {(r.size_gib, r.section): i for i, r in reversed(list(enumerate(rows)))}
+    return sorted(rows, key=lambda r: (group[r.size_gib, r.section], bool(target_text(r))))
 
 
 def table(rows: list[Row]) -> str:
@@ -503,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
             bench_s3(rows, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    rows = ordered(rows)
     print(table(rows))
     doc = {
         "machine": machine_info(),

@@ -400,8 +400,10 @@ def _apply(src: Source, targets: Mapping[str, Any], verify: str, copy_fn: CopyFn
                     applied.append(e.name)
                 bar.update(len(blob))
                 continue
-            with open(path, "rb") as f:
+            with open(path, "rb", buffering=0) as f:  # unbuffered: readinto lands in the parameter itself
                 head = f.read(header.data_start)
+                if len(head) != header.data_start:
+                    raise OSError(f"{url}: header shrank while reading (changed under the reader?)")
                 if h is not None:
                     h.update(head)
                 for e in header.entries:
