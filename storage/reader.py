@@ -9,6 +9,7 @@ weights; remote parts are fetched ``prefetch`` at a time and dropped once applie
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -346,7 +347,7 @@ def _hash_remote(fs, path: str) -> str:
 
 def _verify_all(src: Source, prefetch: int) -> None:
     todo = [(p, d) for p, d in zip(src.files, src.digests) if d]
-    hasher = (lambda p: _hash_local(p)) if is_local(src.fs) else (lambda p: _hash_remote(src.fs, p))
+    hasher = _hash_local if is_local(src.fs) else functools.partial(_hash_remote, src.fs)
     with ThreadPoolExecutor(max(1, prefetch)) as pool:
         for (path, expected), got in zip(todo, pool.map(hasher, [p for p, _ in todo])):
             if got != expected:
@@ -368,6 +369,33 @@ def _fetch_parts(src: Source, prefetch: int) -> Iterator[tuple[int, bytes | None
             del blob
 
 
+def _apply_blob(blob: bytes, header: Header, targets, copy_fn: CopyFn | None, applied: list[str]) -> None:
+    for e in header.entries:
+        _apply_bytes(targets[e.name], np.frombuffer(blob, np.uint8, e.nbytes, e.start), e.dtype, e.shape, copy_fn)
+        applied.append(e.name)
+
+
+def _apply_file(path: str, url: str, header: Header, targets, copy_fn: CopyFn | None, h, applied: list[str], bar) -> None:
+    with open(path, "rb", buffering=0) as f:  # unbuffered: readinto lands in the parameter itself
+        head = f.read(header.data_start)
+        if len(head) != header.data_start:
+            raise OSError(f"{url}: header shrank while reading (changed under the reader?)")
+        if h is not None:
+            h.update(head)
+        for e in header.entries:
+            dst = targets[e.name]
+            view = _host_view(dst, e.dtype) if copy_fn is None else None
+            buf = view if view is not None else np.empty(e.nbytes, np.uint8)
+            f.seek(e.start)
+            _readinto(f, buf, url)
+            if h is not None:
+                h.update(buf)
+            if view is None:
+                _copy_converted(dst, buf, e.dtype, e.shape, copy_fn)
+            applied.append(e.name)
+            bar.update(e.nbytes)
+
+
 def _apply(src: Source, targets: Mapping[str, Any], verify: str, copy_fn: CopyFn | None, prefetch: int, bar) -> None:
     applied: list[str] = []
 
@@ -385,39 +413,18 @@ def _apply(src: Source, targets: Mapping[str, Any], verify: str, copy_fn: CopyFn
     url = _url(src.fs, src.files[0])
     try:
         for i, blob in _fetch_parts(src, prefetch):
-            path, header = src.files[i], src.headers[i]
-            url, expected = _url(src.fs, path), (src.digests[i] if verify != "none" else None)
+            url, expected = _url(src.fs, src.files[i]), (src.digests[i] if verify != "none" else None)
             h = xxhash.xxh3_128() if expected else None
-            if blob is not None:
+            if blob is None:
+                _apply_file(src.files[i], url, src.headers[i], targets, copy_fn, h, applied, bar)
+            else:
                 if len(blob) != src.sizes[i]:
                     raise fail(url, f"read {len(blob)} bytes, expected {src.sizes[i]} (changed under the reader?)")
                 if h is not None:
                     h.update(blob)
-                    if h.hexdigest() != expected:
-                        raise fail(url, "checksum does not match the manifest (changed after it was verified?)")
-                for e in header.entries:
-                    _apply_bytes(targets[e.name], np.frombuffer(blob, np.uint8, e.nbytes, e.start), e.dtype, e.shape, copy_fn)
-                    applied.append(e.name)
-                bar.update(len(blob))
-                continue
-            with open(path, "rb", buffering=0) as f:  # unbuffered: readinto lands in the parameter itself
-                head = f.read(header.data_start)
-                if len(head) != header.data_start:
-                    raise OSError(f"{url}: header shrank while reading (changed under the reader?)")
-                if h is not None:
-                    h.update(head)
-                for e in header.entries:
-                    dst = targets[e.name]
-                    view = _host_view(dst, e.dtype) if copy_fn is None else None
-                    buf = view if view is not None else np.empty(e.nbytes, np.uint8)
-                    f.seek(e.start)
-                    _readinto(f, buf, url)
-                    if h is not None:
-                        h.update(buf)
-                    if view is None:
-                        _copy_converted(dst, buf, e.dtype, e.shape, copy_fn)
-                    applied.append(e.name)
-                    bar.update(e.nbytes)
+                if h is None or h.hexdigest() == expected:  # a fetched part is checked before any of it is applied
+                    _apply_blob(blob, src.headers[i], targets, copy_fn, applied)
+                    bar.update(len(blob))
             if h is not None and h.hexdigest() != expected:
                 raise fail(url, "checksum does not match the manifest (changed after it was verified?)")
     except OSError as exc:
