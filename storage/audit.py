@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
-
-import xxhash
 
 from .errors import TornSnapshotError
 from .layout import Level
 from .reader import Source, probe_levels, resolve
+from .writer import digests
 
 _CHUNK = 8 << 20
 
@@ -50,13 +48,9 @@ class FileCheck:
     detail: str
 
 
-def _digests(fs, path: str) -> tuple[str, str]:
-    sha, xx = hashlib.sha256(), xxhash.xxh3_128()
+def _file_digests(fs, path: str) -> tuple[str, str]:
     with fs.open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            xx.update(chunk)
-    return sha.hexdigest(), xx.hexdigest()
+        return digests(iter(lambda: f.read(_CHUNK), b""))
 
 
 def verify_snapshot(
@@ -74,7 +68,7 @@ def verify_snapshot(
     checks = []
     for part, url in zip(src.manifest.parts, src.urls()):
         path = src.files[part.index]
-        sha, xx = _digests(src.fs, path)
+        sha, xx = _file_digests(src.fs, path)
         bad = [n for n, got, want in (("sha256", sha, part.sha256), ("xxh3_128", xx, part.xxh3_128)) if got != want]
         checks.append(FileCheck(url, not bad, f"{', '.join(bad)} mismatch: corrupt or replaced" if bad else f"sha256 {sha[:16]}… ok"))
     return src.level, checks

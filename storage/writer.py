@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -93,7 +93,8 @@ def plan_parts(items: list[_Item], part_bytes: int) -> list[list[_Item]]:
     return parts
 
 
-def _digests(buffers: list) -> tuple[str, str]:
+def digests(buffers: Iterable) -> tuple[str, str]:
+    """(sha256, xxh3_128) of the concatenated buffers: the two checksums a manifest records per part."""
     sha, xx = hashlib.sha256(), xxhash.xxh3_128()
     for b in buffers:
         sha.update(b)
@@ -103,7 +104,7 @@ def _digests(buffers: list) -> tuple[str, str]:
 
 def _write_local(path: str, buffers: list, hasher: ThreadPoolExecutor, durable: bool) -> tuple[str, str]:
     # hashing (GIL released) on one core overlaps the kernel copying pages on the other
-    digest: Future = hasher.submit(_digests, buffers)
+    digest: Future = hasher.submit(digests, buffers)
     with open(path, "wb") as f:
         for b in buffers:
             f.write(b)
@@ -220,7 +221,7 @@ def publish(
 
 def _upload(fs, path: str, buffers: list, index: int, count: int, records: list, bar) -> None:
     data = b"".join(buffers)  # one part in memory: object stores take whole bodies
-    sha, xx = _digests([data])
+    sha, xx = digests([data])
     fs.pipe_file(path, data)
     records[index] = PartRecord(path.rsplit("/", 1)[-1], index, len(data), sha, xx, count)
     bar.update(len(data) - len(buffers[0]))
