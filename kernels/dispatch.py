@@ -1,0 +1,98 @@
+"""The ops the model and the loader call: the Triton kernel for tensors on a CUDA place, the Paddle
+reference everywhere else. Callers never pick a backend themselves.
+
+Triton reaches Paddle GPU tensors through Paddle's torch proxy (``paddle.compat.enable_torch_proxy``),
+enabled for the ``triton`` module only so a real PyTorch in the same process is left alone.
+``BATON_KERNELS=reference`` forces the reference (for bisecting a numerical difference on a GPU host).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import paddle
+
+from kernels import reference
+
+
+@functools.cache
+def _triton_ops() -> ModuleType | None:
+    if os.environ.get("BATON_KERNELS", "auto") == "reference":
+        return None
+    try:
+        paddle.compat.enable_torch_proxy(scope={"triton"}, silent=True)
+        from kernels import triton_ops
+    except ImportError:
+        return None
+    return triton_ops
+
+
+def backend(x: paddle.Tensor) -> str:
+    """``"triton"`` or ``"reference"``: what an op on ``x`` runs."""
+    on_gpu = x.place.is_gpu_place()
+    return "triton" if on_gpu and _triton_ops() is not None else "reference"
+
+
+def _gpu(x: paddle.Tensor) -> ModuleType | None:
+    return _triton_ops() if backend(x) == "triton" else None
+
+
+def cast_copy_(dst: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:
+    """The weight-apply kernel: ``dst`` takes ``src``'s values in place, cast to ``dst``'s dtype, with no
+    full-size temporary. Matches ``storage.load_snapshot(copy_fn=...)``. ``src`` may live on the host."""
+    if list(dst.shape) != list(src.shape):
+        raise ValueError(f"cast_copy_: a {list(src.shape)} tensor cannot be written into {list(dst.shape)}")
+    ops = _gpu(dst)
+    if ops is None:
+        return reference.cast_copy_(dst, src)
+    if src.place != dst.place:
+        src = src.to(dst.place)  # the host-to-device copy; the cast below then reads it once
+    ops.cast_copy_(dst.detach(), src.detach().contiguous())
+    return dst
+
+
+def rms_norm(
+    x: paddle.Tensor, weight: paddle.Tensor, eps: float, residual: paddle.Tensor | None = None
+) -> tuple[paddle.Tensor, paddle.Tensor | None]:
+    """Fused ``residual add + RMSNorm``: returns ``(normed, x + residual)``, or ``(normed, None)`` without one."""
+    ops = _gpu(x)
+    if ops is None:
+        return reference.rms_norm(x, weight, eps, residual)
+    x = x.contiguous()
+    out = paddle.empty_like(x)
+    summed = None if residual is None else paddle.empty_like(x)
+    ops.rms_norm(x, weight, eps, out, residual.contiguous() if residual is not None else None, summed)
+    return out, summed
+
+
+def rotary_(q: paddle.Tensor, k: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> None:
+    """Rotary position embedding applied to q ``[B, T, H, D]`` and k ``[B, T, Hkv, D]`` in place."""
+    ops = _gpu(q)
+    if ops is None:
+        reference.rotary_(q, k, cos, sin)
+    else:
+        ops.rotary_(q, k, cos.contiguous(), sin.contiguous())
+
+
+def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:
+    """``silu(gate) * up``."""
+    ops = _gpu(gate)
+    if ops is None:
+        return reference.swiglu(gate, up)
+    out = paddle.empty_like(gate)
+    ops.swiglu(gate.contiguous(), up.contiguous(), out)
+    return out
+
+
+def decode_attention(
+    q: paddle.Tensor, k_cache: paddle.Tensor, v_cache: paddle.Tensor, length: int, scale: float
+) -> paddle.Tensor:
+    """One new token per sequence against the first ``length`` slots of the KV cache (grouped-query)."""
+    ops = _gpu(q)
+    if ops is None:
+        return reference.decode_attention(q, k_cache, v_cache, length, scale)
+    out = paddle.empty_like(q)
+    ops.decode_attention(q.contiguous(), k_cache, v_cache, length, scale, out)
+    return out

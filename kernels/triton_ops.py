@@ -1,0 +1,181 @@
+"""Triton kernels for the same ops as ``reference.py``, each beside a launcher that checks shapes.
+
+The launchers never allocate: callers pass outputs, so the same code runs on torch tensors (tests under
+``TRITON_INTERPRET=1``, the GPU check) and on Paddle GPU tensors (through Paddle's torch proxy, see
+``dispatch.py``). Every kernel computes in float32 and rounds once when storing, like the reference.
+Inputs must be contiguous: the launchers derive strides from shapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+
+ELEMENTWISE_BLOCK = 2048
+
+
+@triton.jit
+def _rounded(x, ty: tl.constexpr):
+    """``x`` (float32) in dtype ``ty``, rounded to nearest even. bfloat16 is rounded on the bits so the result is
+    the same on a GPU and in Triton's interpreter (which truncates); NaN stays NaN."""
+    if ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        half = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return tl.where(x != x, 0x7FC0, half).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(ty)
+
+
+def _numel(x) -> int:
+    return math.prod(int(d) for d in x.shape)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _contiguous(*tensors) -> None:
+    for t in tensors:
+        _require(t.is_contiguous(), "triton kernels need contiguous tensors; call .contiguous() first")
+
+
+@triton.jit
+def _cast_copy_kernel(dst_ptr, src_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(src_ptr + offs, mask=mask)
+    tl.store(dst_ptr + offs, _rounded(x.to(tl.float32), dst_ptr.dtype.element_ty), mask=mask)
+
+
+def cast_copy_(dst, src):
+    """In-place ``dst[...] = src`` with a dtype cast; one pass, no temporary."""
+    _require(_numel(dst) == _numel(src), f"cast_copy_: {list(src.shape)} does not fit {list(dst.shape)}")
+    _contiguous(dst, src)
+    n = _numel(dst)
+    if n:
+        _cast_copy_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](dst, src, n, BLOCK=ELEMENTWISE_BLOCK)
+    return dst
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    h = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        h += tl.load(res_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(res_out_ptr + row * n_cols + cols, _rounded(h, res_out_ptr.dtype.element_ty), mask=mask)
+    inv = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, _rounded(h * inv * w, out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x, weight, eps: float, out, residual=None, residual_out=None) -> None:
+    """RMSNorm over the last axis into ``out``; with ``residual``, normalises ``x + residual`` and writes that
+    sum to ``residual_out`` (which may be ``residual`` itself)."""
+    n_cols = int(x.shape[-1])
+    _require(list(weight.shape) == [n_cols], f"rms_norm: weight {list(weight.shape)} for rows of {n_cols}")
+    _require((residual is None) == (residual_out is None), "rms_norm: residual and residual_out go together")
+    _contiguous(x, weight, out, *([residual, residual_out] if residual is not None else []))
+    rows = _numel(x) // max(n_cols, 1)
+    if rows:
+        _rms_norm_kernel[(rows,)](x, residual if residual is not None else x, weight, out,
+                                  residual_out if residual_out is not None else out, n_cols, eps,
+                                  HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols))
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, seq, heads, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # one (batch, position, head) vector of length 2 * HALF
+    pos = (row // heads) % seq
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HALF
+    base = x_ptr + row * 2 * HALF
+    x1 = tl.load(base + cols, mask=mask).to(tl.float32)
+    x2 = tl.load(base + HALF + cols, mask=mask).to(tl.float32)
+    c = tl.load(cos_ptr + pos * HALF + cols, mask=mask).to(tl.float32)
+    s = tl.load(sin_ptr + pos * HALF + cols, mask=mask).to(tl.float32)
+    tl.store(base + cols, _rounded(x1 * c - x2 * s, x_ptr.dtype.element_ty), mask=mask)
+    tl.store(base + HALF + cols, _rounded(x2 * c + x1 * s, x_ptr.dtype.element_ty), mask=mask)
+
+
+def rotary_(q, k, cos, sin) -> None:
+    """Rotates q ``[B, T, H, D]`` and k ``[B, T, Hkv, D]`` in place with cos/sin ``[T, D/2]``."""
+    _contiguous(q, k, cos, sin)
+    seq, half = int(q.shape[1]), int(q.shape[3]) // 2
+    _require(int(q.shape[3]) % 2 == 0, "rotary_: head size must be even")
+    _require(list(cos.shape) == [seq, half] == list(sin.shape), f"rotary_: cos/sin must be [{seq}, {half}]")
+    for x in (q, k):
+        _require(int(x.shape[1]) == seq and int(x.shape[3]) == 2 * half, "rotary_: q and k disagree in T or D")
+        rows = _numel(x) // (2 * half) if half else 0
+        if rows:
+            _rotary_kernel[(rows,)](x, cos, sin, seq, int(x.shape[2]), HALF=half,
+                                    BLOCK=triton.next_power_of_2(half))
+
+
+@triton.jit
+def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(gate_ptr + offs, mask=mask).to(tl.float32)
+    u = tl.load(up_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(out_ptr + offs, _rounded(g / (1.0 + tl.exp(-g)) * u, out_ptr.dtype.element_ty), mask=mask)
+
+
+def swiglu(gate, up, out) -> None:
+    """``out = silu(gate) * up``."""
+    _require(list(gate.shape) == list(up.shape) == list(out.shape), "swiglu: gate, up and out differ in shape")
+    _contiguous(gate, up, out)
+    n = _numel(gate)
+    if n:
+        _swiglu_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](gate, up, out, n, BLOCK=ELEMENTWISE_BLOCK)
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, length, max_len, scale,
+                             HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    kv = h // (HEADS // KV_HEADS)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < DIM
+    q = tl.load(q_ptr + (b * HEADS + h) * DIM + d, mask=dmask, other=0.0).to(tl.float32) * scale
+    m = tl.full([1], float("-inf"), tl.float32)
+    total = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    cache = (b * max_len * KV_HEADS + kv) * DIM  # slot s of this head sits at cache + s * KV_HEADS * DIM
+    for start in range(0, length, BLOCK_S):
+        s = start + tl.arange(0, BLOCK_S)
+        smask = s < length
+        offs = cache + s[:, None] * (KV_HEADS * DIM) + d[None, :]
+        both = smask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + offs, mask=both, other=0.0).to(tl.float32)
+        scores = tl.where(smask, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=0))
+        p = tl.exp(scores - m_new)
+        correction = tl.exp(m - m_new)
+        v = tl.load(v_ptr + offs, mask=both, other=0.0).to(tl.float32)
+        acc = acc * correction + tl.sum(p[:, None] * v, axis=0)
+        total = total * correction + tl.sum(p, axis=0)
+        m = m_new
+    tl.store(out_ptr + (b * HEADS + h) * DIM + d, _rounded(acc / total, out_ptr.dtype.element_ty), mask=dmask)
+
+
+def decode_attention(q, k_cache, v_cache, length: int, scale: float, out) -> None:
+    """Attention of one query per sequence, q ``[B, H, D]``, over cache slots ``[0, length)`` of
+    ``[B, S, Hkv, D]`` caches, into ``out`` ``[B, H, D]`` (grouped-query: head h reads h // (H // Hkv))."""
+    batch, heads, dim = (int(s) for s in q.shape)
+    max_len, kv_heads = int(k_cache.shape[1]), int(k_cache.shape[2])
+    _require(list(k_cache.shape) == list(v_cache.shape) == [batch, max_len, kv_heads, dim],
+             f"decode_attention: caches must be [{batch}, S, Hkv, {dim}]")
+    _require(heads % kv_heads == 0, f"decode_attention: {heads} heads do not group over {kv_heads} kv heads")
+    _require(0 < length <= max_len, f"decode_attention: length {length} outside 1..{max_len}")
+    _contiguous(q, k_cache, v_cache, out)
+    _decode_attention_kernel[(batch, heads)](q, k_cache, v_cache, out, length, max_len, scale,
+                                             HEADS=heads, KV_HEADS=kv_heads, DIM=dim,
+                                             BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=64)

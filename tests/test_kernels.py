@@ -1,0 +1,215 @@
+"""Kernels: the Paddle references against plain numpy, and the Triton kernels (under Triton's CPU interpreter,
+on torch tensors holding the same values) against the references."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere in this process
+
+import numpy as np
+import paddle
+import pytest
+import torch
+
+from kernels import reference, triton_ops
+
+DTYPES = ["float32", "bfloat16", "float16"]
+# One rounding of the output dtype, relative (plus a small absolute floor for values near zero).
+TOL = {"float32": 2e-5, "bfloat16": 1.6e-2, "float16": 2e-3}
+
+
+def values(shape, dtype: str, seed: int, scale: float = 1.0) -> np.ndarray:
+    """Random float32 values that ``dtype`` holds exactly, so every framework starts from the same numbers."""
+    x = (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+    return paddle.to_tensor(x).astype(dtype).astype("float32").numpy()
+
+
+def pd(x: np.ndarray, dtype: str) -> paddle.Tensor:
+    return paddle.to_tensor(x).astype(dtype)
+
+
+def th(x: np.ndarray, dtype: str) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).to(getattr(torch, dtype))
+
+
+def f32(t) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        return t.float().numpy()
+    return t.astype("float32").numpy()
+
+
+def close(got: np.ndarray, want: np.ndarray, dtype: str) -> None:
+    np.testing.assert_allclose(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def np_rms_norm(x, w, eps, residual=None):
+    h = x if residual is None else x + residual
+    return h / np.sqrt((h * h).mean(-1, keepdims=True) + eps) * w, h
+
+
+def np_rotary(x, cos, sin):
+    x1, x2 = np.split(x, 2, axis=-1)
+    c, s = cos[None, :, None], sin[None, :, None]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def np_decode_attention(q, k, v, length, scale):
+    heads, kv_heads = q.shape[1], k.shape[2]
+    k = np.repeat(k[:, :length], heads // kv_heads, axis=2)  # [B, L, H, D]
+    v = np.repeat(v[:, :length], heads // kv_heads, axis=2)
+    s = np.einsum("bhd,blhd->bhl", q.astype(np.float64), k) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhl,blhd->bhd", p / p.sum(-1, keepdims=True), v)
+
+
+def rope_tables(seq: int, half: int):
+    angles = np.arange(seq)[:, None] * (10000.0 ** (-np.arange(half) / half))[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+# ---- references against numpy -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("src_dtype,dst_dtype", [("float32", "bfloat16"), ("float32", "float16"),
+                                                 ("bfloat16", "float32"), ("float32", "float32")])
+@pytest.mark.parametrize("shape", [(7,), (33, 65), (3, 5, 7)])
+def test_reference_cast_copy_writes_in_place(src_dtype, dst_dtype, shape, monkeypatch):
+    monkeypatch.setattr(reference, "CAST_CHUNK", 10)  # several chunks even for small tensors
+    src = values(shape, src_dtype, 1)
+    dst = paddle.zeros(shape, dtype=dst_dtype)
+    ptr = dst.data_ptr()
+    assert reference.cast_copy_(dst, pd(src, src_dtype)) is dst
+    assert dst.data_ptr() == ptr
+    np.testing.assert_array_equal(f32(dst), paddle.to_tensor(src).astype(dst_dtype).astype("float32").numpy())
+
+
+def test_reference_cast_copy_into_a_parameter():
+    layer = paddle.nn.Linear(5, 3)
+    src = values((5, 3), "float32", 2)
+    reference.cast_copy_(layer.weight, pd(src, "bfloat16"))
+    np.testing.assert_array_equal(layer.weight.numpy(), values((5, 3), "bfloat16", 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 8), (3, 5, 96), (7, 1000)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_reference_rms_norm(dtype, shape, with_residual):
+    x, w, r = values(shape, dtype, 3), values(shape[-1:], dtype, 4), values(shape, dtype, 5)
+    out, summed = reference.rms_norm(pd(x, dtype), pd(w, dtype), 1e-6, pd(r, dtype) if with_residual else None)
+    want, want_sum = np_rms_norm(x, w, 1e-6, r if with_residual else None)
+    assert out.dtype == pd(x, dtype).dtype
+    close(f32(out), want, dtype)
+    if with_residual:
+        close(f32(summed), want_sum, dtype)
+    else:
+        assert summed is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,dim", [(1, 1, 1, 1, 2), (2, 5, 4, 2, 16), (1, 9, 6, 3, 10)])
+def test_reference_rotary(dtype, batch, seq, heads, kv_heads, dim):
+    q, k = values((batch, seq, heads, dim), dtype, 6), values((batch, seq, kv_heads, dim), dtype, 7)
+    cos, sin = rope_tables(seq, dim // 2)
+    tq, tk = pd(q, dtype), pd(k, dtype)
+    reference.rotary_(tq, tk, paddle.to_tensor(cos), paddle.to_tensor(sin))
+    close(f32(tq), np_rotary(q, cos, sin), dtype)
+    close(f32(tk), np_rotary(k, cos, sin), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (3, 7), (2, 3, 1001)])
+def test_reference_swiglu(dtype, shape):
+    g, u = values(shape, dtype, 8, 3.0), values(shape, dtype, 9)
+    out = reference.swiglu(pd(g, dtype), pd(u, dtype))
+    close(f32(out), g / (1 + np.exp(-g)) * u, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,heads,kv_heads,dim,max_len,length",
+                         [(1, 1, 1, 8, 4, 1), (2, 4, 2, 16, 70, 70), (3, 6, 2, 10, 50, 37)])
+def test_reference_decode_attention(dtype, batch, heads, kv_heads, dim, max_len, length):
+    q = values((batch, heads, dim), dtype, 10)
+    k, v = values((batch, max_len, kv_heads, dim), dtype, 11), values((batch, max_len, kv_heads, dim), dtype, 12)
+    out = reference.decode_attention(pd(q, dtype), pd(k, dtype), pd(v, dtype), length, dim**-0.5)
+    close(f32(out), np_decode_attention(q, k, v, length, dim**-0.5), dtype)
+
+
+def test_reference_decode_attention_ignores_slots_past_length():
+    q, k, v = values((1, 2, 8), "float32", 1), values((1, 9, 1, 8), "float32", 2), values((1, 9, 1, 8), "float32", 3)
+    a = reference.decode_attention(pd(q, "float32"), pd(k, "float32"), pd(v, "float32"), 5, 0.3)
+    k[:, 5:], v[:, 5:] = 1e4, -1e4
+    b = reference.decode_attention(pd(q, "float32"), pd(k, "float32"), pd(v, "float32"), 5, 0.3)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+# ---- Triton kernels (interpreter) against the references -----------------------------------------------------
+
+
+@pytest.mark.parametrize("src_dtype,dst_dtype", [("float32", "bfloat16"), ("float32", "float16"),
+                                                 ("bfloat16", "float32"), ("float16", "bfloat16")])
+@pytest.mark.parametrize("n", [1, 2047, 2048, 5001])
+def test_triton_cast_copy_is_bit_identical_to_reference(src_dtype, dst_dtype, n):
+    src = values((n,), src_dtype, 13, 100.0)
+    want = paddle.zeros([n], dtype=dst_dtype)
+    reference.cast_copy_(want, pd(src, src_dtype))
+    dst = torch.zeros(n, dtype=getattr(torch, dst_dtype))
+    triton_ops.cast_copy_(dst, th(src, src_dtype))
+    np.testing.assert_array_equal(f32(dst), f32(want))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 8), (3, 96), (5, 1000)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_triton_rms_norm(dtype, shape, with_residual):
+    x, w, r = values(shape, dtype, 14), values(shape[-1:], dtype, 15), values(shape, dtype, 16)
+    want, want_sum = reference.rms_norm(pd(x, dtype), pd(w, dtype), 1e-5, pd(r, dtype) if with_residual else None)
+    out = torch.empty(shape, dtype=getattr(torch, dtype))
+    res = th(r, dtype) if with_residual else None
+    triton_ops.rms_norm(th(x, dtype), th(w, dtype), 1e-5, out, res, res)  # residual_out overwrites residual
+    close(f32(out), f32(want), dtype)
+    if with_residual:
+        close(f32(res), f32(want_sum), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,dim", [(1, 1, 1, 1, 2), (2, 5, 4, 2, 16), (1, 9, 6, 3, 10)])
+def test_triton_rotary(dtype, batch, seq, heads, kv_heads, dim):
+    q, k = values((batch, seq, heads, dim), dtype, 17), values((batch, seq, kv_heads, dim), dtype, 18)
+    cos, sin = rope_tables(seq, dim // 2)
+    wq, wk = pd(q, dtype), pd(k, dtype)
+    reference.rotary_(wq, wk, paddle.to_tensor(cos), paddle.to_tensor(sin))
+    gq, gk = th(q, dtype), th(k, dtype)
+    triton_ops.rotary_(gq, gk, torch.from_numpy(cos), torch.from_numpy(sin))
+    close(f32(gq), f32(wq), dtype)
+    close(f32(gk), f32(wk), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (3, 7), (2, 3, 1001)])
+def test_triton_swiglu(dtype, shape):
+    g, u = values(shape, dtype, 19, 3.0), values(shape, dtype, 20)
+    want = reference.swiglu(pd(g, dtype), pd(u, dtype))
+    out = torch.empty(shape, dtype=getattr(torch, dtype))
+    triton_ops.swiglu(th(g, dtype), th(u, dtype), out)
+    close(f32(out), f32(want), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,heads,kv_heads,dim,max_len,length",
+                         [(1, 1, 1, 8, 4, 1), (2, 4, 2, 16, 70, 70), (3, 6, 2, 10, 150, 129)])
+def test_triton_decode_attention(dtype, batch, heads, kv_heads, dim, max_len, length):
+    q = values((batch, heads, dim), dtype, 21)
+    k, v = values((batch, max_len, kv_heads, dim), dtype, 22), values((batch, max_len, kv_heads, dim), dtype, 23)
+    want = reference.decode_attention(pd(q, dtype), pd(k, dtype), pd(v, dtype), length, dim**-0.5)
+    out = torch.empty((batch, heads, dim), dtype=getattr(torch, dtype))
+    triton_ops.decode_attention(th(q, dtype), th(k, dtype), th(v, dtype), length, dim**-0.5, out)
+    close(f32(out), f32(want), dtype)
+
+
+def test_triton_launchers_reject_bad_shapes():
+    with pytest.raises(ValueError, match="does not fit"):
+        triton_ops.cast_copy_(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ValueError, match="group"):
+        triton_ops.decode_attention(torch.zeros(1, 3, 8), torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8), 2, 1.0,
+                                    torch.zeros(1, 3, 8))
+    with pytest.raises(ValueError, match="contiguous"):
+        triton_ops.swiglu(torch.zeros(4, 4).t(), torch.zeros(4, 4), torch.zeros(4, 4))
