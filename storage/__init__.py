@@ -14,10 +14,12 @@ from .errors import (
 )
 from .layout import Level
 from .reader import LoadReport, load_snapshot, probe_levels, resolve
+from .tp import LLAMA_TP_RULES, merge_state_dicts, reshard, split_state_dict
 from .writer import PublishReport, VersionInfo, list_versions, prune, publish
 
 __all__ = [
     "IncompatibleTargetError", "PartialApplyError", "SnapshotError", "SnapshotExistsError", "SnapshotNotFoundError",
     "TornSnapshotError", "UnsafeCheckpointError", "Level", "LoadReport", "load_snapshot", "probe_levels", "resolve",
     "PublishReport", "VersionInfo", "list_versions", "prune", "publish",
+    "LLAMA_TP_RULES", "merge_state_dicts", "reshard", "split_state_dict",
 ]

@@ -101,12 +101,14 @@ def header_length(prefix: bytes, path: str, file_size: int) -> int:
     """The JSON length from the first 8 bytes, refused when it cannot be a safetensors header."""
     if file_size < 8 or len(prefix) < 8:
         raise TornSnapshotError(path, f"file is {file_size} bytes, too short for a safetensors header")
-    if prefix[:1] == b"\x80":
+    (length,) = struct.unpack("<Q", prefix[:8])
+    fits = length <= MAX_HEADER_BYTES and 8 + length <= file_size
+    # Pickles start with 0x80, but so does a safetensors header of 128, 384, … bytes: only a JSON brace decides.
+    if prefix[:1] == b"\x80" and not (fits and prefix[8:9] in (b"{", b"")):
         raise TornSnapshotError(
             path, "this is a pickle (paddle.save) file, but this level must hold safetensors bytes: "
             "re-save it with safetensors.paddle.save_file or `baton publish`")
-    (length,) = struct.unpack("<Q", prefix[:8])
-    if length > MAX_HEADER_BYTES or 8 + length > file_size:
+    if not fits:
         raise TornSnapshotError(path, f"header length {length} does not fit in a {file_size}-byte file (truncated?)")
     return length
 
