@@ -17,3 +17,4 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/storage_bench.py
+	$(BIN)/python bench/model_bench.py

@@ -30,13 +30,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import json
 import logging
 import mmap
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -49,15 +47,15 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # `storage` imports when the script runs from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `storage` imports when the script runs from anywhere
 warnings.filterwarnings("ignore", category=UserWarning)  # paddle's import-time ccache notice
 
 import storage  # noqa: E402
+from common import REPO, RESULTS_DIR, log, machine_info, proc_status_bytes, reset_peak_rss, write_results  # noqa: E402
 from storage.fs import open_fs  # noqa: E402
 from storage.manifest import Manifest  # noqa: E402
 
-RESULTS = REPO / "bench" / "results" / "storage.json"
+RESULTS = RESULTS_DIR / "storage.json"
 MiB, GiB = 1 << 20, 1 << 30
 VERSION = "bench"
 BUCKET = "baton-bench"
@@ -175,8 +173,6 @@ def timings(fn: Callable[[], object], repeats: int, setup: Callable[[], object] 
     return times
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def measured(rows: list[Row], row: Row) -> Row:
@@ -331,19 +327,13 @@ def child_main(kind: str, root: str, size_bytes: int) -> None:
         "single": lambda: assign_all(paddle.load(root), target),
     }[kind]
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    rss_before = proc_status_bytes("VmRSS")
+    rss_before = reset_peak_rss()
     start = time.perf_counter()
     load()
     seconds = time.perf_counter() - start
     print(json.dumps({"rss_before": rss_before, "hwm": proc_status_bytes("VmHWM"), "seconds": seconds}))
 
 
-def proc_status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 @contextlib.contextmanager
@@ -463,25 +453,8 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> dict:
-    import paddle
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return {
-        "nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "cpu": cpu,
-        "mem_total_gib": proc_meminfo_gib("MemTotal"), "platform": platform.platform(),
-        "python": platform.python_version(), "paddle": paddle.__version__, "numpy": np.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
-    }
 
 
-def proc_meminfo_gib(key: str) -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return round(int(line.split()[1]) / (1 << 20), 2)
-    return 0.0
 
 
 # ---- command line -----------------------------------------------------------------------------------------
@@ -501,13 +474,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every section")
     p.add_argument("--no-s3", action="store_true", help="skip the S3 section")
     p.add_argument("--tmp", default="/tmp", help="where the scratch directory goes (default /tmp)")
-    p.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS.relative_to(REPO)})")
+    p.add_argument("--out", type=Path, help=f"JSON results (default {RESULTS.relative_to(REPO)}; "
+                   "with --quick, a temp file, so a smoke run never replaces the committed figures)")
     p.add_argument("--child", choices=["chunked", "single", "moto"], help=argparse.SUPPRESS)
     p.add_argument("--child-root", help=argparse.SUPPRESS)
     p.add_argument("--child-bytes", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.sizes = args.sizes or ([0.0625] if args.quick else [0.5, 1.0, 2.0])
     args.s3_sizes = args.s3_sizes or ([0.0625] if args.quick else [0.25, 0.5])
+    args.out = args.out or (Path(tempfile.gettempdir()) / "storage.quick.json" if args.quick else RESULTS)
     args.part_size = int((args.part_size or (16 if args.quick else 128)) * MiB)
     return args
 
@@ -541,9 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         "total_seconds": time.perf_counter() - started,
         "rows": [r.to_json() for r in rows],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"\nwrote {args.out} ({doc['total_seconds']:.0f} s)")
+    write_results(args.out, doc)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
 """The kernels the server runs through: weight apply/cast and the decoder's compute.
 
 Each op has a Paddle reference (``reference.py``, CPU and the test oracle) and a Triton kernel
-(``triton_ops.py``, CUDA); ``dispatch.py`` picks one by the tensor's place.
+(``triton_ops.py``, CUDA); ``dispatch.py`` picks one by the tensor's place. The ops are re-exported lazily so
+``kernels.triton_ops`` can be imported on a host that has Triton and PyTorch but no Paddle (the GPU check).
 """
 
-from kernels.dispatch import backend, cast_copy_, decode_attention, rms_norm, rotary_, swiglu
-
 __all__ = ["backend", "cast_copy_", "decode_attention", "rms_norm", "rotary_", "swiglu"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from kernels import dispatch
+
+        return getattr(dispatch, name)
+    raise AttributeError(f"module 'kernels' has no attribute {name!r}")

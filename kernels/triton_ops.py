@@ -81,11 +81,11 @@ def rms_norm(x, weight, eps: float, out, residual=None, residual_out=None) -> No
     _require(list(weight.shape) == [n_cols], f"rms_norm: weight {list(weight.shape)} for rows of {n_cols}")
     _require((residual is None) == (residual_out is None), "rms_norm: residual and residual_out go together")
     _contiguous(x, weight, out, *([residual, residual_out] if residual is not None else []))
-    rows = _numel(x) // max(n_cols, 1)
+    rows, block = _numel(x) // max(n_cols, 1), triton.next_power_of_2(n_cols)
     if rows:
         _rms_norm_kernel[(rows,)](x, residual if residual is not None else x, weight, out,
                                   residual_out if residual_out is not None else out, n_cols, eps,
-                                  HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols))
+                                  HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16))
 
 
 @triton.jit

@@ -213,3 +213,31 @@ def test_triton_launchers_reject_bad_shapes():
                                     torch.zeros(1, 3, 8))
     with pytest.raises(ValueError, match="contiguous"):
         triton_ops.swiglu(torch.zeros(4, 4).t(), torch.zeros(4, 4), torch.zeros(4, 4))
+
+
+# ---- the dispatcher and the GPU check script ---------------------------------------------------------------
+
+
+def test_dispatcher_runs_the_reference_on_cpu_tensors():
+    import kernels
+
+    dst = paddle.zeros([4, 3], dtype="bfloat16")
+    assert kernels.backend(dst) == "reference"
+    kernels.cast_copy_(dst, paddle.ones([4, 3]))
+    assert f32(dst).tolist() == [[1.0] * 3] * 4
+    with pytest.raises(ValueError, match="cannot be written into"):
+        kernels.cast_copy_(dst, paddle.ones([3, 4]))
+
+
+def test_gpu_check_script_runs_under_the_interpreter():
+    """The script a GPU host runs, on CPU tensors: every kernel matches the Paddle oracle and decode runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    out = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "oracle: Baton's Paddle reference" in out.stdout
+    assert out.stdout.count(" yes ") == 5 and "tokens/s" in out.stdout

@@ -1,0 +1,63 @@
+"""What every benchmark script shares: where results go, the machine they ran on, and peak-memory probes."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "bench" / "results"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def proc_status_bytes(key: str) -> int:
+    """A byte count from /proc/self/status, e.g. ``VmRSS`` or ``VmHWM`` (the peak RSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def reset_peak_rss() -> int:
+    """Resets VmHWM to the current RSS (Linux ``clear_refs``) and returns that RSS: peak minus this is the
+    memory a step added on top of what was already resident."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return proc_status_bytes("VmRSS")
+
+
+def proc_meminfo_gib(key: str) -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return round(int(line.split()[1]) / (1 << 20), 2)
+    return 0.0
+
+
+def machine_info() -> dict:
+    import paddle
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return {
+        "nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "cpu": cpu,
+        "mem_total_gib": proc_meminfo_gib("MemTotal"), "platform": platform.platform(),
+        "python": platform.python_version(), "paddle": paddle.__version__, "numpy": np.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
+    }
+
+
+def write_results(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"\nwrote {path}")
