@@ -105,32 +105,11 @@ def test_reference_rms_norm(dtype, shape, with_residual):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch,seq,heads,kv_heads,dim", [(1, 1, 1, 1, 2), (2, 5, 4, 2, 16), (1, 9, 6, 3, 10)])
-def test_reference_rotary(dtype, batch, seq, heads, kv_heads, dim):
-    q, k = values((batch, seq, heads, dim), dtype, 6), values((batch, seq, kv_heads, dim), dtype, 7)
-    cos, sin = rope_tables(seq, dim // 2)
-    tq, tk = pd(q, dtype), pd(k, dtype)
-    reference.rotary_(tq, tk, paddle.to_tensor(cos), paddle.to_tensor(sin))
-    close(f32(tq), np_rotary(q, cos, sin), dtype)
-    close(f32(tk), np_rotary(k, cos, sin), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1,), (3, 7), (2, 3, 1001)])
 def test_reference_swiglu(dtype, shape):
     g, u = values(shape, dtype, 8, 3.0), values(shape, dtype, 9)
     out = reference.swiglu(pd(g, dtype), pd(u, dtype))
     close(f32(out), g / (1 + np.exp(-g)) * u, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch,heads,kv_heads,dim,max_len,length",
-                         [(1, 1, 1, 8, 4, 1), (2, 4, 2, 16, 70, 70), (3, 6, 2, 10, 50, 37)])
-def test_reference_decode_attention(dtype, batch, heads, kv_heads, dim, max_len, length):
-    q = values((batch, heads, dim), dtype, 10)
-    k, v = values((batch, max_len, kv_heads, dim), dtype, 11), values((batch, max_len, kv_heads, dim), dtype, 12)
-    out = reference.decode_attention(pd(q, dtype), pd(k, dtype), pd(v, dtype), length, dim**-0.5)
-    close(f32(out), np_decode_attention(q, k, v, length, dim**-0.5), dtype)
 
 
 def test_reference_decode_attention_ignores_slots_past_length():
@@ -172,11 +151,13 @@ def test_triton_rms_norm(dtype, shape, with_residual):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,seq,heads,kv_heads,dim", [(1, 1, 1, 1, 2), (2, 5, 4, 2, 16), (1, 9, 6, 3, 10)])
-def test_triton_rotary(dtype, batch, seq, heads, kv_heads, dim):
+def test_rotary_reference_against_numpy_and_triton_against_reference(dtype, batch, seq, heads, kv_heads, dim):
     q, k = values((batch, seq, heads, dim), dtype, 17), values((batch, seq, kv_heads, dim), dtype, 18)
     cos, sin = rope_tables(seq, dim // 2)
     wq, wk = pd(q, dtype), pd(k, dtype)
     reference.rotary_(wq, wk, paddle.to_tensor(cos), paddle.to_tensor(sin))
+    close(f32(wq), np_rotary(q, cos, sin), dtype)
+    close(f32(wk), np_rotary(k, cos, sin), dtype)
     gq, gk = th(q, dtype), th(k, dtype)
     triton_ops.rotary_(gq, gk, torch.from_numpy(cos), torch.from_numpy(sin))
     close(f32(gq), f32(wq), dtype)
@@ -196,10 +177,12 @@ def test_triton_swiglu(dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,heads,kv_heads,dim,max_len,length",
                          [(1, 1, 1, 8, 4, 1), (2, 4, 2, 16, 70, 70), (3, 6, 2, 10, 150, 129)])
-def test_triton_decode_attention(dtype, batch, heads, kv_heads, dim, max_len, length):
+def test_decode_attention_reference_against_numpy_and_triton_against_reference(
+        dtype, batch, heads, kv_heads, dim, max_len, length):
     q = values((batch, heads, dim), dtype, 21)
     k, v = values((batch, max_len, kv_heads, dim), dtype, 22), values((batch, max_len, kv_heads, dim), dtype, 23)
     want = reference.decode_attention(pd(q, dtype), pd(k, dtype), pd(v, dtype), length, dim**-0.5)
+    close(f32(want), np_decode_attention(q, k, v, length, dim**-0.5), dtype)
     out = torch.empty((batch, heads, dim), dtype=getattr(torch, dtype))
     triton_ops.decode_attention(th(q, dtype), th(k, dtype), th(v, dtype), length, dim**-0.5, out)
     close(f32(out), f32(want), dtype)
