@@ -19,6 +19,9 @@ def _f32(x: paddle.Tensor) -> paddle.Tensor:
 def cast_copy_(dst: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:
     """Writes ``src`` into ``dst``'s own memory, casting chunk by chunk so no full-size temporary exists."""
     with paddle.no_grad():
+        if not dst.is_contiguous():  # a strided view (e.g. a tensor-parallel slice): no flat alias to chunk over
+            paddle.assign(src if src.dtype == dst.dtype else src.astype(dst.dtype), output=dst)
+            return dst
         flat_dst, flat_src = dst.detach().reshape([-1]), src.detach().reshape([-1])
         if src.dtype == dst.dtype:
             paddle.assign(flat_src, output=flat_dst)

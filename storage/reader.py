@@ -468,6 +468,15 @@ def load_snapshot(
         len(targets), verified, targets if into is None else None)
 
 
+def check_source(src: Source, into: Target, *, verify: str = "full", cast: bool = False, prefetch: int = 2) -> None:
+    """Everything that can be known before a byte of ``into`` changes: names, shapes and dtypes fit, and with
+    ``verify="full"`` every part's checksum. A server checks every rank's source this way before applying any."""
+    where = src.urls()[0] + (f" (+{len(src.files) - 1} more parts)" if len(src.files) > 1 else "")
+    check_fits(src.index(), _target_table(into), where, cast)
+    if verify == "full" and any(src.digests):
+        _verify_all(src, prefetch)
+
+
 def apply_source(
     src: Source, into: Target | None, *, verify: str = "full", cast: bool = False, copy_fn: CopyFn | None = None,
     prefetch: int = 2, progress: bool = False, label: str = "load",
@@ -480,11 +489,8 @@ def apply_source(
         targets = {n: paddle.empty(list(shape), dtype=DTYPES[code][1]) for n, (code, shape) in index.items()}
     else:
         targets = _target_table(into)
-    where = src.urls()[0] + (f" (+{len(src.files) - 1} more parts)" if len(src.files) > 1 else "")
-    check_fits(index, targets, where, cast)
+    check_source(src, targets, verify=verify, cast=cast, prefetch=prefetch)
     has_digests = any(src.digests)
-    if verify == "full" and has_digests:
-        _verify_all(src, prefetch)
     with tqdm(total=src.bytes, unit="B", unit_scale=True, desc=label, disable=not progress) as bar:
         _apply(src, targets, verify, copy_fn, prefetch, bar)
     if not has_digests or verify == "none":

@@ -103,3 +103,25 @@ def reshard(shards: Sequence[Mapping[str, Any]], tp_size: int, rules: Rules = LL
     if len(shards) == tp_size:
         return [dict(s) for s in shards]
     return split_state_dict(merge_state_dicts(shards, rules), tp_size, rules)
+
+
+def shard_views(state: Mapping[str, Any], rank: int, tp_size: int, rules: Rules = LLAMA_TP_RULES) -> dict[str, Any]:
+    """Rank ``rank``'s slice of each full Paddle tensor, as views: loading rank files into these writes straight
+    into the full model, so one process can hold a whole tensor-parallel group without a staging copy.
+    Replicated tensors appear in every rank's views (each rank's files carry them; the last one loaded stays)."""
+    if not 0 <= rank < tp_size:
+        raise ValueError(f"rank {rank} is outside a tensor-parallel group of {tp_size}")
+    views = {}
+    for name, x in state.items():
+        axis = split_axis(name, rules)
+        if axis is None or tp_size == 1:
+            views[name] = x
+            continue
+        size = x.shape[axis]
+        if size % tp_size:
+            raise ValueError(f"{name} {list(x.shape)}: axis {axis} does not divide into {tp_size} ranks")
+        step = size // tp_size
+        index = [slice(None)] * len(x.shape)
+        index[axis] = slice(rank * step, (rank + 1) * step)
+        views[name] = x[tuple(index)]
+    return views

@@ -187,3 +187,19 @@ def test_each_rank_file_holds_its_shard(tmp_path):
     merged = merge_state_dicts([{k: v.numpy() for k, v in s.items()} for s in loaded])
     for name in state:
         np.testing.assert_array_equal(merged[name], state[name])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_rank_loads_into_its_slice_of_one_model(tmp_path, dtype):
+    """A whole tensor-parallel group in one process: rank files land in views of the full parameters."""
+    from storage.tp import shard_views
+
+    config = get_config("tiny", dtype=dtype)
+    state = random_state_dict(config, seed=9)
+    for rank, shard in enumerate(split_state_dict(state, 2)):
+        storage.publish(shard, str(tmp_path), "v1", rank=rank, part_bytes=32 * 1024)
+    model = build_model(config, seed=1)
+    for rank in range(2):
+        storage.load_snapshot(str(tmp_path), "v1", rank=rank, into=shard_views(model.state_dict(), rank, 2),
+                              cast=dtype != "float32", copy_fn=kernels.cast_copy_)
+    np.testing.assert_array_equal(logits_of(model, PROMPT), logits_of(build_model(config, state), PROMPT))
