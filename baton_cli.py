@@ -7,11 +7,13 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from infer import cli as infer_cli
     from storage import cli as storage_cli, demo
 
     parser = argparse.ArgumentParser(prog="baton", description="Weight handoff between an RL trainer and inference servers.")
     sub = parser.add_subparsers(dest="command", required=True)
     storage_cli.add_commands(sub)
+    infer_cli.add_commands(sub)
     demo.add_command(sub)
     return parser
 

@@ -6,7 +6,10 @@ same seed get the same tokens whatever else the server is doing.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 from collections.abc import Iterator
+from typing import ContextManager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,7 +52,8 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     return int(rng.choice(p.size, p=p))
 
 
-def stream(model: Decoder, prompt: list[int], params: SamplingParams) -> Iterator[int]:
+def stream(model: Decoder, prompt: list[int], params: SamplingParams,
+           lock: ContextManager | None = None) -> Iterator[int]:
     """Yields generated token ids; stops at EOS (not yielded), ``max_tokens`` or the context limit."""
     if not prompt:
         raise ValueError("the prompt is empty")
@@ -59,15 +63,18 @@ def stream(model: Decoder, prompt: list[int], params: SamplingParams) -> Iterato
     if budget == 0:
         return
     rng = np.random.default_rng(params.seed)
-    cache = model.new_cache(max_len=len(prompt) + budget)
-    logits = model(paddle.to_tensor([prompt], dtype="int64"), cache)[0, -1].numpy()
+    lock = lock or contextlib.nullcontext()
+    with lock:
+        cache = model.new_cache(max_len=len(prompt) + budget)
+        logits = model(paddle.to_tensor([prompt], dtype="int64"), cache)[0, -1].numpy()
     for i in range(budget):
         token = sample(logits, params, rng)
         if token == EOS:
             return
         yield token
         if i + 1 < budget:
-            logits = model(paddle.to_tensor([[token]], dtype="int64"), cache)[0, -1].numpy()
+            with lock:
+                logits = model(paddle.to_tensor([[token]], dtype="int64"), cache)[0, -1].numpy()
 
 
 @dataclass
@@ -77,15 +84,36 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
 
-def complete(model: Decoder, prompt: list[int], params: SamplingParams) -> Completion:
-    """Generates to the end, cutting the text before the first stop string (OpenAI's convention)."""
-    tokens: list[int] = []
-    for token in stream(model, prompt, params):
+def pieces(model: Decoder, prompt: list[int], params: SamplingParams, tokens: list[int] | None = None,
+           lock: ContextManager | None = None) -> Iterator[tuple[str, str | None]]:
+    """Text as it is generated, as ``(text, finish_reason)``; the reason is set on the last piece only.
+
+    Text is cut before the first stop string (OpenAI's convention), so a piece is held back while it could
+    still be the start of one; bytes of a split UTF-8 character wait for the rest. Generated ids are appended
+    to ``tokens`` when given. ``lock`` is held around each forward step (the server serialises model compute).
+    """
+    tokens = [] if tokens is None else tokens
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stops = [s for s in params.stop if s]
+    hold = max((len(s) for s in stops), default=1) - 1
+    text, sent = "", 0
+    for token in stream(model, prompt, params, lock):
         tokens.append(token)
-        text = to_bytes(tokens).decode("utf-8", errors="replace")
-        hits = [text.find(s) for s in params.stop if s and s in text]
+        text += decoder.decode(to_bytes([token]))
+        hits = [text.find(s) for s in stops if s in text]
         if hits:
-            return Completion(tokens, text[: min(hits)], "stop")
-    text = to_bytes(tokens).decode("utf-8", errors="replace")
+            yield text[sent : min(hits)], "stop"
+            return
+        if len(text) - hold > sent:
+            yield text[sent : len(text) - hold], None
+            sent = len(text) - hold
+    text += decoder.decode(b"", final=True)
     budget = min(params.max_tokens, model.config.max_seq_len - len(prompt))
-    return Completion(tokens, text, "stop" if len(tokens) < budget else "length")
+    yield text[sent:], "stop" if len(tokens) < budget else "length"
+
+
+def complete(model: Decoder, prompt: list[int], params: SamplingParams) -> Completion:
+    """Generates to the end; the same text the streamed pieces add up to."""
+    tokens: list[int] = []
+    parts = list(pieces(model, prompt, params, tokens))
+    return Completion(tokens, "".join(p for p, _ in parts), parts[-1][1])

@@ -1,0 +1,37 @@
+"""Prometheus metrics of one server, in a registry of its own (several servers can live in one test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.updates = Counter("baton_weight_updates", "Weight updates by outcome", ["outcome"], registry=r)
+        self.update_seconds = Histogram("baton_weight_update_seconds", "Seconds per successful weight update",
+                                        buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
+        self.bytes_loaded = Counter("baton_weight_bytes_loaded", "Snapshot bytes loaded into live weights", registry=r)
+        self.version = Gauge("baton_weight_version", "1 for the weight version being served", ["version"], registry=r)
+        self.requests = Counter("baton_completion_requests", "Completion requests by HTTP status", ["status"],
+                                registry=r)
+        self.tokens = Counter("baton_completion_tokens", "Tokens processed by completions", ["kind"], registry=r)
+
+    def update_done(self, outcome: str, seconds: float, nbytes: int) -> None:
+        self.updates.labels(outcome).inc()
+        if outcome == "success":
+            self.update_seconds.observe(seconds)
+            self.bytes_loaded.inc(nbytes)
+
+    def set_version(self, version: str) -> None:
+        self.version.clear()
+        self.version.labels(version).set(1)
+
+    def completion(self, status: int, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        self.requests.labels(str(status)).inc()
+        self.tokens.labels("prompt").inc(prompt_tokens)
+        self.tokens.labels("completion").inc(completion_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

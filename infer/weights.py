@@ -1,0 +1,264 @@
+"""The served weights and how a new version replaces them, so that no reply ever comes from a torn or mixed model.
+
+A request borrows one model copy (a *slot*) for its whole generation and learns which version that slot holds.
+An update first checks everything it can without writing (every rank's manifest, sizes, headers, names,
+shapes, dtypes and, by default, checksums), then writes:
+
+- ``in_place`` (one copy, memory-bounded): new requests wait, running ones finish, the update writes, requests
+  resume on the new version.
+- ``double_buffer`` (two copies): the update writes the spare copy while requests keep using the live one, then
+  the two switch between requests; the old copy stays as the spare, holding the previous version.
+
+If writing still fails midway (storage dies, a part changed after it was checked), the previous version is put
+back: reloaded from storage in ``in_place`` (the slot is unusable until then), untouched in ``double_buffer``.
+If even the reload fails, the server reports itself unhealthy instead of serving a torn model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import paddle
+import xxhash
+
+import kernels
+import storage
+from infer.config import ModelConfig
+from infer.metrics import Metrics
+from infer.model import Decoder
+from storage import layout
+from storage.reader import apply_source, check_source
+from storage.tp import shard_views
+
+log = logging.getLogger("baton.serve")
+MODES = ("in_place", "double_buffer")
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """What a model copy holds: which version, from where, and a digest of its live bytes."""
+
+    version: str
+    root: str
+    rank: int
+    level: int
+    source: str
+    loaded_at: float
+    bytes: int
+    seconds: float
+    digest: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class UpdateError(Exception):
+    """An update that did not happen (or was undone); ``status`` is the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str, outcome: str):
+        super().__init__(message)
+        self.status, self.outcome = status, outcome
+
+
+class NotReady(Exception):
+    """No weights to serve: none loaded yet, or a failed update could not be undone."""
+
+
+@dataclass(eq=False)
+class Slot:
+    model: Decoder
+    info: WeightInfo | None = None
+    readers: int = 0
+
+
+def state_digest(state: Mapping[str, Any]) -> str:
+    """xxh3_128 over names, dtypes, shapes and bytes in name order: equal digests, equal weights."""
+    h = xxhash.xxh3_128()
+    for name in sorted(state):
+        t = state[name]
+        arr = t if isinstance(t, np.ndarray) else (t.view(paddle.uint16) if t.dtype == paddle.bfloat16 else t).numpy()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)};".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+class WeightManager:
+    def __init__(self, config: ModelConfig, root: str, *, rank: int = 0, tp_size: int = 1,
+                 fallback_dir: str | None = None, mode: str = "in_place", verify: str = "full",
+                 storage_options: dict | None = None, metrics: Metrics | None = None):
+        if mode not in MODES:
+            raise ValueError(f"swap mode must be one of {MODES}, not {mode!r}")
+        if tp_size > 1 and rank != 0:
+            raise ValueError(f"with tp_size {tp_size} this server loads ranks 0..{tp_size - 1} itself: leave rank at 0")
+        self.config, self.root, self.rank, self.tp_size = config, root, layout.check_rank(rank), tp_size
+        self.fallback_dir, self.mode, self.verify = fallback_dir, mode, verify
+        self.storage_options = storage_options
+        self.metrics = metrics or Metrics()
+        self.slots = [Slot(self._new_model()) for _ in range(2 if mode == "double_buffer" else 1)]
+        self.live = self.slots[0]
+        self.broken: str | None = None  # why nothing can be served, after a failed restore
+        self.compute_lock = threading.Lock()  # model compute is serialised (2 cores; Paddle's tracer is global)
+        self._cond = threading.Condition()
+        self._paused = False  # in_place: new requests wait while an update writes
+        self._update_lock = threading.Lock()
+
+    def _new_model(self) -> Decoder:
+        model = Decoder(self.config)
+        model.eval()
+        return model
+
+    # ---- requests ------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def use(self, timeout: float = 600.0) -> Iterator[tuple[Decoder, WeightInfo]]:
+        """Borrows the live model for one whole request; the version it yields is the one that answers."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._paused, timeout):
+                raise NotReady("timed out waiting for a weight update to finish")
+            slot = self.live
+            if slot.info is None or self.broken:
+                raise NotReady(self.broken or "no weights loaded yet: POST /v1/update_weights first")
+            slot.readers += 1
+        try:
+            yield slot.model, slot.info
+        finally:
+            with self._cond:
+                slot.readers -= 1
+                self._cond.notify_all()
+
+    @property
+    def info(self) -> WeightInfo | None:
+        return None if self.broken else self.live.info
+
+    @property
+    def healthy(self) -> bool:
+        return self.info is not None
+
+    # ---- updates -------------------------------------------------------------------------------------------
+
+    def update(self, version: str, root: str | None = None, rank: int | None = None,
+               verify: str | None = None) -> WeightInfo:
+        """Loads ``version`` and makes it live, or raises ``UpdateError`` with the old version still served."""
+        if not self._update_lock.acquire(blocking=False):
+            self.metrics.update_done("busy", 0.0, 0)
+            raise UpdateError(409, "another weight update is in progress; retry when it finishes", "busy")
+        start = time.perf_counter()
+        try:
+            info = self._update(version, root or self.root, self.rank if rank is None else rank,
+                                verify or self.verify, start)
+        except UpdateError as exc:
+            self.metrics.update_done(exc.outcome, time.perf_counter() - start, 0)
+            raise
+        finally:
+            self._update_lock.release()
+        self.metrics.update_done("success", info.seconds, info.bytes)
+        self.metrics.set_version(info.version)
+        return info
+
+    def _ranks(self, rank: int) -> list[int]:
+        return [layout.check_rank(rank)] if self.tp_size == 1 else list(range(self.tp_size))
+
+    def _targets(self, slot: Slot, rank: int) -> dict[str, Any]:
+        state = slot.model.state_dict()
+        return state if self.tp_size == 1 else shard_views(state, rank, self.tp_size)
+
+    def _update(self, version: str, root: str, rank: int, verify: str, start: float) -> WeightInfo:
+        target = self.live if self.mode == "in_place" else next(s for s in self.slots if s is not self.live)
+        if target is not self.live and target.info and (target.info.version, target.info.root) == (version, root):
+            return self._switch(target)  # double_buffer: the spare already holds it (a rollback), switch back
+        sources = self._check(version, root, rank, verify, target)
+        previous = target.info
+        with self._exclusive(target):
+            try:
+                self._write(sources, target)
+            except Exception as exc:  # noqa: BLE001 - whatever broke the write, undo it before reporting
+                self._recover(target, previous, exc)
+            target.info = self._describe(version, root, rank, sources, target, time.perf_counter() - start)
+        log.info("loaded %s from %s (level %d) in %.2fs", version, root, target.info.level, target.info.seconds)
+        return self._switch(target)
+
+    def _check(self, version: str, root: str, rank: int, verify: str, target: Slot) -> list:
+        """Every rank's source, resolved and checked against the target before anything is written."""
+        if verify not in ("full", "stream", "none"):
+            raise UpdateError(400, f"verify must be 'full', 'stream' or 'none', not {verify!r}", "bad_request")
+        try:
+            layout.check_id(version)
+            sources = []
+            for r in self._ranks(rank):
+                src = storage.resolve(root, version, r, fallback_dir=self.fallback_dir,
+                                      storage_options=self.storage_options)
+                check_source(src, self._targets(target, r), verify=verify, cast=True)
+                sources.append((r, src, verify))
+            return sources
+        except (storage.SnapshotError, FileNotFoundError, ValueError, TypeError) as exc:
+            raise UpdateError(400, f"version {version!r} was not loaded, still serving "
+                                   f"{self._serving()}: {exc}", "bad_snapshot") from exc
+        except OSError as exc:
+            raise UpdateError(503, f"storage error while checking {version!r} under {root} (still serving "
+                                   f"{self._serving()}): {exc}", "storage_error") from exc
+
+    @contextlib.contextmanager
+    def _exclusive(self, slot: Slot) -> Iterator[None]:
+        """No request reads ``slot`` inside: in_place pauses new requests and drains running ones; the spare of
+        double_buffer only drains requests that started before the last switch."""
+        with self._cond:
+            self._paused = slot is self.live
+            self._cond.wait_for(lambda: slot.readers == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._paused = False
+                self._cond.notify_all()
+
+    def _write(self, sources: list, slot: Slot) -> None:
+        on_gpu = slot.model.embed_tokens.weight.place.is_gpu_place()
+        slot.info = None  # from the first byte written until success, this copy holds no version
+        for r, src, verify in sources:
+            apply_source(src, self._targets(slot, r), verify="none" if verify == "none" else "stream", cast=True,
+                         copy_fn=kernels.cast_copy_ if on_gpu else None)
+
+    def _recover(self, slot: Slot, previous: WeightInfo | None, exc: Exception) -> None:
+        """Called with the write half done: put the previous version back, then raise what happened."""
+        if slot is not self.live:
+            raise UpdateError(400, f"writing the spare copy failed ({exc}); the live copy was never touched, "
+                                   f"still serving {self._serving()}", "bad_snapshot") from exc
+        if previous is None:
+            raise UpdateError(400, f"update failed midway ({exc}) and there was no earlier version to restore",
+                              "bad_snapshot") from exc
+        try:
+            restore_start = time.perf_counter()
+            sources = self._check(previous.version, previous.root, previous.rank, "full", slot)
+            self._write(sources, slot)
+            slot.info = previous
+            log.warning("update failed midway (%s); restored %s in %.2fs", exc, previous.version,
+                        time.perf_counter() - restore_start)
+        except Exception as restore_exc:  # noqa: BLE001
+            self.broken = (f"update failed midway ({exc}) and restoring {previous.version!r} failed too "
+                           f"({restore_exc}): not serving a torn model")
+            log.error(self.broken)
+            raise UpdateError(500, self.broken, "broken") from exc
+        raise UpdateError(400, f"update failed midway ({exc}); restored {previous.version!r}, which is serving",
+                          "restored") from exc
+
+    def _describe(self, version: str, root: str, rank: int, sources: list, slot: Slot, seconds: float) -> WeightInfo:
+        levels = sorted({int(src.level) for _, src, _ in sources})
+        return WeightInfo(version, root, rank, levels[0], sources[0][1].level.label, time.time(),
+                          sum(src.bytes for _, src, _ in sources), seconds, state_digest(slot.model.state_dict()))
+
+    def _switch(self, slot: Slot) -> WeightInfo:
+        with self._cond:
+            self.live = slot
+            self.broken = None
+        return slot.info
+
+    def _serving(self) -> str:
+        info = self.info
+        return repr(info.version) if info else "nothing (no version loaded)"

@@ -1,0 +1,74 @@
+"""Real inference servers for tests: `baton serve` in a subprocess on 127.0.0.1, a free port, stopped after."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+
+
+@contextlib.contextmanager
+def baton_serve(root: str, *args: str, env: dict | None = None, ready: bool = True,
+                timeout: float = 60) -> Iterator[str]:
+    """Starts ``baton serve --snapshot-root root --port 0 *args``; yields its base URL once it listens (and, with
+    ``ready``, reports healthy). The server's output is echoed to this process's stderr on failure."""
+    cmd = [sys.executable, "-m", "baton_cli", "serve",
+           "--snapshot-root", root, "--port", "0", "--log-level", "warning", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    lines: queue.Queue[str] = queue.Queue()
+    output: list[str] = []
+
+    def pump() -> None:
+        for line in proc.stdout:
+            output.append(line)
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        url = _wait_for_url(proc, lines, timeout)
+        if url is None:
+            raise RuntimeError(f"baton serve did not start (exit {proc.poll()}):\n{''.join(output)}")
+        if ready:
+            _wait_healthy(url, timeout)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_for_url(proc: subprocess.Popen, lines: queue.Queue, timeout: float) -> str | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            if proc.poll() is not None:
+                return None
+            continue
+        m = re.search(r"listening on (http://\S+)", line)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _wait_healthy(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not become healthy in {timeout}s")
