@@ -21,7 +21,7 @@ from infer.model import build_model, random_state_dict
 from infer.tokenizer import encode
 from infer.weights import state_digest
 from storage.tp import split_state_dict
-from tests.servers import baton_serve
+from infer.launch import baton_serve
 
 CONFIG = get_config("tiny")
 SEEDS = {"v1": 1, "v2": 2}
@@ -185,8 +185,8 @@ def test_update_waits_for_running_requests_and_refuses_a_second_one(tmp_path):
             results = {}
             t = threading.Thread(target=lambda: results.setdefault("first", update(url, "v2")))
             t.start()
-            for _ in range(200):  # until the first update holds the update lock, waiting for this stream
-                second = update(url, "v1")
+            for _ in range(200):  # until the first update holds the lock (a probe that gets it fails fast: 400)
+                second = update(url, "missing")
                 if second.status_code == 409:
                     break
             assert second.status_code == 409 and "in progress" in second.json()["message"]

@@ -1,4 +1,5 @@
-"""Real inference servers for tests: `baton serve` in a subprocess on 127.0.0.1, a free port, stopped after."""
+"""Start `baton serve` as a child process on a free port and stop it afterwards: for tests, benchmarks and the
+demo, which need real servers over real HTTP."""
 
 from __future__ import annotations
 
@@ -10,16 +11,26 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 
-import httpx
+
+@dataclass(frozen=True)
+class ServerProcess:
+    url: str  # http://127.0.0.1:PORT
+    pid: int
+
+    def __str__(self) -> str:
+        return self.url
 
 
 @contextlib.contextmanager
 def baton_serve(root: str, *args: str, env: dict | None = None, ready: bool = True,
-                timeout: float = 60) -> Iterator[str]:
-    """Starts ``baton serve --snapshot-root root --port 0 *args``; yields its base URL once it listens (and, with
-    ``ready``, reports healthy). The server's output is echoed to this process's stderr on failure."""
+                timeout: float = 60) -> Iterator[ServerProcess]:
+    """Starts ``baton serve --snapshot-root root --port 0 *args``; yields it (``str()`` is the URL) once it listens (and, with
+    ``ready``, reports healthy). If it cannot start, the error carries the server's output."""
     cmd = [sys.executable, "-m", "baton_cli", "serve",
            "--snapshot-root", root, "--port", "0", "--log-level", "warning", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -39,7 +50,7 @@ def baton_serve(root: str, *args: str, env: dict | None = None, ready: bool = Tr
             raise RuntimeError(f"baton serve did not start (exit {proc.poll()}):\n{''.join(output)}")
         if ready:
             _wait_healthy(url, timeout)
-        yield url
+        yield ServerProcess(url, proc.pid)
     finally:
         proc.terminate()
         try:
@@ -67,8 +78,9 @@ def _wait_for_url(proc: subprocess.Popen, lines: queue.Queue, timeout: float) ->
 def _wait_healthy(url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
+        with contextlib.suppress(OSError):  # refused, or 503 (an HTTPError) while it loads
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
+                if reply.status == 200:
+                    return
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not become healthy in {timeout}s")
