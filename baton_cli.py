@@ -7,14 +7,17 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flows import serve as flows_serve
     from infer import cli as infer_cli
-    from storage import cli as storage_cli, demo
+    from demo import pipeline
+    from storage import cli as storage_cli
 
     parser = argparse.ArgumentParser(prog="baton", description="Weight handoff between an RL trainer and inference servers.")
     sub = parser.add_subparsers(dest="command", required=True)
     storage_cli.add_commands(sub)
     infer_cli.add_commands(sub)
-    demo.add_command(sub)
+    flows_serve.add_commands(sub)
+    pipeline.add_command(sub)
     return parser
 
 

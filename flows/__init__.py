@@ -1,1 +1,3 @@
-"""Prefect flows that publish checkpoints and sync inference servers (not built yet: issue 5)."""
+"""Prefect flows that move weights from a trainer to the inference servers: ``publish-checkpoint``,
+``sync-weights`` and the scheduled ``publish-new-checkpoints``; ``flows.serve`` serves them as deployments.
+They use ``storage`` directly and reach servers over HTTP only."""

@@ -35,6 +35,7 @@ from infer.metrics import Metrics
 from infer.model import Decoder
 from storage import layout
 from storage.reader import apply_source, check_source
+from storage.tensorfile import code_of_numpy, code_of_paddle
 from storage.tp import shard_views
 
 log = logging.getLogger("baton.serve")
@@ -79,14 +80,27 @@ class Slot:
 
 
 def state_digest(state: Mapping[str, Any]) -> str:
-    """xxh3_128 over names, dtypes, shapes and bytes in name order: equal digests, equal weights."""
+    """xxh3_128 over names, dtypes, shapes and bytes in name order: equal digests, equal weights. Numpy and Paddle
+    tensors of the same values digest the same, so a trainer can compare its own state with ``GET /v1/weights``."""
     h = xxhash.xxh3_128()
     for name in sorted(state):
         t = state[name]
-        arr = t if isinstance(t, np.ndarray) else (t.view(paddle.uint16) if t.dtype == paddle.bfloat16 else t).numpy()
-        h.update(f"{name}|{t.dtype}|{list(t.shape)};".encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
+        code = code_of_numpy(t.dtype) if isinstance(t, np.ndarray) else code_of_paddle(t.dtype)
+        h.update(f"{name}|{code}|{list(t.shape)};".encode())
+        h.update(memoryview(np.ascontiguousarray(_host_array(t))).cast("B"))
     return h.hexdigest()
+
+
+def _host_array(t: Any) -> np.ndarray:
+    """The tensor's bytes as numpy: shared with a contiguous CPU tensor (no copy of a large model), copied else."""
+    if isinstance(t, np.ndarray):
+        return t
+    t = t.detach()
+    if t.dtype == paddle.bfloat16:
+        t = t.view(paddle.uint16)
+    if t.place.is_cpu_place() and t.is_contiguous() and t.numel() > 0:
+        return np.from_dlpack(t)
+    return t.numpy()
 
 
 class WeightManager:

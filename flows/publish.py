@@ -1,0 +1,102 @@
+"""``publish-checkpoint``: a trainer checkpoint becomes a Baton snapshot, one concurrent task per serving rank."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+import storage
+from flows.checkpoint import serving_shard
+from storage.fs import open_fs
+from storage.layout import manifest_name
+
+Runner = Literal["threads", "dask", "ray"]
+DEFAULT_PART_BYTES = 512 << 20
+
+
+def transient(task, task_run, state) -> bool:
+    """Retry storage hiccups (``OSError``: network, throttling, a full disk freed), never a bad checkpoint."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
+
+
+def is_published(snapshot_root: str, version: str, rank: int) -> bool:
+    fs, root = open_fs(snapshot_root)
+    return fs.exists(f"{root}/{manifest_name(rank, version)}")
+
+
+@task(name="publish-rank", retries=3, retry_delay_seconds=[1, 2, 4], retry_condition_fn=transient,
+      cache_policy=NO_CACHE, task_run_name="publish {version} tp{rank}")
+def publish_rank(source: str, snapshot_root: str, version: str, rank: int, serving_tp: int,
+                 part_bytes: int) -> dict:
+    """Reads this rank's shard out of the checkpoint and publishes it. Each task reads for itself, so on Dask or
+    Ray nothing model-sized travels between processes. A rank already committed under this id is left as is:
+    a rerun or an overlapping run does not publish twice."""
+    if is_published(snapshot_root, version, rank):
+        return {"rank": rank, "parts": None, "bytes": None, "seconds": 0.0, "GB/s": None, "note": "already published"}
+    start = time.perf_counter()
+    shard = serving_shard(source, rank, serving_tp)
+    report = storage.publish(shard, snapshot_root, version, rank, part_bytes=part_bytes,
+                             metadata={"source": source, "serving_tp": str(serving_tp)})
+    seconds = time.perf_counter() - start
+    return {"rank": rank, "parts": report.parts, "bytes": report.bytes, "seconds": round(seconds, 3),
+            "GB/s": round(report.bytes / 1e9 / seconds, 3) if seconds else None, "note": report.manifest_url}
+
+
+def task_runner(runner: Runner):
+    """The task runner for per-rank work: threads here, or a Dask/Ray cluster past one machine (optional extras
+    ``baton[dask]`` / ``baton[ray]``; both start a local cluster unless configured otherwise)."""
+    if runner == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=8)
+    try:
+        if runner == "dask":
+            from prefect_dask import DaskTaskRunner
+
+            return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1})
+        from prefect_ray import RayTaskRunner
+
+        return RayTaskRunner()
+    except ImportError as exc:
+        raise ValueError(f"runner={runner!r} needs the optional extra: pip install 'baton[{runner}]'") from exc
+
+
+@flow(name="publish-ranks")
+def _publish_ranks(source: str, snapshot_root: str, version: str, serving_tp: int, part_bytes: int) -> list[dict]:
+    progress = create_progress_artifact(0.0, description=f"publishing {version}: ranks done out of {serving_tp}")
+    futures = [publish_rank.submit(source, snapshot_root, version, r, serving_tp, part_bytes)
+               for r in range(serving_tp)]
+    rows = []
+    for done, future in enumerate(as_completed(futures), start=1):
+        rows.append(future.result())
+        update_progress_artifact(progress, 100.0 * done / serving_tp)
+    return sorted(rows, key=lambda row: row["rank"])
+
+
+@flow(name="publish-checkpoint", log_prints=True)
+def publish_checkpoint(source: str, snapshot_root: str, version: str, part_bytes: int = DEFAULT_PART_BYTES,
+                       serving_tp: int = 1, runner: Runner = "threads") -> list[dict]:
+    """Shard the trainer checkpoint at ``source`` (a state dict file, or a directory of
+    ``model_state.tp{r}.pdparams``) into ``serving_tp`` ranks and publish each as version ``version`` under
+    ``snapshot_root``, resharding when the trainer's degree differs. Returns one row per rank."""
+    if serving_tp < 1:
+        raise ValueError(f"serving_tp must be at least 1, got {serving_tp}")
+    storage.layout.check_id(version)
+    rows = _publish_ranks.with_options(task_runner=task_runner(runner))(
+        source, snapshot_root, version, serving_tp, part_bytes)
+    create_table_artifact(rows, key=f"publish-{version.lower().replace('_', '-')}",
+                          description=f"{version} published under {snapshot_root}")
+    total = sum(r["bytes"] or 0 for r in rows)
+    get_run_logger().info("published %s: %d ranks, %.1f MiB", version, len(rows), total / (1 << 20))
+    return rows
+
+
+def report_rows(outcomes) -> list[dict]:
+    return [asdict(o) for o in outcomes]

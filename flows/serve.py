@@ -1,0 +1,60 @@
+"""``baton deploy`` (or ``python -m flows.serve``): the three flows as deployments in one process.
+
+Runs of ``sync-weights/sync-weights`` and the others start from the UI, the API or
+``prefect deployment run``; ``publish-new-checkpoints`` also runs on an interval when ``--watch`` is given.
+It needs a Prefect server (``prefect server start``, then ``PREFECT_API_URL=http://127.0.0.1:4200/api``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("deploy", help="serve the Prefect deployments (publish-checkpoint, sync-weights, "
+                                      "publish-new-checkpoints)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=deploy)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--watch", metavar="URL", help="trainer output to watch for step_N/ checkpoints (enables the "
+                                                  "schedule of publish-new-checkpoints)")
+    p.add_argument("--snapshot-root", help="where the scheduled flow publishes (required with --watch)")
+    p.add_argument("--server", action="append", default=[], metavar="URL[#rank=R]",
+                   help="inference server the scheduled flow syncs (repeat for several)")
+    p.add_argument("--interval", type=float, default=60.0, help="seconds between scheduled runs (default 60)")
+    p.add_argument("--keep-last", type=int, default=3, help="versions the scheduled flow keeps (default 3)")
+
+
+def deploy(args: argparse.Namespace) -> int:
+    from prefect import serve
+
+    from flows.publish import publish_checkpoint
+    from flows.sync import sync_weights
+    from flows.watch import publish_new_checkpoints
+
+    if args.watch and not args.snapshot_root:
+        raise SystemExit("baton deploy: --watch needs --snapshot-root (where to publish)")
+    watch: dict = {"concurrency_limit": 1}  # overlapping scheduled runs queue instead of racing
+    if args.watch:
+        watch["interval"] = args.interval
+        watch["parameters"] = {"trainer_dir": args.watch, "snapshot_root": args.snapshot_root,
+                               "servers": args.server, "keep_last": args.keep_last}
+    serve(publish_checkpoint.to_deployment("publish-checkpoint"),
+          sync_weights.to_deployment("sync-weights"),
+          publish_new_checkpoints.to_deployment("publish-new-checkpoints", **watch))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return deploy(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""``sync-weights``: (optionally publish, then) make every inference server serve one version, or say exactly
+which did not."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from flows import fleet
+from flows.fleet import Outcome, Refused, Server, Unreachable
+from flows.publish import DEFAULT_PART_BYTES, Runner, publish_checkpoint
+
+
+class FleetSyncError(RuntimeError):
+    """Some servers did not take the version; the message has one line per server with its outcome."""
+
+
+def _retry_unreachable(task, task_run, state) -> bool:
+    """Connection errors, timeouts, 409 and 5xx get another try; a 400 (bad snapshot) never does."""
+    return isinstance(state.result(raise_on_failure=False), Unreachable)
+
+
+@task(name="read-server", cache_policy=NO_CACHE, task_run_name="read {server.url}")
+def read_server(server: Server) -> dict | None:
+    """What a server serves before the sync (the rollback target); None when it does not answer, which the
+    update that follows retries and reports."""
+    try:
+        return fleet.weights(server)
+    except Unreachable:
+        return None
+
+
+@task(name="update-server", retries=3, retry_delay_seconds=[1, 2, 4], retry_condition_fn=_retry_unreachable,
+      cache_policy=NO_CACHE, task_run_name="update {server.url} to {version}")
+def update_server(server: Server, version: str, snapshot_root: str, verify: str, admin_token_env: str | None) -> dict:
+    """Loads ``version`` on one server and confirms with ``GET /v1/weights`` that it is what it serves now."""
+    reply = fleet.update(server, version, snapshot_root, verify, admin_token_env)
+    now = fleet.weights(server)
+    if now.get("version") != version:
+        raise Unreachable(f"{server.url} accepted {version} but serves {now.get('version')!r}")
+    return reply | {"digest": now.get("digest")}
+
+
+def _outcomes(servers: list[Server], futures, version: str) -> list[Outcome]:
+    outcomes = []
+    for server, future in zip(servers, futures):
+        try:
+            reply = future.result()
+            outcomes.append(Outcome(server.url, True, "live", version, reply["message"], reply.get("seconds"),
+                                    reply.get("bytes")))
+        except Refused as exc:
+            outcomes.append(Outcome(server.url, False, "refused", None, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - unreachable after retries, or anything else: reported per server
+            outcomes.append(Outcome(server.url, False, "unreachable", None, str(exc)))
+    return outcomes
+
+
+def _roll_back(servers: list[Server], outcomes: list[Outcome], before: dict[str, dict], verify: str,
+               admin_token_env: str | None) -> None:
+    """Servers that took the new version go back to the one they served before, so the fleet agrees again."""
+    for server, outcome in zip(servers, outcomes):
+        previous = before.get(server.url) or {}
+        if not outcome.ok or not previous.get("version"):
+            continue
+        try:
+            fleet.update(server, previous["version"], previous["snapshot_root"], verify, admin_token_env)
+            outcome.status, outcome.version = "rolled back", previous["version"]
+            outcome.message += f"; rolled back to {previous['version']}"
+        except (Refused, Unreachable) as exc:
+            outcome.status, outcome.ok = "rollback failed", False
+            outcome.message += f"; rollback to {previous['version']} failed: {exc}"
+
+
+@flow(name="sync-weights", log_prints=True)
+def sync_weights(version: str, snapshot_root: str, servers: list[Server | str], source: str | None = None,
+                 part_bytes: int = DEFAULT_PART_BYTES, serving_tp: int = 1, on_failure: Literal["rollback", "keep"] =
+                 "rollback", verify: Literal["full", "stream", "none"] = "full", admin_token_env: str | None = None,
+                 runner: Runner = "threads") -> list[dict]:
+    """Publish ``source`` as ``version`` (when given), load it on every server concurrently and confirm each
+    serves it. On partial failure ``on_failure="rollback"`` returns the servers that took it to their previous
+    version; ``"keep"`` leaves them. Either way the run fails with a line per server. Emits the event
+    ``baton.weights.live`` when the version is live everywhere."""
+    log = get_run_logger()
+    fleet_servers = [Server.parse(s) for s in servers]
+    if not fleet_servers:
+        raise ValueError("servers is empty: give at least one inference server URL")
+    start = time.perf_counter()
+    before = {s.url: f.result() for s, f in zip(fleet_servers, [read_server.submit(s) for s in fleet_servers])}
+    published = None
+    if source is not None:
+        published = publish_checkpoint(source, snapshot_root, version, part_bytes, serving_tp, runner)
+    publish_s = time.perf_counter() - start
+    futures = [update_server.submit(s, version, snapshot_root, verify, admin_token_env) for s in fleet_servers]
+    outcomes = _outcomes(fleet_servers, futures, version)
+    failed = [o for o in outcomes if not o.ok]
+    if failed and on_failure == "rollback":
+        _roll_back(fleet_servers, outcomes, before, verify, admin_token_env)
+    rows = [asdict(o) for o in outcomes]
+    create_table_artifact(rows, key=f"sync-{version.lower().replace('_', '-')}",
+                          description=f"sync of {version} to {len(fleet_servers)} servers")
+    if failed:
+        report = "\n".join(f"  {o.url}: {o.status}: {o.message}" for o in outcomes)
+        raise FleetSyncError(f"{version} is not live on {len(failed)} of {len(outcomes)} servers "
+                             f"(on_failure={on_failure}):\n{report}")
+    seconds = time.perf_counter() - start
+    emit_event(event="baton.weights.live", resource={"prefect.resource.id": f"baton.weights.{version}"},
+               payload={"version": version, "snapshot_root": snapshot_root, "servers": [o.url for o in outcomes],
+                        "seconds": seconds})
+    log.info("%s live on %d servers in %.2fs (publish %.2fs)", version, len(outcomes), seconds, publish_s)
+    return [r | {"publish_s": publish_s, "published": published is not None} for r in rows]

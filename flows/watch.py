@@ -1,0 +1,60 @@
+"""``publish-new-checkpoints``: the scheduled flow. Finds the newest completed trainer checkpoint, publishes and
+syncs it if that has not happened yet, and prunes old versions no server needs."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+import storage
+from flows import fleet
+from flows.checkpoint import DONE_MARKER, completed_steps
+from flows.fleet import Server, Unreachable
+from flows.publish import DEFAULT_PART_BYTES, Runner, publish_checkpoint
+from flows.sync import sync_weights
+
+
+def _serving(servers: list[Server]) -> dict[str, str | None]:
+    """Version each server serves now (None when it is down or empty)."""
+    out = {}
+    for s in servers:
+        try:
+            out[s.url] = fleet.weights(s).get("version")
+        except Unreachable:
+            out[s.url] = None
+    return out
+
+
+@flow(name="publish-new-checkpoints", log_prints=True)
+def publish_new_checkpoints(trainer_dir: str, snapshot_root: str, servers: list[Server | str] | None = None,
+                            keep_last: int = 3, marker: str = DONE_MARKER, part_bytes: int = DEFAULT_PART_BYTES,
+                            serving_tp: int = 1, runner: Runner = "threads") -> dict:
+    """Publish and sync the newest ``step_{N}/`` under ``trainer_dir`` that holds ``marker`` (the trainer writes
+    it last, so a directory still being written is never taken). Running it again, or two runs overlapping, does
+    no work twice: a committed version is not republished and servers already serving it are not reloaded.
+    Versions beyond ``keep_last`` are pruned, except what any server serves and what a rollback would need."""
+    log = get_run_logger()
+    fleet_servers = [Server.parse(s) for s in servers or []]
+    steps = completed_steps(trainer_dir, marker)
+    if not steps:
+        log.info("no completed checkpoint under %s yet (looking for step_N/%s)", trainer_dir, marker)
+        return {"version": None, "published": False, "synced": False, "pruned": []}
+    newest = steps[-1]
+    before = _serving(fleet_servers)
+    committed = {v.id for v in storage.list_versions(snapshot_root)}
+    already_live = bool(fleet_servers) and all(v == newest.version for v in before.values())
+    published = synced = False
+    if newest.version in committed and (already_live or not fleet_servers):
+        log.info("%s is already published%s: nothing to do", newest.version, " and live" if fleet_servers else "")
+    elif fleet_servers:
+        sync_weights(newest.version, snapshot_root, fleet_servers,
+                     source=None if newest.version in committed else newest.url, part_bytes=part_bytes,
+                     serving_tp=serving_tp, runner=runner)
+        published, synced = newest.version not in committed, True
+    else:
+        publish_checkpoint(newest.url, snapshot_root, newest.version, part_bytes, serving_tp, runner)
+        published = True
+    keep = {v for v in (*before.values(), *_serving(fleet_servers).values(), newest.version) if v}
+    pruned = storage.prune(snapshot_root, keep_last=keep_last, keep=sorted(keep))
+    if pruned:
+        log.info("pruned %s (kept the newest %d and %s)", pruned, keep_last, sorted(keep))
+    return {"version": newest.version, "published": published, "synced": synced, "pruned": pruned}
