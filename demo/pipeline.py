@@ -9,11 +9,13 @@ version answered. Two checkpoints go through in turn, so the second shows a live
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import time
 from pathlib import Path
 
+from infer.config import CONFIGS
 from storage.cli import human, parse_size
 
 STEPS = 5
@@ -24,7 +26,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
                                     "one inference server)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default="runs/demo", help="run directory, replaced on each run (default runs/demo)")
-    p.add_argument("--model", default="small", choices=["tiny", "small", "1b"], help="model size (default small)")
+    p.add_argument("--model", default="small", choices=sorted(CONFIGS), help="model size (default small)")
     p.add_argument("--part-size", type=parse_size, default=parse_size("32MiB"), help="part size (default 32MiB)")
     p.set_defaults(func=main)
 
@@ -39,6 +41,8 @@ def main(args: argparse.Namespace) -> int:
     run.mkdir(parents=True)
     os.environ["PREFECT_HOME"] = str(run / "prefect")  # the flow records stay with the run
     os.environ.pop("PREFECT_API_URL", None)  # no server configured: Prefect starts a temporary local one
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # this script prints what matters; the UI has more
 
     import httpx
     import paddle
@@ -47,6 +51,8 @@ def main(args: argparse.Namespace) -> int:
     from infer.config import get_config
     from infer.launch import baton_serve
     from infer.model import random_state_dict
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
 
     snapshots = run / "snapshots"
     config = get_config(args.model)
@@ -67,10 +73,11 @@ def main(args: argparse.Namespace) -> int:
                        "load on the server, confirm")
             start = time.perf_counter()
             rows = sync_weights(version, str(snapshots), [server.url], source=source, part_bytes=args.part_size)
+            first = ", with the temporary Prefect server's start" if i == 0 else ""
             for r in rows:
                 print(f"      {r['url']}: {r['status']} {r['version']}, {r['message']}, {human(r['bytes'])} "
                       f"loaded in {r['seconds']:.2f}s (publish {r['publish_s']:.2f}s, whole flow "
-                      f"{time.perf_counter() - start:.2f}s)", flush=True)
+                      f"{time.perf_counter() - start:.2f}s{first}", flush=True)
             reply = httpx.post(f"{server.url}/v1/completions", timeout=120,
                                json={"prompt": "Weights in flight:", "max_tokens": 24, "temperature": 0}).json()
             print(f"      completion from weight_version={reply['weight_version']}: "

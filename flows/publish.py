@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from typing import Literal
 
 from prefect import flow, get_run_logger, task
@@ -68,16 +67,28 @@ def task_runner(runner: Runner):
         raise ValueError(f"runner={runner!r} needs the optional extra: pip install 'baton[{runner}]'") from exc
 
 
-@flow(name="publish-ranks")
-def _publish_ranks(source: str, snapshot_root: str, version: str, serving_tp: int, part_bytes: int) -> list[dict]:
+def publish_ranks(source: str, snapshot_root: str, version: str, part_bytes: int = DEFAULT_PART_BYTES,
+                  serving_tp: int = 1, runner: Runner = "threads") -> list[dict]:
+    """The publishing itself, as tasks of whichever flow calls it (``publish-checkpoint``, or ``sync-weights``
+    without a nested flow run: each flow run costs about a second of Prefect bookkeeping here)."""
+    if serving_tp < 1:
+        raise ValueError(f"serving_tp must be at least 1, got {serving_tp}")
+    storage.layout.check_id(version)
     progress = create_progress_artifact(0.0, description=f"publishing {version}: ranks done out of {serving_tp}")
-    futures = [publish_rank.submit(source, snapshot_root, version, r, serving_tp, part_bytes)
-               for r in range(serving_tp)]
     rows = []
-    for done, future in enumerate(as_completed(futures), start=1):
-        rows.append(future.result())
-        update_progress_artifact(progress, 100.0 * done / serving_tp)
-    return sorted(rows, key=lambda row: row["rank"])
+    with task_runner(runner) as pool:
+        futures = [pool.submit(publish_rank, parameters={
+            "source": source, "snapshot_root": snapshot_root, "version": version, "rank": r,
+            "serving_tp": serving_tp, "part_bytes": part_bytes}) for r in range(serving_tp)]
+        for done, future in enumerate(as_completed(futures), start=1):
+            rows.append(future.result())
+            update_progress_artifact(progress, 100.0 * done / serving_tp)
+    rows.sort(key=lambda row: row["rank"])
+    create_table_artifact(rows, key=f"publish-{version.lower().replace('_', '-')}",
+                          description=f"{version} published under {snapshot_root}")
+    total = sum(r["bytes"] or 0 for r in rows)
+    get_run_logger().info("published %s: %d ranks, %.1f MiB", version, len(rows), total / (1 << 20))
+    return rows
 
 
 @flow(name="publish-checkpoint", log_prints=True)
@@ -86,17 +97,4 @@ def publish_checkpoint(source: str, snapshot_root: str, version: str, part_bytes
     """Shard the trainer checkpoint at ``source`` (a state dict file, or a directory of
     ``model_state.tp{r}.pdparams``) into ``serving_tp`` ranks and publish each as version ``version`` under
     ``snapshot_root``, resharding when the trainer's degree differs. Returns one row per rank."""
-    if serving_tp < 1:
-        raise ValueError(f"serving_tp must be at least 1, got {serving_tp}")
-    storage.layout.check_id(version)
-    rows = _publish_ranks.with_options(task_runner=task_runner(runner))(
-        source, snapshot_root, version, serving_tp, part_bytes)
-    create_table_artifact(rows, key=f"publish-{version.lower().replace('_', '-')}",
-                          description=f"{version} published under {snapshot_root}")
-    total = sum(r["bytes"] or 0 for r in rows)
-    get_run_logger().info("published %s: %d ranks, %.1f MiB", version, len(rows), total / (1 << 20))
-    return rows
-
-
-def report_rows(outcomes) -> list[dict]:
-    return [asdict(o) for o in outcomes]
+    return publish_ranks(source, snapshot_root, version, part_bytes, serving_tp, runner)

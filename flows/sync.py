@@ -14,7 +14,7 @@ from prefect.events import emit_event
 
 from flows import fleet
 from flows.fleet import Outcome, Refused, Server, Unreachable
-from flows.publish import DEFAULT_PART_BYTES, Runner, publish_checkpoint
+from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks
 
 
 class FleetSyncError(RuntimeError):
@@ -86,6 +86,14 @@ def sync_weights(version: str, snapshot_root: str, servers: list[Server | str], 
     serves it. On partial failure ``on_failure="rollback"`` returns the servers that took it to their previous
     version; ``"keep"`` leaves them. Either way the run fails with a line per server. Emits the event
     ``baton.weights.live`` when the version is live everywhere."""
+    return sync_fleet(version, snapshot_root, servers, source, part_bytes, serving_tp, on_failure, verify,
+                      admin_token_env, runner)
+
+
+def sync_fleet(version: str, snapshot_root: str, servers: list[Server | str], source: str | None = None,
+               part_bytes: int = DEFAULT_PART_BYTES, serving_tp: int = 1, on_failure: str = "rollback",
+               verify: str = "full", admin_token_env: str | None = None, runner: Runner = "threads") -> list[dict]:
+    """The body of ``sync-weights``, as tasks of the calling flow (the scheduled flow calls it too)."""
     log = get_run_logger()
     fleet_servers = [Server.parse(s) for s in servers]
     if not fleet_servers:
@@ -94,7 +102,7 @@ def sync_weights(version: str, snapshot_root: str, servers: list[Server | str], 
     before = {s.url: f.result() for s, f in zip(fleet_servers, [read_server.submit(s) for s in fleet_servers])}
     published = None
     if source is not None:
-        published = publish_checkpoint(source, snapshot_root, version, part_bytes, serving_tp, runner)
+        published = publish_ranks(source, snapshot_root, version, part_bytes, serving_tp, runner)
     publish_s = time.perf_counter() - start
     futures = [update_server.submit(s, version, snapshot_root, verify, admin_token_env) for s in fleet_servers]
     outcomes = _outcomes(fleet_servers, futures, version)
@@ -113,4 +121,6 @@ def sync_weights(version: str, snapshot_root: str, servers: list[Server | str], 
                payload={"version": version, "snapshot_root": snapshot_root, "servers": [o.url for o in outcomes],
                         "seconds": seconds})
     log.info("%s live on %d servers in %.2fs (publish %.2fs)", version, len(outcomes), seconds, publish_s)
-    return [r | {"publish_s": publish_s, "published": published is not None} for r in rows]
+    publish_work_s = max((r["seconds"] for r in published), default=0.0) if published else 0.0
+    return [r | {"publish_s": publish_s, "publish_work_s": publish_work_s, "published": published is not None}
+            for r in rows]

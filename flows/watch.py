@@ -9,8 +9,8 @@ import storage
 from flows import fleet
 from flows.checkpoint import DONE_MARKER, completed_steps
 from flows.fleet import Server, Unreachable
-from flows.publish import DEFAULT_PART_BYTES, Runner, publish_checkpoint
-from flows.sync import sync_weights
+from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks
+from flows.sync import sync_fleet
 
 
 def _serving(servers: list[Server]) -> dict[str, str | None]:
@@ -46,12 +46,12 @@ def publish_new_checkpoints(trainer_dir: str, snapshot_root: str, servers: list[
     if newest.version in committed and (already_live or not fleet_servers):
         log.info("%s is already published%s: nothing to do", newest.version, " and live" if fleet_servers else "")
     elif fleet_servers:
-        sync_weights(newest.version, snapshot_root, fleet_servers,
-                     source=None if newest.version in committed else newest.url, part_bytes=part_bytes,
-                     serving_tp=serving_tp, runner=runner)
+        sync_fleet(newest.version, snapshot_root, fleet_servers,
+                   source=None if newest.version in committed else newest.url, part_bytes=part_bytes,
+                   serving_tp=serving_tp, runner=runner)
         published, synced = newest.version not in committed, True
     else:
-        publish_checkpoint(newest.url, snapshot_root, newest.version, part_bytes, serving_tp, runner)
+        publish_ranks(newest.url, snapshot_root, newest.version, part_bytes, serving_tp, runner)
         published = True
     keep = {v for v in (*before.values(), *_serving(fleet_servers).values(), newest.version) if v}
     pruned = storage.prune(snapshot_root, keep_last=keep_last, keep=sorted(keep))

@@ -55,6 +55,8 @@ class ModelConfig:
 CONFIGS = {
     "tiny": ModelConfig("tiny", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176, max_seq_len=256),
     "small": ModelConfig("small", hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, max_seq_len=1024),
+    "medium": ModelConfig("medium", hidden=2048, layers=6, heads=16, kv_heads=8, intermediate=5632,
+                          max_seq_len=2048),  # 1.06 GiB in float32: the flow benchmark's "1 GiB model"
     "1b": ModelConfig("1b", hidden=2048, layers=22, heads=16, kv_heads=8, intermediate=5632, max_seq_len=2048),
 }
 
