@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import pickle
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -45,10 +45,11 @@ class _TensorUnpickler(pickle.Unpickler):
         raise UnsafeCheckpointError(f"{self.path}: persistent ids are not part of a paddle.save state dict")
 
 
-def load_state_pickle(data: bytes, path: str) -> dict[str, np.ndarray]:
-    """A flat ``name -> ndarray`` dict from pickle bytes, or ``UnsafeCheckpointError``."""
+def load_state_pickle(data: bytes | BinaryIO, path: str) -> dict[str, np.ndarray]:
+    """A flat ``name -> ndarray`` dict from pickle bytes or an open file (read as it goes, so the whole file is
+    never in memory next to the arrays), or ``UnsafeCheckpointError``."""
     try:
-        obj = _TensorUnpickler(io.BytesIO(data), path).load()
+        obj = _TensorUnpickler(io.BytesIO(data) if isinstance(data, bytes) else data, path).load()
     except UnsafeCheckpointError:
         raise
     except Exception as exc:  # malformed pickles raise anything from EOFError to struct.error
