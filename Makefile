@@ -18,3 +18,5 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/storage_bench.py
 	$(BIN)/python bench/model_bench.py
+	$(BIN)/python bench/server_bench.py
+	$(BIN)/python bench/flow_bench.py
