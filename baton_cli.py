@@ -9,7 +9,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from flows import serve as flows_serve
     from infer import cli as infer_cli
-    from demo import pipeline
+    from demo import main as demo_main
     from storage import cli as storage_cli
 
     parser = argparse.ArgumentParser(prog="baton", description="Weight handoff between an RL trainer and inference servers.")
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     storage_cli.add_commands(sub)
     infer_cli.add_commands(sub)
     flows_serve.add_commands(sub)
-    pipeline.add_command(sub)
+    demo_main.add_command(sub)
     return parser
 
 

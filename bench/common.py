@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +57,19 @@ def machine_info() -> dict:
         "python": platform.python_version(), "paddle": paddle.__version__, "numpy": np.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
     }
+
+
+def parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark has: ``--quick`` (a smoke test) and ``--out``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", type=Path, help="JSON results (default bench/results/NAME.json; with --quick a temp "
+                                            "file, so a smoke run never replaces the committed figures)")
+    return p
+
+
+def results_path(args: argparse.Namespace, name: str) -> Path:
+    return args.out or (Path(tempfile.gettempdir()) / f"{name}.quick.json" if args.quick else RESULTS_DIR / f"{name}.json")
 
 
 def write_results(path: Path, doc: dict) -> None:

@@ -18,7 +18,6 @@ first; its start-up is reported apart.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 warnings.filterwarnings("ignore", category=UserWarning)
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="baton-flow-bench-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.pop("PREFECT_API_URL", None)
 
@@ -39,7 +39,7 @@ import logging  # noqa: E402
 
 import paddle  # noqa: E402
 
-from common import RESULTS_DIR, log, machine_info, write_results  # noqa: E402
+from common import log, machine_info, parser, results_path, write_results  # noqa: E402
 from flows.sync import sync_weights  # noqa: E402
 from infer.config import get_config  # noqa: E402
 from infer.launch import baton_serve  # noqa: E402
@@ -60,12 +60,10 @@ def raw_copy_seconds(src: Path, dst: Path) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="the small model: a smoke test")
+    ap = parser(__doc__, "the small model: a smoke test")
     ap.add_argument("--model", help="model size (default medium, 1.06 GiB; --quick small)")
     ap.add_argument("--repeats", type=int, default=3, help="timed syncs, median kept (default 3)")
     ap.add_argument("--part-size", type=int, default=128 << 20, help="part bytes (default 128 MiB)")
-    ap.add_argument("--out", type=Path, help="JSON results (default bench/results/flow.json; --quick: temp)")
     args = ap.parse_args()
     model = args.model or ("small" if args.quick else "medium")
     started = time.perf_counter()
@@ -111,7 +109,7 @@ def main() -> None:
           f"{'(publish+load)/copy':>21}{'goal':>22}")
     print(f"{med['raw_copy_s']:>11.2f}{med['flow_s']:>9.2f}{med['publish_s']:>11.2f}{med['server_load_s']:>9.2f}"
           f"{med['orchestration_s']:>17.2f}{work_ratio:>20.2f}x{'<= 2x copy + 2 s: ' + verdict:>22}")
-    out = args.out or (Path(tempfile.gettempdir()) / "flow.quick.json" if args.quick else RESULTS_DIR / "flow.json")
+    out = results_path(args, "flow")
     write_results(out, {"machine": machine_info(), "model": model, "checkpoint_bytes": nbytes, "servers": 2,
                         "cold_first_sync_s": cold, "runs": runs, "median": med,
                         "publish_plus_load_over_copy": work_ratio, "verdict": verdict,

@@ -18,7 +18,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +30,8 @@ warnings.filterwarnings("ignore", category=UserWarning)
 import paddle  # noqa: E402
 
 import kernels  # noqa: E402
-from common import RESULTS_DIR, log, machine_info, proc_status_bytes, reset_peak_rss, write_results  # noqa: E402
+from common import (log, machine_info, parser, proc_status_bytes, reset_peak_rss, results_path,  # noqa: E402
+                    write_results)
 from infer.config import get_config  # noqa: E402
 from infer.generate import SamplingParams, stream  # noqa: E402
 from infer.model import build_model  # noqa: E402
@@ -131,9 +131,7 @@ def table(decode: list[dict], cast: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
-    ap.add_argument("--out", type=Path, help="JSON results (default bench/results/model.json; --quick: a temp file)")
+    ap = parser(__doc__, "small sizes: a smoke test")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--total", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--tensor-bytes", type=int, help=argparse.SUPPRESS)
@@ -145,7 +143,7 @@ def main() -> None:
     decode = decode_rows(["tiny"] if args.quick else ["tiny", "small"], 8 if args.quick else 64)
     cast = cast_rows(total, [16 * MiB, total])
     print(table(decode, cast))
-    out = args.out or (Path(tempfile.gettempdir()) / "model.quick.json" if args.quick else RESULTS_DIR / "model.json")
+    out = results_path(args, "model")
     write_results(out, {"machine": machine_info(), "quick": args.quick, "prompt_tokens": len(PROMPT),
                         "decode": decode, "weight_apply": cast, "total_seconds": time.perf_counter() - started})
 

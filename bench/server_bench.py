@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import statistics
@@ -33,7 +32,7 @@ warnings.filterwarnings("ignore", category=UserWarning)
 import httpx  # noqa: E402
 
 import storage  # noqa: E402
-from common import RESULTS_DIR, log, machine_info, write_results  # noqa: E402
+from common import log, machine_info, parser, results_path, write_results  # noqa: E402
 from infer.config import get_config  # noqa: E402
 from infer.launch import baton_serve  # noqa: E402
 from infer.model import Decoder, random_state_dict  # noqa: E402
@@ -182,15 +181,13 @@ def table(updates: list[dict], throughput: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny models and short windows: a smoke test")
+    ap = parser(__doc__, "tiny models and short windows: a smoke test")
     ap.add_argument("--update-model", help="model for update latency and memory (default 1b; --quick tiny)")
     ap.add_argument("--serve-model", help="model for completions throughput (default small; --quick tiny)")
     ap.add_argument("--seconds", type=float, help="length of each load window (default 15; --quick 2)")
     ap.add_argument("--clients", type=int, default=4, help="concurrent completion clients (default 4)")
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens per completion (default 16)")
     ap.add_argument("--repeats", type=int, default=2, help="update round trips per mode (default 2)")
-    ap.add_argument("--out", type=Path, help="JSON results (default bench/results/server.json; --quick: temp)")
     args = ap.parse_args()
     update_model = args.update_model or ("tiny" if args.quick else "1b")
     serve_model = args.serve_model or ("tiny" if args.quick else "small")
@@ -206,7 +203,7 @@ def main() -> None:
         updates = update_rows(update_model, big, args.repeats, bare, nbytes)
         throughput = throughput_rows(serve_model, small, seconds, args.clients, args.max_tokens)
     print(table(updates, throughput))
-    out = args.out or (Path(tempfile.gettempdir()) / "server.quick.json" if args.quick else RESULTS_DIR / "server.json")
+    out = results_path(args, "server")
     write_results(out, {"machine": machine_info(), "quick": args.quick, "updates": updates,
                         "completions": throughput, "total_seconds": time.perf_counter() - started})
 

@@ -64,7 +64,7 @@ def stream(model: Decoder, prompt: list[int], params: SamplingParams,
         return
     rng = np.random.default_rng(params.seed)
     lock = lock or contextlib.nullcontext()
-    with lock:
+    with lock, paddle.no_grad():
         cache = model.new_cache(max_len=len(prompt) + budget)
         logits = model(paddle.to_tensor([prompt], dtype="int64"), cache)[0, -1].numpy()
     for i in range(budget):
@@ -73,7 +73,7 @@ def stream(model: Decoder, prompt: list[int], params: SamplingParams,
             return
         yield token
         if i + 1 < budget:
-            with lock:
+            with lock, paddle.no_grad():
                 logits = model(paddle.to_tensor([[token]], dtype="int64"), cache)[0, -1].numpy()
 
 

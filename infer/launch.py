@@ -52,12 +52,17 @@ def baton_serve(root: str, *args: str, env: dict | None = None, ready: bool = Tr
             _wait_healthy(url, timeout)
         yield ServerProcess(url, proc.pid)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM (uvicorn finishes open requests), then SIGKILL after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _wait_for_url(proc: subprocess.Popen, lines: queue.Queue, timeout: float) -> str | None:

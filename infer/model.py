@@ -70,7 +70,10 @@ class Attention(paddle.nn.Layer):
         q = self.q_proj(x).reshape([b, t, self.heads, self.head_dim])
         k = self.k_proj(x).reshape([b, t, self.kv_heads, self.head_dim])
         v = self.v_proj(x).reshape([b, t, self.kv_heads, self.head_dim])
-        kernels.rotary_(q, k, cos, sin)
+        if paddle.is_grad_enabled() and not self.q_proj.weight.stop_gradient:
+            q, k = kernels.rotary(q, k, cos, sin)  # training: keep the graph
+        else:
+            kernels.rotary_(q, k, cos, sin)
         scale = self.head_dim**-0.5
         if k_cache is None:
             keys, values = k, v
@@ -153,9 +156,9 @@ class Decoder(paddle.nn.Layer):
         return KVCache([paddle.zeros(shape, c.dtype) for _ in range(c.layers)],
                        [paddle.zeros(shape, c.dtype) for _ in range(c.layers)])
 
-    @paddle.no_grad()
     def forward(self, tokens: paddle.Tensor, cache: KVCache | None = None) -> paddle.Tensor:
-        """Runs ``tokens`` at positions ``cache.length …`` (0 without a cache) and advances the cache."""
+        """Runs ``tokens`` at positions ``cache.length …`` (0 without a cache) and advances the cache.
+        Differentiable when called with gradients enabled and trainable parameters (see ``trainable``)."""
         t = tokens.shape[1]
         start = cache.length if cache is not None else 0
         limit = min(self.config.max_seq_len, cache.capacity if cache is not None else self.config.max_seq_len)
@@ -172,6 +175,14 @@ class Decoder(paddle.nn.Layer):
             cache.length = start + t
         head = self.embed_tokens.weight.T if self.config.tie_embeddings else self.lm_head.weight
         return paddle.matmul(hidden, head.astype(hidden.dtype)).astype("float32")
+
+
+def trainable(model: Decoder) -> Decoder:
+    """Marks every parameter trainable (models are built frozen, for serving)."""
+    model.train()
+    for p in model.parameters():
+        p.stop_gradient = False
+    return model
 
 
 def random_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -197,6 +208,8 @@ def build_model(config: ModelConfig, state: dict | None = None, seed: int = 0) -
     """A model in eval mode holding ``state`` (cast to the config's dtype) or seeded random weights."""
     model = Decoder(config)
     model.eval()
+    for p in model.parameters():
+        p.stop_gradient = True
     load_state(model, state if state is not None else random_state_dict(config, seed))
     return model
 

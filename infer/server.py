@@ -145,7 +145,7 @@ def create_app(manager: WeightManager, model_name: str, admin_token: str | None 
                 parts = list(run(i, tokens))
                 generated += len(tokens)
                 choices.append({"index": i, "text": "".join(p for p, _ in parts), "logprobs": None,
-                                "finish_reason": parts[-1][1]})
+                                "finish_reason": parts[-1][1], "token_ids": tokens})
         prompt_tokens = sum(map(len, ids))
         metrics.completion(200, prompt_tokens, generated)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,

@@ -126,6 +126,8 @@ class WeightManager:
     def _new_model(self) -> Decoder:
         model = Decoder(self.config)
         model.eval()
+        for p in model.parameters():
+            p.stop_gradient = True  # served, never trained: no autograd graph in forward
         return model
 
     # ---- requests ------------------------------------------------------------------------------------------

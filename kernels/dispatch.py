@@ -76,6 +76,11 @@ def rotary_(q: paddle.Tensor, k: paddle.Tensor, cos: paddle.Tensor, sin: paddle.
         ops.rotary_(q, k, cos.contiguous(), sin.contiguous())
 
 
+def rotary(q: paddle.Tensor, k: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor):
+    """Out-of-place, differentiable rotary embedding for training; Paddle ops on any place."""
+    return reference.rotary(q, k, cos, sin)
+
+
 def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:
     """``silu(gate) * up``."""
     ops = _gpu(gate)

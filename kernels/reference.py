@@ -42,14 +42,22 @@ def rms_norm(
     return out.astype(x.dtype), (None if residual is None else h.astype(x.dtype))
 
 
-def rotary_(q: paddle.Tensor, k: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> None:
-    """Rotates q ``[B, T, H, D]`` and k ``[B, T, Hkv, D]`` in place; cos/sin ``[T, D/2]`` (rotate-half form)."""
+def rotary(q: paddle.Tensor, k: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor):
+    """Rotated copies of q ``[B, T, H, D]`` and k ``[B, T, Hkv, D]`` with cos/sin ``[T, D/2]`` (rotate-half
+    form). Differentiable: the training forward uses this one."""
     c, s = _f32(cos)[None, :, None, :], _f32(sin)[None, :, None, :]
+    out = []
+    for x in (q, k):
+        x1, x2 = paddle.chunk(_f32(x), 2, axis=-1)
+        out.append(paddle.concat([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype))
+    return out[0], out[1]
+
+
+def rotary_(q: paddle.Tensor, k: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> None:
+    """``rotary`` written back into q and k (inference)."""
     with paddle.no_grad():
-        for x in (q, k):
-            x1, x2 = paddle.chunk(_f32(x), 2, axis=-1)
-            rotated = paddle.concat([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-            paddle.assign(rotated.astype(x.dtype), output=x)
+        for x, rotated in zip((q, k), rotary(q, k, cos, sin)):
+            paddle.assign(rotated, output=x)
 
 
 def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:

@@ -17,7 +17,7 @@ import httpx
 import paddle
 
 from infer.config import get_config
-from infer.launch import baton_serve
+from infer.launch import baton_serve, stop
 from infer.model import random_state_dict
 
 
@@ -34,12 +34,7 @@ def process(cmd: list[str], env: dict, log: Path):
         try:
             yield proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, grace=20)
 
 
 def wait_for(check, timeout: float, what: str, log: Path) -> None:

@@ -203,3 +203,25 @@ def test_every_rank_loads_into_its_slice_of_one_model(tmp_path, dtype):
         storage.load_snapshot(str(tmp_path), "v1", rank=rank, into=shard_views(model.state_dict(), rank, 2),
                               cast=dtype != "float32", copy_fn=kernels.cast_copy_)
     np.testing.assert_array_equal(logits_of(model, PROMPT), logits_of(build_model(config, state), PROMPT))
+
+
+def test_training_forward_matches_inference_and_learns():
+    """The trainer's differentiable forward computes the served logits, and a gradient step moves them."""
+    from infer.model import trainable
+
+    config = get_config("tiny")
+    model = trainable(build_model(config, seed=1))
+    ids = paddle.to_tensor([PROMPT], dtype="int64")
+    with paddle.no_grad():
+        served = model(ids).numpy()
+    logits = model(ids)
+    np.testing.assert_allclose(logits.numpy(), served, rtol=1e-5, atol=1e-5)
+    target = paddle.to_tensor([[ord("7")] * len(PROMPT)], dtype="int64")
+    loss = paddle.nn.functional.cross_entropy(logits.reshape([-1, config.vocab_size]), target.reshape([-1]))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    opt = paddle.optimizer.SGD(learning_rate=0.5, parameters=model.parameters())
+    opt.step()
+    with paddle.no_grad():
+        after = paddle.nn.functional.cross_entropy(model(ids).reshape([-1, config.vocab_size]), target.reshape([-1]))
+    assert float(after) < float(loss)

@@ -90,6 +90,8 @@ def test_completion_has_the_openai_shape_and_names_its_weight_version(at_v1):
     choice = body["choices"][0]
     assert choice["index"] == 0 and choice["logprobs"] is None and choice["finish_reason"] in ("stop", "length")
     assert choice["text"] == offline_text("v1", max_tokens=6)
+    want = complete(offline_model("v1"), encode(PROMPT), SamplingParams(max_tokens=6, temperature=0))
+    assert choice["token_ids"] == want.tokens  # Baton's extension: the exact tokens, for RL trainers
     assert body["usage"]["prompt_tokens"] == len(encode(PROMPT))
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
 

@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Every benchmark figure of the project in one page: ``bench/REPORT.md``.
+
+By default it collects the latest committed results (``bench/results/*.json``); ``--run`` first runs every
+benchmark on this machine (about 15 minutes). Each table puts the measured ratio next to its target.
+
+    python bench/report.py          # collect
+    python bench/report.py --run    # measure everything again, then collect
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+BENCHMARKS = ("storage_bench.py", "model_bench.py", "server_bench.py", "flow_bench.py")
+GiB, MiB = 1 << 30, 1 << 20
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def verdict(ok: bool | None) -> str:
+    return "—" if ok is None else ("met" if ok else "**missed**")
+
+
+def storage_section(d: dict) -> list[str]:
+    rows = []
+    for r in d["rows"]:
+        if r.get("ratio") is None or r.get("skipped"):
+            continue
+        target = (f">= {r['at_least']}x" if r.get("at_least") else f"<= {r['at_most']}x" if r.get("at_most") else "—")
+        rows.append([f"{r['size_gib']:g}", r["section"], r["method"], f"{r['ratio']:.2f}x vs {r['baseline']}",
+                     target, verdict(r.get("meets_target")), r.get("note") or ""])
+    return md_table(["GiB", "area", "method", "measured", "target", "", "note"], rows)
+
+
+def model_section(d: dict) -> list[str]:
+    rows = [[f"greedy decode {r['model']} {r['dtype']}", f"{r['cached_tok_s']:.1f} tok/s",
+             f"{r['ratio']:.2f}x recompute-per-token" if "ratio" in r else "—", "—", "—"] for r in d["decode"]]
+    for r in d["weight_apply"]:
+        rows.append([f"cast_copy_ {r['params_bytes'] / GiB:.0f} GiB bf16 from f32, {r['tensor_bytes'] / MiB:.0f} MiB "
+                     "tensors", f"{r['cast_copy_s']:.2f} s, peak +{r['cast_copy_peak_MiB']:.1f} MiB",
+                     f"{r['speed_ratio']:.2f}x assign(astype) speed; its peak +{r['assign_astype_peak_MiB']:.0f} MiB",
+                     "no full-size temporary",
+                     verdict(r["cast_copy_peak_MiB"] < r["assign_astype_peak_MiB"] / 2)])
+    return md_table(["measure", "figure", "ratio in the same run", "target", ""], rows)
+
+
+def gpu_section(d: dict | None) -> list[str]:
+    if d is None:
+        return ["Not run: no GPU has been lent to this project yet. `python bench/gpu_check.py` is ready (it is "
+                "smoke-tested under Triton's interpreter in CI); no GPU figure here is claimed."]
+    rows = [[r["op"], "yes" if r["ok"] else "NO", f"{r['GB/s']:.0f} GB/s",
+             f"{r['frac_of_rated']:.2f}" if r["frac_of_rated"] is not None else "n/a", ">= 0.7",
+             verdict(r["frac_of_rated"] >= 0.7 if r["frac_of_rated"] is not None else None)] for r in d["kernels"]]
+    return [f"Device: {d['device']}; oracle: {d['oracle']}.", ""] + md_table(
+        ["kernel", "matches reference", "bandwidth", "of rated", "target", ""], rows) + [
+        "", "Decode tokens/s (small): " + ", ".join(f"{k}: {v:,.0f}" for k, v in d["decode_tokens_per_s"].items())]
+
+
+def server_section(d: dict) -> list[str]:
+    rows = []
+    for r in d["updates"]:
+        rows.append([r["mode"], f"update {r['model']} ({r['snapshot_bytes'] / GiB:.2f} GiB)",
+                     f"{r['ratio_to_bare_load']:.2f}x bare load_snapshot ({r['update_s_median']:.2f} s vs "
+                     f"{r['bare_load_s']:.2f} s)", "~1x", verdict(r["ratio_to_bare_load"] <= 1.25)])
+        rows.append([r["mode"], "peak RSS", f"{r['peak_in_models']:.2f}x the model",
+                     "~1x in_place, ~2x double_buffer",
+                     verdict(r["peak_in_models"] <= (1.25 if r["mode"] == "in_place" else 2.25))])
+        rows.append([r["mode"], "back to the previous version", f"{r['rollback_wall_s']:.2f} s", "—", "—"])
+    for r in d["completions"]:
+        q, b = r["quiet"], r["during_updates"]
+        rows.append([r["mode"], f"completions ({r['model']}, {r['clients']} clients)",
+                     f"{b['req_s']:.2f} req/s during {r['updates_done']} updates vs {q['req_s']:.2f} quiet "
+                     f"({r['req_s_ratio']:.2f}x); p99 {b['p99_s']:.2f} s vs {q['p99_s']:.2f} s",
+                     "0 errors", verdict(q["errors"] + b["errors"] + r["update_failures"] == 0)])
+    return md_table(["mode", "measure", "measured", "target", ""], rows)
+
+
+def flow_section(d: dict) -> list[str]:
+    m = d["median"]
+    return md_table(["measure", "seconds"], [
+        ["raw copy of the checkpoint (read, write, fsync)", f"{m['raw_copy_s']:.2f}"],
+        ["sync-weights end to end, 2 servers", f"{m['flow_s']:.2f}"],
+        ["  publish (task's own time)", f"{m['publish_s']:.2f}"],
+        ["  server load (slower server)", f"{m['server_load_s']:.2f}"],
+        ["  orchestration (Prefect, HTTP, confirmation)", f"{m['orchestration_s']:.2f}"],
+        ["first sync, including Prefect's temporary server start", f"{d['cold_first_sync_s']:.2f}"],
+    ]) + ["", f"Goal: flow ≤ 2× raw copy + 2 s = {2 * m['raw_copy_s'] + 2:.2f} s: **{d['verdict']}** "
+              f"((publish + load) / copy = {d['publish_plus_load_over_copy']:.2f}×; {d['model']}, "
+              f"{d['checkpoint_bytes'] / GiB:.2f} GiB)."]
+
+
+def machine_line(docs: list[dict]) -> str:
+    m = next(d["machine"] for d in docs if d and "machine" in d)
+    return (f"Measured on this project's CI-class machine: {m['cpu']}, {m['usable_cpus']} usable cores, "
+            f"{m['mem_total_gib']} GiB, Python {m['python']}, Paddle {m['paddle']}.")
+
+
+def report() -> str:
+    docs = {name: load(name) for name in ("storage", "model", "gpu", "server", "flow")}
+    out = ["# Baton benchmark report", "", machine_line([d for d in docs.values() if d]),
+           "Every figure is from a real run on that 2-core machine; each ratio's baseline ran in the same run.",
+           "Regenerate with `python bench/report.py` (collect) or `--run` (measure again).", ""]
+    sections = [("Storage: publish, load, memory, S3 (`bench/storage_bench.py`)", "storage", storage_section),
+                ("Model and kernels on CPU (`bench/model_bench.py`)", "model", model_section),
+                ("Kernels on GPU (`bench/gpu_check.py`)", "gpu", gpu_section),
+                ("Inference server (`bench/server_bench.py`)", "server", server_section),
+                ("Flow end to end (`bench/flow_bench.py`)", "flow", flow_section)]
+    for title, name, render in sections:
+        out += [f"## {title}", ""]
+        if name == "gpu":
+            out += render(docs[name])
+        elif docs[name] is None:
+            out += [f"No results yet: run `python bench/{name}_bench.py`."]
+        else:
+            out += render(docs[name])
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", action="store_true", help="run every benchmark first (about 15 minutes)")
+    args = ap.parse_args()
+    if args.run:
+        for script in BENCHMARKS:
+            subprocess.run([sys.executable, str(BENCH / script)], check=True)
+    text = report()
+    (BENCH / "REPORT.md").write_text(text)
+    print(text)
+    print(f"wrote {BENCH / 'REPORT.md'}")
+
+
+if __name__ == "__main__":
+    main()

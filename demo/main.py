@@ -1,0 +1,49 @@
+"""``baton demo``: the main job on the embedded default (local storage, a temporary local Prefect, inference
+servers on 127.0.0.1), all started here and stopped at the end. See ``demo/rl.py`` for the loop itself."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from infer.config import CONFIGS
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="an RL loop whose policy improves as weights flow trainer -> Prefect -> "
+                                    "storage -> inference server", description=__doc__)
+    p.add_argument("--dir", default="runs/demo", help="run directory, replaced on each run (default runs/demo)")
+    p.add_argument("--steps", type=int, default=12, help="training steps (default 12)")
+    p.add_argument("--model", default="tiny", choices=sorted(CONFIGS), help="policy size (default tiny)")
+    p.add_argument("--storage", help="snapshot root URL (default DIR/snapshots; s3://bucket/prefix works)")
+    p.add_argument("--servers", type=int, default=1, help="inference servers to fan out to (default 1)")
+    p.add_argument("--async", dest="async_mode", action="store_true",
+                   help="sample the next step while the previous sync is in flight (staleness at most 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the policy and the sampling (default 0)")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from demo import rl
+
+    run_dir = Path(args.dir).resolve()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    print(f"Baton RL demo: the {args.model} policy learns to answer with digits. Rollouts come from "
+          f"{args.servers} inference server(s); after each step the trainer's weights go out through the "
+          f"sync-weights flow ({'async' if args.async_mode else 'sync'} mode). Run directory: {run_dir}", flush=True)
+    start = time.perf_counter()
+    records = rl.run(run_dir, steps=args.steps, model=args.model, storage_url=args.storage, servers=args.servers,
+                     async_mode=args.async_mode, lr=args.lr, seed=args.seed)
+    rl.write_outputs(records, run_dir)
+    print(rl.table(records))
+    first, last = records[0].reward_mean, records[-1].reward_mean
+    snapshots = args.storage or run_dir / "snapshots"
+    print(f"reward {first:.3f} -> {last:.3f} in {args.steps} steps ({time.perf_counter() - start:.0f}s). "
+          f"Plot: {run_dir / 'reward.png'}; steps: {run_dir / 'steps.json'}; "
+          f"snapshots: `baton versions {snapshots}`, `baton inspect {snapshots} --id step_{args.steps}`; "
+          f"Prefect records: {run_dir / 'prefect'}")
+    return 0 if last > first else 1

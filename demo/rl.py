@@ -1,0 +1,237 @@
+"""``baton demo``: a small but real RL loop whose policy improves only if weights flow trainer -> Prefect ->
+storage -> inference server.
+
+The task has a programmatic reward a byte-level model learns in minutes on a CPU: answer any prompt with
+digits. The reward is the fraction of the ``max_tokens`` answer bytes that are ASCII digits. Each step:
+
+1. rollouts: a group of samples per prompt from the inference servers over ``/v1/completions`` (the servers are
+   the only thing that generates), each stamped with the weight version that produced it;
+2. the trainer (Paddle, the same decoder) scores the sampled tokens and takes a policy-gradient step with
+   group-mean baselines (GRPO-style advantages, REINFORCE loss);
+3. the trainer saves its checkpoint and the ``sync-weights`` flow publishes it as parts, every server loads and
+   confirms it.
+
+In ``--async`` mode the next rollouts run while the sync is still in flight, so they may come from the previous
+version; the loop never lets that staleness exceed ``--max-staleness``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+PROMPTS = ("Digits: ", "Answer with numbers: ", "Count for me: ", "Your PIN is ")
+
+
+def reward(token_ids: list[int], max_tokens: int) -> float:
+    """Fraction of the answer's byte budget filled with ASCII digits (stopping early earns nothing more)."""
+    return sum(48 <= t <= 57 for t in token_ids) / max_tokens
+
+
+@dataclass
+class Rollout:
+    prompt: str
+    token_ids: list[int]
+    version: str
+    reward: float
+
+
+@dataclass
+class StepRecord:
+    step: int
+    version: str  # what the trainer published after this step
+    reward_mean: float
+    rollout_versions: list[str]
+    staleness_max: int
+    publish_s: float
+    sync_s: float
+    bytes: int
+    train_s: float
+
+
+class Trainer:
+    """The learner: the policy's weights, an optimiser, and the policy-gradient step."""
+
+    def __init__(self, model_name: str, seed: int, lr: float):
+        import paddle
+
+        from infer.config import get_config
+        from infer.model import build_model, trainable
+
+        paddle.seed(seed)
+        self.config = get_config(model_name)
+        self.model = trainable(build_model(self.config, seed=seed))
+        self.optimizer = paddle.optimizer.Adam(learning_rate=lr, parameters=self.model.parameters())
+
+    def step(self, rollouts: list[Rollout], group: int) -> None:
+        """One update: advantage = reward minus its prompt group's mean; loss = -advantage * log p(answer)."""
+        import paddle
+        import paddle.nn.functional as F
+
+        from infer.tokenizer import encode
+
+        rewards = np.array([r.reward for r in rollouts]).reshape(-1, group)
+        advantages = (rewards - rewards.mean(axis=1, keepdims=True)).reshape(-1)
+        losses = []
+        for r, adv in zip(rollouts, advantages):
+            if adv == 0 or not r.token_ids:
+                continue
+            prompt = encode(r.prompt)
+            ids = paddle.to_tensor([prompt + r.token_ids], dtype="int64")
+            logits = self.model(ids)[0, len(prompt) - 1 : -1]
+            logp = F.log_softmax(logits, axis=-1)
+            chosen = paddle.take_along_axis(logp, paddle.to_tensor(r.token_ids, dtype="int64")[:, None], axis=1)
+            losses.append(-float(adv) * chosen.sum())
+        if losses:
+            loss = paddle.add_n(losses) / len(rollouts)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.clear_grad()
+
+    def save(self, directory: Path) -> str:
+        """The checkpoint a Paddle trainer writes: one ``paddle.save`` state dict, then the completion marker."""
+        import paddle
+
+        directory.mkdir(parents=True, exist_ok=True)
+        paddle.save({k: v.detach() for k, v in self.model.state_dict().items()}, str(directory / "model_state.pdparams"))
+        (directory / "COMPLETE").write_text("")
+        return str(directory)
+
+
+def rollouts(http, servers: list[str], prompts: tuple[str, ...], group: int, max_tokens: int, seed: int) -> list[Rollout]:
+    """``group`` samples per prompt, spread over the servers; each records the version that produced it."""
+    jobs = [(p, g) for p in prompts for g in range(group)]
+
+    def one(job_index: int) -> Rollout:
+        prompt, g = jobs[job_index]
+        url = servers[job_index % len(servers)]
+        r = http.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0,
+                                                     "seed": seed * 100_003 + job_index})
+        r.raise_for_status()
+        body = r.json()
+        ids = body["choices"][0]["token_ids"]
+        return Rollout(prompt, ids, body["weight_version"], reward(ids, max_tokens))
+
+    with ThreadPoolExecutor(min(8, len(jobs))) as pool:
+        return list(pool.map(one, range(len(jobs))))
+
+
+def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | None = None, servers: int = 1,
+        async_mode: bool = False, group: int = 8, max_tokens: int = 12, lr: float = 3e-3, seed: int = 0,
+        progress: bool = True) -> list[StepRecord]:
+    """The loop; one record per step. Step ``s`` samples with whatever the servers serve (``step_s``, or in async
+    mode possibly ``step_{s-1}`` while ``step_s`` is still syncing: staleness at most 1), then trains and
+    publishes ``step_{s+1}``. The last step only samples, to measure the final policy."""
+    os.environ["PREFECT_HOME"] = str(run_dir / "prefect")  # the flow records stay with the run
+    os.environ.pop("PREFECT_API_URL", None)  # Prefect starts a temporary local server
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # cold start, 2 busy cores
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    import contextlib
+    import logging
+
+    import httpx
+    from tqdm import tqdm
+
+    from flows.sync import sync_weights
+    from infer.launch import baton_serve
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    snapshots = storage_url or str(run_dir / "snapshots")
+    trainer = Trainer(model, seed, lr)
+    syncs: dict[str, dict] = {}
+
+    def publish_and_sync(version: str, source: str, urls: list[str]) -> None:
+        start = time.perf_counter()
+        rows = sync_weights(version, snapshots, urls, source=source, part_bytes=64 << 20)
+        syncs[version] = {"publish_s": rows[0]["publish_work_s"], "sync_s": time.perf_counter() - start,
+                          "bytes": rows[0]["bytes"]}
+
+    samples: list[tuple[list[Rollout], float]] = []
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(baton_serve(snapshots, "--model", model, ready=False, timeout=300)).url
+                for _ in range(servers)]
+        http = stack.enter_context(httpx.Client(timeout=120))
+        # the initial policy first, so the servers generate with the trainer's weights from the start
+        publish_and_sync("step_0", trainer.save(run_dir / "trainer" / "step_0"), urls)
+        in_flight: threading.Thread | None = None
+        bar = tqdm(range(steps + 1), desc="rl steps", unit="step", disable=not progress)
+        for step in bar:
+            batch = rollouts(http, urls, PROMPTS, group, max_tokens, seed * 1000 + step)
+            bar.set_postfix(reward=f"{np.mean([r.reward for r in batch]):.3f}")
+            if step == steps:
+                samples.append((batch, 0.0))
+                break
+            start = time.perf_counter()
+            trainer.step(batch, group)
+            samples.append((batch, time.perf_counter() - start))
+            if in_flight is not None:
+                in_flight.join()  # at most one sync in flight: the staleness bound of 1
+            version = f"step_{step + 1}"
+            source = trainer.save(run_dir / "trainer" / version)  # here, not in the thread: the next step trains on
+            in_flight = threading.Thread(target=publish_and_sync, args=(version, source, urls))
+            in_flight.start()
+            if not async_mode:
+                in_flight.join()
+                in_flight = None
+        if in_flight is not None:
+            in_flight.join()
+    records = []
+    for step, (batch, train_s) in enumerate(samples):
+        published = f"step_{step + 1}" if step < steps else ""
+        sync = syncs.get(published, {"publish_s": 0.0, "sync_s": 0.0, "bytes": 0})
+        records.append(StepRecord(step, published, float(np.mean([r.reward for r in batch])),
+                                  sorted({r.version for r in batch}),
+                                  max(step - _version_number(r.version) for r in batch), sync["publish_s"],
+                                  sync["sync_s"], sync["bytes"], train_s))
+    unknown = {v for rec in records for v in rec.rollout_versions} - set(syncs)
+    if unknown:
+        raise AssertionError(f"rollouts reported versions that were never published: {sorted(unknown)}")
+    return records
+
+
+def _version_number(version: str) -> int:
+    return int(version.rsplit("_", 1)[1])
+
+
+def table(records: list[StepRecord]) -> str:
+    lines = [f"{'step':>4}  {'rollouts from':<16}{'staleness':>9}{'reward':>8}{'published':>11}{'publish s':>10}"
+             f"{'sync s':>8}{'bytes':>10}"]
+    for r in records:
+        lines.append(f"{r.step:>4}  {','.join(r.rollout_versions):<16}{r.staleness_max:>9}{r.reward_mean:>8.3f}"
+                     f"{r.version:>11}{r.publish_s:>10.2f}{r.sync_s:>8.2f}{r.bytes:>10}")
+    return "\n".join(lines)
+
+
+def plot(records: list[StepRecord], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r.step for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r.reward_mean for r in records], marker="o", color="tab:blue", label="reward (mean)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward", color="tab:blue")
+    right = ax.twinx()
+    synced = [r for r in records if r.version]  # the last step samples only: nothing to sync
+    right.plot([r.step for r in synced], [r.sync_s for r in synced], marker="s", color="tab:orange")
+    right.set_ylim(bottom=0)
+    right.set_ylabel("sync seconds", color="tab:orange")
+    ax.set_title("Baton RL demo: reward and weight-sync latency per step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(records: list[StepRecord], run_dir: Path) -> None:
+    (run_dir / "steps.json").write_text(json.dumps([asdict(r) for r in records], indent=1) + "\n")
+    plot(records, run_dir / "reward.png")
