@@ -46,4 +46,7 @@ def main(args: argparse.Namespace) -> int:
           f"Plot: {run_dir / 'reward.png'}; steps: {run_dir / 'steps.json'}; "
           f"snapshots: `baton versions {snapshots}`, `baton inspect {snapshots} --id step_{args.steps}`; "
           f"Prefect records: {run_dir / 'prefect'}")
-    return 0 if last > first else 1
+    if last <= first:
+        print("the reward did not improve: try more --steps (a few steps in --async mode mostly train on "
+              "one-version-stale samples)")
+    return 0

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from infer.tokenizer import EOS
+
 PROMPTS = ("Digits: ", "Answer with numbers: ", "Count for me: ", "Your PIN is ")
 
 
@@ -38,7 +40,7 @@ def reward(token_ids: list[int], max_tokens: int) -> float:
 @dataclass
 class Rollout:
     prompt: str
-    token_ids: list[int]
+    token_ids: list[int]  # the answer's tokens, ending with EOS when the policy chose to stop
     version: str
     reward: float
 
@@ -85,7 +87,7 @@ class Trainer:
                 continue
             prompt = encode(r.prompt)
             ids = paddle.to_tensor([prompt + r.token_ids], dtype="int64")
-            logits = self.model(ids)[0, len(prompt) - 1 : -1]
+            logits = self.model(ids)[0, len(prompt) - 1 : -1]  # the prediction of each answer token
             logp = F.log_softmax(logits, axis=-1)
             chosen = paddle.take_along_axis(logp, paddle.to_tensor(r.token_ids, dtype="int64")[:, None], axis=1)
             losses.append(-float(adv) * chosen.sum())
@@ -116,7 +118,10 @@ def rollouts(http, servers: list[str], prompts: tuple[str, ...], group: int, max
                                                      "seed": seed * 100_003 + job_index})
         r.raise_for_status()
         body = r.json()
-        ids = body["choices"][0]["token_ids"]
+        choice = body["choices"][0]
+        ids = choice["token_ids"]
+        if choice["finish_reason"] == "stop":  # no stop strings are sent: "stop" means the policy sampled EOS
+            ids = ids + [EOS]
         return Rollout(prompt, ids, body["weight_version"], reward(ids, max_tokens))
 
     with ThreadPoolExecutor(min(8, len(jobs))) as pool:
