@@ -510,8 +510,8 @@ def read_state_file(url: str, *, storage_options: dict[str, Any] | None = None) 
     if fs.cat_file(path, start=0, end=1) == b"\x80":
         with fs.open(path, "rb", block_size=16 << 20) as f:
             arrays = load_state_pickle(f, url)
-        src = Source(Level.FULL, fs, [path], [names[name]], [None], [None], arrays=arrays)
-        return {n: _adopt(a, src.index()[n][0]) for n, a in arrays.items()}
+        index = Source(Level.FULL, fs, [path], [names[name]], [None], [None], arrays=arrays).index()
+        return {n: _adopt(a, index[n][0]) for n, a in arrays.items()}
     src = _probe_file(fs, root, names, name, Level.FULL)
     return apply_source(src, None, verify="none", label=f"read {name}")[0]
 
@@ -520,6 +520,8 @@ def _adopt(arr: np.ndarray, code: str) -> Any:
     """A Paddle tensor over the unpickled array's own memory (no copy); bfloat16 arrives as uint16 bits."""
     import paddle
 
+    arr = np.ascontiguousarray(arr)
     if code == "BF16":  # Paddle views int16 (not uint16) as bfloat16
-        return paddle.utils.dlpack.from_dlpack(np.ascontiguousarray(arr).view(np.int16)).view(paddle.bfloat16)
-    return paddle.utils.dlpack.from_dlpack(np.ascontiguousarray(arr))
+        arr = arr.view(np.int16)
+    t = paddle.utils.dlpack.from_dlpack(arr) if arr.size else paddle.to_tensor(arr)
+    return t.view(paddle.bfloat16) if code == "BF16" else t
