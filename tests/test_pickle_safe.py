@@ -67,5 +67,5 @@ def test_a_trainer_file_is_read_into_tensors_that_equal_what_was_saved(tmp_path)
     state = make_state(seed=4) | {"empty": paddle.zeros([0, 3]).astype("bfloat16")}
     paddle.save(state, str(tmp_path / "model_state.pdparams"))
     loaded = read_state_file(str(tmp_path / "model_state.pdparams"))
-    assert set(loaded) == set(state)
+    assert {k: v.dtype for k, v in loaded.items()} == {k: v.dtype for k, v in state.items()}
     assert_same(loaded, state)
