@@ -23,9 +23,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def proc_status_bytes(key: str) -> int:
-    """A byte count from /proc/self/status, e.g. ``VmRSS`` or ``VmHWM`` (the peak RSS)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def proc_status_bytes(key: str, pid: int | str = "self") -> int:
+    """A byte count from /proc/PID/status, e.g. ``VmRSS`` or ``VmHWM`` (the peak RSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(key)

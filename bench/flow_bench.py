@@ -29,11 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 warnings.filterwarnings("ignore", category=UserWarning)
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="baton-flow-bench-prefect-"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.pop("PREFECT_API_URL", None)
+
+from flows.local import use_temporary_prefect  # noqa: E402
+
+use_temporary_prefect(os.environ.get("PREFECT_HOME") or tempfile.mkdtemp(prefix="baton-flow-bench-prefect-"))
 
 import logging  # noqa: E402
 

@@ -32,7 +32,7 @@ warnings.filterwarnings("ignore", category=UserWarning)
 import httpx  # noqa: E402
 
 import storage  # noqa: E402
-from common import log, machine_info, parser, results_path, write_results  # noqa: E402
+from common import log, machine_info, parser, proc_status_bytes, results_path, write_results  # noqa: E402
 from infer.config import get_config  # noqa: E402
 from infer.launch import baton_serve  # noqa: E402
 from infer.model import Decoder, random_state_dict  # noqa: E402
@@ -40,13 +40,6 @@ from infer.model import Decoder, random_state_dict  # noqa: E402
 MODES = ("in_place", "double_buffer")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
 MiB = 1 << 20
-
-
-def proc_bytes(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 VERSIONS = ("v1", "v2", "v3")
@@ -80,14 +73,14 @@ def update_rows(model: str, root: Path, repeats: int, bare: float, nbytes: int) 
     rows = []
     for mode in MODES:
         with baton_serve(str(root), "--model", model, "--version", "v1", "--swap", mode, timeout=600) as srv:
-            steady = proc_bytes(srv.pid, "VmRSS")
+            steady = proc_status_bytes("VmRSS", srv.pid)
             server_s, wall_s = [], []
             for version in CYCLE * repeats:
                 wall, seconds = timed_update(str(srv), version)
                 wall_s.append(wall)
                 server_s.append(seconds)
             rollback_wall = timed_update(str(srv), CYCLE[-2])[0]  # the version before the current one
-            peak = proc_bytes(srv.pid, "VmHWM")
+            peak = proc_status_bytes("VmHWM", srv.pid)
         row = {"mode": mode, "model": model, "snapshot_bytes": nbytes, "bare_load_s": bare,
                "update_s_median": statistics.median(server_s), "update_wall_s_median": statistics.median(wall_s),
                "ratio_to_bare_load": statistics.median(server_s) / bare, "steady_rss_MiB": steady / MiB,

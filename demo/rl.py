@@ -18,7 +18,6 @@ version; the loop never lets that staleness exceed ``--max-staleness``.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flows.local import use_temporary_prefect
 from infer.tokenizer import EOS
 
 PROMPTS = ("Digits: ", "Answer with numbers: ", "Count for me: ", "Your PIN is ")
@@ -134,11 +134,7 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
     """The loop; one record per step. Step ``s`` samples with whatever the servers serve (``step_s``, or in async
     mode possibly ``step_{s-1}`` while ``step_s`` is still syncing: staleness at most 1), then trains and
     publishes ``step_{s+1}``. The last step only samples, to measure the final policy."""
-    os.environ["PREFECT_HOME"] = str(run_dir / "prefect")  # the flow records stay with the run
-    os.environ.pop("PREFECT_API_URL", None)  # Prefect starts a temporary local server
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # cold start, 2 busy cores
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    use_temporary_prefect(run_dir / "prefect")  # the flow records stay with the run
     import contextlib
     import logging
 

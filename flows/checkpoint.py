@@ -9,34 +9,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from storage.fs import join, listing, open_fs
+from storage.reader import checkpoint_files as storage_checkpoint_files
 from storage.reader import read_state_file
 from storage.tp import reshard
 
-RANK_FILE = re.compile(r"model_state\.tp(\d+)\.pdparams")
-STATE_SUFFIXES = (".pdparams", ".safetensors")
 STEP_DIR = re.compile(r"step_(\d+)")
 DONE_MARKER = "COMPLETE"
 
 
 def checkpoint_files(source: str, storage_options: dict | None = None) -> list[str]:
-    """The URLs a checkpoint consists of, in rank order: the file itself, a directory's per-rank files, or a
-    directory's single state file."""
-    fs, path = open_fs(source, storage_options)
-    if fs.isfile(path):
-        return [source]
-    names = listing(fs, path)
-    ranks = sorted((int(m.group(1)), n) for n in names if (m := RANK_FILE.fullmatch(n)))
-    if ranks:
-        if [r for r, _ in ranks] != list(range(len(ranks))):
-            raise ValueError(f"{source}: per-rank files {[n for _, n in ranks]} are not ranks 0..{len(ranks) - 1}")
-        return [fs.unstrip_protocol(join(path, n)) for _, n in ranks]
-    singles = sorted(n for n in names if n.endswith(STATE_SUFFIXES))
-    if len(singles) == 1:
-        return [fs.unstrip_protocol(join(path, singles[0]))]
-    if not names and not fs.exists(path):
-        raise FileNotFoundError(f"{source}: no such checkpoint file or directory")
-    raise ValueError(f"{source}: expected one state dict file or model_state.tp{{r}}.pdparams files, found "
-                     f"{sorted(names)[:10] or 'nothing'}")
+    """The URLs a checkpoint consists of, in rank order; per-rank files must be ranks 0..N-1 exactly."""
+    files = storage_checkpoint_files(source, storage_options=storage_options)
+    ranks = [r for r, _ in files if r is not None]
+    if ranks and ranks != list(range(len(ranks))):
+        raise ValueError(f"{source}: per-rank files for ranks {ranks} are not ranks 0..{len(ranks) - 1}")
+    return [url for _, url in files]
 
 
 def serving_shard(source: str, rank: int, serving_tp: int, storage_options: dict | None = None) -> dict[str, Any]:

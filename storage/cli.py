@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from pathlib import Path
 
 from . import audit, layout, reader, writer
 from .errors import SnapshotError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
-_RANK_FILE = re.compile(r"model_state\.tp(\d+)\.pdparams")
 
 
 def parse_size(text: str) -> int:
@@ -30,14 +28,8 @@ def human(n: float) -> str:
 
 
 def _sources(src: str, rank: int) -> list[tuple[int, str]]:
-    """(rank, file) pairs: one file, or every ``model_state.tp{r}.pdparams`` in a local directory."""
-    path = Path(src)
-    if "://" not in src and path.is_dir():
-        found = sorted((int(m.group(1)), str(p)) for p in path.iterdir() if (m := _RANK_FILE.fullmatch(p.name)))
-        if not found:
-            raise SystemExit(f"baton publish: {src} holds no model_state.tp{{r}}.pdparams files")
-        return found
-    return [(rank, src)]
+    """(rank, file) pairs: one file (as ``rank``), or every ``model_state.tp{r}.pdparams`` in a directory."""
+    return [(rank if r is None else r, url) for r, url in reader.checkpoint_files(src)]
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

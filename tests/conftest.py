@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 
 import numpy as np
@@ -51,6 +52,13 @@ def root(request, tmp_path):
     else:
         request.getfixturevalue("s3_endpoint")
         yield f"s3://{BUCKET}/{uuid.uuid4().hex}"
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_state(seed: int = 0, scale: int = 1) -> dict:

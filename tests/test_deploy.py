@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,12 +18,7 @@ import paddle
 from infer.config import get_config
 from infer.launch import baton_serve, stop
 from infer.model import random_state_dict
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ storage on disk and on the loopback S3 server."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 import httpx
@@ -24,6 +23,7 @@ from infer.launch import baton_serve
 from infer.model import build_model, random_state_dict
 from infer.weights import state_digest
 from storage.tp import merge_state_dicts, split_state_dict
+from tests.conftest import free_port
 
 CONFIG = get_config("tiny")
 PART = 64 * 1024
@@ -58,12 +58,6 @@ def digest_of(seed: int) -> str:
 
 def weights(url) -> dict:
     return httpx.get(f"{url}/v1/weights", timeout=10).json()
-
-
-def free_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: nothing listens there
 
 
 @pytest.mark.parametrize("trainer_tp,serving_tp", [(1, 1), (2, 1), (1, 2), (4, 2)])
@@ -141,7 +135,7 @@ def test_partial_failure_rolls_the_fleet_back(fleet, tmp_path):
     root, servers = fleet
     sync_weights("s1", str(root / "snap"), servers)
     source = write_checkpoint(root / "ckpt-3", random_state_dict(CONFIG, 3), 1)
-    down = free_port_url()
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(FleetSyncError) as err:
         sync_weights("s3", str(root / "snap"), [servers[0], down], source=source, part_bytes=PART)
     message = str(err.value)
