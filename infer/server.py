@@ -89,7 +89,7 @@ def create_app(manager: WeightManager, model_name: str, admin_token: str | None 
                 "loaded_at": info and datetime.fromtimestamp(info.loaded_at, timezone.utc).isoformat(),
                 "bytes": info and info.bytes, "seconds": info and info.seconds, "digest": info and info.digest,
                 "mode": manager.mode, "tp_size": manager.tp_size, "model": model_name,
-                "healthy": manager.healthy, "problem": manager.broken}
+                "healthy": manager.healthy, "problem": manager.broken, "updating": manager.updating}
 
     @app.post("/v1/update_weights", dependencies=[Depends(admin)])
     def update_weights(req: UpdateRequest) -> JSONResponse:

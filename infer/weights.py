@@ -122,6 +122,7 @@ class WeightManager:
         self._cond = threading.Condition()
         self._paused = False  # in_place: new requests wait while an update writes
         self._update_lock = threading.Lock()
+        self.updating: str | None = None  # the version an update in progress is loading (others get 409)
 
     def _new_model(self) -> Decoder:
         model = Decoder(self.config)
@@ -164,7 +165,9 @@ class WeightManager:
         """Loads ``version`` and makes it live, or raises ``UpdateError`` with the old version still served."""
         if not self._update_lock.acquire(blocking=False):
             self.metrics.update_done("busy", 0.0, 0)
-            raise UpdateError(409, "another weight update is in progress; retry when it finishes", "busy")
+            raise UpdateError(409, f"another weight update (to {self.updating!r}) is in progress; retry when it "
+                                   "finishes", "busy")
+        self.updating = version
         start = time.perf_counter()
         try:
             info = self._update(version, root or self.root, self.rank if rank is None else rank,
@@ -173,6 +176,7 @@ class WeightManager:
             self.metrics.update_done(exc.outcome, time.perf_counter() - start, 0)
             raise
         finally:
+            self.updating = None
             self._update_lock.release()
         self.metrics.update_done("success", info.seconds, info.bytes)
         self.metrics.set_version(info.version)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -180,25 +181,27 @@ def test_update_waits_for_running_requests_and_refuses_a_second_one(tmp_path):
     for version, state in states.items():
         storage.publish(state, str(tmp_path), version)
     with baton_serve(str(tmp_path), "--version", "v1", "--model", "small") as url:
-        params = {"max_tokens": 100, "temperature": 0, "stream": True}
+        params = {"max_tokens": 150, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": PROMPT, **params}, timeout=120) as s:
             lines = s.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
             results = {}
             t = threading.Thread(target=lambda: results.setdefault("first", update(url, "v2")))
             t.start()
-            for _ in range(200):  # until the first update holds the lock (a probe that gets it fails fast: 400)
-                second = update(url, "missing")
-                if second.status_code == 409:
-                    break
+            deadline = time.monotonic() + 60
+            while serving(url)["updating"] != "v2":  # the first update holds the lock, waiting for the stream
+                assert time.monotonic() < deadline and t.is_alive(), results
+                time.sleep(0.01)
+            second = update(url, "missing")
             assert second.status_code == 409 and "in progress" in second.json()["message"]
             rest = [line for line in lines if line.startswith("data: ")]
         t.join(60)
         chunks = [json.loads(line[6:]) for line in [first, *rest] if line != "data: [DONE]"]
         assert {c["weight_version"] for c in chunks} == {"v1"}
-        text = complete(build_model(small, states["v1"]), encode(PROMPT), SamplingParams(max_tokens=100)).text
+        text = complete(build_model(small, states["v1"]), encode(PROMPT), SamplingParams(max_tokens=150)).text
         assert "".join(c["choices"][0]["text"] for c in chunks) == text
         assert results["first"].status_code == 200 and serving(url)["version"] == "v2"
+        assert serving(url)["updating"] is None
 
 
 def test_admin_token_guards_updates_only(root):
