@@ -17,6 +17,16 @@ class Metrics:
         self.requests = Counter("baton_completion_requests", "Completion requests by HTTP status", ["status"],
                                 registry=r)
         self.tokens = Counter("baton_completion_tokens", "Tokens processed by completions", ["kind"], registry=r)
+        # the engine, under vLLM's names with Baton's prefix
+        self.running = Gauge("baton:num_requests_running", "Sequences being prefilled or decoded", registry=r)
+        self.waiting = Gauge("baton:num_requests_waiting", "Requests queued for admission", registry=r)
+        self.kv_usage = Gauge("baton:kv_cache_usage_perc", "Fraction of KV-cache pages in use (0..1)", registry=r)
+        self.generated = Counter("baton:generation_tokens", "Tokens generated", registry=r)
+        latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.first_token = Histogram("baton:time_to_first_token_seconds", "Arrival to first generated token",
+                                     buckets=latency, registry=r)
+        self.inter_token = Histogram("baton:inter_token_latency_seconds", "Between consecutive tokens of a sample",
+                                     buckets=latency, registry=r)
 
     def update_done(self, outcome: str, seconds: float, nbytes: int) -> None:
         self.updates.labels(outcome).inc()
@@ -32,6 +42,11 @@ class Metrics:
         self.requests.labels(str(status)).inc()
         self.tokens.labels("prompt").inc(prompt_tokens)
         self.tokens.labels("completion").inc(completion_tokens)
+
+    def engine_state(self, running: int, waiting: int, kv_usage: float) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_usage.set(kv_usage)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,11 +4,16 @@ Parameter names are the checkpoint's names (``layers.3.attn.q_proj.weight``…),
 snapshot and this model line up by name with no mapping; ``storage.tp`` splits them across ranks. Linear
 weights are ``[in, out]``. Activations are float32 on CPU, whose Paddle build has no bfloat16 matmul, and the
 weight dtype on GPU.
+
+Every forward works on flattened token rows ``[M, hidden]``, each row carrying its own position, and the
+attention of a row depends only on that row's sequence. With rows padded to a multiple of
+``kernels.MIN_ROWS`` this makes a row's result independent of the batch around it, so on CPU the trainer's full
+forward (``forward``), a request served alone, and the same request among 63 others give bit-identical logits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import paddle
@@ -28,8 +33,17 @@ class Linear(paddle.nn.Layer):
         self.weight = _param(self, [n_in, n_out], dtype)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        w = self.weight if self.weight.dtype == x.dtype else self.weight.astype(x.dtype)
+        return row_matmul(x, self.weight)
+
+
+def row_matmul(x: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
+    """``x @ w`` for rows ``x`` ``[M, in]`` (M a multiple of ``kernels.MIN_ROWS``), in blocks of at most
+    ``kernels.MAX_ROWS`` rows: every block takes the same GEMM path, so a row's result does not depend on M."""
+    w = w if w.dtype == x.dtype else w.astype(x.dtype)
+    step = kernels.MAX_ROWS
+    if x.shape[0] <= step:
         return paddle.matmul(x, w)
+    return paddle.concat([paddle.matmul(x[i : i + step], w) for i in range(0, x.shape[0], step)])
 
 
 class RMSNorm(paddle.nn.Layer):
@@ -43,59 +57,36 @@ class RMSNorm(paddle.nn.Layer):
         return kernels.rms_norm(x, w, self.eps, residual)
 
 
-@dataclass
-class KVCache:
-    """Per-layer key/value slots ``[B, max_len, kv_heads, head_dim]``; ``length`` slots are filled."""
+class AttentionContext(Protocol):
+    """Where a forward's keys and values live: the sequence itself (``Causal``) or the engine's paged KV cache.
+    Called per layer with the rows' q ``[M, H, D]`` and k/v ``[M, Hkv, D]``; returns attention ``[M, H, D]``."""
 
-    k: list[paddle.Tensor]
-    v: list[paddle.Tensor]
-    length: int = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[1]
+    def __call__(self, layer: int, q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor,
+                 scale: float) -> paddle.Tensor: ...
 
 
 class Attention(paddle.nn.Layer):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, index: int):
         super().__init__()
+        self.index = index
         self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
         self.q_proj = Linear(c.hidden, c.heads * c.head_dim, c.dtype)
         self.k_proj = Linear(c.hidden, c.kv_heads * c.head_dim, c.dtype)
         self.v_proj = Linear(c.hidden, c.kv_heads * c.head_dim, c.dtype)
         self.o_proj = Linear(c.heads * c.head_dim, c.hidden, c.dtype)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> paddle.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).reshape([b, t, self.heads, self.head_dim])
-        k = self.k_proj(x).reshape([b, t, self.kv_heads, self.head_dim])
-        v = self.v_proj(x).reshape([b, t, self.kv_heads, self.head_dim])
+    def forward(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor,
+                context: AttentionContext) -> paddle.Tensor:
+        m = x.shape[0]
+        q = self.q_proj(x).reshape([1, m, self.heads, self.head_dim])
+        k = self.k_proj(x).reshape([1, m, self.kv_heads, self.head_dim])
+        v = self.v_proj(x).reshape([m, self.kv_heads, self.head_dim])
         if paddle.is_grad_enabled() and not self.q_proj.weight.stop_gradient:
             q, k = kernels.rotary(q, k, cos, sin)  # training: keep the graph
         else:
             kernels.rotary_(q, k, cos, sin)
-        scale = self.head_dim**-0.5
-        if k_cache is None:
-            keys, values = k, v
-        else:
-            k_cache[:, start : start + t] = k.astype(k_cache.dtype)
-            v_cache[:, start : start + t] = v.astype(v_cache.dtype)
-            if t == 1:
-                out = kernels.decode_attention(q.squeeze(1), k_cache, v_cache, start + 1, scale)
-                return self.o_proj(out.astype(x.dtype).reshape([b, 1, -1]))
-            keys, values = k_cache[:, : start + t].astype(x.dtype), v_cache[:, : start + t].astype(x.dtype)
-        return self.o_proj(self._causal(q, keys, values, start, scale).reshape([b, t, -1]))
-
-    def _causal(self, q, keys, values, start: int, scale: float) -> paddle.Tensor:
-        """Prefill attention: query ``i`` (position ``start + i``) sees keys ``0 .. start + i``."""
-        t, total = q.shape[1], keys.shape[1]
-        group = self.heads // self.kv_heads
-        keys = keys.transpose([0, 2, 3, 1]).repeat_interleave(group, axis=1)  # [B, H, D, L]
-        values = values.transpose([0, 2, 1, 3]).repeat_interleave(group, axis=1)  # [B, H, L, D]
-        scores = paddle.matmul(q.transpose([0, 2, 1, 3]), keys) * scale  # [B, H, T, L]
-        allowed = paddle.arange(total)[None, :] <= (paddle.arange(t) + start)[:, None]
-        scores = paddle.where(allowed, scores, paddle.full_like(scores, float("-inf")))
-        return paddle.matmul(F.softmax(scores, axis=-1), values).transpose([0, 2, 1, 3])
+        out = context(self.index, q[0], k[0], v, self.head_dim**-0.5)
+        return self.o_proj(out.astype(x.dtype).reshape([m, -1]))
 
 
 class MLP(paddle.nn.Layer):
@@ -110,32 +101,59 @@ class MLP(paddle.nn.Layer):
 
 
 class DecoderLayer(paddle.nn.Layer):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, index: int):
         super().__init__()
         self.input_norm = RMSNorm(c.hidden, c.eps, c.dtype)
-        self.attn = Attention(c)
+        self.attn = Attention(c, index)
         self.post_attn_norm = RMSNorm(c.hidden, c.eps, c.dtype)
         self.mlp = MLP(c)
 
-    def forward(self, hidden, residual, cos, sin, k_cache, v_cache, start: int):
+    def forward(self, hidden, residual, cos, sin, context: AttentionContext):
         if residual is None:
             x, residual = self.input_norm(hidden)[0], hidden
         else:
             x, residual = self.input_norm(hidden, residual)
-        hidden = self.attn(x, cos, sin, k_cache, v_cache, start)
+        hidden = self.attn(x, cos, sin, context)
         x, residual = self.post_attn_norm(hidden, residual)
         return self.mlp(x), residual
 
 
+class Causal:
+    """Attention of a ``[B, T]`` batch over itself: token t of a sequence sees its tokens 0..t (the trainer's
+    full forward). Rows arrive flattened, ``B * T`` of them plus padding."""
+
+    def __init__(self, batch: int, length: int):
+        self.batch, self.length = batch, length
+
+    def __call__(self, layer: int, q, k, v, scale: float) -> paddle.Tensor:
+        b, t = self.batch, self.length
+        out = kernels.causal_attention(*(x[: b * t].reshape([b, t, *x.shape[1:]]) for x in (q, k, v)), scale)
+        return pad_rows(out.reshape([b * t, *q.shape[1:]]), q.shape[0])
+
+
+def padded_rows(n: int) -> int:
+    """How many rows a forward of ``n`` tokens computes: a multiple of ``kernels.MIN_ROWS``, so every GEMM and
+    elementwise kernel takes the same code path for a row whatever else is in the batch (batch invariance)."""
+    return max(1, -(-n // kernels.MIN_ROWS)) * kernels.MIN_ROWS
+
+
+def pad_rows(x: paddle.Tensor, rows: int) -> paddle.Tensor:
+    """``x`` with zero rows appended up to ``rows``."""
+    if x.shape[0] >= rows:
+        return x
+    return paddle.concat([x, paddle.zeros([rows - x.shape[0], *x.shape[1:]], x.dtype)])
+
+
 class Decoder(paddle.nn.Layer):
-    """Token ids ``[B, T]`` in, float32 logits ``[B, T, vocab]`` out."""
+    """Token ids in, float32 logits out: ``forward`` for whole sequences (training, scoring), ``run`` for the
+    engine's mixed rows (prefill chunks and decode tokens of many sequences, over a paged KV cache)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.embed_tokens = paddle.nn.Layer()
         self.embed_tokens.weight = _param(self.embed_tokens, [config.vocab_size, config.hidden], config.dtype)
-        self.layers = paddle.nn.LayerList([DecoderLayer(config) for _ in range(config.layers)])
+        self.layers = paddle.nn.LayerList([DecoderLayer(config, i) for i in range(config.layers)])
         self.norm = RMSNorm(config.hidden, config.eps, config.dtype)
         if not config.tie_embeddings:
             self.lm_head = Linear(config.hidden, config.vocab_size, config.dtype)
@@ -150,31 +168,41 @@ class Decoder(paddle.nn.Layer):
         on_gpu = self.embed_tokens.weight.place.is_gpu_place()
         return self.config.dtype if on_gpu else "float32"
 
-    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
-        c = self.config
-        shape = [batch, max_len or c.max_seq_len, c.kv_heads, c.head_dim]
-        return KVCache([paddle.zeros(shape, c.dtype) for _ in range(c.layers)],
-                       [paddle.zeros(shape, c.dtype) for _ in range(c.layers)])
+    def forward(self, tokens: paddle.Tensor) -> paddle.Tensor:
+        """Logits ``[B, T, vocab]`` of every position of ``tokens`` ``[B, T]``, each seeing the tokens before it.
+        Differentiable when gradients are enabled and the parameters trainable (see ``trainable``)."""
+        b, t = tokens.shape
+        if t > self.config.max_seq_len:
+            raise ValueError(f"sequence of {t} tokens exceeds the model's limit of {self.config.max_seq_len}")
+        positions = paddle.arange(t, dtype="int64").tile([b])
+        return self.run(tokens.reshape([-1]), positions, Causal(b, t)).reshape([b, t, -1])
 
-    def forward(self, tokens: paddle.Tensor, cache: KVCache | None = None) -> paddle.Tensor:
-        """Runs ``tokens`` at positions ``cache.length …`` (0 without a cache) and advances the cache.
-        Differentiable when called with gradients enabled and trainable parameters (see ``trainable``)."""
-        t = tokens.shape[1]
-        start = cache.length if cache is not None else 0
-        limit = min(self.config.max_seq_len, cache.capacity if cache is not None else self.config.max_seq_len)
-        if start + t > limit:
-            raise ValueError(f"sequence of {start + t} tokens exceeds the model's limit of {limit}")
+    def run(self, tokens: paddle.Tensor, positions: paddle.Tensor, context: AttentionContext,
+            logit_rows: paddle.Tensor | None = None) -> paddle.Tensor:
+        """Float32 logits of ``tokens`` ``[N]`` at ``positions`` ``[N]`` (all rows, or only ``logit_rows``), their
+        keys and values stored and attended through ``context``. Rows are padded to ``padded_rows``."""
+        n = tokens.shape[0]
+        rows = padded_rows(n)
+        tokens, positions = pad_rows(tokens, rows), pad_rows(positions, rows)
         hidden = F.embedding(tokens, self.embed_tokens.weight).astype(self.compute_dtype)
-        cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         residual = None
-        for i, layer in enumerate(self.layers):
-            k_cache, v_cache = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
-            hidden, residual = layer(hidden, residual, cos, sin, k_cache, v_cache, start)
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cos, sin, context)
         hidden = self.norm(hidden, residual)[0]
-        if cache is not None:
-            cache.length = start + t
+        wanted = n
+        if logit_rows is not None:
+            wanted = logit_rows.shape[0]
+            hidden = pad_rows(paddle.gather(hidden, logit_rows), padded_rows(wanted))
         head = self.embed_tokens.weight.T if self.config.tie_embeddings else self.lm_head.weight
-        return paddle.matmul(hidden, head.astype(hidden.dtype)).astype("float32")
+        return row_matmul(hidden, head).astype("float32")[:wanted]
+
+
+def token_logprobs(logits: paddle.Tensor, tokens: paddle.Tensor) -> paddle.Tensor:
+    """Raw log-probabilities (log-softmax of the float32 logits, before temperature or top-p) of ``tokens``
+    under ``logits`` ``[..., vocab]``: what the server returns as ``logprobs`` and what a trainer's loss uses."""
+    logp = F.log_softmax(logits, axis=-1)
+    return paddle.take_along_axis(logp, tokens.astype("int64").unsqueeze(-1), axis=-1).squeeze(-1)
 
 
 def trainable(model: Decoder) -> Decoder:

@@ -15,6 +15,7 @@ from types import ModuleType
 import paddle
 
 from kernels import reference
+from kernels.reference import MAX_ROWS, MIN_ROWS, PAGE  # noqa: F401  (re-exported: callers pad to them)
 
 
 @functools.cache
@@ -91,13 +92,24 @@ def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:
     return out
 
 
-def decode_attention(
-    q: paddle.Tensor, k_cache: paddle.Tensor, v_cache: paddle.Tensor, length: int, scale: float
-) -> paddle.Tensor:
-    """One new token per sequence against the first ``length`` slots of the KV cache (grouped-query)."""
+def decode_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Tensor, page_table: paddle.Tensor,
+                     lengths: paddle.Tensor, scale: float) -> paddle.Tensor:
+    """One new token per sequence, q ``[B, H, D]``, against the first ``lengths[b]`` keys of its pages
+    ``[Hkv, N, PAGE, D]`` (table ``[B, nb]``): the batched decode step, every sequence at its own length."""
     ops = _gpu(q)
     if ops is None:
-        return reference.decode_attention(q, k_cache, v_cache, length, scale)
+        return reference.decode_attention(q, k_pages, v_pages, page_table, lengths, scale)
     out = paddle.empty_like(q)
-    ops.decode_attention(q.contiguous(), k_cache, v_cache, length, scale, out)
+    ops.decode_attention(q.contiguous(), k_pages, v_pages, page_table.contiguous(), lengths.contiguous(), scale, out)
     return out
+
+
+def paged_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Tensor, page_table: paddle.Tensor,
+                    positions: paddle.Tensor, scale: float) -> paddle.Tensor:
+    """Several queries per sequence (a prefill chunk) over the paged cache; Paddle ops on every place."""
+    return reference.paged_attention(q, k_pages, v_pages, page_table, positions, scale)
+
+
+def causal_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, scale: float) -> paddle.Tensor:
+    """Full-sequence causal attention (the trainer's forward); differentiable, Paddle ops on every place."""
+    return reference.causal_attention(q, k, v, scale)

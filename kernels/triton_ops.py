@@ -136,23 +136,24 @@ def swiglu(gate, up, out) -> None:
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, length, max_len, scale,
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, out_ptr, pages, blocks, scale,
                              HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                             BLOCK_D: tl.constexpr, PAGE: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     kv = h // (HEADS // KV_HEADS)
+    length = tl.load(len_ptr + b).to(tl.int32)
     d = tl.arange(0, BLOCK_D)
     dmask = d < DIM
     q = tl.load(q_ptr + (b * HEADS + h) * DIM + d, mask=dmask, other=0.0).to(tl.float32) * scale
     m = tl.full([1], float("-inf"), tl.float32)
     total = tl.zeros([1], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    cache = (b * max_len * KV_HEADS + kv) * DIM  # slot s of this head sits at cache + s * KV_HEADS * DIM
-    for start in range(0, length, BLOCK_S):
-        s = start + tl.arange(0, BLOCK_S)
-        smask = s < length
-        offs = cache + s[:, None] * (KV_HEADS * DIM) + d[None, :]
+    slot = tl.arange(0, PAGE)
+    for block in range(0, tl.cdiv(length, PAGE)):
+        page = tl.load(table_ptr + b * blocks + block).to(tl.int64)
+        smask = block * PAGE + slot < length
+        offs = ((kv * pages + page) * PAGE + slot[:, None]) * DIM + d[None, :]  # pages are [Hkv, N, PAGE, D]
         both = smask[:, None] & dmask[None, :]
         k = tl.load(k_ptr + offs, mask=both, other=0.0).to(tl.float32)
         scores = tl.where(smask, tl.sum(k * q[None, :], axis=1), float("-inf"))
@@ -166,16 +167,18 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, length, max_len, scal
     tl.store(out_ptr + (b * HEADS + h) * DIM + d, _rounded(acc / total, out_ptr.dtype.element_ty), mask=dmask)
 
 
-def decode_attention(q, k_cache, v_cache, length: int, scale: float, out) -> None:
-    """Attention of one query per sequence, q ``[B, H, D]``, over cache slots ``[0, length)`` of
-    ``[B, S, Hkv, D]`` caches, into ``out`` ``[B, H, D]`` (grouped-query: head h reads h // (H // Hkv))."""
+def decode_attention(q, k_pages, v_pages, page_table, lengths, scale: float, out) -> None:
+    """Attention of one query per sequence, q ``[B, H, D]``, over the first ``lengths[b]`` keys of sequence b,
+    kept in pages ``[Hkv, N, PAGE, D]`` listed by ``page_table`` ``[B, nb]``; into ``out`` ``[B, H, D]``
+    (grouped-query: head h reads h // (H // Hkv)). Every length must be in 1..nb*PAGE."""
     batch, heads, dim = (int(s) for s in q.shape)
-    max_len, kv_heads = int(k_cache.shape[1]), int(k_cache.shape[2])
-    _require(list(k_cache.shape) == list(v_cache.shape) == [batch, max_len, kv_heads, dim],
-             f"decode_attention: caches must be [{batch}, S, Hkv, {dim}]")
+    kv_heads, pages, page = (int(s) for s in k_pages.shape[:3])
+    _require(list(k_pages.shape) == list(v_pages.shape) == [kv_heads, pages, page, dim],
+             f"decode_attention: pages must be [Hkv, N, PAGE, {dim}]")
     _require(heads % kv_heads == 0, f"decode_attention: {heads} heads do not group over {kv_heads} kv heads")
-    _require(0 < length <= max_len, f"decode_attention: length {length} outside 1..{max_len}")
-    _contiguous(q, k_cache, v_cache, out)
-    _decode_attention_kernel[(batch, heads)](q, k_cache, v_cache, out, length, max_len, scale,
-                                             HEADS=heads, KV_HEADS=kv_heads, DIM=dim,
-                                             BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=64)
+    _require(int(page_table.shape[0]) == batch and list(lengths.shape) == [batch],
+             f"decode_attention: page_table must be [{batch}, nb] and lengths [{batch}]")
+    _contiguous(q, k_pages, v_pages, page_table, lengths, out)
+    _decode_attention_kernel[(batch, heads)](q, k_pages, v_pages, page_table, lengths, out, pages,
+                                             int(page_table.shape[1]), scale, HEADS=heads, KV_HEADS=kv_heads,
+                                             DIM=dim, BLOCK_D=triton.next_power_of_2(dim), PAGE=page)

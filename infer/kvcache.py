@@ -1,0 +1,106 @@
+"""The engine's KV cache: a fixed pool of pages that sequences borrow, so memory is bounded up front and a full
+pool makes new requests wait instead of growing.
+
+Each layer keeps keys and values as pages ``[Hkv, N, PAGE, D]`` (``kernels.PAGE`` tokens a page). A sequence
+owns a list of pages; the samples of one prompt share the prompt's full pages (reference counts) and each gets a
+copy of the last, partly filled one. Page 0 is never handed out: it pads page tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+
+import kernels
+from infer.config import ModelConfig
+from infer.model import pad_rows
+
+
+def pages_for(tokens: int) -> int:
+    return -(-tokens // kernels.PAGE)
+
+
+class KVPool:
+    def __init__(self, config: ModelConfig, pages: int, dtype: str = "float32"):
+        if pages < 2:
+            raise ValueError(f"a KV cache needs at least 2 pages of {kernels.PAGE} tokens, got {pages}")
+        shape = [config.kv_heads, pages, kernels.PAGE, config.head_dim]
+        self.k = [paddle.zeros(shape, dtype) for _ in range(config.layers)]
+        self.v = [paddle.zeros(shape, dtype) for _ in range(config.layers)]
+        self.pages = pages
+        self._refs = np.zeros(pages, np.int32)
+        self._free = list(range(pages - 1, 0, -1))
+
+    @staticmethod
+    def page_bytes(config: ModelConfig, dtype: str = "float32") -> int:
+        return 2 * config.layers * config.kv_heads * kernels.PAGE * config.head_dim * np.dtype(dtype).itemsize
+
+    @property
+    def capacity(self) -> int:
+        return self.pages - 1
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise MemoryError(f"KV cache: {count} pages asked, {len(self._free)} free")  # the scheduler checks first
+        taken = [self._free.pop() for _ in range(count)]
+        self._refs[taken] = 1
+        return taken
+
+    def share(self, pages: list[int]) -> list[int]:
+        self._refs[pages] += 1
+        return list(pages)
+
+    def release(self, pages: list[int]) -> None:
+        for page in pages:
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                self._free.append(page)
+
+    def copy_page(self, src: int, dst: int) -> None:
+        for pool in (*self.k, *self.v):
+            pool[:, dst] = pool[:, src]
+
+
+@dataclass
+class Group:
+    """Rows ``start .. start + T*G`` of a step that attend together: G decoding sequences (T = 1), or one
+    sequence's prefill chunk (G = 1)."""
+
+    start: int
+    page_table: np.ndarray  # [G, nb]
+    positions: np.ndarray  # [G, T]
+
+
+class PagedStep:
+    """The attention context of one engine step: writes every row's key and value into its page slot, then
+    attends each group over its sequences' pages."""
+
+    def __init__(self, pool: KVPool, slots: np.ndarray, groups: list[Group]):
+        self.pool, self.groups = pool, groups
+        heads = np.arange(pool.k[0].shape[0], dtype=np.int64) * pool.pages * kernels.PAGE
+        self.rows = len(slots)
+        self.index = paddle.to_tensor((slots.astype(np.int64)[:, None] + heads[None, :]).reshape(-1))
+        self.tensors = [(g.start, g.positions.shape, paddle.to_tensor(g.page_table.astype(np.int64)),
+                         paddle.to_tensor(g.positions.astype(np.int64))) for g in groups]
+
+    def __call__(self, layer: int, q, k, v, scale: float) -> paddle.Tensor:
+        n, dim = self.rows, q.shape[-1]
+        for pool, new in ((self.pool.k[layer], k), (self.pool.v[layer], v)):
+            paddle.scatter_(pool.reshape([-1, dim]), self.index, new[:n].astype(pool.dtype).reshape([-1, dim]),
+                            overwrite=True)
+        outs = []
+        for start, (count, t), table, positions in self.tensors:
+            rows = q[start : start + count * t]
+            if t == 1:
+                outs.append(kernels.decode_attention(rows, self.pool.k[layer], self.pool.v[layer], table,
+                                                     positions[:, 0] + 1, scale))
+            else:
+                outs.append(kernels.paged_attention(rows.unsqueeze(0), self.pool.k[layer], self.pool.v[layer], table,
+                                                    positions, scale)[0])
+        return pad_rows(paddle.concat(outs) if len(outs) > 1 else outs[0], q.shape[0])
