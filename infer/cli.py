@@ -29,6 +29,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "continues while the spare copy loads, at one extra model of memory (default in_place)")
     p.add_argument("--verify", default="full", choices=["full", "stream", "none"],
                    help="checksum policy for updates (default full: every part before the first write)")
+    p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
+                   help="how long an update waits for running requests before ending them with finish_reason "
+                        "'abort' (default 60)")
+    p.add_argument("--max-num-seqs", type=int, default=64,
+                   help="sequences generated at once; a request with n samples counts n (default 64)")
+    p.add_argument("--kv-cache-mb", type=int, default=512,
+                   help="KV-cache budget in MiB; requests wait when it is full (default 512, never more than "
+                        "--max-num-seqs full contexts)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=256,
+                   help="token rows per engine step: every decoding sequence, then prefill chunks (default 256)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--admin-token-env", metavar="VAR",
@@ -41,6 +51,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     import storage
+    from infer.engine import Engine, EngineConfig
     from infer.server import create_app
     from infer.weights import UpdateError, WeightManager
 
@@ -53,8 +64,13 @@ def serve(args: argparse.Namespace) -> int:
                              "empty or missing; export it or drop the flag")
     overrides = {"dtype": args.dtype} if args.dtype else {}
     config = get_config(args.model, **overrides)
+    try:
+        settings = EngineConfig(args.max_num_seqs, args.kv_cache_mb, args.max_num_batched_tokens)
+    except ValueError as exc:
+        raise SystemExit(f"baton serve: {exc}") from None
     manager = WeightManager(config, args.snapshot_root, rank=args.rank, tp_size=args.tp_size,
-                            fallback_dir=args.fallback_dir, mode=args.swap, verify=args.verify)
+                            fallback_dir=args.fallback_dir, mode=args.swap, verify=args.verify,
+                            drain_timeout=args.drain_timeout)
     if args.version is not None:
         try:
             info = manager.update(args.version)
@@ -68,7 +84,9 @@ def serve(args: argparse.Namespace) -> int:
     else:
         log.info("serving %s (level %d, %d bytes, %.2fs)", info.version, info.level, info.bytes, info.seconds)
     name = f"baton-{config.name}"
-    app = create_app(manager, name, token)
+    engine = Engine(manager, config, settings, manager.metrics).start()
+    manager.on_drain_timeout = engine.abort_slot
+    app = create_app(manager, engine, name, token)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
@@ -76,7 +94,10 @@ def serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     print(f"baton serve: {name} listening on http://{host}:{port}", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.stop()
     return 0
 
 

@@ -17,3 +17,13 @@ def to_bytes(ids: list[int]) -> bytes:
 
 def decode(ids: list[int]) -> str:
     return to_bytes(ids).decode("utf-8", errors="replace")
+
+
+def token_str(token: int) -> str:
+    """A string that names ``token`` uniquely (OpenAI's logprobs keys): its character when the byte is valid UTF-8
+    on its own, ``bytes:\\xNN`` otherwise, and ``<|bos|>``, ``<|eos|>`` or ``<|pad:N|>`` for special ids."""
+    if 0 <= token < 128:
+        return chr(token)
+    if token < 256:
+        return f"bytes:\\x{token:02x}"
+    return {BOS: "<|bos|>", EOS: "<|eos|>"}.get(token, f"<|pad:{token}|>")

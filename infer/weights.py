@@ -21,7 +21,8 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ import xxhash
 import kernels
 import storage
 from infer.config import ModelConfig
+from infer.engine import Busy
 from infer.metrics import Metrics
 from infer.model import Decoder
 from storage import layout
@@ -57,15 +59,43 @@ class WeightInfo:
     digest: str
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The public names ``GET /v1/weights`` uses."""
+        return {"version": self.version, "snapshot_root": self.root, "rank": self.rank, "source_level": self.level,
+                "source": self.source, "loaded_at": datetime.fromtimestamp(self.loaded_at, timezone.utc).isoformat(),
+                "bytes": self.bytes, "seconds": self.seconds, "digest": self.digest}
 
 
 class UpdateError(Exception):
-    """An update that did not happen (or was undone); ``status`` is the HTTP status that says why."""
+    """An update that did not happen (or was undone). Subclasses say why; ``outcome`` labels the metric."""
 
-    def __init__(self, status: int, message: str, outcome: str):
+    outcome = "error"
+
+
+class UpdateBusy(UpdateError):
+    """Another update is in progress."""
+
+    outcome = "busy"
+
+
+class SnapshotRejected(UpdateError):
+    """The snapshot is missing, torn, corrupt or does not fit (or the request names it wrongly); the previous
+    version is serving (restored, when the failure came midway)."""
+
+    def __init__(self, message: str, outcome: str = "bad_snapshot"):
         super().__init__(message)
-        self.status, self.outcome = status, outcome
+        self.outcome = outcome
+
+
+class StorageUnavailable(UpdateError):
+    """Storage could not be reached; nothing was written."""
+
+    outcome = "storage_error"
+
+
+class RestoreFailed(UpdateError):
+    """A failed update could not be undone: the server serves nothing rather than a torn model."""
+
+    outcome = "broken"
 
 
 class NotReady(Exception):
@@ -106,7 +136,7 @@ def _host_array(t: Any) -> np.ndarray:
 class WeightManager:
     def __init__(self, config: ModelConfig, root: str, *, rank: int = 0, tp_size: int = 1,
                  fallback_dir: str | None = None, mode: str = "in_place", verify: str = "full",
-                 storage_options: dict | None = None, metrics: Metrics | None = None):
+                 storage_options: dict | None = None, metrics: Metrics | None = None, drain_timeout: float = 60.0):
         if mode not in MODES:
             raise ValueError(f"swap mode must be one of {MODES}, not {mode!r}")
         if tp_size > 1 and rank != 0:
@@ -118,7 +148,8 @@ class WeightManager:
         self.slots = [Slot(self._new_model()) for _ in range(2 if mode == "double_buffer" else 1)]
         self.live = self.slots[0]
         self.broken: str | None = None  # why nothing can be served, after a failed restore
-        self.compute_lock = threading.Lock()  # model compute is serialised (2 cores; Paddle's tracer is global)
+        self.drain_timeout = drain_timeout
+        self.on_drain_timeout = lambda slot: None  # the engine ends the slot's requests ("abort")
         self._cond = threading.Condition()
         self._paused = False  # in_place: new requests wait while an update writes
         self._update_lock = threading.Lock()
@@ -133,22 +164,22 @@ class WeightManager:
 
     # ---- requests ------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def use(self, timeout: float = 600.0) -> Iterator[tuple[Decoder, WeightInfo]]:
-        """Borrows the live model for one whole request; the version it yields is the one that answers."""
+    def acquire(self) -> Slot:
+        """The live model copy for one request, held until ``release``: the version it holds answers the whole
+        request. Raises ``Busy`` while an in-place update writes, ``NotReady`` when nothing can be served."""
         with self._cond:
-            if not self._cond.wait_for(lambda: not self._paused, timeout):
-                raise NotReady("timed out waiting for a weight update to finish")
+            if self._paused:
+                raise Busy("a weight update is writing the model")
             slot = self.live
             if slot.info is None or self.broken:
                 raise NotReady(self.broken or "no weights loaded yet: POST /v1/update_weights first")
             slot.readers += 1
-        try:
-            yield slot.model, slot.info
-        finally:
-            with self._cond:
-                slot.readers -= 1
-                self._cond.notify_all()
+            return slot
+
+    def release(self, slot: Slot) -> None:
+        with self._cond:
+            slot.readers -= 1
+            self._cond.notify_all()
 
     @property
     def info(self) -> WeightInfo | None:
@@ -165,8 +196,7 @@ class WeightManager:
         """Loads ``version`` and makes it live, or raises ``UpdateError`` with the old version still served."""
         if not self._update_lock.acquire(blocking=False):
             self.metrics.update_done("busy", 0.0, 0)
-            raise UpdateError(409, f"another weight update (to {self.updating!r}) is in progress; retry when it "
-                                   "finishes", "busy")
+            raise UpdateBusy(f"another weight update (to {self.updating!r}) is in progress; retry when it finishes")
         self.updating = version
         start = time.perf_counter()
         try:
@@ -207,7 +237,7 @@ class WeightManager:
     def _check(self, version: str, root: str, rank: int, verify: str, target: Slot) -> list:
         """Every rank's source, resolved and checked against the target before anything is written."""
         if verify not in ("full", "stream", "none"):
-            raise UpdateError(400, f"verify must be 'full', 'stream' or 'none', not {verify!r}", "bad_request")
+            raise SnapshotRejected(f"verify must be 'full', 'stream' or 'none', not {verify!r}", "bad_request")
         try:
             layout.check_id(version)
             sources = []
@@ -218,19 +248,24 @@ class WeightManager:
                 sources.append((r, src, verify))
             return sources
         except (storage.SnapshotError, FileNotFoundError, ValueError, TypeError) as exc:
-            raise UpdateError(400, f"version {version!r} was not loaded, still serving "
-                                   f"{self._serving()}: {exc}", "bad_snapshot") from exc
+            raise SnapshotRejected(f"version {version!r} was not loaded, still serving {self._serving()}: {exc}") \
+                from exc
         except OSError as exc:
-            raise UpdateError(503, f"storage error while checking {version!r} under {root} (still serving "
-                                   f"{self._serving()}): {exc}", "storage_error") from exc
+            raise StorageUnavailable(f"storage error while checking {version!r} under {root} (still serving "
+                                     f"{self._serving()}): {exc}") from exc
 
     @contextlib.contextmanager
     def _exclusive(self, slot: Slot) -> Iterator[None]:
-        """No request reads ``slot`` inside: in_place pauses new requests and drains running ones; the spare of
-        double_buffer only drains requests that started before the last switch."""
+        """No request reads ``slot`` inside: in_place stops admitting and drains running requests; the spare of
+        double_buffer only drains requests that started before the last switch. Requests still running after
+        ``drain_timeout`` seconds are ended (``finish_reason: "abort"``)."""
         with self._cond:
             self._paused = slot is self.live
-            self._cond.wait_for(lambda: slot.readers == 0)
+            if not self._cond.wait_for(lambda: slot.readers == 0, self.drain_timeout):
+                log.warning("%d requests still running after the %.0fs drain timeout: aborting them", slot.readers,
+                            self.drain_timeout)
+                self.on_drain_timeout(slot)
+                self._cond.wait_for(lambda: slot.readers == 0)
         try:
             yield
         finally:
@@ -248,11 +283,11 @@ class WeightManager:
     def _recover(self, slot: Slot, previous: WeightInfo | None, exc: Exception) -> None:
         """Called with the write half done: put the previous version back, then raise what happened."""
         if slot is not self.live:
-            raise UpdateError(400, f"writing the spare copy failed ({exc}); the live copy was never touched, "
-                                   f"still serving {self._serving()}", "bad_snapshot") from exc
+            raise SnapshotRejected(f"writing the spare copy failed ({exc}); the live copy was never touched, "
+                                   f"still serving {self._serving()}") from exc
         if previous is None:
-            raise UpdateError(400, f"update failed midway ({exc}) and there was no earlier version to restore",
-                              "bad_snapshot") from exc
+            raise SnapshotRejected(f"update failed midway ({exc}) and there was no earlier version to restore") \
+                from exc
         try:
             restore_start = time.perf_counter()
             sources = self._check(previous.version, previous.root, previous.rank, "full", slot)
@@ -264,9 +299,9 @@ class WeightManager:
             self.broken = (f"update failed midway ({exc}) and restoring {previous.version!r} failed too "
                            f"({restore_exc}): not serving a torn model")
             log.error(self.broken)
-            raise UpdateError(500, self.broken, "broken") from exc
-        raise UpdateError(400, f"update failed midway ({exc}); restored {previous.version!r}, which is serving",
-                          "restored") from exc
+            raise RestoreFailed(self.broken) from exc
+        raise SnapshotRejected(f"update failed midway ({exc}); restored {previous.version!r}, which is serving",
+                               "restored") from exc
 
     def _describe(self, version: str, root: str, rank: int, sources: list, slot: Slot, seconds: float) -> WeightInfo:
         levels = sorted({int(src.level) for _, src, _ in sources})

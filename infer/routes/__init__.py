@@ -1,0 +1,1 @@
+"""The server's routes, one router per concern: completions, weights, and health/metrics/models."""

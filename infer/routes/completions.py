@@ -1,0 +1,215 @@
+"""``POST /v1/completions``: OpenAI's completions over the engine, with ``n`` samples, ``logprobs``, ``echo``
+scoring, streaming, and the weight version that produced the reply."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from infer.engine import Event, Failed, Finished, Logprob, Scored, Started, Token
+from infer.routes.common import error
+from infer.sampling import MAX_LOGPROBS, MAX_N, SamplingParams, TextStream
+from infer.tokenizer import encode, to_bytes, token_str
+
+router = APIRouter()
+VERSION_HEADER = "X-Weight-Version"
+DISCONNECT_POLL = 0.25  # seconds between checks that a waiting client is still there
+
+
+class CompletionRequest(BaseModel):
+    model: str | None = None
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=MAX_N)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+
+
+class Channel:
+    """Events from the engine's thread into this request's event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def __call__(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def next(self, request: Request) -> Event | None:
+        """The next event, or None once the client has gone away."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return None
+
+
+class Choice:
+    """One choice of the reply, built from its events."""
+
+    def __init__(self, index: int, logprobs: bool):
+        self.index, self.text, self.token_ids, self.finish_reason = index, "", [], None
+        self.base = 0  # characters of echoed prompt before the completion's text
+        self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} if logprobs else None
+
+    def echo(self, event: Scored) -> tuple[str, dict | None]:
+        stream = TextStream(to_bytes, ())
+        offsets = []
+        for token in event.tokens:
+            offsets.append(stream.offset)
+            stream.push(token)
+        text = stream.text + stream.close()
+        part = _logprobs(list(event.tokens), list(event.logprobs) or [None] * len(event.tokens), offsets) \
+            if self.logprobs is not None else None
+        self._add(text, list(event.tokens), part)
+        self.base = len(self.text)
+        return text, part
+
+    def token(self, event: Token) -> dict | None:
+        part = _logprobs([event.token], [event.logprob], [self.base + event.offset]) \
+            if self.logprobs is not None else None
+        self._add(event.text, [event.token], part)
+        return part
+
+    def finish(self, event: Finished) -> None:
+        self.text += event.text
+        self.finish_reason = event.reason
+
+    def _add(self, text: str, tokens: list[int], part: dict | None) -> None:
+        self.text += text
+        self.token_ids += tokens
+        if part is not None:
+            for key, values in part.items():
+                self.logprobs[key] += values
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "text": self.text, "logprobs": self.logprobs, "finish_reason": self.finish_reason,
+                "token_ids": self.token_ids}
+
+
+def _logprobs(tokens: list[int], infos: list[Logprob | None], offsets: list[int]) -> dict:
+    """OpenAI's completion logprobs for these tokens: the sampled token's, and the top k (plus the sampled one)."""
+    top = []
+    for token, info in zip(tokens, infos):
+        if info is None:
+            top.append(None)
+            continue
+        entry = {token_str(t): lp for t, lp in info.top}
+        entry.setdefault(token_str(token), info.logprob)
+        top.append(entry)
+    return {"tokens": [token_str(t) for t in tokens], "token_logprobs": [i and i.logprob for i in infos],
+            "top_logprobs": top, "text_offset": offsets}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    app = request.app.state
+    metrics = app.manager.metrics
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts or any(not p for p in prompts):
+        metrics.completion(400)
+        return error(400, "prompt must be a non-empty string or list of non-empty strings")
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    ids = [encode(p) for p in prompts]
+    channel = Channel()
+    try:
+        params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed, stop, body.n, body.logprobs,
+                                body.echo, body.ignore_eos)
+        job = app.engine.submit(ids, params, channel)
+    except ValueError as exc:
+        metrics.completion(400)
+        return error(400, str(exc))
+    first = await channel.next(request)
+    if first is None:
+        app.engine.abort(job)
+        return Response(status_code=499)
+    if isinstance(first, Failed):
+        metrics.completion(first.status)
+        return error(first.status, first.message, "service_unavailable" if first.status == 503 else "server_error")
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": body.model or app.model_name, "weight_version": first.version}
+    headers = {VERSION_HEADER: first.version}
+    choices = [Choice(i, body.logprobs is not None) for i in range(len(ids) * body.n)]
+    usage = Usage(sum(map(len, ids)))
+    if body.stream:
+        return StreamingResponse(_sse(head, choices, body.n, channel, request, job, usage, metrics),
+                                 media_type="text/event-stream", headers=headers)
+    while any(c.finish_reason is None for c in choices):
+        event = await channel.next(request)
+        if event is None:
+            app.engine.abort(job)
+            return Response(status_code=499)
+        if isinstance(event, Failed):
+            metrics.completion(event.status)
+            return error(event.status, event.message, "server_error")
+        _apply(event, choices, body.n, usage)
+    metrics.completion(200, usage.prompt, usage.completion)
+    return JSONResponse(head | {"choices": [c.to_json() for c in choices], "usage": usage.to_json()}, headers=headers)
+
+
+class Usage:
+    def __init__(self, prompt: int):
+        self.prompt, self.completion = prompt, 0
+
+    def to_json(self) -> dict:
+        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
+                "total_tokens": self.prompt + self.completion}
+
+
+def _apply(event: Event, choices: list[Choice], n: int, usage: Usage) -> list[dict]:
+    """Adds an event to the reply; returns the stream chunks' choices it makes."""
+    if isinstance(event, Scored):
+        out = []
+        for c in choices[event.prompt * n : (event.prompt + 1) * n]:
+            text, part = c.echo(event)
+            out.append({"index": c.index, "text": text, "logprobs": part, "finish_reason": None,
+                        "token_ids": list(event.tokens)})
+        return out
+    if isinstance(event, Token):
+        usage.completion += 1
+        c = choices[event.choice]
+        part = c.token(event)
+        return [{"index": c.index, "text": event.text, "logprobs": part, "finish_reason": None,
+                 "token_ids": [event.token]}]
+    if isinstance(event, Finished):
+        c = choices[event.choice]
+        c.finish(event)
+        return [{"index": c.index, "text": event.text, "logprobs": None, "finish_reason": event.reason}]
+    return []
+
+
+async def _sse(head: dict, choices: list[Choice], n: int, channel: Channel, request: Request, job, usage: Usage,
+               metrics) -> AsyncIterator[str]:
+    """Server-sent events, one per token (and per end of a choice), then ``[DONE]``. A client that goes away
+    ends its request in the engine at the next step."""
+    done = False
+    try:
+        while any(c.finish_reason is None for c in choices):
+            event = await channel.next(request)
+            if event is None:
+                return
+            if isinstance(event, Failed):
+                yield f"data: {json.dumps({'error': {'message': event.message, 'code': event.status}})}\n\n"
+                return
+            for chunk in _apply(event, choices, n, usage):
+                yield f"data: {json.dumps(head | {'choices': [chunk]})}\n\n"
+        done = True
+        metrics.completion(200, usage.prompt, usage.completion)
+        yield "data: [DONE]\n\n"
+    finally:
+        if not done:
+            request.app.state.engine.abort(job)
