@@ -8,7 +8,8 @@ The GPU host has PyTorch and Triton but no Paddle GPU build, so the kernels run 
 The oracle is Baton's Paddle reference on CPU when Paddle is importable, else the same formulas in torch on
 CPU; the output says which. Bandwidth is reported against the device's rated memory bandwidth and against a
 plain ``torch`` copy of the same bytes measured in this run. Tokens/s decodes the ``small`` config with
-random weights through the Triton kernels and cuBLAS matmuls (the same layer order as ``infer/model.py``).
+random weights through the Triton kernels and cuBLAS matmuls (the same layer order as ``infer/model.py``);
+engine tokens/s runs Baton's engine itself at concurrency 1 and 32 where a Paddle GPU build is installed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infer.config import get_config  # noqa: E402  (pure Python: no Paddle needed)
 from kernels import triton_ops  # noqa: E402
+
+PAGE = 16  # kernels.reference.PAGE, the KV-cache page size (repeated: this module must import without Paddle)
 
 RATED_GBPS = {"H200": 4800, "H100": 3350, "A100": 2039, "L40S": 864, "A10": 600}  # HBM/GDDR spec sheets, GB/s
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
@@ -68,7 +71,8 @@ def expected(op: str, args: list[torch.Tensor], extra: dict, pd) -> torch.Tensor
             return from_paddle(paddle, p[0])
         if op == "swiglu":
             return from_paddle(paddle, ref.swiglu(p[0], p[1]))
-        return from_paddle(paddle, ref.decode_attention(p[0], p[1], p[2], extra["length"], extra["scale"]))
+        table, lengths = (paddle.to_tensor(extra[k].cpu().numpy()) for k in ("table", "lengths"))
+        return from_paddle(paddle, ref.decode_attention(p[0], p[1], p[2], table, lengths, extra["scale"]))
     a = [x.detach().cpu().float() for x in args]
     if op == "cast_copy_":
         return a[1].to(args[0].dtype).float()
@@ -81,11 +85,13 @@ def expected(op: str, args: list[torch.Tensor], extra: dict, pd) -> torch.Tensor
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
     if op == "swiglu":
         return torch.nn.functional.silu(a[0]) * a[1]
-    group = a[0].shape[1] // a[1].shape[2]
-    k = a[1][:, : extra["length"]].repeat_interleave(group, 2)
-    v = a[2][:, : extra["length"]].repeat_interleave(group, 2)
-    p = torch.softmax(torch.einsum("bhd,blhd->bhl", a[0], k) * extra["scale"], -1)
-    return torch.einsum("bhl,blhd->bhd", p, v)
+    group = a[0].shape[1] // a[1].shape[0]
+    out = []
+    for b, (pages, length) in enumerate(zip(extra["table"].cpu(), extra["lengths"].cpu())):
+        k, v = (x[:, pages].flatten(1, 2)[:, :length].repeat_interleave(group, 0) for x in (a[1], a[2]))  # [H, L, D]
+        p = torch.softmax(torch.einsum("hd,hld->hl", a[0][b], k) * extra["scale"], -1)
+        out.append(torch.einsum("hl,hld->hd", p, v))
+    return torch.stack(out)
 
 
 def cases(dev: str, smoke: bool):
@@ -115,11 +121,14 @@ def cases(dev: str, smoke: bool):
     gate, up = rnd(n // 4), rnd(n // 4)
     act = torch.empty_like(gate)
     out.append(("swiglu", lambda: triton_ops.swiglu(gate, up, act), [gate, up], {}, n // 4 * 6, act))
-    qd, kc, vc = rnd(batch, heads, dim), rnd(batch, length, kv, dim), rnd(batch, length, kv, dim)
+    blocks = -(-length // PAGE)
+    qd, kp, vp = rnd(batch, heads, dim), rnd(kv, batch * blocks + 1, PAGE, dim), rnd(kv, batch * blocks + 1, PAGE, dim)
+    table = (torch.randperm(batch * blocks, generator=g) + 1).view(batch, blocks).to(dev)
+    lengths = torch.full((batch,), length, dtype=torch.int64, device=dev)
     att = torch.empty_like(qd)
-    extra = {"length": length, "scale": dim**-0.5}
-    out.append(("decode_attention", lambda: triton_ops.decode_attention(qd, kc, vc, length, dim**-0.5, att),
-                [qd, kc, vc], extra, kc.numel() * 4 + qd.numel() * 4, att))
+    extra = {"table": table, "lengths": lengths, "scale": dim**-0.5}
+    out.append(("decode_attention", lambda: triton_ops.decode_attention(qd, kp, vp, table, lengths, dim**-0.5, att),
+                [qd, kp, vp], extra, 2 * batch * length * kv * dim * 2 + qd.numel() * 4, att))
     return out
 
 
@@ -179,12 +188,15 @@ def decode_tokens_per_s(dev: str, smoke: bool, batch: int) -> float:
     embed, head, norm = w(c.vocab_size, c.hidden), w(c.hidden, c.vocab_size), torch.ones(c.hidden, dtype=bf, device=dev)
     steps, prefilled = (4, 8) if smoke else (256, 128)
     cache_len = prefilled + steps
-    kc = [torch.randn(batch, cache_len, c.kv_heads, d, generator=g).to(bf).to(dev) for _ in layers]
-    vc = [torch.randn(batch, cache_len, c.kv_heads, d, generator=g).to(bf).to(dev) for _ in layers]
+    blocks = -(-cache_len // PAGE)
+    table = (torch.arange(batch * blocks) + 1).view(batch, blocks).to(dev)  # page 0 stays free, as in the engine
+    kc = [torch.randn(c.kv_heads, batch * blocks + 1, PAGE, d, generator=g).to(bf).to(dev) for _ in layers]
+    vc = [torch.randn(c.kv_heads, batch * blocks + 1, PAGE, d, generator=g).to(bf).to(dev) for _ in layers]
     angles = torch.arange(cache_len)[:, None] * c.rope_theta ** (-torch.arange(d // 2) / (d // 2))
     cos, sin = angles.cos().to(dev).contiguous(), angles.sin().to(dev).contiguous()
     h, res = torch.empty(batch, c.hidden, dtype=bf, device=dev), torch.empty(batch, c.hidden, dtype=bf, device=dev)
     tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+    lengths = torch.zeros(batch, dtype=torch.int64, device=dev)
 
     def step(pos: int) -> torch.Tensor:
         x = embed[tokens]
@@ -196,10 +208,11 @@ def decode_tokens_per_s(dev: str, smoke: bool, batch: int) -> float:
             q = (h @ L["q"]).view(batch, 1, c.heads, d)
             k = (h @ L["k"]).view(batch, 1, c.kv_heads, d)
             triton_ops.rotary_(q, k, cos[pos : pos + 1], sin[pos : pos + 1])
-            kc[i][:, pos] = k[:, 0]
-            vc[i][:, pos] = (h @ L["v"]).view(batch, c.kv_heads, d)
+            kc[i][:, table[:, pos // PAGE], pos % PAGE] = k[:, 0].transpose(0, 1)
+            vc[i][:, table[:, pos // PAGE], pos % PAGE] = (h @ L["v"]).view(batch, c.kv_heads, d).transpose(0, 1)
             att = torch.empty(batch, c.heads, d, dtype=bf, device=dev)
-            triton_ops.decode_attention(q.view(batch, c.heads, d), kc[i], vc[i], pos + 1, d**-0.5, att)
+            triton_ops.decode_attention(q.view(batch, c.heads, d), kc[i], vc[i], table, lengths + pos + 1,
+                                        d**-0.5, att)
             x = att.view(batch, -1) @ L["o"]
             triton_ops.rms_norm(x, L["n2"], c.eps, h, res, res)
             gate, up = h @ L["gate"], h @ L["up"]
@@ -217,6 +230,33 @@ def decode_tokens_per_s(dev: str, smoke: bool, batch: int) -> float:
     if dev == "cuda":
         torch.cuda.synchronize()
     return batch * steps / (time.perf_counter() - t)
+
+
+def engine_tokens_per_s(smoke: bool, concurrency: int) -> float | str:
+    """Baton's own engine (``infer.engine``: Paddle model, paged KV cache, Triton decode attention) generating
+    128 tokens for each of ``concurrency`` concurrent requests; needs a Paddle GPU build (CPU in --smoke)."""
+    try:
+        import paddle
+    except ImportError:
+        return "skipped: Paddle is not installed on this host"
+    if not smoke and not paddle.is_compiled_with_cuda():
+        return "skipped: no Paddle GPU build on this host (pip install paddlepaddle-gpu)"
+    from infer.engine import Engine, EngineConfig
+    from infer.generate import Fixed
+    from infer.model import build_model
+    from infer.sampling import SamplingParams
+
+    paddle.set_device("cpu" if smoke else "gpu")
+    model = build_model(get_config("tiny" if smoke else "small", dtype="float32" if smoke else "bfloat16"))
+    engine = Engine(Fixed(model), model.config, EngineConfig(max_num_seqs=max(concurrency, 1)))
+    params = SamplingParams(max_tokens=8 if smoke else 128, temperature=1.0, seed=0, ignore_eos=True)
+    prompt = list(range(16 if smoke else 64))
+    events: list = []
+    for _ in range(concurrency):
+        engine.submit([prompt], params, events.append)
+    start = time.perf_counter()
+    engine.run_until_idle()
+    return sum(type(e).__name__ == "Token" for e in events) / (time.perf_counter() - start)
 
 
 def main() -> int:
@@ -244,9 +284,12 @@ def main() -> int:
     decode = {f"batch {b}": decode_tokens_per_s(dev, args.smoke, b) for b in ((1,) if args.smoke else (1, 32))}
     for label, tps in decode.items():
         print(f"small decode, {label}: {tps:,.0f} tokens/s")
+    engine = {f"concurrency {n}": engine_tokens_per_s(args.smoke, n) for n in ((1, 4) if args.smoke else (1, 32))}
+    for label, tps in engine.items():
+        print(f"engine (Paddle + Triton), {label}: " + (f"{tps:,.0f} tokens/s" if isinstance(tps, float) else tps))
     if not args.smoke:
         result = {"device": name, "oracle": oracle, "torch": torch.__version__, "kernels": rows,
-                  "decode_tokens_per_s": decode, "goal": "frac_of_rated >= 0.7 for elementwise and norm kernels",
+                  "decode_tokens_per_s": decode, "engine_tokens_per_s": engine, "goal": "frac_of_rated >= 0.7 for elementwise and norm kernels",
                   "date": time.strftime("%Y-%m-%d")}
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")

@@ -145,8 +145,12 @@ def gather_pages(pages: paddle.Tensor, page_table: paddle.Tensor) -> paddle.Tens
     g_count, blocks = page_table.shape
     index = (paddle.arange(kv_heads, dtype="int64").reshape([-1, 1, 1]) * count
              + page_table.astype("int64").unsqueeze(0)).reshape([-1])
-    return paddle.gather(pages.reshape([kv_heads * count, page * dim]), index).reshape(
-        [kv_heads, g_count, blocks * page, dim])
+    flat = pages.reshape([kv_heads * count, page * dim])
+    if flat.dtype == paddle.float16:  # no float16 gather on CPU: move the same bits as int16
+        gathered = paddle.gather(flat.view(paddle.int16), index).view(paddle.float16)
+    else:
+        gathered = paddle.gather(flat, index)
+    return gathered.reshape([kv_heads, g_count, blocks * page, dim])
 
 
 def paged_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Tensor, page_table: paddle.Tensor,

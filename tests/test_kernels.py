@@ -112,12 +112,52 @@ def test_reference_swiglu(dtype, shape):
     close(f32(out), g / (1 + np.exp(-g)) * u, dtype)
 
 
-def test_reference_decode_attention_ignores_slots_past_length():
-    q, k, v = values((1, 2, 8), "float32", 1), values((1, 9, 1, 8), "float32", 2), values((1, 9, 1, 8), "float32", 3)
-    a = reference.decode_attention(pd(q, "float32"), pd(k, "float32"), pd(v, "float32"), 5, 0.3)
-    k[:, 5:], v[:, 5:] = 1e4, -1e4
-    b = reference.decode_attention(pd(q, "float32"), pd(k, "float32"), pd(v, "float32"), 5, 0.3)
-    np.testing.assert_array_equal(a.numpy(), b.numpy())
+def paged(k: np.ndarray, table: np.ndarray, pages: int) -> np.ndarray:
+    """Contiguous caches ``[B, S, Hkv, D]`` scattered into pages ``[Hkv, N, PAGE, D]`` at ``table``'s pages."""
+    batch, slots, kv_heads, dim = k.shape
+    out = np.zeros((kv_heads, pages, reference.PAGE, dim), k.dtype)
+    for b in range(batch):
+        for s in range(slots):
+            out[:, table[b, s // reference.PAGE], s % reference.PAGE] = k[b, s]
+    return out
+
+
+def page_table(batch: int, slots: int, pages: int, seed: int) -> np.ndarray:
+    blocks = -(-slots // reference.PAGE)
+    return np.random.default_rng(seed).permutation(np.arange(1, pages))[: batch * blocks].reshape(batch, blocks)
+
+
+def test_reference_decode_attention_ignores_keys_past_each_length():
+    q, k, v = values((2, 2, 8), "float32", 1), values((2, 40, 1, 8), "float32", 2), values((2, 40, 1, 8), "float32", 3)
+    table, lengths = page_table(2, 40, 12, 4), pd(np.array([5, 33]), "int64")
+
+    def run():
+        return reference.decode_attention(pd(q, "float32"), pd(paged(k, table, 12), "float32"),
+                                          pd(paged(v, table, 12), "float32"), pd(table, "int64"), lengths, 0.3)
+
+    a = run()
+    k[0, 5:], v[0, 5:], k[1, 33:], v[1, 33:] = 1e4, -1e4, 1e4, -1e4
+    np.testing.assert_array_equal(a.numpy(), run().numpy())
+
+
+def test_paged_and_causal_attention_are_bit_identical_per_row():
+    """The trainer's full-sequence attention and the engine's paged attention give the same bits for a query,
+    whatever the batch, chunk or padding around it: the basis of train/infer parity."""
+    q, k, v = values((3, 37, 4, 16), "float32", 5), values((3, 37, 2, 16), "float32", 6), values((3, 37, 2, 16),
+                                                                                                  "float32", 7)
+    full = reference.causal_attention(pd(q, "float32"), pd(k, "float32"), pd(v, "float32"), 0.25).numpy()
+    alone = reference.causal_attention(pd(q[1:2, :20], "float32"), pd(k[1:2, :20], "float32"),
+                                       pd(v[1:2, :20], "float32"), 0.25).numpy()
+    np.testing.assert_array_equal(full[1, :20], alone[0])
+    table = page_table(3, 37, 16, 8)
+    kp, vp = pd(paged(k, table, 16), "float32"), pd(paged(v, table, 16), "float32")
+    lengths = pd(np.array([37, 9, 21]), "int64")
+    rows = [36, 8, 20]
+    decoded = reference.decode_attention(pd(q[np.arange(3), rows], "float32"), kp, vp, pd(table, "int64"), lengths, 0.25)
+    np.testing.assert_array_equal(decoded.numpy(), full[np.arange(3), rows])
+    chunk = reference.paged_attention(pd(q[2:3, 10:21], "float32"), kp, vp, pd(table[2:3], "int64"),
+                                      pd(np.arange(10, 21)[None], "int64"), 0.25)
+    np.testing.assert_array_equal(chunk.numpy()[0], full[2, 10:21])
 
 
 # ---- Triton kernels (interpreter) against the references -----------------------------------------------------
@@ -175,16 +215,23 @@ def test_triton_swiglu(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch,heads,kv_heads,dim,max_len,length",
-                         [(1, 1, 1, 8, 4, 1), (2, 4, 2, 16, 70, 70), (3, 6, 2, 10, 150, 129)])
+@pytest.mark.parametrize("batch,heads,kv_heads,dim,max_len", [(1, 1, 1, 8, 4), (2, 4, 2, 16, 70), (3, 6, 2, 10, 150)])
 def test_decode_attention_reference_against_numpy_and_triton_against_reference(
-        dtype, batch, heads, kv_heads, dim, max_len, length):
+        dtype, batch, heads, kv_heads, dim, max_len):
     q = values((batch, heads, dim), dtype, 21)
     k, v = values((batch, max_len, kv_heads, dim), dtype, 22), values((batch, max_len, kv_heads, dim), dtype, 23)
-    want = reference.decode_attention(pd(q, dtype), pd(k, dtype), pd(v, dtype), length, dim**-0.5)
-    close(f32(want), np_decode_attention(q, k, v, length, dim**-0.5), dtype)
+    lengths = np.random.default_rng(24).integers(1, max_len + 1, batch)
+    pages = batch * -(-max_len // reference.PAGE) + 2
+    table = page_table(batch, max_len, pages, 25)
+    kp, vp = paged(k, table, pages), paged(v, table, pages)
+    want = reference.decode_attention(pd(q, dtype), pd(kp, dtype), pd(vp, dtype), pd(table, "int64"),
+                                      pd(lengths, "int64"), dim**-0.5)
+    for b in range(batch):
+        close(f32(want)[b : b + 1], np_decode_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], lengths[b],
+                                                        dim**-0.5), dtype)
     out = torch.empty((batch, heads, dim), dtype=getattr(torch, dtype))
-    triton_ops.decode_attention(th(q, dtype), th(k, dtype), th(v, dtype), length, dim**-0.5, out)
+    triton_ops.decode_attention(th(q, dtype), th(kp, dtype), th(vp, dtype), torch.from_numpy(table),
+                                torch.from_numpy(lengths), dim**-0.5, out)
     close(f32(out), f32(want), dtype)
 
 
@@ -192,7 +239,8 @@ def test_triton_launchers_reject_bad_shapes():
     with pytest.raises(ValueError, match="does not fit"):
         triton_ops.cast_copy_(torch.zeros(3), torch.zeros(4))
     with pytest.raises(ValueError, match="group"):
-        triton_ops.decode_attention(torch.zeros(1, 3, 8), torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8), 2, 1.0,
+        triton_ops.decode_attention(torch.zeros(1, 3, 8), torch.zeros(2, 4, 16, 8), torch.zeros(2, 4, 16, 8),
+                                    torch.ones(1, 1, dtype=torch.int64), torch.ones(1, dtype=torch.int64), 1.0,
                                     torch.zeros(1, 3, 8))
     with pytest.raises(ValueError, match="contiguous"):
         triton_ops.swiglu(torch.zeros(4, 4).t(), torch.zeros(4, 4), torch.zeros(4, 4))
