@@ -267,26 +267,26 @@ def test_a_tensor_parallel_snapshot_loads_into_one_server(tmp_path):
 
 @pytest.mark.parametrize("mode", ["in_place", "double_buffer"])
 def test_no_reply_mixes_versions_under_concurrent_updates(root, mode):
-    """Many completions while updates flip v1 <-> v2: no errors, and every reply is exactly what the version
+    """200 completions while 10 updates flip v1 <-> v2: no errors, and every reply is exactly what the version
     it reports generates offline."""
-    prompts = [f"{PROMPT} {i}" for i in range(6)]
+    prompts = [f"{PROMPT} {i}" for i in range(8)]
     expected = {(v, p): offline_text(v, p, max_tokens=10) for v in SEEDS for p in prompts}
     with baton_serve(str(root), "--version", "v1", "--swap", mode) as url:
         stop = threading.Event()
         updates = []
 
         def flip() -> None:
-            while not stop.is_set() and len(updates) < 8:
+            while not stop.is_set() and len(updates) < 10:
                 updates.append(update(url, "v2" if len(updates) % 2 == 0 else "v1").status_code)
 
         flipper = threading.Thread(target=flip)
         flipper.start()
-        with ThreadPoolExecutor(6) as pool:
-            replies = list(pool.map(lambda p: (p, completion(url, p, max_tokens=10, temperature=0)), prompts * 5))
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda p: (p, completion(url, p, max_tokens=10, temperature=0)), prompts * 25))
         stop.set()
         flipper.join(60)
     assert all(r.status_code == 200 for _, r in replies)
-    assert updates and all(code == 200 for code in updates)
+    assert len(updates) >= 2 and all(code == 200 for code in updates)
     versions = set()
     for prompt, r in replies:
         body = r.json()
@@ -294,3 +294,125 @@ def test_no_reply_mixes_versions_under_concurrent_updates(root, mode):
         assert r.headers["x-weight-version"] == body["weight_version"]
         assert body["choices"][0]["text"] == expected[(body["weight_version"], prompt)]
     assert versions <= set(SEEDS)
+
+
+# ---- the batched engine over HTTP ----------------------------------------------------------------------------
+
+def trainer_logprobs(version: str, prompt_ids: list[int], tokens: list[int]) -> list[float]:
+    """The trainer's view: one full forward over prompt + answer with the same weights."""
+    import paddle
+
+    from infer.model import token_logprobs
+
+    with paddle.no_grad():
+        logits = offline_model(version)(paddle.to_tensor([prompt_ids + tokens], dtype="int64"))
+        lp = token_logprobs(logits[0, len(prompt_ids) - 1 : -1], paddle.to_tensor(tokens, dtype="int64"))
+    return lp.numpy().tolist()
+
+
+def test_32_concurrent_requests_give_the_bits_each_gives_alone(at_v1):
+    client = openai.OpenAI(base_url=f"{at_v1}/v1", api_key="unused", max_retries=0, timeout=120)
+    jobs = [dict(prompt="x" * (3 + 7 * i % 50), max_tokens=4 + i % 20, temperature=0 if i % 3 == 0 else 0.9,
+                 seed=i, logprobs=2) for i in range(32)]
+
+    def ask(job):
+        choice = client.completions.create(model="baton-tiny", **job).choices[0]
+        return choice.model_extra["token_ids"], choice.logprobs.token_logprobs, choice.logprobs.top_logprobs
+
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(ask, jobs))
+    assert int(float(_metric(at_v1, "baton:num_requests_running"))) == 0
+    for job, batched in zip(jobs, together):
+        assert batched == ask(job)  # token ids, logprobs and top-k alternatives, bit for bit
+        assert len(batched[0]) == len(batched[1]) == len(batched[2])
+
+
+def test_n_samples_are_reproducible_distinct_and_independent_of_n(at_v1):
+    client = openai.OpenAI(base_url=f"{at_v1}/v1", api_key="unused", max_retries=0, timeout=120)
+    ask = lambda n: client.completions.create(model="baton-tiny", prompt=PROMPT, max_tokens=12, temperature=1.0,
+                                              seed=11, n=n, logprobs=1)
+    eight = ask(8)
+    ids = [c.model_extra["token_ids"] for c in eight.choices]
+    assert [c.index for c in eight.choices] == list(range(8)) and len(set(map(tuple, ids))) == 8
+    assert [c.model_extra["token_ids"] for c in ask(8).choices] == ids
+    assert [c.model_extra["token_ids"] for c in ask(4).choices] == ids[:4]
+    assert eight.usage.completion_tokens == sum(map(len, ids))
+    for c in eight.choices:
+        assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == len(c.model_extra["token_ids"])
+        assert all(len(top) in (1, 2) for top in c.logprobs.top_logprobs)
+
+
+def test_logprobs_and_echo_scores_equal_the_trainers_forward(at_v1):
+    body = completion(at_v1, max_tokens=10, temperature=1.0, seed=3, logprobs=5).json()
+    choice = body["choices"][0]
+    assert choice["logprobs"]["token_logprobs"] == trainer_logprobs("v1", encode(PROMPT), choice["token_ids"])
+    assert all(len(top) in (5, 6) for top in choice["logprobs"]["top_logprobs"])
+    scored = completion(at_v1, max_tokens=0, echo=True, logprobs=1).json()["choices"][0]
+    ids = encode(PROMPT)
+    assert scored["text"] == PROMPT and scored["token_ids"] == ids and scored["logprobs"]["token_logprobs"][0] is None
+    assert scored["logprobs"]["token_logprobs"][1:] == trainer_logprobs("v1", ids[:1], ids[1:])
+
+
+def test_limits_are_400s_that_name_the_field(at_v1):
+    for field, value in (("n", 65), ("logprobs", 21)):
+        r = completion(at_v1, **{field: value})
+        assert r.status_code == 400 and field in r.json()["error"]["message"]
+
+
+def _metric(url: str, name: str) -> str:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return line.split()[1]
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_full_kv_cache_queues_requests_and_every_one_completes(root):
+    with baton_serve(str(root), "--version", "v1", "--max-num-seqs", "2") as url:
+        jobs = [f"{PROMPT} {i}" for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda p: completion(url, p, max_tokens=20, temperature=0), jobs))
+        assert all(r.status_code == 200 for r in replies)
+        for p, r in zip(jobs, replies):
+            assert r.json()["choices"][0]["text"] == offline_text("v1", p, max_tokens=20)
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory):
+    """``small`` decodes slowly enough here (~60 tokens/s alone) for a stream to outlast what a test does."""
+    path = tmp_path_factory.mktemp("small")
+    for version, seed in SEEDS.items():
+        storage.publish(random_state_dict(get_config("small"), seed), str(path), version)
+    with baton_serve(str(path), "--version", "v1", "--model", "small", "--drain-timeout", "0.5") as url:
+        yield url
+
+
+def long_stream(url: str) -> httpx.Response:
+    return httpx.stream("POST", f"{url}/v1/completions", timeout=120,
+                        json={"prompt": PROMPT, "max_tokens": 800, "stream": True, "ignore_eos": True})
+
+
+def test_a_dropped_stream_frees_its_sequence_at_the_next_step(small_server):
+    url = small_server
+    before = float(_metric(url, "baton:generation_tokens_total"))
+    with long_stream(url) as s:
+        next(line for line in s.iter_lines() if line.startswith("data: "))
+        assert _metric(url, "baton:num_requests_running") == "1.0"
+    deadline = time.monotonic() + 10
+    while _metric(url, "baton:num_requests_running") != "0.0" or _metric(url, "baton:kv_cache_usage_perc") != "0.0":
+        assert time.monotonic() < deadline, "the dropped stream still holds its sequence"
+        time.sleep(0.05)
+    assert float(_metric(url, "baton:generation_tokens_total")) - before < 400  # stopped long before its 800
+    text = httpx.get(f"{url}/metrics").text
+    assert "baton:time_to_first_token_seconds_count" in text and "baton:inter_token_latency_seconds_count" in text
+
+
+def test_an_in_place_update_ends_requests_past_the_drain_timeout(small_server):
+    url = small_server
+    assert update(url, "v1").status_code == 200
+    with long_stream(url) as s:
+        lines = s.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        assert update(url, "v2").status_code == 200
+        chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "abort"
+    assert {c["weight_version"] for c in chunks} == {"v1"} and serving(url)["version"] == "v2"
