@@ -13,6 +13,7 @@ forward (``forward``), a request served alone, and the same request among 63 oth
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import numpy as np
@@ -36,12 +37,16 @@ class Linear(paddle.nn.Layer):
         return row_matmul(x, self.weight)
 
 
+# Off only to measure what batch invariance costs (bench/engine_bench.py): replies then depend on the batch.
+BATCH_INVARIANT = os.environ.get("BATON_BATCH_INVARIANT", "1") != "0"
+
+
 def row_matmul(x: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
     """``x @ w`` for rows ``x`` ``[M, in]`` (M a multiple of ``kernels.MIN_ROWS``), in blocks of at most
     ``kernels.MAX_ROWS`` rows: every block takes the same GEMM path, so a row's result does not depend on M."""
     w = w if w.dtype == x.dtype else w.astype(x.dtype)
     step = kernels.MAX_ROWS
-    if x.shape[0] <= step:
+    if x.shape[0] <= step or not BATCH_INVARIANT:
         return paddle.matmul(x, w)
     return paddle.concat([paddle.matmul(x[i : i + step], w) for i in range(0, x.shape[0], step)])
 
@@ -134,6 +139,8 @@ class Causal:
 def padded_rows(n: int) -> int:
     """How many rows a forward of ``n`` tokens computes: a multiple of ``kernels.MIN_ROWS``, so every GEMM and
     elementwise kernel takes the same code path for a row whatever else is in the batch (batch invariance)."""
+    if not BATCH_INVARIANT:
+        return n
     return max(1, -(-n // kernels.MIN_ROWS)) * kernels.MIN_ROWS
 
 
