@@ -33,7 +33,7 @@ import kernels  # noqa: E402
 from common import (log, machine_info, parser, proc_status_bytes, reset_peak_rss, results_path,  # noqa: E402
                     write_results)
 from infer.config import get_config  # noqa: E402
-from infer.generate import SamplingParams, stream  # noqa: E402
+from infer.generate import SamplingParams, complete  # noqa: E402
 from infer.model import build_model  # noqa: E402
 from infer.tokenizer import encode  # noqa: E402
 
@@ -46,10 +46,10 @@ def decode_rows(sizes: list[str], new_tokens: int) -> list[dict]:
     for name in sizes:
         for dtype in ("float32", "bfloat16"):
             model = build_model(get_config(name, dtype=dtype), seed=0)
-            params = SamplingParams(max_tokens=new_tokens)
-            list(stream(model, PROMPT, SamplingParams(max_tokens=2)))  # warm-up
+            params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+            complete(model, PROMPT, SamplingParams(max_tokens=2))  # warm-up
             start = time.perf_counter()
-            cached = list(stream(model, PROMPT, params))
+            cached = complete(model, PROMPT, params).tokens
             cached_s = time.perf_counter() - start
             row = {"model": name, "dtype": dtype, "tokens": len(cached), "cached_tok_s": len(cached) / cached_s}
             if dtype == "float32":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-BENCHMARKS = ("storage_bench.py", "model_bench.py", "server_bench.py", "flow_bench.py")
+BENCHMARKS = ("storage_bench.py", "model_bench.py", "server_bench.py", "engine_bench.py", "flow_bench.py")
 GiB, MiB = 1 << 30, 1 << 20
 
 
@@ -89,6 +89,18 @@ def server_section(d: dict) -> list[str]:
     return md_table(["mode", "measure", "measured", "target", ""], rows)
 
 
+def engine_section(d: dict) -> list[str]:
+    hf = {r["batch"]: r for r in d["transformers"]}
+    rows = [[r["path"], str(r["concurrency"]), f"{r['tokens_per_s']:.0f}",
+             f"{r['ttft_s']['p50']:.3f} / {r['ttft_s']['p99']:.3f}", f"{r['itl_s']['p50']:.3f} / {r['itl_s']['p99']:.3f}",
+             f"{hf[r['concurrency']]['tokens_per_s']:.0f}" if r["concurrency"] in hf else "—"] for r in d["rows"]]
+    checks = [[t["measure"], f"{t['value']:.2f}", t["target"], verdict(t["met"])] for t in d["targets"]]
+    return [f"`{d['model']}` float32, {d['workload']}; transformers: same weights (logits within "
+            f"{d['logit_max_abs_diff_vs_transformers']:.1e}), static batches.", ""] + md_table(
+        ["path", "concurrency", "output tok/s", "TTFT p50 / p99 s", "ITL p50 / p99 s", "transformers tok/s"], rows) + [
+        ""] + md_table(["measure", "measured", "target", ""], checks)
+
+
 def flow_section(d: dict) -> list[str]:
     m = d["median"]
     return md_table(["measure", "seconds"], [
@@ -110,7 +122,7 @@ def machine_line(docs: list[dict]) -> str:
 
 
 def report() -> str:
-    docs = {name: load(name) for name in ("storage", "model", "gpu", "server", "flow")}
+    docs = {name: load(name) for name in ("storage", "model", "gpu", "server", "engine", "flow")}
     out = ["# Baton benchmark report", "", machine_line([d for d in docs.values() if d]),
            "Every figure is from a real run on that 2-core machine; each ratio's baseline ran in the same run.",
            "Regenerate with `python bench/report.py` (collect) or `--run` (measure again).", ""]
@@ -118,6 +130,7 @@ def report() -> str:
                 ("Model and kernels on CPU (`bench/model_bench.py`)", "model", model_section),
                 ("Kernels on GPU (`bench/gpu_check.py`)", "gpu", gpu_section),
                 ("Inference server (`bench/server_bench.py`)", "server", server_section),
+                ("Rollout engine (`bench/engine_bench.py`)", "engine", engine_section),
                 ("Flow end to end (`bench/flow_bench.py`)", "flow", flow_section)]
     for title, name, render in sections:
         out += [f"## {title}", ""]

@@ -12,7 +12,10 @@ digits. The reward is the fraction of the ``max_tokens`` answer bytes that are A
    confirms it.
 
 In ``--async`` mode the next rollouts run while the sync is still in flight, so they may come from the previous
-version; the loop never lets that staleness exceed ``--max-staleness``.
+version (staleness at most 1); the loss then weights each token by truncated importance sampling, the trainer's
+probability over the server's (its returned logprob), capped at ``TIS_CAP``. Each step records the train/infer
+mismatch: the largest difference between the logprob the server returned for a token and the one the trainer's
+forward computes for it with the same weights (0.0 when the two are bit-identical, as they are on CPU).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from flows.local import use_temporary_prefect
 from infer.tokenizer import EOS
 
 PROMPTS = ("Digits: ", "Answer with numbers: ", "Count for me: ", "Your PIN is ")
+TIS_CAP = 2.0  # truncated importance sampling: a token's weight is min(p_trainer / p_server, TIS_CAP)
 
 
 def reward(token_ids: list[int], max_tokens: int) -> float:
@@ -43,6 +47,7 @@ class Rollout:
     token_ids: list[int]  # the answer's tokens, ending with EOS when the policy chose to stop
     version: str
     reward: float
+    logprobs: list[float]  # the server's logprob of each answer token (EOS has none: the trainer's own is used)
 
 
 @dataclass
@@ -56,6 +61,8 @@ class StepRecord:
     sync_s: float
     bytes: int
     train_s: float
+    mismatch: float | None  # max |server - trainer| logprob over tokens sampled with the trainer's weights
+    is_ratio: float  # mean importance ratio p_trainer / p_server over the step's tokens (1.0 on-policy)
 
 
 class Trainer:
@@ -72,30 +79,40 @@ class Trainer:
         self.model = trainable(build_model(self.config, seed=seed))
         self.optimizer = paddle.optimizer.Adam(learning_rate=lr, parameters=self.model.parameters())
 
-    def step(self, rollouts: list[Rollout], group: int) -> None:
-        """One update: advantage = reward minus its prompt group's mean; loss = -advantage * log p(answer)."""
+    def step(self, rollouts: list[Rollout], group: int, version: str, tis: bool) -> tuple[float | None, float]:
+        """One update: advantage = reward minus its prompt group's mean; loss = -advantage * log p(answer), each
+        token weighted by its truncated importance ratio when ``tis``. Returns the train/infer mismatch over the
+        rollouts of ``version`` (the trainer's current weights) and the mean importance ratio."""
         import paddle
-        import paddle.nn.functional as F
 
+        from infer.model import token_logprobs
         from infer.tokenizer import encode
 
         rewards = np.array([r.reward for r in rollouts]).reshape(-1, group)
         advantages = (rewards - rewards.mean(axis=1, keepdims=True)).reshape(-1)
-        losses = []
+        losses, mismatch, ratios = [], [], []
         for r, adv in zip(rollouts, advantages):
-            if adv == 0 or not r.token_ids:
+            if not r.token_ids:
                 continue
             prompt = encode(r.prompt)
-            ids = paddle.to_tensor([prompt + r.token_ids], dtype="int64")
-            logits = self.model(ids)[0, len(prompt) - 1 : -1]  # the prediction of each answer token
-            logp = F.log_softmax(logits, axis=-1)
-            chosen = paddle.take_along_axis(logp, paddle.to_tensor(r.token_ids, dtype="int64")[:, None], axis=1)
-            losses.append(-float(adv) * chosen.sum())
+            logits = self.model(paddle.to_tensor([prompt + r.token_ids], dtype="int64"))[0, len(prompt) - 1 : -1]
+            logp = token_logprobs(logits, paddle.to_tensor(r.token_ids, dtype="int64"))  # each answer token
+            mine = logp.numpy()
+            served = np.array(r.logprobs + list(mine[len(r.logprobs):]), np.float32)  # EOS: the trainer's own
+            ratio = np.exp(mine - served)
+            ratios.extend(ratio.tolist())
+            if r.version == version:
+                mismatch.append(float(np.abs(mine - served).max()))
+            if adv == 0:
+                continue
+            weight = paddle.to_tensor(np.minimum(ratio, TIS_CAP) if tis else np.ones_like(ratio))
+            losses.append(-float(adv) * (weight * logp).sum())
         if losses:
             loss = paddle.add_n(losses) / len(rollouts)
             loss.backward()
             self.optimizer.step()
             self.optimizer.clear_grad()
+        return (max(mismatch) if mismatch else None), float(np.mean(ratios)) if ratios else 1.0
 
     def save(self, directory: Path) -> str:
         """The checkpoint a Paddle trainer writes: one ``paddle.save`` state dict, then the completion marker."""
@@ -115,14 +132,15 @@ def rollouts(http, servers: list[str], prompts: tuple[str, ...], group: int, max
         prompt, g = jobs[job_index]
         url = servers[job_index % len(servers)]
         r = http.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0,
-                                                     "seed": seed * 100_003 + job_index})
+                                                     "seed": seed * 100_003 + job_index, "logprobs": 0})
         r.raise_for_status()
         body = r.json()
         choice = body["choices"][0]
         ids = choice["token_ids"]
         if choice["finish_reason"] == "stop":  # no stop strings are sent: "stop" means the policy sampled EOS
             ids = ids + [EOS]
-        return Rollout(prompt, ids, body["weight_version"], reward(ids, max_tokens))
+        return Rollout(prompt, ids, body["weight_version"], reward(ids, max_tokens),
+                       choice["logprobs"]["token_logprobs"])
 
     with ThreadPoolExecutor(min(8, len(jobs))) as pool:
         return list(pool.map(one, range(len(jobs))))
@@ -155,7 +173,7 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
         syncs[version] = {"publish_s": rows[0]["publish_work_s"], "sync_s": time.perf_counter() - start,
                           "bytes": rows[0]["bytes"]}
 
-    samples: list[tuple[list[Rollout], float]] = []
+    samples: list[tuple[list[Rollout], float, float | None, float]] = []
     with contextlib.ExitStack() as stack:
         urls = [stack.enter_context(baton_serve(snapshots, "--model", model, ready=False, timeout=300)).url
                 for _ in range(servers)]
@@ -168,11 +186,11 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
             batch = rollouts(http, urls, PROMPTS, group, max_tokens, seed * 1000 + step)
             bar.set_postfix(reward=f"{np.mean([r.reward for r in batch]):.3f}")
             if step == steps:
-                samples.append((batch, 0.0))
+                samples.append((batch, 0.0, None, 1.0))
                 break
             start = time.perf_counter()
-            trainer.step(batch, group)
-            samples.append((batch, time.perf_counter() - start))
+            mismatch, ratio = trainer.step(batch, group, f"step_{step}", tis=async_mode)
+            samples.append((batch, time.perf_counter() - start, mismatch, ratio))
             if in_flight is not None:
                 in_flight.join()  # at most one sync in flight: the staleness bound of 1
             version = f"step_{step + 1}"
@@ -185,13 +203,13 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
         if in_flight is not None:
             in_flight.join()
     records = []
-    for step, (batch, train_s) in enumerate(samples):
+    for step, (batch, train_s, mismatch, ratio) in enumerate(samples):
         published = f"step_{step + 1}" if step < steps else ""
         sync = syncs.get(published, {"publish_s": 0.0, "sync_s": 0.0, "bytes": 0})
         records.append(StepRecord(step, published, float(np.mean([r.reward for r in batch])),
                                   sorted({r.version for r in batch}),
                                   max(step - _version_number(r.version) for r in batch), sync["publish_s"],
-                                  sync["sync_s"], sync["bytes"], train_s))
+                                  sync["sync_s"], sync["bytes"], train_s, mismatch, ratio))
     unknown = {v for rec in records for v in rec.rollout_versions} - set(syncs)
     if unknown:
         raise AssertionError(f"rollouts reported versions that were never published: {sorted(unknown)}")
@@ -203,11 +221,12 @@ def _version_number(version: str) -> int:
 
 
 def table(records: list[StepRecord]) -> str:
-    lines = [f"{'step':>4}  {'rollouts from':<16}{'staleness':>9}{'reward':>8}{'published':>11}{'publish s':>10}"
-             f"{'sync s':>8}{'bytes':>10}"]
+    lines = [f"{'step':>4}  {'rollouts from':<16}{'staleness':>9}{'reward':>8}{'mismatch':>10}{'IS ratio':>9}"
+             f"{'published':>11}{'publish s':>10}{'sync s':>8}{'bytes':>10}"]
     for r in records:
+        mismatch = "-" if r.mismatch is None else f"{r.mismatch:.1e}"
         lines.append(f"{r.step:>4}  {','.join(r.rollout_versions):<16}{r.staleness_max:>9}{r.reward_mean:>8.3f}"
-                     f"{r.version:>11}{r.publish_s:>10.2f}{r.sync_s:>8.2f}{r.bytes:>10}")
+                     f"{mismatch:>10}{r.is_ratio:>9.3f}{r.version:>11}{r.publish_s:>10.2f}{r.sync_s:>8.2f}{r.bytes:>10}")
     return "\n".join(lines)
 
 

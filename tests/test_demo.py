@@ -23,6 +23,8 @@ def test_the_policy_improves_as_weights_flow_to_two_servers(tmp_path):
     assert steps[-1]["reward_mean"] > 2 * steps[0]["reward_mean"]
     assert published(tmp_path / "sync") == {f"step_{i}" for i in range(7)}
     assert [s["rollout_versions"] for s in steps] == [[f"step_{i}"] for i in range(7)]  # on-policy
+    # the servers' logprobs are the trainer's own, bit for bit: no train/infer mismatch, importance ratio 1
+    assert [s["mismatch"] for s in steps[:-1]] == [0.0] * 6 and all(s["is_ratio"] == 1.0 for s in steps)
     assert (tmp_path / "sync" / "reward.png").stat().st_size > 1000
 
 
@@ -30,3 +32,4 @@ def test_async_rollouts_stay_within_one_version_and_name_published_ones(tmp_path
     steps = demo(tmp_path / "async", "--steps", "3", "--async")
     assert all(set(s["rollout_versions"]) <= published(tmp_path / "async") for s in steps)
     assert all(s["staleness_max"] <= 1 for s in steps)
+    assert all(s["mismatch"] in (None, 0.0) for s in steps)  # same weights, same bits, even in async mode
