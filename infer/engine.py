@@ -408,7 +408,7 @@ class Engine:
             rows = list(range(start, start + take)) if scoring else ([start + take - 1] if done else [])
             wants.append((seq, take, len(logit_rows), len(rows)))
             logit_rows.extend(rows)
-        step = PagedStep(self.pool, np.array(slots, np.int64), groups)
+        step = PagedStep(self.pool, np.array(slots, np.int64), groups, self.config.heads)
         model: Decoder = slot.model
         logits = model.run(paddle.to_tensor(tokens, dtype="int64"), paddle.to_tensor(positions, dtype="int64"), step,
                            paddle.to_tensor(logit_rows, dtype="int64"))

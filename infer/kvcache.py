@@ -29,6 +29,8 @@ class KVPool:
         shape = [config.kv_heads, pages, kernels.PAGE, config.head_dim]
         self.k = [paddle.zeros(shape, dtype) for _ in range(config.layers)]
         self.v = [paddle.zeros(shape, dtype) for _ in range(config.layers)]
+        self.k_rows = [p.reshape([-1, config.head_dim]) for p in self.k]  # views: one row per (head, token)
+        self.v_rows = [p.reshape([-1, config.head_dim]) for p in self.v]
         self.pages = pages
         self._refs = np.zeros(pages, np.int32)
         self._free = list(range(pages - 1, 0, -1))
@@ -79,28 +81,26 @@ class Group:
 
 class PagedStep:
     """The attention context of one engine step: writes every row's key and value into its page slot, then
-    attends each group over its sequences' pages."""
+    attends each group over its sequences' pages. Everything that is the same in every layer (indices, masks)
+    is computed once, here."""
 
-    def __init__(self, pool: KVPool, slots: np.ndarray, groups: list[Group]):
-        self.pool, self.groups = pool, groups
-        heads = np.arange(pool.k[0].shape[0], dtype=np.int64) * pool.pages * kernels.PAGE
+    def __init__(self, pool: KVPool, slots: np.ndarray, groups: list[Group], heads: int):
+        self.pool = pool
+        kv_heads = pool.k[0].shape[0]
+        offsets = np.arange(kv_heads, dtype=np.int64) * pool.pages * kernels.PAGE
         self.rows = len(slots)
-        self.index = paddle.to_tensor((slots.astype(np.int64)[:, None] + heads[None, :]).reshape(-1))
-        self.tensors = [(g.start, g.positions.shape, paddle.to_tensor(g.page_table.astype(np.int64)),
-                         paddle.to_tensor(g.positions.astype(np.int64))) for g in groups]
+        self.index = paddle.to_tensor((slots.astype(np.int64)[:, None] + offsets[None, :]).reshape(-1))
+        self.groups = [(g.start, g.positions.shape, kernels.Plan.build(g.positions, heads, kv_heads,
+                                                                       g.page_table.shape[1] * kernels.PAGE,
+                                                                       g.page_table, pool.pages)) for g in groups]
 
     def __call__(self, layer: int, q, k, v, scale: float) -> paddle.Tensor:
-        n, dim = self.rows, q.shape[-1]
-        for pool, new in ((self.pool.k[layer], k), (self.pool.v[layer], v)):
-            paddle.scatter_(pool.reshape([-1, dim]), self.index, new[:n].astype(pool.dtype).reshape([-1, dim]),
-                            overwrite=True)
+        n = self.rows
+        for flat, new in ((self.pool.k_rows[layer], k), (self.pool.v_rows[layer], v)):
+            paddle.scatter_(flat, self.index, new[:n].astype(flat.dtype).reshape([-1, flat.shape[1]]), overwrite=True)
         outs = []
-        for start, (count, t), table, positions in self.tensors:
-            rows = q[start : start + count * t]
-            if t == 1:
-                outs.append(kernels.decode_attention(rows, self.pool.k[layer], self.pool.v[layer], table,
-                                                     positions[:, 0] + 1, scale))
-            else:
-                outs.append(kernels.paged_attention(rows.unsqueeze(0), self.pool.k[layer], self.pool.v[layer], table,
-                                                    positions, scale)[0])
+        for start, (count, t), plan in self.groups:
+            rows = q[start : start + count * t].reshape([count, t, *q.shape[1:]])
+            out = kernels.paged_attention(rows, self.pool.k[layer], self.pool.v[layer], plan, scale)
+            outs.append(out.reshape([count * t, *q.shape[1:]]))
         return pad_rows(paddle.concat(outs) if len(outs) > 1 else outs[0], q.shape[0])

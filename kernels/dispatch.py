@@ -15,7 +15,7 @@ from types import ModuleType
 import paddle
 
 from kernels import reference
-from kernels.reference import MAX_ROWS, MIN_ROWS, PAGE  # noqa: F401  (re-exported: callers pad to them)
+from kernels.reference import MAX_ROWS, MIN_ROWS, PAGE, Plan  # noqa: F401  (re-exported for callers)
 
 
 @functools.cache
@@ -104,10 +104,16 @@ def decode_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.T
     return out
 
 
-def paged_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Tensor, page_table: paddle.Tensor,
-                    positions: paddle.Tensor, scale: float) -> paddle.Tensor:
-    """Several queries per sequence (a prefill chunk) over the paged cache; Paddle ops on every place."""
-    return reference.paged_attention(q, k_pages, v_pages, page_table, positions, scale)
+def paged_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Tensor, plan: Plan,
+                    scale: float) -> paddle.Tensor:
+    """q ``[G, T, H, D]`` of the plan's sequences over their pages: the decode kernel when T is 1 on a GPU,
+    Paddle ops otherwise (prefill chunks, and everything on CPU)."""
+    ops = _gpu(q)
+    if ops is None or q.shape[1] != 1:
+        return reference.paged_attention(q, k_pages, v_pages, plan, scale)
+    out = paddle.empty_like(q[:, 0])
+    ops.decode_attention(q[:, 0].contiguous(), k_pages, v_pages, plan.page_table, plan.lengths, scale, out)
+    return out.unsqueeze(1)
 
 
 def causal_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, scale: float) -> paddle.Tensor:

@@ -6,6 +6,9 @@ so the two agree to within one rounding of the output dtype.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import paddle
 
 # Elements converted per step by cast_copy_: bounds its temporary to 16 MiB of float32 whatever the tensor size.
@@ -19,6 +22,9 @@ MAX_ROWS = 128
 LANES = 16
 # KV-cache page size in tokens; attention pads key lengths to a multiple of it.
 PAGE = 16
+# Softmax weights below exp(EXP_FLOOR) of the largest are raised to it (masked keys stay exactly 0): 4e-18 is far
+# below float32's resolution, and it keeps denormal numbers (which make a CPU GEMM 200x slower) out of attention.
+EXP_FLOOR = -40.0
 
 
 def _f32(x: paddle.Tensor) -> paddle.Tensor:
@@ -59,14 +65,15 @@ def rms_norm(
 
 
 def rotary(q: paddle.Tensor, k: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor):
-    """Rotated copies of q ``[B, T, H, D]`` and k ``[B, T, Hkv, D]`` with cos/sin ``[T, D/2]`` (rotate-half
-    form). Differentiable: the training forward uses this one."""
-    c, s = _f32(cos)[None, :, None, :], _f32(sin)[None, :, None, :]
-    out = []
-    for x in (q, k):
-        x1, x2 = paddle.chunk(_f32(x), 2, axis=-1)
-        out.append(paddle.concat([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype))
-    return out[0], out[1]
+    """Rotated copies of q ``[B, T, H, D]`` and k ``[B, T, Hkv, D]`` with cos/sin ``[T, D/2]`` (rotate-half form),
+    computed on q and k together with cos/sin expanded first: a broadcast over middle axes is many times slower
+    here than same-shape math. Differentiable: the training forward uses this one."""
+    heads = q.shape[2]
+    x = paddle.concat([_f32(q), _f32(k)], axis=2)
+    cos, sin = (_f32(t)[None, :, None, :].expand([*x.shape[:3], t.shape[-1]]) for t in (cos, sin))
+    x1, x2 = paddle.chunk(x, 2, axis=-1)
+    out = paddle.concat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out[:, :, :heads].astype(q.dtype), out[:, :, heads:].astype(k.dtype)
 
 
 def rotary_(q: paddle.Tensor, k: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> None:
@@ -83,7 +90,7 @@ def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:
 
 def attend(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, allowed: paddle.Tensor, scale: float) -> paddle.Tensor:
     """The attention every path shares: q ``[Hkv, G, R, D]`` (R query rows per group g), k/v ``[Hkv, G, L, D]``,
-    ``allowed`` ``[G, R, L]`` -> float32 ``[Hkv, G, R, D]``.
+    ``allowed`` ``[1, G, R, L]`` -> float32 ``[Hkv, G, R, D]``.
 
     Written so that a query row's result depends only on its own query and its allowed keys, not on R, L or G:
     both GEMMs have at least ``MIN_ROWS`` rows (padded by the callers), keys past a row's position weigh exactly 0
@@ -92,35 +99,73 @@ def attend(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, allowed: paddle
     alone (see ``infer.model``).
     """
     s = paddle.matmul(_f32(q) * scale, _f32(k), transpose_y=True)  # [Hkv, G, R, L]
-    s = paddle.where(allowed.unsqueeze(0), s, paddle.full([1], float("-inf"), s.dtype))
-    p = paddle.exp(s - s.max(axis=-1, keepdim=True))
+    s = paddle.where(allowed, s, _constant(float("-inf")))
+    z = paddle.clip(s - s.max(axis=-1, keepdim=True), min=EXP_FLOOR)
+    p = paddle.where(allowed, paddle.exp(z), _constant(0.0))
     return paddle.matmul(p, _f32(v)) / p.sum(axis=-1, keepdim=True)
 
 
-def _query_rows(q: paddle.Tensor, kv_heads: int) -> tuple[paddle.Tensor, int]:
-    """q ``[G, T, H, D]`` as ``[Hkv, G, R, D]`` rows (t, head in group), padded with zero rows to ``MIN_ROWS``."""
+_constants: dict[float, paddle.Tensor] = {}
+
+
+def _constant(value: float) -> paddle.Tensor:
+    if value not in _constants:
+        _constants[value] = paddle.full([1], value, "float32")
+    return _constants[value]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What attention needs that is the same in every layer of a forward, built once (with numpy) per step:
+    G sequences with T queries each; query (g, t) sits at ``positions[g, t]`` and sees that sequence's keys
+    0..position. For a paged cache also the sequences' pages (``page_table`` ``[G, nb]``) and the gather index."""
+
+    positions: np.ndarray  # [G, T]
+    heads: int
+    kv_heads: int
+    length: int  # keys per sequence, a multiple of PAGE
+    allowed: paddle.Tensor  # [1, G, R, L]
+    page_table: paddle.Tensor | None = None  # [G, nb] int64
+    lengths: paddle.Tensor | None = None  # [G] int64: last position + 1 (the decode kernel's view)
+    index: paddle.Tensor | None = None  # rows of the pages viewed as [Hkv * N, PAGE * D]
+
+    @property
+    def rows(self) -> int:
+        """Query rows per group and kv head: T times the group size, at least MIN_ROWS."""
+        return self.allowed.shape[2]
+
+    @staticmethod
+    def build(positions: np.ndarray, heads: int, kv_heads: int, length: int, page_table: np.ndarray | None = None,
+              pages: int = 0) -> Plan:
+        group = heads // kv_heads
+        pos = np.repeat(positions.astype(np.int64), group, axis=1)  # row (t, j): the position of query t
+        if pos.shape[1] < MIN_ROWS:
+            pos = np.concatenate([pos, np.repeat(pos[:, -1:], MIN_ROWS - pos.shape[1], axis=1)], axis=1)
+        allowed = paddle.to_tensor(np.arange(length)[None, None, :] <= pos[:, :, None]).unsqueeze(0)
+        if page_table is None:
+            return Plan(positions, heads, kv_heads, length, allowed)
+        table = page_table.astype(np.int64)
+        index = (np.arange(kv_heads, dtype=np.int64)[:, None, None] * pages + table[None]).reshape(-1)
+        return Plan(positions, heads, kv_heads, length, allowed, paddle.to_tensor(table),
+                    paddle.to_tensor(positions[:, -1].astype(np.int64) + 1), paddle.to_tensor(index))
+
+
+def _query_rows(q: paddle.Tensor, plan: Plan) -> paddle.Tensor:
+    """q ``[G, T, H, D]`` as ``[Hkv, G, R, D]`` rows (t, head in group), padded with zero rows up to R."""
     g_count, t, heads, dim = q.shape
-    group = heads // kv_heads
-    rows = q.reshape([g_count, t, kv_heads, group, dim]).transpose([2, 0, 1, 3, 4]).reshape([kv_heads, g_count,
-                                                                                              t * group, dim])
-    if t * group < MIN_ROWS:
-        rows = paddle.concat([rows, paddle.zeros([kv_heads, g_count, MIN_ROWS - t * group, dim], rows.dtype)], 2)
-    return rows, t * group
+    kv = plan.kv_heads
+    rows = q.reshape([g_count, t, kv, heads // kv, dim]).transpose([2, 0, 1, 3, 4]).reshape([kv, g_count, -1, dim])
+    if rows.shape[2] < plan.rows:
+        rows = paddle.concat([rows, paddle.zeros([kv, g_count, plan.rows - rows.shape[2], dim], rows.dtype)], 2)
+    return rows
 
 
-def _from_rows(out: paddle.Tensor, real: int, t: int, heads: int) -> paddle.Tensor:
+def _from_rows(out: paddle.Tensor, q_shape: list[int]) -> paddle.Tensor:
     """``[Hkv, G, R, D]`` attention rows back to ``[G, T, H, D]``."""
-    kv_heads, g_count, _, dim = out.shape
-    out = out[:, :, :real].reshape([kv_heads, g_count, t, heads // kv_heads, dim])
+    g_count, t, heads, dim = q_shape
+    kv = out.shape[0]
+    out = out[:, :, : t * heads // kv].reshape([kv, g_count, t, heads // kv, dim])
     return out.transpose([1, 2, 0, 3, 4]).reshape([g_count, t, heads, dim])
-
-
-def _allowed(positions: paddle.Tensor, group: int, rows: int, length: int) -> paddle.Tensor:
-    """``[G, rows, L]``: row (t, j) of group g sees keys ``0 .. positions[g, t]``; padding rows copy the last."""
-    pos = positions.astype("int64").repeat_interleave(group, axis=1)  # [G, T*group]
-    if pos.shape[1] < rows:
-        pos = paddle.concat([pos, pos[:, -1:].expand([pos.shape[0], rows - pos.shape[1]])], axis=1)
-    return paddle.arange(length, dtype="int64").reshape([1, 1, length]) <= pos.unsqueeze(-1)
 
 
 def causal_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, scale: float) -> paddle.Tensor:
@@ -133,41 +178,39 @@ def causal_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, scale
     if length > t:
         pad = paddle.zeros([kv_heads, batch, length - t, dim], "float32")
         keys, values = paddle.concat([keys, pad], 2), paddle.concat([values, pad], 2)
-    rows, real = _query_rows(q, kv_heads)
-    positions = paddle.arange(t, dtype="int64").unsqueeze(0).expand([batch, t])
-    out = attend(rows, keys, values, _allowed(positions, heads // kv_heads, rows.shape[2], length), scale)
-    return _from_rows(out, real, t, heads).astype(q.dtype)
+    plan = Plan.build(np.tile(np.arange(t), (batch, 1)), heads, kv_heads, length)
+    out = attend(_query_rows(q, plan), keys, values, plan.allowed, scale)
+    return _from_rows(out, list(q.shape)).astype(q.dtype)
 
 
-def gather_pages(pages: paddle.Tensor, page_table: paddle.Tensor) -> paddle.Tensor:
-    """Pages ``[Hkv, N, PAGE, D]`` of each sequence's table ``[G, nb]`` as contiguous keys ``[Hkv, G, nb*PAGE, D]``."""
+def gather_pages(pages: paddle.Tensor, plan: Plan) -> paddle.Tensor:
+    """Pages ``[Hkv, N, PAGE, D]`` of the plan's sequences as contiguous keys ``[Hkv, G, nb*PAGE, D]``."""
     kv_heads, count, page, dim = pages.shape
-    g_count, blocks = page_table.shape
-    index = (paddle.arange(kv_heads, dtype="int64").reshape([-1, 1, 1]) * count
-             + page_table.astype("int64").unsqueeze(0)).reshape([-1])
     flat = pages.reshape([kv_heads * count, page * dim])
     if flat.dtype == paddle.float16:  # no float16 gather on CPU: move the same bits as int16
-        gathered = paddle.gather(flat.view(paddle.int16), index).view(paddle.float16)
+        gathered = paddle.gather(flat.view(paddle.int16), plan.index).view(paddle.float16)
     else:
-        gathered = paddle.gather(flat, index)
-    return gathered.reshape([kv_heads, g_count, blocks * page, dim])
+        gathered = paddle.gather(flat, plan.index)
+    return gathered.reshape([kv_heads, plan.positions.shape[0], plan.length, dim])
 
 
-def paged_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Tensor, page_table: paddle.Tensor,
-                    positions: paddle.Tensor, scale: float) -> paddle.Tensor:
-    """Attention over a paged KV cache: q ``[G, T, H, D]`` of G sequences, pages ``[Hkv, N, PAGE, D]``, each
-    sequence's pages in ``page_table`` ``[G, nb]``; query (g, t) sees that sequence's keys 0..positions[g, t]."""
-    g_count, t, heads, _ = q.shape
-    kv_heads = k_pages.shape[0]
-    keys, values = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)
-    rows, real = _query_rows(q, kv_heads)
-    allowed = _allowed(positions, heads // kv_heads, rows.shape[2], keys.shape[2])
-    return _from_rows(attend(rows, keys, values, allowed, scale), real, t, heads).astype(q.dtype)
+def paged_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Tensor, plan: Plan,
+                    scale: float) -> paddle.Tensor:
+    """Attention over a paged KV cache: q ``[G, T, H, D]`` of the plan's G sequences, pages ``[Hkv, N, PAGE, D]``."""
+    keys, values = gather_pages(k_pages, plan), gather_pages(v_pages, plan)
+    out = attend(_query_rows(q, plan), keys, values, plan.allowed, scale)
+    return _from_rows(out, list(q.shape)).astype(q.dtype)
+
+
+def decode_plan(page_table: np.ndarray, lengths: np.ndarray, heads: int, kv_heads: int, pages: int) -> Plan:
+    """The plan of one new query per sequence at ``lengths - 1``, over that sequence's pages."""
+    return Plan.build((lengths.astype(np.int64) - 1)[:, None], heads, kv_heads, page_table.shape[1] * PAGE,
+                      page_table, pages)
 
 
 def decode_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Tensor, page_table: paddle.Tensor,
                      lengths: paddle.Tensor, scale: float) -> paddle.Tensor:
     """One new query per sequence, q ``[B, H, D]``, against the first ``lengths[b]`` keys of its pages
     (``[Hkv, N, PAGE, D]``, table ``[B, nb]``). Grouped-query: query head h reads kv head ``h // (H // Hkv)``."""
-    positions = (lengths.astype("int64") - 1).unsqueeze(1)
-    return paged_attention(q.unsqueeze(1), k_pages, v_pages, page_table, positions, scale).squeeze(1)
+    plan = decode_plan(page_table.numpy(), lengths.numpy(), q.shape[1], k_pages.shape[0], k_pages.shape[1])
+    return paged_attention(q.unsqueeze(1), k_pages, v_pages, plan, scale).squeeze(1)
