@@ -251,8 +251,8 @@ class Engine:
                     worked = self.step()
                 except Exception:  # noqa: BLE001 - a bug must not kill the loop: fail what was running
                     log.exception("engine step failed; failing its requests")
-                    for seq in self._prefilling + self._decoding:
-                        self._fail(seq.request, 500, "the engine failed on this request; see the server log")
+                    for request in {id(s.request): s.request for s in self._prefilling + self._decoding}.values():
+                        self._fail(request, 500, "the engine failed on this request; see the server log")
                     worked = True
                 if not worked:
                     with self._cv:

@@ -19,6 +19,9 @@ CAST_CHUNK = 1 << 22
 # multiple of MIN_ROWS and run GEMMs in blocks of at most MAX_ROWS; shapes are kept multiples of LANES.
 MIN_ROWS = 8
 MAX_ROWS = 128
+# Attention's second GEMM (weights x values) is row-invariant from 2 rows on (measured for head sizes 16-128 and
+# 16-1024 keys): the softmax between the GEMMs runs on the real query rows only, at least this many.
+SOFTMAX_ROWS = 2
 LANES = 16
 # KV-cache page size in tokens; attention pads key lengths to a multiple of it.
 PAGE = 16
@@ -90,7 +93,7 @@ def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:
 
 def attend(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, allowed: paddle.Tensor, scale: float) -> paddle.Tensor:
     """The attention every path shares: q ``[Hkv, G, R, D]`` (R query rows per group g), k/v ``[Hkv, G, L, D]``,
-    ``allowed`` ``[1, G, R, L]`` -> float32 ``[Hkv, G, R, D]``.
+    ``allowed`` ``[1, G, R', L]`` for the first R' <= R rows -> float32 ``[Hkv, G, R', D]``.
 
     Written so that a query row's result depends only on its own query and its allowed keys, not on R, L or G:
     both GEMMs have at least ``MIN_ROWS`` rows (padded by the callers), keys past a row's position weigh exactly 0
@@ -99,6 +102,8 @@ def attend(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, allowed: paddle
     alone (see ``infer.model``).
     """
     s = paddle.matmul(_f32(q) * scale, _f32(k), transpose_y=True)  # [Hkv, G, R, L]
+    if s.shape[2] > allowed.shape[2]:
+        s = s[:, :, : allowed.shape[2]]  # the padding rows were for the GEMM only
     s = paddle.where(allowed, s, _constant(float("-inf")))
     z = paddle.clip(s - s.max(axis=-1, keepdim=True), min=EXP_FLOOR)
     p = paddle.where(allowed, paddle.exp(z), _constant(0.0))
@@ -124,29 +129,26 @@ class Plan:
     heads: int
     kv_heads: int
     length: int  # keys per sequence, a multiple of PAGE
-    allowed: paddle.Tensor  # [1, G, R, L]
+    rows: int  # query rows per group and kv head in the first GEMM: T times the group size, at least MIN_ROWS
+    allowed: paddle.Tensor  # [1, G, R', L] for the rows the softmax keeps (at least SOFTMAX_ROWS)
     page_table: paddle.Tensor | None = None  # [G, nb] int64
     lengths: paddle.Tensor | None = None  # [G] int64: last position + 1 (the decode kernel's view)
     index: paddle.Tensor | None = None  # rows of the pages viewed as [Hkv * N, PAGE * D]
-
-    @property
-    def rows(self) -> int:
-        """Query rows per group and kv head: T times the group size, at least MIN_ROWS."""
-        return self.allowed.shape[2]
 
     @staticmethod
     def build(positions: np.ndarray, heads: int, kv_heads: int, length: int, page_table: np.ndarray | None = None,
               pages: int = 0) -> Plan:
         group = heads // kv_heads
         pos = np.repeat(positions.astype(np.int64), group, axis=1)  # row (t, j): the position of query t
-        if pos.shape[1] < MIN_ROWS:
-            pos = np.concatenate([pos, np.repeat(pos[:, -1:], MIN_ROWS - pos.shape[1], axis=1)], axis=1)
+        if pos.shape[1] < SOFTMAX_ROWS:
+            pos = np.concatenate([pos, np.repeat(pos[:, -1:], SOFTMAX_ROWS - pos.shape[1], axis=1)], axis=1)
         allowed = paddle.to_tensor(np.arange(length)[None, None, :] <= pos[:, :, None]).unsqueeze(0)
+        rows = max(pos.shape[1], MIN_ROWS)
         if page_table is None:
-            return Plan(positions, heads, kv_heads, length, allowed)
+            return Plan(positions, heads, kv_heads, length, rows, allowed)
         table = page_table.astype(np.int64)
         index = (np.arange(kv_heads, dtype=np.int64)[:, None, None] * pages + table[None]).reshape(-1)
-        return Plan(positions, heads, kv_heads, length, allowed, paddle.to_tensor(table),
+        return Plan(positions, heads, kv_heads, length, rows, allowed, paddle.to_tensor(table),
                     paddle.to_tensor(positions[:, -1].astype(np.int64) + 1), paddle.to_tensor(index))
 
 
