@@ -13,5 +13,6 @@ def __getattr__(name: str):
     if name in __all__:
         from kernels import dispatch
 
-        return getattr(dispatch, name)
+        value = globals()[name] = getattr(dispatch, name)  # looked up once: ops are called per layer per step
+        return value
     raise AttributeError(f"module 'kernels' has no attribute {name!r}")
