@@ -13,6 +13,7 @@ forward (``forward``), a request served alone, and the same request among 63 oth
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Protocol
 
@@ -43,12 +44,42 @@ BATCH_INVARIANT = os.environ.get("BATON_BATCH_INVARIANT", "1") != "0"
 
 def row_matmul(x: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
     """``x @ w`` for rows ``x`` ``[M, in]`` (M a multiple of ``kernels.MIN_ROWS``), in blocks of at most
-    ``kernels.MAX_ROWS`` rows: every block takes the same GEMM path, so a row's result does not depend on M."""
+    ``kernels.MAX_ROWS`` rows: every block takes the same GEMM path, so a row's result does not depend on M.
+    On every core where that stays true for this shape (``gemm_threads``), else on one."""
     w = w if w.dtype == x.dtype else w.astype(x.dtype)
     step = kernels.MAX_ROWS
-    if x.shape[0] <= step or not BATCH_INVARIANT:
-        return paddle.matmul(x, w)
-    return paddle.concat([paddle.matmul(x[i : i + step], w) for i in range(0, x.shape[0], step)])
+    threads = gemm_threads(w.shape[0], w.shape[1], x.dtype) if x.place.is_cpu_place() else 1
+    if threads > 1:
+        paddle.base.core.set_num_threads(threads)
+    try:
+        if x.shape[0] <= step or not BATCH_INVARIANT:
+            return paddle.matmul(x, w)
+        return paddle.concat([paddle.matmul(x[i : i + step], w) for i in range(0, x.shape[0], step)])
+    finally:
+        if threads > 1:
+            paddle.base.core.set_num_threads(1)
+
+
+@functools.cache
+def gemm_threads(n_in: int, n_out: int, dtype: paddle.dtype) -> int:
+    """Cores a ``[M, n_in] @ [n_in, n_out]`` GEMM may use. Paddle's CPU kernels use one core; a GEMM on several
+    is about 1.5x faster, but for some shapes the library then splits the work differently for small and large
+    M, and a row's result would depend on its batch. Measured once per shape: every core when the rows of
+    every M (multiples of MIN_ROWS up to MAX_ROWS) equal those of M = MAX_ROWS, else one."""
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2 or not BATCH_INVARIANT:
+        return 1
+    rng = np.random.default_rng(0)
+    x = paddle.to_tensor(rng.standard_normal((kernels.MAX_ROWS, n_in), np.float32)).astype(dtype)
+    w = paddle.to_tensor(rng.standard_normal((n_in, n_out), np.float32)).astype(dtype)
+    paddle.base.core.set_num_threads(cores)
+    try:
+        full = paddle.matmul(x, w).numpy()
+        same = all(np.array_equal(paddle.matmul(x[:m], w).numpy(), full[:m])
+                   for m in range(kernels.MIN_ROWS, kernels.MAX_ROWS, kernels.MIN_ROWS))
+    finally:
+        paddle.base.core.set_num_threads(1)
+    return cores if same else 1
 
 
 class RMSNorm(paddle.nn.Layer):
