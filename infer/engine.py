@@ -8,8 +8,8 @@ its weight version) from admission to its last token, so every reply comes from 
 requests hold nothing. Requests that cannot be admitted wait in order; nothing is refused for lack of room
 unless it could never fit.
 
-Results go to each request's ``sink`` as events (``Started``, ``Scored``, ``Token``, ``Finished``, ``Failed``),
-from the engine's thread: the HTTP layer hands them to its event loop.
+Results go to each request's ``sink`` as events (``infer.events``), from the engine's thread: the HTTP layer
+hands them to its event loop.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import paddle
 import paddle.nn.functional as F
 
 import kernels
+from infer.events import Event, Failed, Finished, Logprob, Scored, Started, Token
 from infer.kvcache import Group, KVPool, PagedStep, pages_for
 from infer.metrics import Metrics
 from infer.model import Decoder
@@ -36,51 +37,6 @@ from infer.sampling import SamplingParams, TextStream, rng_for, sample
 from infer.tokenizer import EOS, to_bytes
 
 log = logging.getLogger("baton.engine")
-
-
-# ---- what the engine tells a request --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Logprob:
-    logprob: float  # raw log-softmax of the model's logits, before temperature and top-p
-    top: tuple[tuple[int, float], ...]  # the k most likely tokens, most likely first
-
-
-@dataclass(frozen=True)
-class Started:
-    version: str
-
-
-@dataclass(frozen=True)
-class Scored:
-    prompt: int
-    tokens: tuple[int, ...]
-    logprobs: tuple[Logprob | None, ...]  # None for the first token (nothing predicts it)
-
-
-@dataclass(frozen=True)
-class Token:
-    choice: int
-    token: int
-    text: str  # the text this token releases (may be empty: held back for a stop string or a split character)
-    offset: int  # where this token's text starts in the choice's text
-    logprob: Logprob | None
-
-
-@dataclass(frozen=True)
-class Finished:
-    choice: int
-    reason: str  # "stop", "length" or "abort"
-    text: str  # text held back until the end
-
-
-@dataclass(frozen=True)
-class Failed:
-    status: int
-    message: str
-
-
-Event = Started | Scored | Token | Finished | Failed
 
 
 class Busy(Exception):
@@ -263,7 +219,7 @@ class Engine:
         self._take_inbox()
         self._reap()
         self._admit()
-        decode = [s for s in self._decoding]
+        decode = list(self._decoding)
         room = max(self.settings.max_batched_tokens - len(decode), 0)
         chunks: list[tuple[Sequence, int]] = []
         for seq in self._prefilling:

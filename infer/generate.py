@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from infer.engine import Engine, EngineConfig, Event, Failed, Finished, Logprob, Scored, Token
+from infer.engine import Engine, EngineConfig
+from infer.events import Event, Failed, Finished, Logprob, Scored, Token
 from infer.model import Decoder
 from infer.sampling import SamplingParams, sample  # noqa: F401  (re-exported: the public names of generation)
 

@@ -48,7 +48,9 @@ def row_matmul(x: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
     On every core where that stays true for this shape (``gemm_threads``), else on one."""
     w = w if w.dtype == x.dtype else w.astype(x.dtype)
     step = kernels.MAX_ROWS
-    threads = gemm_threads(w.shape[0], w.shape[1], x.dtype) if x.place.is_cpu_place() else 1
+    threads = 1
+    if x.place.is_cpu_place():
+        threads = gemm_threads(w.shape[0], w.shape[1], x.dtype) if BATCH_INVARIANT else len(os.sched_getaffinity(0))
     if threads > 1:
         paddle.base.core.set_num_threads(threads)
     try:
@@ -67,7 +69,7 @@ def gemm_threads(n_in: int, n_out: int, dtype: paddle.dtype) -> int:
     M, and a row's result would depend on its batch. Measured once per shape: every core when the rows of
     every M (multiples of MIN_ROWS up to MAX_ROWS) equal those of M = MAX_ROWS, else one."""
     cores = len(os.sched_getaffinity(0))
-    if cores < 2 or not BATCH_INVARIANT:
+    if cores < 2:
         return 1
     rng = np.random.default_rng(0)
     x = paddle.to_tensor(rng.standard_normal((kernels.MAX_ROWS, n_in), np.float32)).astype(dtype)

@@ -8,7 +8,8 @@ import paddle
 import pytest
 
 from infer.config import get_config
-from infer.engine import Engine, EngineConfig, Finished, Started, Token
+from infer.engine import Engine, EngineConfig
+from infer.events import Finished, Started, Token
 from infer.generate import Fixed, collect, complete, generate
 from infer.model import build_model, token_logprobs
 from infer.sampling import SamplingParams
