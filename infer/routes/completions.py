@@ -134,12 +134,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         metrics.completion(400)
         return error(400, str(exc))
     first = await channel.next(request)
-    if first is None:
-        app.engine.abort(job)
-        return Response(status_code=499)
-    if isinstance(first, Failed):
-        metrics.completion(first.status)
-        return error(first.status, first.message, "service_unavailable" if first.status == 503 else "server_error")
+    if (refusal := _refusal(first, app.engine, job, metrics)) is not None:
+        return refusal
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model or app.model_name, "weight_version": first.version}
     headers = {VERSION_HEADER: first.version}
@@ -150,15 +146,22 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                                  media_type="text/event-stream", headers=headers)
     while any(c.finish_reason is None for c in choices):
         event = await channel.next(request)
-        if event is None:
-            app.engine.abort(job)
-            return Response(status_code=499)
-        if isinstance(event, Failed):
-            metrics.completion(event.status)
-            return error(event.status, event.message, "server_error")
+        if (refusal := _refusal(event, app.engine, job, metrics)) is not None:
+            return refusal
         _apply(event, choices, body.n, usage)
     metrics.completion(200, usage.prompt, usage.completion)
     return JSONResponse(head | {"choices": [c.to_json() for c in choices], "usage": usage.to_json()}, headers=headers)
+
+
+def _refusal(event: Event | None, engine, job, metrics) -> Response | None:
+    """The reply of a request that ends without a result: its client left (499) or the engine failed it."""
+    if event is None:
+        engine.abort(job)
+        return Response(status_code=499)
+    if isinstance(event, Failed):
+        metrics.completion(event.status)
+        return error(event.status, event.message, "service_unavailable" if event.status == 503 else "server_error")
+    return None
 
 
 class Usage:
