@@ -226,7 +226,8 @@ def table(records: list[StepRecord]) -> str:
     for r in records:
         mismatch = "-" if r.mismatch is None else f"{r.mismatch:.1e}"
         lines.append(f"{r.step:>4}  {','.join(r.rollout_versions):<16}{r.staleness_max:>9}{r.reward_mean:>8.3f}"
-                     f"{mismatch:>10}{r.is_ratio:>9.3f}{r.version:>11}{r.publish_s:>10.2f}{r.sync_s:>8.2f}{r.bytes:>10}")
+                     f"{mismatch:>10}{r.is_ratio:>9.3f}{r.version:>11}{r.publish_s:>10.2f}{r.sync_s:>8.2f}"
+                     f"{r.bytes:>10}")
     return "\n".join(lines)
 
 

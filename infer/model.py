@@ -50,7 +50,8 @@ def row_matmul(x: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
     w = w if w.dtype == x.dtype else w.astype(x.dtype)
     step = kernels.MAX_ROWS
     if x.place.is_cpu_place():
-        _use_threads(gemm_threads(w.shape[0], w.shape[1], x.dtype) if BATCH_INVARIANT else len(os.sched_getaffinity(0)))
+        cores = gemm_threads(w.shape[0], w.shape[1], x.dtype) if BATCH_INVARIANT else len(os.sched_getaffinity(0))
+        _use_threads(cores)
     if x.shape[0] <= step or not BATCH_INVARIANT:
         return paddle.matmul(x, w)
     return paddle.concat([paddle.matmul(x[i : i + step], w) for i in range(0, x.shape[0], step)])

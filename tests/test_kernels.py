@@ -153,7 +153,8 @@ def test_paged_and_causal_attention_are_bit_identical_per_row():
     kp, vp = pd(paged(k, table, 16), "float32"), pd(paged(v, table, 16), "float32")
     lengths = pd(np.array([37, 9, 21]), "int64")
     rows = [36, 8, 20]
-    decoded = reference.decode_attention(pd(q[np.arange(3), rows], "float32"), kp, vp, pd(table, "int64"), lengths, 0.25)
+    decoded = reference.decode_attention(pd(q[np.arange(3), rows], "float32"), kp, vp, pd(table, "int64"), lengths,
+                                         0.25)
     np.testing.assert_array_equal(decoded.numpy(), full[np.arange(3), rows])
     plan = reference.Plan.build(np.arange(10, 21)[None], 4, 2, table.shape[1] * reference.PAGE, table[2:3], 16)
     chunk = reference.paged_attention(pd(q[2:3, 10:21], "float32"), kp, vp, plan, 0.25)

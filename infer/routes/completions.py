@@ -64,7 +64,8 @@ class Choice:
     def __init__(self, index: int, logprobs: bool):
         self.index, self.text, self.token_ids, self.finish_reason = index, "", [], None
         self.base = 0  # characters of echoed prompt before the completion's text
-        self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} if logprobs else None
+        self.logprobs = ({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                         if logprobs else None)
 
     def echo(self, event: Scored) -> tuple[str, dict | None]:
         stream = TextStream(to_bytes, ())
