@@ -67,22 +67,14 @@ class Choice:
         self.logprobs = ({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
                          if logprobs else None)
 
-    def echo(self, event: Scored) -> tuple[str, dict | None]:
-        stream = TextStream(to_bytes, ())
-        offsets = []
-        for token in event.tokens:
-            offsets.append(stream.offset)
-            stream.push(token)
-        text = stream.text + stream.close()
-        part = _logprobs(list(event.tokens), list(event.logprobs) or [None] * len(event.tokens), offsets) \
-            if self.logprobs is not None else None
-        self._add(text, list(event.tokens), part)
+    def echo(self, text: str, tokens: list[int], part: dict | None) -> None:
+        self._add(text, tokens, part)
         self.base = len(self.text)
-        return text, part
 
     def token(self, event: Token) -> dict | None:
-        part = _logprobs([event.token], [event.logprob], [self.base + event.offset]) \
-            if self.logprobs is not None else None
+        part = None
+        if self.logprobs is not None:
+            part = _logprobs([event.token], [event.logprob], [self.base + event.offset])
         self._add(event.text, [event.token], part)
         return part
 
@@ -177,11 +169,18 @@ class Usage:
 def _apply(event: Event, choices: list[Choice], n: int, usage: Usage) -> list[dict]:
     """Adds an event to the reply; returns the stream chunks' choices it makes."""
     if isinstance(event, Scored):
+        tokens, stream, offsets = list(event.tokens), TextStream(to_bytes, ()), []
+        for token in tokens:
+            offsets.append(stream.offset)
+            stream.push(token)
+        text = stream.text + stream.close()
+        part = None
+        if choices[0].logprobs is not None:
+            part = _logprobs(tokens, list(event.logprobs) or [None] * len(tokens), offsets)
         out = []
         for c in choices[event.prompt * n : (event.prompt + 1) * n]:
-            text, part = c.echo(event)
-            out.append({"index": c.index, "text": text, "logprobs": part, "finish_reason": None,
-                        "token_ids": list(event.tokens)})
+            c.echo(text, tokens, part)
+            out.append({"index": c.index, "text": text, "logprobs": part, "finish_reason": None, "token_ids": tokens})
         return out
     if isinstance(event, Token):
         usage.completion += 1
