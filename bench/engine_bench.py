@@ -267,7 +267,6 @@ def summarize(rows: list[dict], hf_rows: list[dict], invariance: dict, diff: flo
     by = {(r["path"], r["concurrency"]): r for r in rows}
     hf = {r["batch"]: r for r in hf_rows}
     big = 32 if 32 in levels else max(levels)
-    single = by[("in-process", 1)]["tokens_per_s"]
     ratio = lambda path, c: by[(path, c)]["tokens_per_s"]  # noqa: E731
     targets = [
         (f"in-process, {big} concurrent vs single-stream tokens/s", ratio("in-process", big) / ratio("in-process", 1),

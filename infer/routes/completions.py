@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from infer.events import Event, Failed, Finished, Logprob, Scored, Started, Token
+from infer.events import Event, Failed, Finished, Logprob, Scored, Token
 from infer.routes.common import error
 from infer.sampling import MAX_LOGPROBS, MAX_N, SamplingParams, TextStream
 from infer.tokenizer import encode, to_bytes, token_str
