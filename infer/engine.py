@@ -219,6 +219,7 @@ class Engine:
         self._take_inbox()
         self._reap()
         self._admit()
+        self._update_gauges()  # before the forward: a client may read its first token before the step ends
         decode = list(self._decoding)
         room = max(self.settings.max_batched_tokens - len(decode), 0)
         chunks: list[tuple[Sequence, int]] = []
@@ -229,7 +230,6 @@ class Engine:
             chunks.append((seq, take))
             room -= take
         if not decode and not chunks:
-            self._update_gauges()
             return False
         for slot in {id(s.request.slot): s.request.slot for s in decode + [c for c, _ in chunks]}.values():
             self._forward(slot, [s for s in decode if s.request.slot is slot],

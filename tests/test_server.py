@@ -395,7 +395,8 @@ def test_a_dropped_stream_frees_its_sequence_at_the_next_step(small_server):
     url = small_server
     before = float(_metric(url, "baton:generation_tokens_total"))
     with long_stream(url) as s:
-        next(line for line in s.iter_lines() if line.startswith("data: "))
+        lines = s.iter_lines()  # kept: a discarded line iterator would close the stream here already
+        next(line for line in lines if line.startswith("data: "))
         assert _metric(url, "baton:num_requests_running") == "1.0"
     deadline = time.monotonic() + 10
     while _metric(url, "baton:num_requests_running") != "0.0" or _metric(url, "baton:kv_cache_usage_perc") != "0.0":
@@ -404,6 +405,18 @@ def test_a_dropped_stream_frees_its_sequence_at_the_next_step(small_server):
     assert float(_metric(url, "baton:generation_tokens_total")) - before < 400  # stopped long before its 800
     text = httpx.get(f"{url}/metrics").text
     assert "baton:time_to_first_token_seconds_count" in text and "baton:inter_token_latency_seconds_count" in text
+
+
+def test_a_client_that_gives_up_on_a_reply_frees_its_sequence(small_server):
+    url = small_server
+    before = float(_metric(url, "baton:generation_tokens_total"))
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 800, "ignore_eos": True}, timeout=1)
+    deadline = time.monotonic() + 10
+    while _metric(url, "baton:num_requests_running") != "0.0":
+        assert time.monotonic() < deadline, "the abandoned request still holds its sequence"
+        time.sleep(0.05)
+    assert float(_metric(url, "baton:generation_tokens_total")) - before < 400
 
 
 def test_an_in_place_update_ends_requests_past_the_drain_timeout(small_server):

@@ -44,18 +44,24 @@ class Channel:
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._check_at = 0.0
 
     def __call__(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
-    async def next(self, request: Request) -> Event | None:
-        """The next event, or None once the client has gone away."""
+    async def next(self, request: Request | None) -> Event | None:
+        """The next event, or None once the client has gone away (checked every ``DISCONNECT_POLL`` seconds, also
+        while events keep coming). Without a ``request`` it never checks: a streamed reply is cancelled by
+        Starlette when its client goes away."""
         while True:
+            if request is not None and time.monotonic() >= self._check_at:
+                self._check_at = time.monotonic() + DISCONNECT_POLL
+                if await request.is_disconnected():
+                    return None
             try:
                 return await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL)
             except TimeoutError:
-                if await request.is_disconnected():
-                    return None
+                continue
 
 
 class Choice:
@@ -126,7 +132,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     except ValueError as exc:
         metrics.completion(400)
         return error(400, str(exc))
-    first = await channel.next(request)
+    first = await channel.next(None if body.stream else request)  # a stream learns of a disconnect from Starlette
     if (refusal := _refusal(first, app.engine, job, metrics)) is not None:
         return refusal
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -202,9 +208,7 @@ async def _sse(head: dict, choices: list[Choice], n: int, channel: Channel, requ
     done = False
     try:
         while any(c.finish_reason is None for c in choices):
-            event = await channel.next(request)
-            if event is None:
-                return
+            event = await channel.next(None)  # Starlette cancels this generator when the client goes away
             if isinstance(event, Failed):
                 yield f"data: {json.dumps({'error': {'message': event.message, 'code': event.status}})}\n\n"
                 return
