@@ -38,9 +38,11 @@ class Fixed:
 
 
 def generate(model: Decoder, prompts: list[list[int]], params: SamplingParams,
-             settings: EngineConfig = EngineConfig()) -> list[Completion]:
-    """Every choice (``len(prompts) * params.n``, in OpenAI's order) of one request, run to the end."""
+             settings: EngineConfig | None = None) -> list[Completion]:
+    """Every choice (``len(prompts) * params.n``, in OpenAI's order) of one request, run to the end. By default
+    the KV pool holds just this request's sequences, not a server's worth."""
     events: list[Event] = []
+    settings = settings or EngineConfig(max_num_seqs=len(prompts) * params.n)
     engine = Engine(Fixed(model), model.config, settings)
     engine.submit(prompts, params, events.append)
     engine.run_until_idle()
