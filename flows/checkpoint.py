@@ -8,10 +8,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from storage.fs import join, listing, open_fs
-from storage.reader import checkpoint_files as storage_checkpoint_files
-from storage.reader import read_state_file
-from storage.tp import reshard
+from storage import checkpoint_files as storage_checkpoint_files
+from storage import join, listing, open_fs, read_state_file, reshard
 
 STEP_DIR = re.compile(r"step_(\d+)")
 DONE_MARKER = "COMPLETE"

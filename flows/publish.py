@@ -12,8 +12,7 @@ from prefect.futures import as_completed
 
 import storage
 from flows.checkpoint import serving_shard
-from storage.fs import open_fs
-from storage.layout import manifest_name
+from storage import manifest_name, open_fs
 
 Runner = Literal["threads", "dask", "ray"]
 DEFAULT_PART_BYTES = 512 << 20
@@ -73,7 +72,7 @@ def publish_ranks(source: str, snapshot_root: str, version: str, part_bytes: int
     without a nested flow run: each flow run costs about a second of Prefect bookkeeping here)."""
     if serving_tp < 1:
         raise ValueError(f"serving_tp must be at least 1, got {serving_tp}")
-    storage.layout.check_id(version)
+    storage.check_id(version)
     progress = create_progress_artifact(0.0, description=f"publishing {version}: ranks done out of {serving_tp}")
     rows = []
     with task_runner(runner) as pool:

@@ -35,10 +35,7 @@ from infer.config import ModelConfig
 from infer.engine import Busy
 from infer.metrics import Metrics
 from infer.model import Decoder
-from storage import layout
-from storage.reader import apply_source, check_source
-from storage.tensorfile import code_of_numpy, code_of_paddle
-from storage.tp import shard_views
+from storage import apply_source, check_source, code_of_numpy, code_of_paddle, layout, shard_views
 
 log = logging.getLogger("baton.serve")
 MODES = ("in_place", "double_buffer")

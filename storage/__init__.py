@@ -12,14 +12,21 @@ from .errors import (
     TornSnapshotError,
     UnsafeCheckpointError,
 )
-from .layout import Level
-from .reader import LoadReport, load_snapshot, probe_levels, resolve
-from .tp import LLAMA_TP_RULES, merge_state_dicts, reshard, split_state_dict
+from .apply import apply_source, check_source
+from .checkpoint import checkpoint_files, read_state_file
+from .fs import join, listing, open_fs
+from .layout import Level, check_id, manifest_name
+from .reader import LoadReport, load_snapshot
+from .resolve import Source, probe_levels, resolve
+from .tensorfile import code_of_numpy, code_of_paddle
+from .tp import LLAMA_TP_RULES, merge_state_dicts, reshard, shard_views, split_state_dict
 from .writer import PublishReport, VersionInfo, list_versions, prune, publish
 
 __all__ = [
     "IncompatibleTargetError", "PartialApplyError", "SnapshotError", "SnapshotExistsError", "SnapshotNotFoundError",
     "TornSnapshotError", "UnsafeCheckpointError", "Level", "LoadReport", "load_snapshot", "probe_levels", "resolve",
+    "Source", "apply_source", "check_source", "checkpoint_files", "read_state_file",
     "PublishReport", "VersionInfo", "list_versions", "prune", "publish",
-    "LLAMA_TP_RULES", "merge_state_dicts", "reshard", "split_state_dict",
+    "LLAMA_TP_RULES", "merge_state_dicts", "reshard", "shard_views", "split_state_dict",
+    "open_fs", "join", "listing", "check_id", "manifest_name", "code_of_numpy", "code_of_paddle",
 ]

@@ -7,7 +7,7 @@ from typing import Any
 
 from .errors import TornSnapshotError
 from .layout import Level
-from .reader import Source, probe_levels, resolve
+from .resolve import Source, probe_levels, resolve
 from .writer import digests
 
 _CHUNK = 8 << 20

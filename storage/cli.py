@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 
-from . import audit, layout, reader, writer
+from . import audit, checkpoint, layout, writer
 from .errors import SnapshotError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
@@ -29,13 +29,13 @@ def human(n: float) -> str:
 
 def _sources(src: str, rank: int) -> list[tuple[int, str]]:
     """(rank, file) pairs: one file (as ``rank``), or every ``model_state.tp{r}.pdparams`` in a directory."""
-    return [(rank if r is None else r, url) for r, url in reader.checkpoint_files(src)]
+    return [(rank if r is None else r, url) for r, url in checkpoint.checkpoint_files(src)]
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
     layout.check_id(args.id)  # before reading a possibly huge source
     for rank, src in _sources(args.src, args.rank):
-        state = reader.read_state_file(src)
+        state = checkpoint.read_state_file(src)
         r = writer.publish(state, args.to, args.id, rank, part_bytes=args.part_size, overwrite=args.overwrite, progress=True)
         print(f"published {r.version} rank {r.rank}: {r.parts} parts, {human(r.bytes)} in {r.seconds:.2f} s "
               f"({r.gbps:.2f} GB/s) -> {r.manifest_url}")

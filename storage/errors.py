@@ -37,13 +37,15 @@ class SnapshotExistsError(SnapshotError, FileExistsError):
 
 
 class PartialApplyError(SnapshotError, RuntimeError):
-    """Applying failed after some live bytes changed (storage died or a part changed under the reader).
+    """Applying failed after live bytes changed (storage died, or a part changed under the reader).
 
     Everything checkable is checked before the first write, so this only happens when storage misbehaves
-    during the load; the target holds a mix of versions and the caller must restore it (``applied`` lists
-    the tensors already written).
+    during the load. ``applied`` lists every tensor touched, the one in progress included (it may hold half
+    old, half new bytes); the target holds a mix of versions and the caller must restore it.
     """
 
     def __init__(self, message: str, applied: list[str]):
-        self.applied = applied
-        super().__init__(f"{message} (after {len(applied)} tensors were written: the target is torn, restore it)")
+        self.applied = list(applied)
+        names = ", ".join(repr(n) for n in applied[:5]) + (f", … {len(applied) - 5} more" if len(applied) > 5 else "")
+        super().__init__(f"{message} (after {len(applied)} tensors were touched: {names}; the target is torn, "
+                         "restore it)")

@@ -11,10 +11,11 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .errors import TornSnapshotError
-from .tensorfile import DTYPES
+from .tensorfile import DTYPES, MAX_DIMS, parse_json
 
 FORMAT = "baton.snapshot"
 FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 64 << 20  # ~500k tensors; refused before it is downloaded
 
 
 @dataclass(frozen=True)
@@ -64,24 +65,83 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes, path: str) -> Manifest:
-        try:
-            doc = json.loads(raw)
-            if doc.get("format") != FORMAT:
-                raise TornSnapshotError(path, f"not a Baton manifest (format {doc.get('format')!r})")
-            if not isinstance(doc.get("format_version"), int) or doc["format_version"] > FORMAT_VERSION:
-                raise TornSnapshotError(
-                    path, f"manifest format_version {doc.get('format_version')!r} is newer than this Baton "
-                    f"understands ({FORMAT_VERSION}): upgrade baton")
-            parts = [PartRecord(**p) for p in doc["parts"]]
-            tensors = {n: TensorRecord(t["dtype"], tuple(t["shape"]), t["part"]) for n, t in doc["tensors"].items()}
-            m = cls(doc["id"], doc["rank"], float(doc["published_at"]), parts, tensors, dict(doc.get("metadata") or {}))
-        except TornSnapshotError:
-            raise
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise TornSnapshotError(path, f"manifest is unreadable ({type(exc).__name__}: {exc})") from None
+        """Parse and type-check every field; anything off is a ``TornSnapshotError`` naming the field."""
+        doc = parse_json(raw, path, "manifest")
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+            raise TornSnapshotError(path, f"not a Baton manifest (format {str(found)[:80]!r})")
+        version = doc.get("format_version")
+        if not _is_int(version) or version > FORMAT_VERSION:
+            raise TornSnapshotError(path, f"manifest format_version {str(version)[:40]!r} is newer than this Baton "
+                                    f"understands ({FORMAT_VERSION}): upgrade baton")
+        fields = _Fields(path)
+        parts_doc = fields.get(doc, "parts", list)
+        if not parts_doc:
+            raise TornSnapshotError(path, "manifest lists no parts: not a complete publish; publish the version again")
+        parts = []
+        for i, p in enumerate(parts_doc):
+            where = f"parts[{i}]"
+            p = fields.of(p, where, dict)
+            parts.append(PartRecord(
+                fields.get(p, "file", str, where), fields.count(p, "index", where), fields.count(p, "bytes", where),
+                fields.digest(p, "sha256", 64, where), fields.digest(p, "xxh3_128", 32, where),
+                fields.count(p, "tensors", where)))
+        tensors = {}
+        for name, t in fields.get(doc, "tensors", dict).items():
+            where = f"tensors[{name[:80]!r}]"
+            t = fields.of(t, where, dict)
+            shape = fields.get(t, "shape", list, where)
+            if len(shape) > MAX_DIMS or not all(_is_int(d) and 0 <= d < 1 << 63 for d in shape):
+                raise TornSnapshotError(path, f"manifest field {where}.shape is not a list of at most {MAX_DIMS} sizes "
+                                        "in [0, 2**63)")
+            dtype = fields.get(t, "dtype", str, where)
+            if dtype not in DTYPES:
+                raise TornSnapshotError(path, f"manifest field {where}.dtype {dtype[:20]!r} is not a safetensors dtype")
+            tensors[name] = TensorRecord(dtype, tuple(shape), fields.count(t, "part", where))
+        metadata = doc.get("metadata") or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise TornSnapshotError(path, "manifest field metadata must map strings to strings")
+        published_at = fields.get(doc, "published_at", (int, float))
+        m = cls(fields.get(doc, "id", str), fields.count(doc, "rank"), float(published_at), parts, tensors, metadata)
         if [p.index for p in parts] != list(range(len(parts))):
             raise TornSnapshotError(path, "manifest parts are not numbered 0..N-1")
         for name, t in tensors.items():
-            if t.dtype not in DTYPES or not 0 <= t.part < len(parts):
-                raise TornSnapshotError(path, f"manifest entry for tensor {name!r} is invalid")
+            if t.part >= len(parts):
+                raise TornSnapshotError(path, f"manifest puts tensor {name[:80]!r} in part {t.part}, which it does not list")
         return m
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Fields:
+    """Typed access to a parsed JSON document; every refusal names the file and the field."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def of(self, value: object, where: str, kind) -> object:
+        if not isinstance(value, kind) or isinstance(value, bool):
+            names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise TornSnapshotError(self.path, f"manifest field {where} is a {type(value).__name__}, expected {names}")
+        return value
+
+    def get(self, doc: dict, key: str, kind, where: str = "") -> object:
+        name = f"{where}.{key}" if where else key
+        if key not in doc:
+            raise TornSnapshotError(self.path, f"manifest field {name} is missing")
+        return self.of(doc[key], name, kind)
+
+    def count(self, doc: dict, key: str, where: str = "") -> int:
+        value = self.get(doc, key, int, where)
+        if not 0 <= value < 1 << 63:
+            raise TornSnapshotError(self.path, f"manifest field {where}.{key} = {value} is out of range")
+        return value
+
+    def digest(self, doc: dict, key: str, hex_digits: int, where: str) -> str:
+        value = self.get(doc, key, str, where)
+        if len(value) != hex_digits or value.strip("0123456789abcdef"):
+            raise TornSnapshotError(self.path, f"manifest field {where}.{key} is not a {hex_digits}-digit hex digest: "
+                                    "refusing a part that cannot be checked; publish the version again")
+        return value

@@ -9,9 +9,10 @@ live parameters, and checks every header field before trusting it.
 
 from __future__ import annotations
 
+import codecs
 import json
-import math
 import struct
+from operator import attrgetter
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +44,8 @@ _BY_NUMPY = {np.dtype(np.bool_): "BOOL", np.dtype(np.uint8): "U8", np.dtype(np.i
              np.dtype(np.int32): "I32", np.dtype(np.uint32): "U32", np.dtype(np.float32): "F32",
              np.dtype(np.float64): "F64", np.dtype(np.int64): "I64", np.dtype(np.uint64): "U64"}
 
-MAX_HEADER_BYTES = 100 << 20
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+MAX_DIMS = 64  # numpy's
 HEADER_PROBE_BYTES = 64 << 10  # one read that holds the whole header of any ordinary part
 
 
@@ -64,7 +66,7 @@ def itemsize(code: str) -> int:
     return DTYPES[code][0].itemsize
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
     name: str
     dtype: str  # safetensors code
@@ -113,33 +115,88 @@ def header_length(prefix: bytes, path: str, file_size: int) -> int:
     return length
 
 
+def parse_json(raw: bytes | str, path: str, what: str, object_pairs_hook=None) -> object:
+    """JSON with bounded integers and nesting: a hostile document is refused, it never raises something else."""
+    try:
+        return json.loads(raw, parse_int=_bounded_int, parse_constant=_no_constant, object_pairs_hook=object_pairs_hook)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise TornSnapshotError(path, f"{what} is not valid JSON ({reason})") from None
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 20:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _no_constant(text: str) -> float:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _compact(pairs: list[tuple[str, object]]) -> object:
+    """Each JSON object as cheaply as it can be held: an entry ``{dtype, shape, data_offsets}`` becomes a tuple as
+    soon as it is parsed, anything else stays the list of its pairs (a dict per tensor would cost ~10x the
+    header's bytes; this keeps a hostile header of tiny entries near 5x)."""
+    if len(pairs) == 3:
+        d = dict(pairs)
+        shape, offsets = d.get("shape"), d.get("data_offsets")
+        if d.keys() == {"dtype", "shape", "data_offsets"} and type(shape) is list and type(offsets) is list:
+            return _Entry((d["dtype"], tuple(shape), *offsets))
+    return _Pairs(pairs)
+
+
+class _Entry(tuple):
+    __slots__ = ()
+
+
+class _Pairs(list):
+    __slots__ = ()
+
+
+def _tensor_entry(name: str, info: object, data_start: int, file_size: int, path: str) -> TensorEntry:
+    ok = isinstance(info, _Entry) and len(info) == 4
+    if ok:
+        code, shape, begin, end = info
+        ok = type(code) is str and code in DTYPES and len(shape) <= MAX_DIMS
+        ok = ok and all(type(d) is int and 0 <= d < 1 << 63 for d in shape)
+        ok = ok and type(begin) is int and type(end) is int and 0 <= begin <= end <= file_size
+    if not ok:
+        raise TornSnapshotError(path, f"header entry {name[:80]!r} is malformed: expected "
+                                "{dtype, shape, data_offsets} with a known dtype and sizes in range")
+    count = 1
+    for d in shape:  # bounded by the file, so a hostile shape never makes a huge integer
+        count = min(count * d, file_size + 1)
+    if count * itemsize(code) != end - begin:
+        raise TornSnapshotError(path, f"tensor {name[:80]!r}: shape {list(shape)} {code} does not match {end - begin} bytes")
+    return TensorEntry(name, code, shape, data_start + begin, data_start + end)
+
+
 def parse_header(raw: bytes, path: str, file_size: int) -> Header:
     """Validate a header completely: dtypes, shapes, offsets that tile the data exactly, and the file size."""
     length = header_length(raw, path, file_size)
     if len(raw) < 8 + length:
-        raise ValueError("parse_header needs the whole header")
-    try:
-        doc = json.loads(raw[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TornSnapshotError(path, f"header is not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
+        raise TornSnapshotError(path, f"read {len(raw)} bytes of a {8 + length}-byte header (truncated while reading?)")
+    try:  # decoded straight from the buffer: no bytes copy of the header next to its text
+        text = codecs.decode(memoryview(raw)[8 : 8 + length], "utf-8")
+    except UnicodeDecodeError as exc:
+        raise TornSnapshotError(path, f"header is not UTF-8 ({exc})") from None
+    doc = parse_json(text, path, "header", object_pairs_hook=_compact)
+    del text
+    if not isinstance(doc, _Pairs):
         raise TornSnapshotError(path, "header is not a JSON object")
-    metadata = doc.pop("__metadata__", None) or {}
-    data_start = 8 + length
-    entries = []
-    for name, info in doc.items():
-        try:
-            code, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            ok = code in DTYPES and all(isinstance(d, int) and d >= 0 for d in shape)
-            ok = ok and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise TornSnapshotError(path, f"header entry {name!r} is malformed: {info!r}")
-        if math.prod(shape) * itemsize(code) != end - begin:
-            raise TornSnapshotError(path, f"tensor {name!r}: shape {list(shape)} {code} does not match {end - begin} bytes")
-        entries.append(TensorEntry(name, code, shape, data_start + begin, data_start + end))
-    entries.sort(key=lambda e: (e.start, e.end))
+    data_start, metadata = 8 + length, {}
+    for i, (name, info) in enumerate(doc):  # replaced in place, so the parsed form and the entries never coexist
+        if name == "__metadata__":
+            if not isinstance(info, _Pairs) or not all(type(v) is str for _, v in info):
+                raise TornSnapshotError(path, "header __metadata__ must map strings to strings")
+            metadata, doc[i] = dict(info), None
+        else:
+            doc[i] = _tensor_entry(name, info, data_start, file_size, path)
+    entries = [e for e in doc if e is not None]
+    del doc
+    entries.sort(key=attrgetter("end"))  # two stable sorts on int keys: no (start, end) tuple per tensor
+    entries.sort(key=attrgetter("start"))
     cursor = data_start
     for e in entries:
         if e.start != cursor:
@@ -148,4 +205,4 @@ def parse_header(raw: bytes, path: str, file_size: int) -> Header:
     if cursor != file_size:
         why = "truncated" if cursor > file_size else "has trailing bytes"
         raise TornSnapshotError(path, f"file is {file_size} bytes but its header describes {cursor} ({why})")
-    return Header(tuple(entries), data_start, file_size, {str(k): str(v) for k, v in dict(metadata).items()})
+    return Header(tuple(entries), data_start, file_size, metadata)

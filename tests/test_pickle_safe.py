@@ -62,7 +62,7 @@ def test_non_tensor_entries_are_refused(tmp_path):
 def test_a_trainer_file_is_read_into_tensors_that_equal_what_was_saved(tmp_path):
     """``read_state_file`` (the flows' reader) adopts the unpickled arrays without copying: values, dtypes
     (bfloat16 included) and empty tensors come through exactly."""
-    from storage.reader import read_state_file
+    from storage import read_state_file
 
     state = make_state(seed=4) | {"empty": paddle.zeros([0, 3]).astype("bfloat16")}
     paddle.save(state, str(tmp_path / "model_state.pdparams"))

@@ -1,0 +1,289 @@
+"""Applying a resolved source to live tensors, so that a bad snapshot never touches them unannounced.
+
+Order: (1) check every name, shape and dtype against the target, and that every target can be written;
+(2) with ``verify="full"``, hash every part against the manifest; only then (3) stream each part into the live
+tensors. Local parts are read with ``readinto`` straight into the parameters' memory; remote parts are
+fetched ``prefetch`` at a time and dropped once applied. Files are read, never memory-mapped: a part
+truncated while mapped would kill the process with SIGBUS. Once the first byte of a target has changed,
+any failure is a ``PartialApplyError`` naming every tensor touched, so the caller knows to restore.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Union
+
+import numpy as np
+import xxhash
+from tqdm.auto import tqdm
+
+from .errors import IncompatibleTargetError, PartialApplyError, TornSnapshotError
+from .fs import is_local
+from .resolve import Source, url_of
+from .tensorfile import DTYPES, Header, code_of_numpy, code_of_paddle
+
+HASH_WINDOW = 256 << 10
+_FLOATS = {"F16", "BF16", "F32", "F64"}
+Target = Union[Mapping[str, Any], Any]  # a dict of paddle tensors / numpy arrays, or a paddle.nn.Layer
+CopyFn = Callable[[Any, Any], None]  # (live paddle tensor, loaded paddle tensor) -> None, in place
+
+
+def target_table(into: Target) -> dict[str, Any]:
+    if isinstance(into, Mapping):
+        return dict(into)
+    if hasattr(into, "state_dict"):
+        return dict(into.state_dict())
+    raise TypeError(f"into must be a paddle.nn.Layer or a dict of tensors, not {type(into).__name__}")
+
+
+def _code_of(t: Any) -> str:
+    return code_of_numpy(t.dtype) if isinstance(t, np.ndarray) else code_of_paddle(t.dtype)
+
+
+def _unwritable(t: Any) -> str | None:
+    """Why ``t`` cannot take bytes in place, or None."""
+    if isinstance(t, np.ndarray):
+        return None if t.flags.writeable else "is a read-only numpy array"
+    if not hasattr(t, "place") or not hasattr(t, "dtype"):
+        return f"is a {type(t).__name__}, not a tensor"
+    return None
+
+
+def check_fits(index: Mapping[str, tuple[str, tuple[int, ...]]], targets: Mapping[str, Any], where: str, cast: bool) -> None:
+    """Every difference between snapshot and target, reported at once; raises before anything is written."""
+    problems = [f"missing tensor {n!r}" for n in sorted(set(targets) - set(index))]
+    problems += [f"unexpected tensor {n!r} (not in the target)" for n in sorted(set(index) - set(targets))]
+    for name in sorted(set(index) & set(targets)):
+        code, shape = index[name]
+        t = targets[name]
+        why = _unwritable(t)
+        if why:
+            problems.append(f"{name!r}: the target {why}")
+            continue
+        if tuple(int(d) for d in t.shape) != shape:
+            problems.append(f"{name!r}: shape {list(shape)} in the snapshot, {list(t.shape)} in the target")
+        tcode = _code_of(t)
+        if tcode != code and not (cast and code in _FLOATS and tcode in _FLOATS):
+            problems.append(f"{name!r}: dtype {code} in the snapshot, {tcode} in the target (pass cast=True to convert floats)")
+    if problems:
+        more = f"; … and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise IncompatibleTargetError(f"{where} does not fit the target: " + "; ".join(problems[:20]) + more)
+
+
+def _host_view(dst: Any, code: str) -> np.ndarray | None:
+    """A writable flat byte view of ``dst``'s own memory when the bytes can land there as they are."""
+    if isinstance(dst, np.ndarray):
+        ok = dst.flags.c_contiguous and dst.flags.writeable and code_of_numpy(dst.dtype) == code
+        return dst.reshape(-1).view(np.uint8) if ok else None
+    if code_of_paddle(dst.dtype) != code or not dst.place.is_cpu_place() or not dst.is_contiguous():
+        return None
+    import paddle
+
+    t = dst.detach()
+    if code == "BF16":
+        t = t.view(paddle.uint16)
+    elif code.startswith("F8"):
+        t = t.view(paddle.uint8)
+    if t.numel() == 0:
+        return np.empty(0, np.uint8)
+    try:
+        return np.from_dlpack(t).reshape(-1).view(np.uint8)
+    except (BufferError, RuntimeError, TypeError):
+        return None
+
+
+def _copy_converted(dst: Any, raw: np.ndarray, code: str, shape: tuple[int, ...], copy_fn: CopyFn | None) -> None:
+    """The slow path: a dtype cast or a device copy, one tensor-sized temporary at most."""
+    arr = raw.view(DTYPES[code][0]).reshape(shape)
+    if isinstance(dst, np.ndarray):
+        if code == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        np.copyto(dst, arr, casting="unsafe")
+        return
+    import paddle
+
+    src = paddle.to_tensor(arr, place=dst.place)
+    if code == "BF16":
+        src = src.view(paddle.bfloat16)
+    elif code.startswith("F8"):
+        src = src.view(getattr(paddle, DTYPES[code][1]))
+    if copy_fn is not None:
+        copy_fn(dst, src)
+        return
+    with paddle.no_grad():
+        paddle.assign(src if src.dtype == dst.dtype else src.astype(dst.dtype), output=dst)
+
+
+def _apply_bytes(dst: Any, data: np.ndarray, code: str, shape, copy_fn: CopyFn | None) -> None:
+    view = _host_view(dst, code) if copy_fn is None else None
+    if view is not None:
+        np.copyto(view, data)
+    else:
+        _copy_converted(dst, data, code, shape, copy_fn)
+
+
+def _readinto(f, buf: memoryview | np.ndarray, url: str) -> None:
+    mv, got = memoryview(buf).cast("B"), 0
+    while got < mv.nbytes:
+        n = f.readinto(mv[got:])
+        if not n:
+            raise TornSnapshotError(url, f"file ended after {got} of {mv.nbytes} bytes while reading "
+                                    "(truncated or replaced while loading?)")
+        got += n
+
+
+def _hash_local(path: str) -> str:
+    """xxh3_128 of a local file through one reused buffer: memory stays at the window, whatever happens to the file."""
+    h, buf = xxhash.xxh3_128(), bytearray(HASH_WINDOW)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(memoryview(buf)[:n])
+    return h.hexdigest()
+
+
+def _hash_remote(fs, path: str) -> str:
+    return xxhash.xxh3_128(fs.cat_file(path)).hexdigest()
+
+
+def _verify_all(src: Source, prefetch: int) -> None:
+    todo = [(p, d) for p, d in zip(src.files, src.digests) if d]
+    hasher = _hash_local if is_local(src.fs) else functools.partial(_hash_remote, src.fs)
+    with ThreadPoolExecutor(max(1, prefetch)) as pool:
+        for (path, expected), got in zip(todo, pool.map(_guarded(hasher, src.fs), [p for p, _ in todo])):
+            if got != expected:
+                raise TornSnapshotError(url_of(src.fs, path), f"xxh3_128 {got} does not match the manifest's "
+                                        f"{expected} (corrupt or replaced): publish the version again")
+
+
+def _guarded(fn, fs):
+    """``fn(path)`` with a vanished file reported as a torn snapshot that names it."""
+    def run(path: str):
+        try:
+            return fn(path)
+        except FileNotFoundError:
+            raise TornSnapshotError(url_of(fs, path), "disappeared while loading (pruned or replaced?); load "
+                                    "again, or publish the version again if it was pruned") from None
+    return run
+
+
+def _fetch_parts(src: Source, prefetch: int) -> Iterator[tuple[int, bytes | None]]:
+    """Parts in order; remote bodies fetched ``prefetch`` ahead so I/O overlaps applying."""
+    if is_local(src.fs):
+        yield from ((i, None) for i in range(len(src.files)))
+        return
+    fetch = _guarded(src.fs.cat_file, src.fs)
+    with ThreadPoolExecutor(max(1, prefetch)) as pool:
+        futures = [pool.submit(fetch, p) for p in src.files[:prefetch]]
+        for i in range(len(src.files)):
+            blob = futures.pop(0).result()
+            if i + prefetch < len(src.files):
+                futures.append(pool.submit(fetch, src.files[i + prefetch]))
+            yield i, blob
+            del blob
+
+
+def _apply_blob(blob: bytes, header: Header, targets, copy_fn: CopyFn | None, touched: list[str]) -> None:
+    for e in header.entries:
+        touched.append(e.name)
+        _apply_bytes(targets[e.name], np.frombuffer(blob, np.uint8, e.nbytes, e.start), e.dtype, e.shape, copy_fn)
+
+
+def _apply_file(path: str, url: str, header: Header, targets, copy_fn: CopyFn | None, h, touched: list[str], bar) -> None:
+    with open(path, "rb", buffering=0) as f:  # unbuffered: readinto lands in the parameter itself
+        if os.fstat(f.fileno()).st_size != header.file_size:
+            raise TornSnapshotError(url, f"is {os.fstat(f.fileno()).st_size} bytes now, {header.file_size} when it "
+                                    "was checked (replaced while loading?)")
+        head = bytearray(header.data_start)
+        _readinto(f, head, url)
+        if h is not None:
+            h.update(head)
+        for e in header.entries:
+            dst = targets[e.name]
+            view = _host_view(dst, e.dtype) if copy_fn is None else None
+            buf = view if view is not None else np.empty(e.nbytes, np.uint8)
+            if view is not None:
+                touched.append(e.name)  # from here on its bytes may be half old, half new
+            f.seek(e.start)
+            _readinto(f, buf, url)
+            if h is not None:
+                h.update(buf)
+            if view is None:
+                touched.append(e.name)
+                _copy_converted(dst, buf, e.dtype, e.shape, copy_fn)
+            bar.update(e.nbytes)
+
+
+def _apply(src: Source, targets: Mapping[str, Any], verify: str, copy_fn: CopyFn | None, prefetch: int, bar) -> None:
+    touched: list[str] = []
+    if src.arrays is not None:
+        index = src.index()
+        try:
+            for name, arr in src.arrays.items():
+                raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+                touched.append(name)
+                _apply_bytes(targets[name], raw, index[name][0], index[name][1], copy_fn)
+                bar.update(raw.nbytes)
+        except Exception as exc:
+            raise PartialApplyError(f"{src.urls()[0]}: {type(exc).__name__}: {exc}", touched) from exc
+        return
+    url = url_of(src.fs, src.files[0])
+    try:
+        for i, blob in _fetch_parts(src, prefetch):
+            url, expected = url_of(src.fs, src.files[i]), (src.digests[i] if verify != "none" else None)
+            h = xxhash.xxh3_128() if expected else None
+            if blob is None:
+                _apply_file(src.files[i], url, src.headers[i], targets, copy_fn, h, touched, bar)
+            else:
+                if len(blob) != src.sizes[i]:
+                    raise TornSnapshotError(url, f"read {len(blob)} bytes, expected {src.sizes[i]} (changed while loading?)")
+                if h is not None:
+                    h.update(blob)
+                    if h.hexdigest() != expected:  # a fetched part is checked before any of it is applied
+                        raise TornSnapshotError(url, "checksum does not match the manifest (corrupt or replaced): "
+                                                "publish the version again")
+                _apply_blob(blob, src.headers[i], targets, copy_fn, touched)
+                bar.update(len(blob))
+            if h is not None and h.hexdigest() != expected:
+                raise TornSnapshotError(url, "checksum does not match the manifest (changed after it was verified?)")
+    except Exception as exc:
+        if not touched:
+            if isinstance(exc, (TornSnapshotError, OSError)):
+                raise
+            raise TornSnapshotError(url, f"{type(exc).__name__}: {exc}") from exc
+        raise PartialApplyError(f"{url}: {exc}", touched) from exc
+
+
+def check_source(src: Source, into: Target, *, verify: str = "full", cast: bool = False, prefetch: int = 2) -> None:
+    """Everything that can be known before a byte of ``into`` changes: names, shapes and dtypes fit, every target
+    is writable, and with ``verify="full"`` every part's checksum. A server checks every rank's source this way
+    before applying any."""
+    where = src.urls()[0] + (f" (+{len(src.files) - 1} more parts)" if len(src.files) > 1 else "")
+    check_fits(src.index(), target_table(into), where, cast)
+    if verify == "full" and any(src.digests):
+        _verify_all(src, prefetch)
+
+
+def apply_source(
+    src: Source, into: Target | None, *, verify: str = "full", cast: bool = False, copy_fn: CopyFn | None = None,
+    prefetch: int = 2, progress: bool = False, label: str = "load",
+) -> tuple[dict[str, Any], str]:
+    """Check ``src`` against the target, verify, apply; returns the target table and what was verified."""
+    index = src.index()
+    if into is None:
+        import paddle
+
+        targets = {n: paddle.empty(list(shape), dtype=DTYPES[code][1]) for n, (code, shape) in index.items()}
+    else:
+        targets = target_table(into)
+    check_source(src, targets, verify=verify, cast=cast, prefetch=prefetch)
+    has_digests = any(src.digests)
+    with tqdm(total=src.bytes, unit="B", unit_scale=True, desc=label, disable=not progress) as bar:
+        _apply(src, targets, verify, copy_fn, prefetch, bar)
+    if not has_digests or verify == "none":
+        verified = "sizes and headers only" + ("" if has_digests else " (no manifest: no checksums to check)")
+    else:
+        verified = "xxh3_128 before apply" if verify == "full" else "xxh3_128 while applying"
+    return targets, verified

@@ -1,0 +1,245 @@
+"""Finding a snapshot: probe levels 1-4 in order and return the first complete one, fully checked for structure.
+
+Nothing here reads tensor data. A level is complete when every file it needs is there with the size its
+manifest (or header) says and every header is valid; anything else is a ``TornSnapshotError`` naming the
+file, so the caller can say exactly why a level was passed over.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import layout
+from .errors import SnapshotNotFoundError, TornSnapshotError
+from .fs import join, listing, open_fs
+from .layout import Level
+from .manifest import MAX_MANIFEST_BYTES, Manifest
+from .pickle_safe import load_state_pickle
+from .tensorfile import HEADER_PROBE_BYTES, Header, code_of_numpy, header_length, parse_header
+
+log = logging.getLogger("baton.storage")
+
+
+@dataclass
+class Source:
+    """One level's files, fully validated for structure (sizes, headers, manifest agreement)."""
+
+    level: Level
+    fs: Any
+    files: list[str]
+    sizes: list[int]
+    headers: list[Header | None]
+    digests: list[str | None]  # xxh3_128 from the manifest; None where there is no manifest
+    arrays: dict[str, np.ndarray] | None = None  # level 4: the restricted-unpickled state dict
+    manifest: Manifest | None = None
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.sizes)
+
+    def urls(self) -> list[str]:
+        return [self.fs.unstrip_protocol(f) for f in self.files]
+
+    def index(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """name -> (dtype code, shape) of every tensor in the source."""
+        if self.arrays is not None:
+            # paddle.save stores bfloat16 as uint16 arrays; Paddle reads them back as bfloat16, so do we
+            return {n: ("BF16" if a.dtype == np.uint16 else code_of_numpy(a.dtype), tuple(a.shape)) for n, a in self.arrays.items()}
+        return {e.name: (e.dtype, e.shape) for h in self.headers if h for e in h.entries}
+
+
+def url_of(fs, path: str) -> str:
+    return fs.unstrip_protocol(path)
+
+
+def _vanished(fs, path: str, exc: BaseException) -> Exception:
+    """A file listed a moment ago that cannot be read now: torn (pruned or replaced) unless storage itself failed."""
+    if isinstance(exc, FileNotFoundError):
+        return TornSnapshotError(url_of(fs, path), "disappeared after it was listed (pruned or replaced while "
+                                 "loading?); load again, or publish the version again if it was pruned")
+    return exc if isinstance(exc, OSError) else OSError(f"{url_of(fs, path)}: {type(exc).__name__}: {exc}")
+
+
+def read_headers(fs, paths: list[str], sizes: list[int]) -> list[Header]:
+    """Every file's header, validated; one ranged read each for ordinary headers."""
+    if not paths:
+        return []
+    blobs = fs.cat_ranges(paths, [0] * len(paths), [min(s, HEADER_PROBE_BYTES) for s in sizes], on_error="return")
+    headers = []
+    for path, size, blob in zip(paths, sizes, blobs):
+        url = url_of(fs, path)
+        try:
+            if isinstance(blob, BaseException):
+                raise blob
+            need = 8 + header_length(blob, url, size)
+            if need > len(blob):
+                blob = fs.cat_file(path, start=0, end=need)
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, TornSnapshotError):
+                raise
+            raise _vanished(fs, path, exc) from None
+        headers.append(parse_header(blob, url, size))
+    return headers
+
+
+def _probe_parts(fs, root: str, names: Mapping[str, int], rank: int, version_id: str, strict: bool) -> Source | None:
+    found = {int(m.group(1)): n for n in names if (m := layout.part_regex(rank, version_id).fullmatch(n))}
+    manifest_file = layout.manifest_name(rank, version_id)
+    if manifest_file in names:
+        return _parts_with_manifest(fs, root, names, found, manifest_file, rank, version_id)
+    if not found:
+        return None
+    if layout.pending_name(rank, version_id) in names:
+        raise TornSnapshotError(
+            url_of(fs, join(root, layout.pending_name(rank, version_id))),
+            "a Baton publish of this version is in progress or was interrupted (parts present, no manifest yet)")
+    if strict:
+        raise TornSnapshotError(
+            url_of(fs, join(root, manifest_file)),
+            f"manifest missing for {len(found)} part file(s) (strict mode); publish with Baton, or pass "
+            "strict=False to accept FastDeploy-style parts without a manifest")
+    order = sorted(found)
+    if order != list(range(len(order))):
+        gap = next(i for i in range(len(order) + 1) if i not in found)
+        raise TornSnapshotError(
+            url_of(fs, join(root, layout.part_name(rank, version_id, gap))),
+            f"part {gap} is missing but parts {order} exist (gap in the numbering)")
+    paths = [join(root, found[i]) for i in order]
+    headers = read_headers(fs, paths, [names[found[i]] for i in order])
+    seen: dict[str, str] = {}
+    for path, h in zip(paths, headers):
+        for e in h.entries:
+            if e.name in seen:
+                raise TornSnapshotError(url_of(fs, path), f"tensor {e.name!r} also appears in {seen[e.name]}")
+            seen[e.name] = url_of(fs, path)
+    return Source(Level.PARTS, fs, paths, [names[found[i]] for i in order], headers, [None] * len(paths))
+
+
+def _read_manifest(fs, root: str, name: str, size: int) -> Manifest:
+    path = join(root, name)
+    if size > MAX_MANIFEST_BYTES:
+        raise TornSnapshotError(url_of(fs, path), f"manifest is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte "
+                                "limit: not written by Baton; remove it and publish again")
+    try:
+        raw = fs.cat_file(path)
+    except OSError as exc:
+        raise _vanished(fs, path, exc) from None
+    return Manifest.from_json(raw, url_of(fs, path))
+
+
+def _parts_with_manifest(fs, root, names, found, manifest_file, rank, version_id) -> Source:
+    m = _read_manifest(fs, root, manifest_file, names[manifest_file])
+    where = url_of(fs, join(root, manifest_file))
+    if m.id != version_id or m.rank != rank:
+        raise TornSnapshotError(where, f"manifest is for id {m.id!r} rank {m.rank}")
+    paths = []
+    for p in m.parts:
+        expected = layout.part_name(rank, version_id, p.index)
+        path = join(root, expected)
+        if p.file != expected:
+            raise TornSnapshotError(where, f"manifest names {p.file!r} as part {p.index}; that part must be called "
+                                    f"{expected!r} (a hand-edited or foreign manifest: publish the version again)")
+        if p.file not in names:
+            raise TornSnapshotError(url_of(fs, path), f"part {p.index} listed in the manifest is missing")
+        if names[p.file] != p.bytes:
+            raise TornSnapshotError(
+                url_of(fs, path), f"size {names[p.file]} bytes, manifest says {p.bytes} (truncated or replaced)")
+        paths.append(path)
+    extra = sorted(set(found) - {p.index for p in m.parts})
+    if extra:
+        raise TornSnapshotError(
+            url_of(fs, join(root, found[extra[0]])), "part file not listed in the manifest (left from another publish?)")
+    headers = read_headers(fs, paths, [p.bytes for p in m.parts])
+    count = 0
+    for index, (path, h) in enumerate(zip(paths, headers)):
+        for e in h.entries:
+            rec = m.tensors.get(e.name)
+            if rec is None or (rec.dtype, rec.shape, rec.part) != (e.dtype, e.shape, index):
+                raise TornSnapshotError(url_of(fs, path), f"tensor {e.name!r} disagrees with the manifest")
+            count += 1
+    if count != len(m.tensors):
+        raise TornSnapshotError(where, f"manifest lists {len(m.tensors)} tensors, parts hold {count}")
+    return Source(Level.PARTS, fs, paths, [p.bytes for p in m.parts], headers, [p.xxh3_128 for p in m.parts], manifest=m)
+
+
+def probe_file(fs, root: str, names: Mapping[str, int], name: str, level: Level) -> Source | None:
+    if name not in names:
+        return None
+    path = join(root, name)
+    return Source(level, fs, [path], [names[name]], read_headers(fs, [path], [names[name]]), [None])
+
+
+def _probe_fallback(url: str, rank: int, version_id: str, storage_options) -> Source | None:
+    fs, root = open_fs(url, storage_options)
+    name = layout.full_name(rank, version_id)
+    names = listing(fs, root)
+    if name not in names:
+        return None
+    path = join(root, name)
+    try:
+        head = fs.cat_file(path, start=0, end=1)
+        if head != b"\x80":  # not a pickle: FastDeploy would fail here, but a safetensors file is safe to read
+            return probe_file(fs, root, names, name, Level.FALLBACK)
+        raw = fs.cat_file(path)
+    except FileNotFoundError as exc:
+        raise _vanished(fs, path, exc) from None
+    arrays = load_state_pickle(raw, url_of(fs, path))
+    return Source(Level.FALLBACK, fs, [path], [names[name]], [None], [None], arrays=arrays)
+
+
+def probe_levels(
+    root_url: str, version_id: str, rank: int = 0, *, fallback_dir: str | None = None, strict: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> Iterator[tuple[Level, str, Source | None | TornSnapshotError]]:
+    """Each level in priority order with what is there: a complete Source, None (absent) or why it is torn."""
+    layout.check_id(version_id)
+    layout.check_rank(rank)
+    fs, root = open_fs(root_url, storage_options)
+    names = listing(fs, root)
+    base = join(root, layout.base_name(rank, version_id))
+    probes = [
+        (Level.PARTS, url_of(fs, base + ".part*.pdparams"), lambda: _probe_parts(fs, root, names, rank, version_id, strict)),
+        (Level.FULL, url_of(fs, join(root, layout.full_name(rank, version_id))),
+         lambda: probe_file(fs, root, names, layout.full_name(rank, version_id), Level.FULL)),
+        (Level.LEGACY, url_of(fs, join(root, layout.legacy_name(version_id))),
+         lambda: probe_file(fs, root, names, layout.legacy_name(version_id), Level.LEGACY)),
+    ]
+    if fallback_dir:
+        where = f"{fallback_dir.rstrip('/')}/{layout.full_name(rank, version_id)}"
+        probes.append((Level.FALLBACK, where, lambda: _probe_fallback(fallback_dir, rank, version_id, storage_options)))
+    for level, where, probe in probes:
+        try:
+            yield level, where, probe()
+        except TornSnapshotError as exc:
+            yield level, where, exc
+
+
+def resolve(
+    root_url: str, version_id: str, rank: int = 0, *, fallback_dir: str | None = None, strict: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> Source:
+    """The highest-priority complete source, or an error that lists every place checked and its state."""
+    checked: list[str] = []
+    torn: list[TornSnapshotError] = []
+    for level, where, found in probe_levels(root_url, version_id, rank, fallback_dir=fallback_dir, strict=strict,
+                                            storage_options=storage_options):
+        if isinstance(found, Source):
+            if torn:
+                log.warning("loading %s from level %d (%s): a higher level is torn: %s", version_id, level,
+                            level.label, "; ".join(map(str, torn)))
+            return found
+        if found is None:
+            checked.append(f"level {level} ({level.label}): {where}: not found")
+        else:
+            torn.append(found)
+            checked.append(f"level {level} ({level.label}): {found}")
+    if not fallback_dir:
+        checked.append(f"level 4 ({Level.FALLBACK.label}): not configured (fallback_dir=None)")
+    if torn:
+        raise TornSnapshotError(torn[0].path, torn[0].reason + "; nothing else loads. Checked:\n  - " + "\n  - ".join(checked))
+    raise SnapshotNotFoundError(layout.base_name(rank, version_id), checked)
