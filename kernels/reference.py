@@ -13,15 +13,14 @@ import paddle
 
 # Elements converted per step by cast_copy_: bounds its temporary to 16 MiB of float32 whatever the tensor size.
 CAST_CHUNK = 1 << 22
-# Batch invariance on Paddle's CPU build (measured): a GEMM with fewer rows than MIN_ROWS, or (for inner sizes
-# from about 1024) 192 rows or more, takes another code path and rounds differently; elementwise kernels round
-# their last few elements (a scalar tail shorter than LANES) differently from the rest. Callers pad rows to a
-# multiple of MIN_ROWS and run GEMMs in blocks of at most MAX_ROWS; shapes are kept multiples of LANES.
+# Batch invariance on Paddle's CPU build (measured, on Intel AVX2 and AMD AVX-512 hosts): a GEMM's row depends
+# on the row count M unless M is a multiple of MIN_ROWS (on AVX-512, M = 30 and M = 32 round a row differently
+# from inner size 16 up), and from about 1024 inner elements on 192 rows or more take another path; elementwise
+# kernels round their last few elements (a scalar tail shorter than LANES) differently from the rest. So every
+# GEMM, attention's included, runs on a multiple of MIN_ROWS rows in blocks of at most MAX_ROWS; shapes are kept
+# multiples of LANES.
 MIN_ROWS = 8
 MAX_ROWS = 128
-# Attention's second GEMM (weights x values) is row-invariant from 2 rows on (measured for head sizes 16-128 and
-# 16-1024 keys): the softmax between the GEMMs runs on the real query rows only, at least this many.
-SOFTMAX_ROWS = 2
 LANES = 16
 # KV-cache page size in tokens; attention pads key lengths to a multiple of it.
 PAGE = 16
@@ -93,17 +92,15 @@ def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:
 
 def attend(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, allowed: paddle.Tensor, scale: float) -> paddle.Tensor:
     """The attention every path shares: q ``[Hkv, G, R, D]`` (R query rows per group g), k/v ``[Hkv, G, L, D]``,
-    ``allowed`` ``[1, G, R', L]`` for the first R' <= R rows -> float32 ``[Hkv, G, R', D]``.
+    ``allowed`` ``[1, G, R, L]`` -> float32 ``[Hkv, G, R, D]``.
 
     Written so that a query row's result depends only on its own query and its allowed keys, not on R, L or G:
-    both GEMMs have at least ``MIN_ROWS`` rows (padded by the callers), keys past a row's position weigh exactly 0
+    both GEMMs run on a multiple of ``MIN_ROWS`` rows (padded by the callers), keys past a row's position weigh exactly 0
     (trailing zeros change no sum here), and ``L`` is a multiple of ``PAGE`` (no scalar tail in ``exp``). That is
     what makes a served token's logprob bit-identical to the trainer's full forward and to the same request run
     alone (see ``infer.model``).
     """
     s = paddle.matmul(_f32(q) * scale, _f32(k), transpose_y=True)  # [Hkv, G, R, L]
-    if s.shape[2] > allowed.shape[2]:
-        s = s[:, :, : allowed.shape[2]]  # the padding rows were for the GEMM only
     s = paddle.where(allowed, s, _constant(float("-inf")))
     z = paddle.clip(s - s.max(axis=-1, keepdim=True), min=EXP_FLOOR)
     p = paddle.where(allowed, paddle.exp(z), _constant(0.0))
@@ -129,8 +126,8 @@ class Plan:
     heads: int
     kv_heads: int
     length: int  # keys per sequence, a multiple of PAGE
-    rows: int  # query rows per group and kv head in the first GEMM: T times the group size, at least MIN_ROWS
-    allowed: paddle.Tensor  # [1, G, R', L] for the rows the softmax keeps (at least SOFTMAX_ROWS)
+    rows: int  # query rows R per group and kv head in both GEMMs: T times the group size, up to a multiple of MIN_ROWS
+    allowed: paddle.Tensor  # [1, G, R, L]; padding rows repeat the last query's position
     page_table: paddle.Tensor | None = None  # [G, nb] int64
     lengths: paddle.Tensor | None = None  # [G] int64: last position + 1 (the decode kernel's view)
     index: paddle.Tensor | None = None  # rows of the pages viewed as [Hkv * N, PAGE * D]
@@ -140,10 +137,9 @@ class Plan:
               pages: int = 0) -> Plan:
         group = heads // kv_heads
         pos = np.repeat(positions.astype(np.int64), group, axis=1)  # row (t, j): the position of query t
-        if pos.shape[1] < SOFTMAX_ROWS:
-            pos = np.concatenate([pos, np.repeat(pos[:, -1:], SOFTMAX_ROWS - pos.shape[1], axis=1)], axis=1)
+        rows = -(-pos.shape[1] // MIN_ROWS) * MIN_ROWS
+        pos = np.concatenate([pos, np.repeat(pos[:, -1:], rows - pos.shape[1], axis=1)], axis=1)
         allowed = paddle.to_tensor(np.arange(length)[None, None, :] <= pos[:, :, None]).unsqueeze(0)
-        rows = max(pos.shape[1], MIN_ROWS)
         if page_table is None:
             return Plan(positions, heads, kv_heads, length, rows, allowed)
         table = page_table.astype(np.int64)
