@@ -73,7 +73,7 @@ def serve(args: argparse.Namespace) -> int:
                             drain_timeout=args.drain_timeout)
     if args.version is not None:
         try:
-            info = manager.update(args.version)
+            info = manager.update(args.version, startup=True)
         except UpdateError as exc:
             raise SystemExit(f"baton serve: could not load {args.version!r} at start: {exc}") from None
     else:
@@ -108,7 +108,7 @@ def _load_newest(manager, versions: list):
 
     for v in reversed(versions):
         try:
-            return manager.update(v.id)
+            return manager.update(v.id, startup=True)
         except UpdateError as exc:
             log.warning("newest version %s does not load, trying an older one: %s", v.id, exc)
     return None

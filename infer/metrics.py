@@ -9,7 +9,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.updates = Counter("baton_weight_updates", "Weight updates by outcome", ["outcome"], registry=r)
+        self.updates = Counter("baton_weight_updates", "Weight updates (POST /v1/update_weights) by outcome",
+                               ["outcome"], registry=r)
+        self.startup_loads = Counter("baton_weight_startup_loads", "Loads at server start (not updates) by outcome",
+                                     ["outcome"], registry=r)
         self.update_seconds = Histogram("baton_weight_update_seconds", "Seconds per successful weight update",
                                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
         self.bytes_loaded = Counter("baton_weight_bytes_loaded", "Snapshot bytes loaded into live weights", registry=r)
@@ -28,10 +31,12 @@ class Metrics:
         self.inter_token = Histogram("baton:inter_token_latency_seconds", "Between consecutive tokens of a sample",
                                      buckets=latency, registry=r)
 
-    def update_done(self, outcome: str, seconds: float, nbytes: int) -> None:
-        self.updates.labels(outcome).inc()
+    def update_done(self, outcome: str, seconds: float, nbytes: int, startup: bool = False) -> None:
+        """An update (or, with ``startup``, the load at start, which is not an update) ended with ``outcome``."""
+        (self.startup_loads if startup else self.updates).labels(outcome).inc()
         if outcome == "success":
-            self.update_seconds.observe(seconds)
+            if not startup:
+                self.update_seconds.observe(seconds)
             self.bytes_loaded.inc(nbytes)
 
     def set_version(self, version: str) -> None:

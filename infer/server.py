@@ -1,11 +1,13 @@
 """The HTTP face of a server: OpenAI-shaped completions from the engine, each stamped with the weight version that
-produced it, and the weight-update routes (SGLang's reply convention). Errors use OpenAI's error body."""
+produced it, and the weight-update routes (SGLang's reply convention). Every 4xx/5xx carries OpenAI's error body,
+``{"error": {"message", "type", "code"}}``, and is counted in ``/metrics`` by the handlers below."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from infer.engine import Engine
 from infer.routes import completions, ops, weights
@@ -18,17 +20,52 @@ def create_app(manager: WeightManager, engine: Engine, model_name: str, admin_to
     app.state.manager, app.state.engine, app.state.model_name = manager, engine, model_name
     app.state.admin_token = admin_token
 
+    def reply(request: Request, status: int, message: str, kind: str | None = None,
+              headers: dict | None = None) -> JSONResponse:
+        """The error reply of a request its route did not answer itself, counted under its route's metric."""
+        path = request.url.path
+        if path == weights.UPDATE_PATH:
+            return weights.refused(manager, status, message, kind, headers)
+        if path == completions.PATH:
+            manager.metrics.completion(status)
+        return error(status, message, kind, headers=headers)
+
     @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in exc.errors())
-        if request.url.path == "/v1/completions":
-            manager.metrics.completion(400)
-        return error(400, problems or "invalid request")
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return reply(request, 400, describe(exc.errors()))
 
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> JSONResponse:
-        return error(exc.status, str(exc), exc.kind)
+        return reply(request, exc.status, str(exc), exc.kind)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        where = f"{request.method} {request.url.path}"
+        message = {404: f"no such route: {where}",
+                   405: f"method not allowed: {where} (allowed: {(exc.headers or {}).get('Allow', 'none')})"}
+        return reply(request, exc.status_code, message.get(exc.status_code, str(exc.detail)), headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this reply; the client only learns that it happened
+        return reply(request, 500, f"the server failed on this request ({type(exc).__name__}); see its log")
 
     for module in (completions, weights, ops):
         app.include_router(module.router)
     return app
+
+
+def describe(errors: list[dict]) -> str:
+    """Pydantic's validation errors as one message that names each field: OpenAI's wording for unknown fields."""
+    problems = []
+    for e in errors:
+        field = ".".join(map(str, e["loc"][1:]))  # loc[0] is "body", "header" or "query"
+        if e["type"] == "extra_forbidden":
+            problems.append(f"unknown field '{field}'")
+        elif e["type"] == "json_invalid":
+            problems.append(f"the body is not valid JSON: {e['ctx']['error']} (at character {field})")
+        elif e["type"] in ("model_attributes_type", "missing") and not field:
+            problems.append("the body must be a JSON object, sent with 'Content-Type: application/json'")
+        else:
+            problems.append(f"{field or e['loc'][0]}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems) or "invalid request"

@@ -189,10 +189,11 @@ class WeightManager:
     # ---- updates -------------------------------------------------------------------------------------------
 
     def update(self, version: str, root: str | None = None, rank: int | None = None,
-               verify: str | None = None) -> WeightInfo:
-        """Loads ``version`` and makes it live, or raises ``UpdateError`` with the old version still served."""
+               verify: str | None = None, startup: bool = False) -> WeightInfo:
+        """Loads ``version`` and makes it live, or raises ``UpdateError`` with the old version still served.
+        ``startup``: the server's first load, counted apart from updates in ``/metrics``."""
         if not self._update_lock.acquire(blocking=False):
-            self.metrics.update_done("busy", 0.0, 0)
+            self.metrics.update_done("busy", 0.0, 0, startup)
             raise UpdateBusy(f"another weight update (to {self.updating!r}) is in progress; retry when it finishes")
         self.updating = version
         start = time.perf_counter()
@@ -200,12 +201,12 @@ class WeightManager:
             info = self._update(version, root or self.root, self.rank if rank is None else rank,
                                 verify or self.verify, start)
         except UpdateError as exc:
-            self.metrics.update_done(exc.outcome, time.perf_counter() - start, 0)
+            self.metrics.update_done(exc.outcome, time.perf_counter() - start, 0, startup)
             raise
         finally:
             self.updating = None
             self._update_lock.release()
-        self.metrics.update_done("success", info.seconds, info.bytes)
+        self.metrics.update_done("success", info.seconds, info.bytes, startup)
         self.metrics.set_version(info.version)
         return info
 
@@ -234,7 +235,7 @@ class WeightManager:
     def _check(self, version: str, root: str, rank: int, verify: str, target: Slot) -> list:
         """Every rank's source, resolved and checked against the target before anything is written."""
         if verify not in ("full", "stream", "none"):
-            raise SnapshotRejected(f"verify must be 'full', 'stream' or 'none', not {verify!r}", "bad_request")
+            raise SnapshotRejected(f"verify must be 'full', 'stream' or 'none', not {verify!r}", "invalid_request")
         try:
             layout.check_id(version)
             sources = []

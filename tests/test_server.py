@@ -234,8 +234,10 @@ def test_starts_on_the_newest_loadable_version_and_reports_metrics(tmp_path):
         update(url, "missing")
         completion(url, max_tokens=3)
         text = httpx.get(f"{url}/metrics").text
-        assert 'baton_weight_updates_total{outcome="success"} 1.0' in text
-        assert 'baton_weight_updates_total{outcome="bad_snapshot"} 2.0' in text  # v3-corrupt at start, missing
+        assert 'baton_weight_startup_loads_total{outcome="success"} 1.0' in text
+        assert 'baton_weight_startup_loads_total{outcome="bad_snapshot"} 1.0' in text  # v3-corrupt at start
+        assert 'baton_weight_updates_total{outcome="bad_snapshot"} 1.0' in text  # missing
+        assert 'baton_weight_updates_total{outcome="success"}' not in text
         assert f'baton_weight_version{{version="{newest}"}} 1.0' in text
         assert 'baton_completion_requests_total{status="200"} 1.0' in text
         assert "baton_weight_update_seconds_bucket" in text

@@ -11,19 +11,22 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from infer.events import Event, Failed, Finished, Logprob, Scored, Token
-from infer.routes.common import error
+from infer.routes.common import Refused, kind_of
 from infer.sampling import MAX_LOGPROBS, MAX_N, SamplingParams, TextStream
 from infer.tokenizer import encode, to_bytes, token_str
 
 router = APIRouter()
+PATH = "/v1/completions"
 VERSION_HEADER = "X-Weight-Version"
 DISCONNECT_POLL = 0.25  # seconds between checks that a waiting client is still there
 
 
 class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown field is a 400 that names it, as OpenAI answers
+
     model: str | None = None
     prompt: str | list[str]
     max_tokens: int = Field(16, ge=0)
@@ -36,6 +39,30 @@ class CompletionRequest(BaseModel):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+    # OpenAI fields a client library may send at their defaults: accepted while they ask for nothing more
+    user: str | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stream_options: dict[str, bool] | None = None
+
+    @field_validator("suffix", "presence_penalty", "frequency_penalty", "logit_bias", "stream_options")
+    @classmethod
+    def _asks_for_nothing(cls, value, info: ValidationInfo):
+        """Unset, zero, empty, or a dict of such (``{"include_usage": false}``); anything else is not done here."""
+        if value and not (isinstance(value, dict) and not any(value.values())):
+            raise ValueError(f"{value!r} is not supported by this server (leave {info.field_name} unset)")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_n(cls, value: int | None, info: ValidationInfo):
+        if value is not None and value != info.data.get("n"):
+            raise ValueError(f"{value} is not supported by this server: it returns every one of its n samples "
+                             "(leave best_of unset, or equal to n)")
+        return value
 
 
 class Channel:
@@ -114,24 +141,26 @@ def _logprobs(tokens: list[int], infos: list[Logprob | None], offsets: list[int]
             "top_logprobs": top, "text_offset": offsets}
 
 
-@router.post("/v1/completions")
+@router.post(PATH)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     app = request.app.state
     metrics = app.manager.metrics
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or any(not p for p in prompts):
-        metrics.completion(400)
-        return error(400, "prompt must be a non-empty string or list of non-empty strings")
+        raise Refused(400, "prompt must be a non-empty string or list of non-empty strings")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    ids = [encode(p) for p in prompts]
+    try:
+        ids = [encode(p) for p in prompts]
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800") is valid JSON but not text
+        raise Refused(400, f"prompt is not valid Unicode text: {exc.reason}") from None
+    _check_context(ids, body.max_tokens, app.engine.config.max_seq_len)
     channel = Channel()
     try:
         params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed, stop, body.n, body.logprobs,
                                 body.echo, body.ignore_eos)
         job = app.engine.submit(ids, params, channel)
     except ValueError as exc:
-        metrics.completion(400)
-        return error(400, str(exc))
+        raise Refused(400, str(exc)) from None
     first = await channel.next(None if body.stream else request)  # a stream learns of a disconnect from Starlette
     if (refusal := _refusal(first, app.engine, job, metrics)) is not None:
         return refusal
@@ -152,14 +181,25 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return JSONResponse(head | {"choices": [c.to_json() for c in choices], "usage": usage.to_json()}, headers=headers)
 
 
+def _check_context(ids: list[list[int]], max_tokens: int, limit: int) -> None:
+    """Every prompt plus ``max_tokens`` must fit the model's context: vLLM's and OpenAI's 400, before any work."""
+    for i, prompt in enumerate(ids):
+        if len(prompt) + max_tokens > limit:
+            which = f" (prompt {i})" if len(ids) > 1 else ""
+            raise Refused(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                               f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt{which}, {max_tokens} "
+                               f"in max_tokens). Please reduce max_tokens or the prompt.")
+
+
 def _refusal(event: Event | None, engine, job, metrics) -> Response | None:
-    """The reply of a request that ends without a result: its client left (499) or the engine failed it."""
+    """The reply of a request that ends without a result: its client left (499) or the engine failed it (raised
+    as ``Refused``, which the app answers and counts)."""
     if event is None:
         engine.abort(job)
+        metrics.completion(499)
         return Response(status_code=499)
     if isinstance(event, Failed):
-        metrics.completion(event.status)
-        return error(event.status, event.message, "service_unavailable" if event.status == 503 else "server_error")
+        raise Refused(event.status, event.message)
     return None
 
 
@@ -204,19 +244,22 @@ def _apply(event: Event, choices: list[Choice], n: int, usage: Usage) -> list[di
 async def _sse(head: dict, choices: list[Choice], n: int, channel: Channel, request: Request, job, usage: Usage,
                metrics) -> AsyncIterator[str]:
     """Server-sent events, one per token (and per end of a choice), then ``[DONE]``. A client that goes away
-    ends its request in the engine at the next step."""
-    done = False
+    ends its request in the engine at the next step (counted as status 499)."""
+    status = 499
     try:
         while any(c.finish_reason is None for c in choices):
             event = await channel.next(None)  # Starlette cancels this generator when the client goes away
             if isinstance(event, Failed):
-                yield f"data: {json.dumps({'error': {'message': event.message, 'code': event.status}})}\n\n"
+                status = event.status
+                failure = {"message": event.message, "type": kind_of(event.status), "code": event.status}
+                yield f"data: {json.dumps({'error': failure})}\n\n"
                 return
             for chunk in _apply(event, choices, n, usage):
                 yield f"data: {json.dumps(head | {'choices': [chunk]})}\n\n"
-        done = True
+        status = 200
         metrics.completion(200, usage.prompt, usage.completion)
         yield "data: [DONE]\n\n"
     finally:
-        if not done:
+        if status != 200:
+            metrics.completion(status)
             request.app.state.engine.abort(job)

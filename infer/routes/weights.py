@@ -1,4 +1,5 @@
-"""``GET /v1/weights`` (what is served) and ``POST /v1/update_weights`` (load a version and swap it in)."""
+"""``GET /v1/weights`` (what is served) and ``POST /v1/update_weights`` (load a version and swap it in). An update
+answers SGLang's ``{success, message, version, ...}``; a failed one adds OpenAI's ``error`` object."""
 
 from __future__ import annotations
 
@@ -6,17 +7,21 @@ import hmac
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
-from infer.routes.common import Refused
+from infer.routes.common import Refused, error
 from infer.weights import RestoreFailed, SnapshotRejected, StorageUnavailable, UpdateBusy, UpdateError
 
 router = APIRouter()
 
+UPDATE_PATH = "/v1/update_weights"
 STATUS = {UpdateBusy: 409, SnapshotRejected: 400, StorageUnavailable: 503, RestoreFailed: 500}
+REFUSED = {401: "unauthorized", 403: "forbidden"}  # baton_weight_updates outcomes of updates refused at the door
 
 
 class UpdateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     version: str
     snapshot_root: str | None = None
     rank: int | None = None
@@ -28,10 +33,9 @@ def admin(request: Request, authorization: str | None = Header(None)) -> None:
     if token is None:
         return
     if not authorization or not authorization.startswith("Bearer "):
-        raise Refused(401, "this server needs an admin token: send 'Authorization: Bearer <token>'",
-                      "authentication_error")
+        raise Refused(401, "this server needs an admin token: send 'Authorization: Bearer <token>'")
     if not hmac.compare_digest(authorization[7:].encode(), token.encode()):
-        raise Refused(403, "the admin token is wrong", "authentication_error")
+        raise Refused(403, "the admin token is wrong")
 
 
 @router.get("/v1/weights")
@@ -44,16 +48,27 @@ def weights(request: Request) -> dict:
                         "healthy": manager.healthy, "problem": manager.broken, "updating": manager.updating}
 
 
-@router.post("/v1/update_weights", dependencies=[Depends(admin)])
+def refused(manager, status: int, message: str, kind: str | None = None, headers: dict | None = None) -> JSONResponse:
+    """An update refused before it reached the manager (auth, schema, method): counted, and answered in both
+    conventions."""
+    manager.metrics.update_done(REFUSED.get(status, "invalid_request" if status < 500 else "error"), 0.0, 0)
+    return failure(manager, status, message, kind, headers)
+
+
+def failure(manager, status: int, message: str, kind: str | None = None, headers: dict | None = None) -> JSONResponse:
+    current = manager.info
+    sglang = {"success": False, "message": message, "version": current and current.version, "source_level": None,
+              "seconds": None, "bytes": None}
+    return error(status, message, kind, sglang, headers)
+
+
+@router.post(UPDATE_PATH, dependencies=[Depends(admin)])
 def update_weights(body: UpdateRequest, request: Request) -> JSONResponse:
     manager = request.app.state.manager
     try:
         info = manager.update(body.version, body.snapshot_root, body.rank, body.verify)
-    except UpdateError as exc:
-        current = manager.info
-        return JSONResponse({"success": False, "message": str(exc), "version": current and current.version,
-                             "source_level": None, "seconds": None, "bytes": None},
-                            status_code=STATUS.get(type(exc), 500))
+    except UpdateError as exc:  # the manager counted it under its outcome
+        return failure(manager, STATUS.get(type(exc), 500), str(exc))
     return JSONResponse({"success": True, "message": f"serving {info.version} from level {info.level} ({info.source})",
                          "version": info.version, "source_level": info.level, "seconds": info.seconds,
                          "bytes": info.bytes})
