@@ -41,7 +41,8 @@ try:
     src = storage.resolve(sys.argv[1], "h", fallback_dir=sys.argv[2])
     parsed = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the targets below are the harness's, not parsing
     targets = {n: np.zeros(shape, DTYPES[code][0]) for n, (code, shape) in src.index().items()}
-    storage.apply_source(src, targets)
+    apply = getattr(storage, "apply_source", None) or __import__("storage.reader").reader.apply_source  # older trees
+    apply(src, targets)
     out = {"outcome": "loaded"}
 except (storage.SnapshotError, OSError) as exc:
     out = {"outcome": "refused", "error": type(exc).__name__, "message": str(exc)[:400]}

@@ -29,7 +29,8 @@ class IncompatibleTargetError(SnapshotError, ValueError):
 
 
 class UnsafeCheckpointError(SnapshotError, ValueError):
-    """A pickle that asks to run code (any callable outside the tensor allow-list); nothing was executed."""
+    """A pickle Baton will not read: it names a callable outside the tensor allow-list, or is malformed or built
+    to crash, hang or exhaust the reader (see ``pickle_safe``). Nothing in it was executed."""
 
 
 class SnapshotExistsError(SnapshotError, FileExistsError):
