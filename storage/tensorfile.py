@@ -195,6 +195,12 @@ def parse_header(raw: bytes, path: str, file_size: int) -> Header:
             doc[i] = _tensor_entry(name, info, data_start, file_size, path)
     entries = [e for e in doc if e is not None]
     del doc
+    seen: set[str] = set()
+    for e in entries:
+        if e.name in seen:
+            raise TornSnapshotError(path, f"tensor {e.name[:80]!r} appears twice in the header")
+        seen.add(e.name)
+    del seen
     entries.sort(key=attrgetter("end"))  # two stable sorts on int keys: no (start, end) tuple per tensor
     entries.sort(key=attrgetter("start"))
     cursor = data_start

@@ -131,6 +131,8 @@ BAD_HEADERS = {
     "list dtype": b'{"a": {"dtype": ["U8"], "shape": [1], "data_offsets": [0, 1]}}',
     "extra key": b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "x": 1}}',
     "not an object": b"[1]",
+    "duplicate name": b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, '
+                      b'"a": {"dtype": "U8", "shape": [0], "data_offsets": [1, 1]}}',
 }
 
 
