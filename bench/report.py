@@ -2,7 +2,8 @@
 """Every benchmark figure of the project in one page: ``bench/REPORT.md``.
 
 By default it collects the latest committed results (``bench/results/*.json``); ``--run`` first runs every
-benchmark on this machine (about 15 minutes). Each table puts the measured ratio next to its target.
+benchmark on this machine (about 25 minutes, the fault-injection suite included). Each table puts the measured
+ratio next to its target.
 
     python bench/report.py          # collect
     python bench/report.py --run    # measure everything again, then collect
@@ -18,7 +19,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-BENCHMARKS = ("storage_bench.py", "model_bench.py", "server_bench.py", "engine_bench.py", "flow_bench.py")
+BENCHMARKS = ("storage_bench.py", "model_bench.py", "server_bench.py", "engine_bench.py", "flow_bench.py", "chaos.py")
 GiB, MiB = 1 << 30, 1 << 20
 
 
@@ -115,6 +116,41 @@ def flow_section(d: dict) -> list[str]:
               f"{d['checkpoint_bytes'] / GiB:.2f} GiB)."]
 
 
+CHAOS_KINDS = ("succeeded", "refused_clean", "harmless", "partial", "bad")
+
+
+def chaos_notes(notes: dict[str, int], limit: int = 12) -> str:
+    """A scenario's notes (what each fault hit, which field a harmless flip changed, the statuses answered)."""
+    items = [f"{k} ×{v}" if v > 1 else k for k, v in list(notes.items())[:limit]]
+    return "; ".join(items) + (f"; … {len(notes) - limit} more in the JSON" if len(notes) > limit else "")
+
+
+def chaos_section(d: dict) -> list[str]:
+    t = d["totals"]
+    rows = [[s["scenario"], str(s["faults"]), str(s["checks"]), *(str(s[k]) for k in CHAOS_KINDS)]
+            for s in d["scenarios"]]
+    rows.append(["**total**", str(t["faults"]), str(t["checks"]), *(str(t[k]) for k in CHAOS_KINDS[:-1]),
+                 f"**{t['bad']}**"])
+    out = [f"`{d['command']}`, {d['seconds']:.0f} s: {t['faults']} faults injected (SIGKILLs of real processes, "
+           f"byte flips, storage and Prefect servers killed, racing writers), {t['checks']} checks after them. "
+           f"Goal: nothing lost or corrupted, 0 BAD: **{verdict(t['bad'] == 0)}**.", "",
+           "*succeeded*: bit-exact one published version (or the operation did what it should); *refused-clean*: "
+           "an error, and the target or served weights are bit-identical to before; *harmless*: a flipped byte that "
+           "changes nothing loaded; *detected-partial*: `PartialApplyError` naming every changed tensor, or a server "
+           "that serves nothing rather than a torn model (the caller restores); *BAD*: a torn load, a lost version, "
+           "weights changed under an error, or an error that is not a storage error.", ""]
+    out += md_table(["scenario", "faults", "checks", "succeeded", "refused-clean", "harmless", "detected-partial",
+                     "BAD"], rows)
+    out += ["", "What the faults hit and what was answered:", ""]
+    for s in d["scenarios"]:
+        line = f"- {s['scenario']}: {chaos_notes(s['notes'])}"
+        if s.get("statuses"):
+            line += f"; HTTP statuses {s['statuses']}"
+        out.append(line + ".")
+        out += [f"  - BAD: {b}" for b in s["bad_examples"]]
+    return out
+
+
 def machine_line(docs: list[dict]) -> str:
     m = next(d["machine"] for d in docs if d and "machine" in d)
     return (f"Measured on this project's CI-class machine: {m['cpu']}, {m['usable_cpus']} usable cores, "
@@ -122,7 +158,7 @@ def machine_line(docs: list[dict]) -> str:
 
 
 def report() -> str:
-    docs = {name: load(name) for name in ("storage", "model", "gpu", "server", "engine", "flow")}
+    docs = {name: load(name) for name in ("storage", "model", "gpu", "server", "engine", "flow", "chaos")}
     out = ["# Baton benchmark report", "", machine_line([d for d in docs.values() if d]),
            "Every figure is from a real run on that 2-core machine; each ratio's baseline ran in the same run.",
            "Regenerate with `python bench/report.py` (collect) or `--run` (measure again).", ""]
@@ -131,13 +167,15 @@ def report() -> str:
                 ("Kernels on GPU (`bench/gpu_check.py`)", "gpu", gpu_section),
                 ("Inference server (`bench/server_bench.py`)", "server", server_section),
                 ("Rollout engine (`bench/engine_bench.py`)", "engine", engine_section),
-                ("Flow end to end (`bench/flow_bench.py`)", "flow", flow_section)]
+                ("Flow end to end (`bench/flow_bench.py`)", "flow", flow_section),
+                ("Fault injection (`bench/chaos.py`)", "chaos", chaos_section)]
     for title, name, render in sections:
         out += [f"## {title}", ""]
         if name == "gpu":
             out += render(docs[name])
         elif docs[name] is None:
-            out += [f"No results yet: run `python bench/{name}_bench.py`."]
+            script = "chaos.py" if name == "chaos" else f"{name}_bench.py"
+            out += [f"No results yet: run `python bench/{script}`."]
         else:
             out += render(docs[name])
         out.append("")
@@ -146,7 +184,7 @@ def report() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", action="store_true", help="run every benchmark first (about 15 minutes)")
+    ap.add_argument("--run", action="store_true", help="run every benchmark first (about 25 minutes)")
     args = ap.parse_args()
     if args.run:
         for script in BENCHMARKS:

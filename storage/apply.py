@@ -21,7 +21,7 @@ import xxhash
 from tqdm.auto import tqdm
 
 from .errors import IncompatibleTargetError, PartialApplyError, TornSnapshotError
-from .fs import is_local
+from .fs import is_local, storage_calls, storage_error
 from .resolve import Source, url_of
 from .tensorfile import DTYPES, Header, code_of_numpy, code_of_paddle
 
@@ -158,14 +158,18 @@ def _verify_all(src: Source, prefetch: int) -> None:
                                         f"{expected} (corrupt or replaced): publish the version again")
 
 
+def _disappeared(url: str) -> TornSnapshotError:
+    return TornSnapshotError(url, "disappeared while loading (pruned or replaced?); load again, or publish the "
+                             "version again if it was pruned")
+
+
 def _guarded(fn, fs):
     """``fn(path)`` with a vanished file reported as a torn snapshot that names it."""
     def run(path: str):
         try:
             return fn(path)
         except FileNotFoundError:
-            raise TornSnapshotError(url_of(fs, path), "disappeared while loading (pruned or replaced?); load "
-                                    "again, or publish the version again if it was pruned") from None
+            raise _disappeared(url_of(fs, path)) from None
     return run
 
 
@@ -192,7 +196,11 @@ def _apply_blob(blob: bytes, header: Header, targets, copy_fn: CopyFn | None, to
 
 
 def _apply_file(path: str, url: str, header: Header, targets, copy_fn: CopyFn | None, h, touched: list[str], bar) -> None:
-    with open(path, "rb", buffering=0) as f:  # unbuffered: readinto lands in the parameter itself
+    try:
+        f = open(path, "rb", buffering=0)  # unbuffered: readinto lands in the parameter itself
+    except FileNotFoundError:
+        raise _disappeared(url) from None
+    with f:
         if os.fstat(f.fileno()).st_size != header.file_size:
             raise TornSnapshotError(url, f"is {os.fstat(f.fileno()).st_size} bytes now, {header.file_size} when it "
                                     "was checked (replaced while loading?)")
@@ -250,12 +258,16 @@ def _apply(src: Source, targets: Mapping[str, Any], verify: str, copy_fn: CopyFn
                 raise TornSnapshotError(url, "checksum does not match the manifest (changed after it was verified?)")
     except Exception as exc:
         if not touched:
+            err = storage_error(exc)
+            if err is not exc:
+                raise err from exc
             if isinstance(exc, (TornSnapshotError, OSError)):
                 raise
             raise TornSnapshotError(url, f"{type(exc).__name__}: {exc}") from exc
         raise PartialApplyError(f"{url}: {exc}", touched) from exc
 
 
+@storage_calls
 def check_source(src: Source, into: Target, *, verify: str = "full", cast: bool = False, prefetch: int = 2) -> None:
     """Everything that can be known before a byte of ``into`` changes: names, shapes and dtypes fit, every target
     is writable, and with ``verify="full"`` every part's checksum. A server checks every rank's source this way
@@ -266,6 +278,7 @@ def check_source(src: Source, into: Target, *, verify: str = "full", cast: bool 
         _verify_all(src, prefetch)
 
 
+@storage_calls
 def apply_source(
     src: Source, into: Target | None, *, verify: str = "full", cast: bool = False, copy_fn: CopyFn | None = None,
     prefetch: int = 2, progress: bool = False, label: str = "load",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -33,6 +35,50 @@ def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fs
     except ImportError as exc:
         raise ImportError(f"{url}: {exc}. For s3:// install the extra: pip install 'baton[s3]'") from exc
     return fs, path.rstrip("/") or path
+
+
+@functools.cache
+def _unreachable() -> tuple[type[BaseException], ...]:
+    """Connection failures of object-store clients that are not ``OSError`` (botocore's are not)."""
+    types: list[type[BaseException]] = []
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+        types += [BotoConnectionError, HTTPClientError]
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientError
+        types.append(ClientError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def storage_error(exc: BaseException) -> BaseException:
+    """``exc``, or a ``ConnectionError`` (an ``OSError``) when it says the storage could not be reached, so that
+    callers tell "storage is down, retry" from "this snapshot is bad" with one ``except OSError``."""
+    if isinstance(exc, _unreachable()) and not isinstance(exc, OSError):
+        err = ConnectionError(f"storage unreachable: {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        return err
+    return exc
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def storage_calls(fn: F) -> F:
+    """Public entry points raise ``OSError`` for unreachable storage, whatever client library was underneath."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            err = storage_error(exc)
+            if err is exc:
+                raise
+            raise err from exc
+    return wrapper  # type: ignore[return-value]
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import layout
 from .errors import SnapshotNotFoundError, TornSnapshotError
-from .fs import join, listing, open_fs
+from .fs import join, listing, open_fs, storage_calls
 from .layout import Level
 from .manifest import MAX_MANIFEST_BYTES, Manifest
 from .pickle_safe import load_state_pickle
@@ -219,6 +219,7 @@ def probe_levels(
             yield level, where, exc
 
 
+@storage_calls
 def resolve(
     root_url: str, version_id: str, rank: int = 0, *, fallback_dir: str | None = None, strict: bool = False,
     storage_options: dict[str, Any] | None = None,

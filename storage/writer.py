@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import layout
 from .errors import SnapshotExistsError
-from .fs import is_local, join, listing, open_fs
+from .fs import is_local, join, listing, open_fs, storage_calls
 from .manifest import Manifest, PartRecord, TensorRecord
 from .tensorfile import code_of_numpy, code_of_paddle, encode_header, itemsize
 
@@ -141,6 +141,7 @@ def _remove_version(fs, root: str, names: Mapping[str, int], rank: int, version_
             fs.rm_file(join(root, name))
 
 
+@storage_calls
 def publish(
     state_dict: Mapping[str, Any],
     root_url: str,
@@ -235,6 +236,7 @@ class VersionInfo:
     bytes: int
 
 
+@storage_calls
 def list_versions(root_url: str, *, storage_options: dict[str, Any] | None = None) -> list[VersionInfo]:
     """Committed versions (those with a manifest), oldest first."""
     fs, root = open_fs(root_url, storage_options)
@@ -242,7 +244,10 @@ def list_versions(root_url: str, *, storage_options: dict[str, Any] | None = Non
     for name in listing(fs, root):
         parsed = layout.parse_manifest_name(name)
         if parsed:
-            raw = fs.cat_file(join(root, name))
+            try:
+                raw = fs.cat_file(join(root, name))
+            except FileNotFoundError:  # pruned since it was listed
+                continue
             found.setdefault(parsed[1], []).append(Manifest.from_json(raw, join(root, name)))
     infos = [
         VersionInfo(vid, tuple(sorted(m.rank for m in ms)), max(m.published_at for m in ms), sum(m.total_bytes for m in ms))
@@ -251,6 +256,7 @@ def list_versions(root_url: str, *, storage_options: dict[str, Any] | None = Non
     return sorted(infos, key=lambda v: (v.published_at, v.id))
 
 
+@storage_calls
 def prune(
     root_url: str,
     keep_last: int,
