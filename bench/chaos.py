@@ -234,7 +234,26 @@ def publish_forever(root: str, first: int, scale: int, part_bytes: int) -> None:
 
 # ---- a loopback S3 server that can be killed ------------------------------------------------------------------
 
-class MotoS3:
+class Child:
+    """A server this benchmark started: killed (SIGKILL, the fault) or stopped (SIGTERM, then SIGKILL)."""
+
+    proc: subprocess.Popen | None = None
+
+    def kill(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class MotoS3(Child):
     """moto's S3 server in its own process on a fixed port, so a SIGKILL really takes storage away and a restart
     brings it back at the same endpoint (empty: moto keeps objects in memory)."""
 
@@ -261,14 +280,6 @@ class MotoS3:
         fs.mkdir(BUCKET)
         return self
 
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @contextlib.contextmanager
@@ -861,7 +872,7 @@ print("SYNC-COMPLETED", flush=True)
 """
 
 
-class PrefectServer:
+class PrefectServer(Child):
     """``prefect server start`` on 127.0.0.1 with its database in ``home``: killed and started again at the same
     address it finds its records where it left them."""
 
@@ -884,18 +895,6 @@ class PrefectServer:
                    180, "prefect server", 0.2)
         return self
 
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def run_sync(prefect: PrefectServer, version: str, root: str, servers: list[str], source: str, log_path: Path,

@@ -144,13 +144,8 @@ def hf_model(config, state: dict):
         num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
         max_position_embeddings=config.max_seq_len, rms_norm_eps=config.eps, rope_theta=config.rope_theta,
         tie_word_embeddings=False, bos_token_id=256, eos_token_id=257, pad_token_id=258)).eval()
-    names = {"attn.": "self_attn.", "input_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm"}
-    mapped = {}
-    for name, value in state.items():
-        hf_name = name if name == "lm_head.weight" else "model." + name
-        for a, b in names.items():
-            hf_name = hf_name.replace(a, b)
-        mapped[hf_name] = torch.from_numpy(value.T.copy() if value.ndim == 2 and "embed" not in name else value)
+    mapped = {name: torch.from_numpy(value.T.copy() if value.ndim == 2 and "embed" not in name else value)
+              for name, value in state.items()}  # the same names; Linear weights [out, in]
     missing = hf.load_state_dict(mapped, strict=True)
     assert not missing.missing_keys, missing
     return hf

@@ -34,7 +34,7 @@ from infer.kvcache import Group, KVPool, PagedStep, pages_for
 from infer.metrics import Metrics
 from infer.model import Decoder
 from infer.sampling import SamplingParams, TextStream, rng_for, sample
-from infer.tokenizer import EOS, to_bytes
+from infer.tokenizer import BYTES, Tokenizer
 
 log = logging.getLogger("baton.engine")
 
@@ -115,11 +115,15 @@ def keep_freed_memory() -> None:
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks below 32 MiB come from the (kept) heap
 
 
+STREAM_CONTEXT = 4  # prompt tokens a sample's detokeniser starts after (a SentencePiece space shows after them)
+
+
 class Engine:
     def __init__(self, source: ModelSource, config, settings: EngineConfig = EngineConfig(),
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, tokenizer: Tokenizer = BYTES):
         keep_freed_memory()
         self.source, self.config, self.settings = source, config, settings
+        self.tokenizer = tokenizer  # its stop_ids end samples; it turns their tokens into text
         self.metrics = metrics or Metrics()
         per_seq = pages_for(config.max_seq_len)
         budget_pages = settings.kv_cache_mb * 2**20 // KVPool.page_bytes(config)
@@ -413,7 +417,7 @@ class Engine:
                 pages += mine
             seq = Sequence(request, prompt.prompt_index, list(prompt.tokens), prompt.prompt_len, prompt.budget,
                            pages, cached=prompt.prompt_len, choice=prompt.prompt_index * request.params.n + i,
-                           rng=rng_for(request.params.seed, i), text=TextStream(to_bytes, request.params.stop),
+                           rng=rng_for(request.params.seed, i), text=self._text_stream(prompt),
                            last_token_at=request.arrival)
             self._decoding.append(seq)
             if seq.budget == 0:
@@ -421,6 +425,10 @@ class Engine:
             else:
                 self._emit(seq, logits, logp, now)
         self.pool.release(prompt.pages[:full])  # the samples hold their own references now
+
+    def _text_stream(self, prompt: Sequence) -> TextStream:
+        context = prompt.tokens[max(prompt.prompt_len - STREAM_CONTEXT, 0) : prompt.prompt_len]
+        return TextStream(self.tokenizer.stream(context), prompt.request.params.stop)
 
     def _emit(self, seq: Sequence, logits: np.ndarray, logp: np.ndarray | None, now: float) -> None:
         """Samples the sequence's next token from its logits and tells the client."""
@@ -431,7 +439,7 @@ class Engine:
         else:
             self.metrics.inter_token.observe(now - seq.last_token_at)
         seq.last_token_at = now
-        if token == EOS and not params.ignore_eos:
+        if token in self.tokenizer.stop_ids and not params.ignore_eos:
             self._end(seq, "stop")
             return
         seq.tokens.append(token)

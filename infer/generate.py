@@ -13,6 +13,7 @@ from infer.engine import Engine, EngineConfig
 from infer.events import Event, Failed, Finished, Logprob, Scored, Token
 from infer.model import Decoder
 from infer.sampling import SamplingParams, sample  # noqa: F401  (re-exported: the public names of generation)
+from infer.tokenizer import BYTES, Tokenizer
 
 
 @dataclass
@@ -38,12 +39,12 @@ class Fixed:
 
 
 def generate(model: Decoder, prompts: list[list[int]], params: SamplingParams,
-             settings: EngineConfig | None = None) -> list[Completion]:
+             settings: EngineConfig | None = None, tokenizer: Tokenizer = BYTES) -> list[Completion]:
     """Every choice (``len(prompts) * params.n``, in OpenAI's order) of one request, run to the end. By default
     the KV pool holds just this request's sequences, not a server's worth."""
     events: list[Event] = []
     settings = settings or EngineConfig(max_num_seqs=len(prompts) * params.n)
-    engine = Engine(Fixed(model), model.config, settings)
+    engine = Engine(Fixed(model), model.config, settings, tokenizer=tokenizer)
     engine.submit(prompts, params, events.append)
     engine.run_until_idle()
     return collect(events, len(prompts) * params.n, params.n)
@@ -69,6 +70,6 @@ def collect(events: list[Event], choices: int, n: int) -> list[Completion]:
     return out
 
 
-def complete(model: Decoder, prompt: list[int], params: SamplingParams) -> Completion:
+def complete(model: Decoder, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer = BYTES) -> Completion:
     """One prompt's first (or only) sample, generated to the end."""
-    return generate(model, [prompt], params)[0]
+    return generate(model, [prompt], params, tokenizer=tokenizer)[0]

@@ -27,12 +27,13 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def baton_serve(root: str, *args: str, env: dict | None = None, ready: bool = True,
+def baton_serve(root: str | None, *args: str, env: dict | None = None, ready: bool = True,
                 timeout: float = 60) -> Iterator[ServerProcess]:
-    """Starts ``baton serve --snapshot-root root --port 0 *args``; yields it (``str()`` is the URL) once it listens (and, with
-    ``ready``, reports healthy). If it cannot start, the error carries the server's output."""
-    cmd = [sys.executable, "-m", "baton_cli", "serve",
-           "--snapshot-root", root, "--port", "0", "--log-level", "warning", *args]
+    """Starts ``baton serve --snapshot-root root --port 0 *args`` (no ``--snapshot-root`` when ``root`` is None);
+    yields it (``str()`` is the URL) once it listens (and, with ``ready``, reports healthy). If it cannot start,
+    the error carries the server's output."""
+    where = ["--snapshot-root", root] if root is not None else []
+    cmd = [sys.executable, "-m", "baton_cli", "serve", *where, "--port", "0", "--log-level", "warning", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
     lines: queue.Queue[str] = queue.Queue()

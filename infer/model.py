@@ -1,9 +1,12 @@
-"""A Llama-style decoder in Paddle whose compute runs through ``kernels``.
+"""The decoder of Llama, Qwen2, Qwen3, Mistral and ERNIE 4.5 in Paddle, its compute running through ``kernels``.
 
-Parameter names are the checkpoint's names (``layers.3.attn.q_proj.weight``…), so a trainer's state dict, a
-snapshot and this model line up by name with no mapping; ``storage.tp`` splits them across ranks. Linear
-weights are ``[in, out]``. Activations are float32 on CPU, whose Paddle build has no bfloat16 matmul, and the
-weight dtype on GPU.
+Parameter names are Hugging Face's (``model.layers.3.self_attn.q_proj.weight``…), so a trainer's state dict, a
+snapshot, this model and a ``transformers`` checkpoint line up by name with no mapping; ``storage.tp`` splits
+them across ranks. Linear weights are ``[in, out]`` (Paddle's layout: ``infer.hf`` transposes Hugging Face's
+``[out, in]`` once, when it reads a checkpoint), so snapshot bytes go straight into live parameters. The
+families differ only by config flags: q/k/v biases (Qwen2), q/k RMSNorm per head (Qwen3), interleaved rotary
+(ERNIE 4.5), Llama 3 rotary scaling, tied embeddings, ``head_dim``. Activations are float32 on CPU, whose Paddle
+build has no bfloat16 matmul, and the weight dtype on GPU.
 
 Every forward works on flattened token rows ``[M, hidden]``, each row carrying its own position, and the
 attention of a row depends only on that row's sequence. With rows padded to a multiple of
@@ -16,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from collections.abc import Mapping
 from typing import Protocol
 
 import numpy as np
@@ -30,13 +34,21 @@ def _param(layer: paddle.nn.Layer, shape: list[int], dtype: str) -> paddle.Tenso
     return layer.create_parameter(shape, dtype=dtype, default_initializer=paddle.nn.initializer.Constant(0.0))
 
 
+def _as(w: paddle.Tensor, x: paddle.Tensor) -> paddle.Tensor:
+    return w if w.dtype == x.dtype else w.astype(x.dtype)
+
+
 class Linear(paddle.nn.Layer):
-    def __init__(self, n_in: int, n_out: int, dtype: str):
+    """``x @ weight + bias`` with ``weight`` ``[in, out]``."""
+
+    def __init__(self, n_in: int, n_out: int, dtype: str, bias: bool = False):
         super().__init__()
         self.weight = _param(self, [n_in, n_out], dtype)
+        self.bias = _param(self, [n_out], dtype) if bias else None
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return row_matmul(x, self.weight)
+        y = row_matmul(x, self.weight)
+        return y if self.bias is None else y + _as(self.bias, y)  # elementwise: a row's sum needs no other row
 
 
 # Off only to measure what batch invariance costs (bench/engine_bench.py): replies then depend on the batch.
@@ -47,7 +59,7 @@ def row_matmul(x: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
     """``x @ w`` for rows ``x`` ``[M, in]`` (M a multiple of ``kernels.MIN_ROWS``), in blocks of at most
     ``kernels.MAX_ROWS`` rows: every block takes the same GEMM path, so a row's result does not depend on M.
     On every core where that stays true for this shape (``gemm_threads``), else on one."""
-    w = w if w.dtype == x.dtype else w.astype(x.dtype)
+    w = _as(w, x)
     step = kernels.MAX_ROWS
     if x.place.is_cpu_place():
         cores = gemm_threads(w.shape[0], w.shape[1], x.dtype) if BATCH_INVARIANT else len(os.sched_getaffinity(0))
@@ -93,8 +105,7 @@ class RMSNorm(paddle.nn.Layer):
         self.weight = _param(self, [size], dtype)
 
     def forward(self, x: paddle.Tensor, residual: paddle.Tensor | None = None):
-        w = self.weight if self.weight.dtype == x.dtype else self.weight.astype(x.dtype)
-        return kernels.rms_norm(x, w, self.eps, residual)
+        return kernels.rms_norm(x, _as(self.weight, x), self.eps, residual)
 
 
 class AttentionContext(Protocol):
@@ -110,17 +121,32 @@ class Attention(paddle.nn.Layer):
         super().__init__()
         self.index = index
         self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
-        self.q_proj = Linear(c.hidden, c.heads * c.head_dim, c.dtype)
-        self.k_proj = Linear(c.hidden, c.kv_heads * c.head_dim, c.dtype)
-        self.v_proj = Linear(c.hidden, c.kv_heads * c.head_dim, c.dtype)
-        self.o_proj = Linear(c.heads * c.head_dim, c.hidden, c.dtype)
+        self.q_proj = Linear(c.hidden, c.heads * c.head_dim, c.dtype, c.attention_bias)
+        self.k_proj = Linear(c.hidden, c.kv_heads * c.head_dim, c.dtype, c.attention_bias)
+        self.v_proj = Linear(c.hidden, c.kv_heads * c.head_dim, c.dtype, c.attention_bias)
+        self.o_proj = Linear(c.heads * c.head_dim, c.hidden, c.dtype, c.o_bias)
+        self.q_norm = RMSNorm(c.head_dim, c.eps, c.dtype) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.eps, c.dtype) if c.qk_norm else None
+        # Interleaved rotary turns each pair (2i, 2i+1) by angle i. Reading the even dims, then the odd ones, makes
+        # that the rotate-half form the kernels compute, and q.k is unchanged when q and k are reordered alike.
+        if c.rope_interleaved:
+            order = np.concatenate([np.arange(0, c.head_dim, 2), np.arange(1, c.head_dim, 2)])
+            self.register_buffer("pairs", paddle.to_tensor(order), persistable=False)
+        else:
+            self.pairs = None
 
     def forward(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor,
                 context: AttentionContext) -> paddle.Tensor:
         m = x.shape[0]
-        q = self.q_proj(x).reshape([1, m, self.heads, self.head_dim])
-        k = self.k_proj(x).reshape([1, m, self.kv_heads, self.head_dim])
+        q, k = self.q_proj(x), self.k_proj(x)
         v = self.v_proj(x).reshape([m, self.kv_heads, self.head_dim])
+        if self.q_norm is not None:  # over each head's vector: rows [M * heads, head_dim]
+            q = self.q_norm(q.reshape([-1, self.head_dim]))[0]
+            k = self.k_norm(k.reshape([-1, self.head_dim]))[0]
+        q = q.reshape([1, m, self.heads, self.head_dim])
+        k = k.reshape([1, m, self.kv_heads, self.head_dim])
+        if self.pairs is not None:
+            q, k = paddle.index_select(q, self.pairs, axis=-1), paddle.index_select(k, self.pairs, axis=-1)
         if paddle.is_grad_enabled() and not self.q_proj.weight.stop_gradient:
             q, k = kernels.rotary(q, k, cos, sin)  # training: keep the graph
         else:
@@ -132,9 +158,9 @@ class Attention(paddle.nn.Layer):
 class MLP(paddle.nn.Layer):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.gate_proj = Linear(c.hidden, c.intermediate, c.dtype)
-        self.up_proj = Linear(c.hidden, c.intermediate, c.dtype)
-        self.down_proj = Linear(c.intermediate, c.hidden, c.dtype)
+        self.gate_proj = Linear(c.hidden, c.intermediate, c.dtype, c.mlp_bias)
+        self.up_proj = Linear(c.hidden, c.intermediate, c.dtype, c.mlp_bias)
+        self.down_proj = Linear(c.intermediate, c.hidden, c.dtype, c.mlp_bias)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -143,18 +169,18 @@ class MLP(paddle.nn.Layer):
 class DecoderLayer(paddle.nn.Layer):
     def __init__(self, c: ModelConfig, index: int):
         super().__init__()
-        self.input_norm = RMSNorm(c.hidden, c.eps, c.dtype)
-        self.attn = Attention(c, index)
-        self.post_attn_norm = RMSNorm(c.hidden, c.eps, c.dtype)
+        self.input_layernorm = RMSNorm(c.hidden, c.eps, c.dtype)
+        self.self_attn = Attention(c, index)
+        self.post_attention_layernorm = RMSNorm(c.hidden, c.eps, c.dtype)
         self.mlp = MLP(c)
 
     def forward(self, hidden, residual, cos, sin, context: AttentionContext):
         if residual is None:
-            x, residual = self.input_norm(hidden)[0], hidden
+            x, residual = self.input_layernorm(hidden)[0], hidden
         else:
-            x, residual = self.input_norm(hidden, residual)
-        hidden = self.attn(x, cos, sin, context)
-        x, residual = self.post_attn_norm(hidden, residual)
+            x, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(x, cos, sin, context)
+        x, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(x), residual
 
 
@@ -186,6 +212,45 @@ def pad_rows(x: paddle.Tensor, rows: int) -> paddle.Tensor:
     return paddle.concat([x, paddle.zeros([rows - x.shape[0], *x.shape[1:]], x.dtype)])
 
 
+def rope_frequencies(c: ModelConfig) -> np.ndarray:
+    """Rotary inverse frequencies ``[head_dim / 2]`` in float64, with Llama 3.1's scaling when configured."""
+    half = c.head_dim // 2
+    inv_freq = c.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+    s = c.rope_scaling
+    if s is None:
+        return inv_freq
+    wavelen = 2 * np.pi / inv_freq
+    context = s.original_max_position_embeddings
+    smooth = (context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    scaled = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    scaled = np.where(wavelen < context / s.high_freq_factor, inv_freq, scaled)  # short wavelengths: kept
+    return np.where(wavelen > context / s.low_freq_factor, inv_freq / s.factor, scaled)  # long ones: divided
+
+
+class Embedding(paddle.nn.Layer):
+    def __init__(self, vocab_size: int, hidden: int, dtype: str):
+        super().__init__()
+        self.weight = _param(self, [vocab_size, hidden], dtype)
+
+
+class Backbone(paddle.nn.Layer):
+    """Embeddings, decoder layers and the final norm: what Hugging Face's checkpoints name ``model.``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden, config.dtype)
+        self.layers = paddle.nn.LayerList([DecoderLayer(config, i) for i in range(config.layers)])
+        self.norm = RMSNorm(config.hidden, config.eps, config.dtype)
+
+    def forward(self, tokens: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, context: AttentionContext,
+                dtype: str) -> paddle.Tensor:
+        hidden = F.embedding(tokens, self.embed_tokens.weight).astype(dtype)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cos, sin, context)
+        return self.norm(hidden, residual)[0]
+
+
 class Decoder(paddle.nn.Layer):
     """Token ids in, float32 logits out: ``forward`` for whole sequences (training, scoring), ``run`` for the
     engine's mixed rows (prefill chunks and decode tokens of many sequences, over a paged KV cache)."""
@@ -193,22 +258,19 @@ class Decoder(paddle.nn.Layer):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = paddle.nn.Layer()
-        self.embed_tokens.weight = _param(self.embed_tokens, [config.vocab_size, config.hidden], config.dtype)
-        self.layers = paddle.nn.LayerList([DecoderLayer(config, i) for i in range(config.layers)])
-        self.norm = RMSNorm(config.hidden, config.eps, config.dtype)
-        if not config.tie_embeddings:
-            self.lm_head = Linear(config.hidden, config.vocab_size, config.dtype)
-        half = config.head_dim // 2
-        inv_freq = config.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
-        angles = np.arange(config.max_seq_len, dtype=np.float64)[:, None] * inv_freq[None, :]
+        self.model = Backbone(config)
+        self.lm_head = None if config.tie_embeddings else Linear(config.hidden, config.vocab_size, config.dtype)
+        angles = np.arange(config.max_seq_len, dtype=np.float64)[:, None] * rope_frequencies(config)[None, :]
         self.register_buffer("rope_cos", paddle.to_tensor(np.cos(angles).astype(np.float32)), persistable=False)
         self.register_buffer("rope_sin", paddle.to_tensor(np.sin(angles).astype(np.float32)), persistable=False)
 
     @property
+    def on_gpu(self) -> bool:
+        return self.model.embed_tokens.weight.place.is_gpu_place()
+
+    @property
     def compute_dtype(self) -> str:
-        on_gpu = self.embed_tokens.weight.place.is_gpu_place()
-        return self.config.dtype if on_gpu else "float32"
+        return self.config.dtype if self.on_gpu else "float32"
 
     def forward(self, tokens: paddle.Tensor) -> paddle.Tensor:
         """Logits ``[B, T, vocab]`` of every position of ``tokens`` ``[B, T]``, each seeing the tokens before it.
@@ -226,17 +288,12 @@ class Decoder(paddle.nn.Layer):
         n = tokens.shape[0]
         rows = padded_rows(n)
         tokens, positions = pad_rows(tokens, rows), pad_rows(positions, rows)
-        hidden = F.embedding(tokens, self.embed_tokens.weight).astype(self.compute_dtype)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos, sin, context)
-        hidden = self.norm(hidden, residual)[0]
+        hidden = self.model(tokens, self.rope_cos[positions], self.rope_sin[positions], context, self.compute_dtype)
         wanted = n
         if logit_rows is not None:
             wanted = logit_rows.shape[0]
             hidden = pad_rows(paddle.gather(hidden, logit_rows), padded_rows(wanted))
-        head = self.embed_tokens.weight.T if self.config.tie_embeddings else self.lm_head.weight
+        head = self.model.embed_tokens.weight.T if self.lm_head is None else self.lm_head.weight
         return row_matmul(hidden, head).astype("float32")[:wanted]
 
 
@@ -258,23 +315,25 @@ def trainable(model: Decoder) -> Decoder:
 def random_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Float32 weights for ``config`` from a seeded numpy generator: the same on every machine, no Paddle RNG."""
     rng = np.random.default_rng(seed)
-    shapes = {name: p.shape for name, p in _shapes(config).items()}
     state = {}
-    for name, shape in shapes.items():
+    for name, shape in parameter_shapes(config).items():
         if name.endswith("norm.weight"):
             state[name] = np.ones(shape, np.float32)
+        elif name.endswith(".bias"):
+            state[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.1).astype(np.float32)
         else:
             fan_in = shape[0] if not name.endswith("embed_tokens.weight") else shape[1]
             state[name] = (rng.standard_normal(shape, dtype=np.float32) * fan_in**-0.5).astype(np.float32)
     return state
 
 
-def _shapes(config: ModelConfig) -> dict[str, paddle.Tensor]:
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, in the model's order, without allocating the model."""
     with paddle.LazyGuard():
-        return dict(Decoder(config).state_dict())
+        return {name: tuple(p.shape) for name, p in Decoder(config).state_dict().items()}
 
 
-def build_model(config: ModelConfig, state: dict | None = None, seed: int = 0) -> Decoder:
+def build_model(config: ModelConfig, state: Mapping | None = None, seed: int = 0) -> Decoder:
     """A model in eval mode holding ``state`` (cast to the config's dtype) or seeded random weights."""
     model = Decoder(config)
     model.eval()
@@ -284,8 +343,9 @@ def build_model(config: ModelConfig, state: dict | None = None, seed: int = 0) -
     return model
 
 
-def load_state(model: Decoder, state: dict) -> None:
-    """Writes ``state`` into the model's own parameters, casting through the weight-apply kernel."""
+def load_state(model: Decoder, state: Mapping) -> None:
+    """Writes ``state`` into the model's own parameters, casting through the weight-apply kernel, one tensor at a
+    time (``state`` may read each on access, as ``infer.hf.Weights`` does)."""
     params = model.state_dict()
     missing, unknown = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unknown:

@@ -6,7 +6,6 @@ sample i of a request is the same whether the request asks for 4 samples or 8, r
 
 from __future__ import annotations
 
-import codecs
 import secrets
 from dataclasses import dataclass, field
 
@@ -69,13 +68,12 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
 
 
 class TextStream:
-    """Text of one sample as its tokens arrive. A piece is held back while it could still be the start of a stop
-    string, and the bytes of a split UTF-8 character wait for the rest; text ends before the first stop string
-    (OpenAI's convention)."""
+    """Text of one sample as its tokens arrive, from the tokenizer's detokeniser (``Tokenizer.stream()``, which
+    holds back a UTF-8 character split over tokens until its last one). A piece is also held back while it could
+    still be the start of a stop string; text ends before the first stop string (OpenAI's convention)."""
 
-    def __init__(self, to_bytes, stop: tuple[str, ...]):
-        self._to_bytes = to_bytes
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    def __init__(self, detokenizer, stop: tuple[str, ...]):
+        self._detokenizer = detokenizer
         self._stops = [s for s in stop if s]
         self._hold = max((len(s) for s in self._stops), default=1) - 1
         self.text, self.sent = "", 0
@@ -88,7 +86,7 @@ class TextStream:
 
     def push(self, token: int) -> str:
         """The text this token releases; sets ``stopped`` when a stop string is complete."""
-        self.text += self._decoder.decode(self._to_bytes([token]))
+        self.text += self._detokenizer.push(token)
         hits = [self.text.find(s) for s in self._stops if s in self.text]
         if hits:
             self.text, self.stopped = self.text[: min(hits)], True
@@ -98,7 +96,7 @@ class TextStream:
     def close(self) -> str:
         """Whatever was held back, at the end of the sample."""
         if not self.stopped:
-            self.text += self._decoder.decode(b"", final=True)
+            self.text += self._detokenizer.close()
         return self._release(len(self.text))
 
     def _release(self, upto: int) -> str:

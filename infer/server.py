@@ -1,8 +1,11 @@
-"""The HTTP face of a server: OpenAI-shaped completions from the engine, each stamped with the weight version that
-produced it, and the weight-update routes (SGLang's reply convention). Every 4xx/5xx carries OpenAI's error body,
-``{"error": {"message", "type", "code"}}``, and is counted in ``/metrics`` by the handlers below."""
+"""The HTTP face of a server: OpenAI-shaped completions and chat completions from the engine, each stamped with the
+weight version that produced it, and the weight-update routes (SGLang's reply convention). Every 4xx/5xx carries
+OpenAI's error body, ``{"error": {"message", "type", "code"}}``, and is counted in ``/metrics`` by the handlers
+below."""
 
 from __future__ import annotations
+
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,15 +13,23 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from infer.engine import Engine
-from infer.routes import completions, ops, weights
+from infer.routes import chat, completions, ops, weights
 from infer.routes.common import Refused, error
+from infer.tokenizer import BYTES, Tokenizer
 from infer.weights import WeightManager
 
 
-def create_app(manager: WeightManager, engine: Engine, model_name: str, admin_token: str | None = None) -> FastAPI:
+def create_app(manager: WeightManager, engine: Engine, model_name: str, admin_token: str | None = None,
+               tokenizer: Tokenizer | None = None) -> FastAPI:
+    """The app over ``engine``. The routes encode prompts and render chat templates with ``tokenizer``, which must
+    be the engine's own (the one its samples stop and detokenise with); by default it is (the byte tokenizer
+    unless the engine was given another)."""
+    tokenizer = tokenizer or getattr(engine, "tokenizer", BYTES)
+    if getattr(engine, "tokenizer", tokenizer) is not tokenizer:
+        raise ValueError("create_app: the tokenizer must be the engine's own (Engine(..., tokenizer=...))")
     app = FastAPI(title="Baton inference server")
     app.state.manager, app.state.engine, app.state.model_name = manager, engine, model_name
-    app.state.admin_token = admin_token
+    app.state.admin_token, app.state.tokenizer, app.state.created = admin_token, tokenizer, int(time.time())
 
     def reply(request: Request, status: int, message: str, kind: str | None = None,
               headers: dict | None = None) -> JSONResponse:
@@ -26,7 +37,7 @@ def create_app(manager: WeightManager, engine: Engine, model_name: str, admin_to
         path = request.url.path
         if path == weights.UPDATE_PATH:
             return weights.refused(manager, status, message, kind, headers)
-        if path == completions.PATH:
+        if path in (completions.PATH, chat.PATH):
             manager.metrics.completion(status)
         return error(status, message, kind, headers=headers)
 
@@ -50,7 +61,7 @@ def create_app(manager: WeightManager, engine: Engine, model_name: str, admin_to
         # Starlette logs the traceback after this reply; the client only learns that it happened
         return reply(request, 500, f"the server failed on this request ({type(exc).__name__}); see its log")
 
-    for module in (completions, weights, ops):
+    for module in (completions, chat, weights, ops):
         app.include_router(module.router)
     return app
 

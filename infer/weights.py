@@ -11,6 +11,7 @@ shapes, dtypes and, by default, checksums), then writes:
 
 If writing still fails midway (storage dies, a part changed after it was checked), the previous version is put
 back: reloaded from storage in ``in_place`` (the slot is unusable until then), untouched in ``double_buffer``.
+A server started from a model directory (``adopt``) serves its weights as level 0 and reloads them the same way.
 If even the reload fails, the server reports itself unhealthy instead of serving a torn model.
 """
 
@@ -20,7 +21,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -34,7 +35,7 @@ import storage
 from infer.config import ModelConfig
 from infer.engine import Busy
 from infer.metrics import Metrics
-from infer.model import Decoder
+from infer.model import Decoder, load_state
 from storage import apply_source, check_source, code_of_numpy, code_of_paddle, layout, shard_views
 
 log = logging.getLogger("baton.serve")
@@ -131,7 +132,7 @@ def _host_array(t: Any) -> np.ndarray:
 
 
 class WeightManager:
-    def __init__(self, config: ModelConfig, root: str, *, rank: int = 0, tp_size: int = 1,
+    def __init__(self, config: ModelConfig, root: str | None, *, rank: int = 0, tp_size: int = 1,
                  fallback_dir: str | None = None, mode: str = "in_place", verify: str = "full",
                  storage_options: dict | None = None, metrics: Metrics | None = None, drain_timeout: float = 60.0):
         if mode not in MODES:
@@ -151,6 +152,7 @@ class WeightManager:
         self._paused = False  # in_place: new requests wait while an update writes
         self._update_lock = threading.Lock()
         self.updating: str | None = None  # the version an update in progress is loading (others get 409)
+        self._base: Callable[[], Mapping[str, Any]] | None = None  # reads a model directory's weights again
 
     def _new_model(self) -> Decoder:
         model = Decoder(self.config)
@@ -210,6 +212,27 @@ class WeightManager:
         self.metrics.set_version(info.version)
         return info
 
+    def adopt(self, version: str, where: str, weights: Callable[[], Mapping[str, Any]]) -> WeightInfo:
+        """Serves ``weights()`` (a model directory's, e.g. ``infer.hf.read_model_dir``) as ``version`` before any
+        snapshot: level 0 in ``GET /v1/weights``. ``weights`` is kept to put them back if an in-place update fails
+        midway. Counted as a start-up load."""
+        start = time.perf_counter()
+        slot = self.live
+        try:
+            state = weights()
+            load_state(slot.model, state)
+        except (OSError, ValueError) as exc:
+            self.metrics.update_done("bad_snapshot", time.perf_counter() - start, 0, True)
+            raise SnapshotRejected(f"{where}: could not load its weights: {exc}") from exc
+        self._base = weights
+        params = slot.model.state_dict()
+        slot.info = WeightInfo(version, where, 0, 0, "model directory", time.time(),
+                               sum(int(t.numel()) * t.element_size() for t in params.values()),
+                               time.perf_counter() - start, state_digest(params))
+        self.metrics.update_done("success", slot.info.seconds, slot.info.bytes, True)
+        self.metrics.set_version(version)
+        return self._switch(slot)
+
     def _ranks(self, rank: int) -> list[int]:
         return [layout.check_rank(rank)] if self.tp_size == 1 else list(range(self.tp_size))
 
@@ -236,6 +259,9 @@ class WeightManager:
         """Every rank's source, resolved and checked against the target before anything is written."""
         if verify not in ("full", "stream", "none"):
             raise SnapshotRejected(f"verify must be 'full', 'stream' or 'none', not {verify!r}", "invalid_request")
+        if root is None:
+            raise SnapshotRejected(f"no snapshot_root for {version!r}: this server was started without "
+                                   "--snapshot-root, so the request must name one", "invalid_request")
         try:
             layout.check_id(version)
             sources = []
@@ -272,7 +298,7 @@ class WeightManager:
                 self._cond.notify_all()
 
     def _write(self, sources: list, slot: Slot) -> None:
-        on_gpu = slot.model.embed_tokens.weight.place.is_gpu_place()
+        on_gpu = slot.model.on_gpu
         slot.info = None  # from the first byte written until success, this copy holds no version
         for r, src, verify in sources:
             apply_source(src, self._targets(slot, r), verify="none" if verify == "none" else "stream", cast=True,
@@ -288,8 +314,10 @@ class WeightManager:
                 from exc
         try:
             restore_start = time.perf_counter()
-            sources = self._check(previous.version, previous.root, previous.rank, "full", slot)
-            self._write(sources, slot)
+            if previous.level == 0 and self._base is not None:
+                load_state(slot.model, self._base())
+            else:
+                self._write(self._check(previous.version, previous.root, previous.rank, "full", slot), slot)
             slot.info = previous
             log.warning("update failed midway (%s); restored %s in %.2fs", exc, previous.version,
                         time.perf_counter() - restore_start)

@@ -18,12 +18,15 @@ import numpy as np
 # (pattern on the tensor name, axis split among ranks or None when every rank holds all of it). First match wins.
 Rules = Sequence[tuple[str, int | None]]
 
+# The decoders of Llama, Qwen2, Qwen3, Mistral and ERNIE 4.5 under Hugging Face's names (``infer.model``).
 LLAMA_TP_RULES: Rules = (
     (r"(^|\.)embed_tokens\.weight$", 0),  # vocab-parallel [vocab, hidden]
     (r"(^|\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", 1),  # column-parallel
+    (r"(^|\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias$", 0),  # each rank's bias for its own columns
     (r"(^|\.)(o_proj|down_proj)\.weight$", 0),  # row-parallel
+    (r"(^|\.)(o_proj|down_proj)\.bias$", None),  # added once to the summed partial products: replicated
     (r"(^|\.)lm_head\.weight$", 1),  # [hidden, vocab], vocab-parallel logits
-    (r"norm\.weight$", None),  # RMSNorm scales are replicated
+    (r"norm\.weight$", None),  # RMSNorm scales are replicated, Qwen3's per-head q_norm/k_norm too
 )
 
 

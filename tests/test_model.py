@@ -68,7 +68,7 @@ def test_cached_decoding_equals_uncached_recomputation(tiny):
 
 def test_bfloat16_weights_decode_like_their_own_recomputation():
     model = build_model(get_config("tiny", dtype="bfloat16"), seed=1)
-    assert model.layers[0].attn.q_proj.weight.dtype == paddle.bfloat16
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == paddle.bfloat16
     greedy = complete(model, PROMPT, SamplingParams(max_tokens=8)).tokens
     assert greedy == greedy_without_cache(model, PROMPT, len(greedy))
 
@@ -108,9 +108,9 @@ def test_split_then_merge_is_exact(tp_size):
     state = random_state_dict(get_config("tiny"), seed=3)
     shards = split_state_dict(state, tp_size)
     assert all(set(s) == set(state) for s in shards)
-    q = "layers.0.attn.q_proj.weight"
+    q = "model.layers.0.self_attn.q_proj.weight"
     assert shards[0][q].shape == (64, 64 // tp_size)
-    assert shards[-1]["layers.1.mlp.down_proj.weight"].shape == (176 // tp_size, 64)
+    assert shards[-1]["model.layers.1.mlp.down_proj.weight"].shape == (176 // tp_size, 64)
     merged = merge_state_dicts(shards)
     assert set(merged) == set(state)
     for name in state:
@@ -133,9 +133,9 @@ def test_shards_compute_what_the_full_layer_computes():
     state = random_state_dict(get_config("tiny"), seed=5)
     shards = split_state_dict(state, 2)
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
-    up = "layers.0.mlp.up_proj.weight"
+    up = "model.layers.0.mlp.up_proj.weight"
     np.testing.assert_allclose(np.concatenate([x @ s[up] for s in shards], axis=1), x @ state[up], rtol=1e-5)
-    down = "layers.0.mlp.down_proj.weight"
+    down = "model.layers.0.mlp.down_proj.weight"
     h = np.random.default_rng(1).standard_normal((3, 176)).astype(np.float32)
     parts = sum(h[:, r * 88 : (r + 1) * 88] @ s[down] for r, s in enumerate(shards))
     np.testing.assert_allclose(parts, h @ state[down], rtol=1e-4, atol=1e-5)
@@ -148,9 +148,9 @@ def test_split_works_on_paddle_tensors_and_rejects_bad_layouts():
     with pytest.raises(ValueError, match="do not divide"):
         split_state_dict(state, 5)
     with pytest.raises(ValueError, match="no tensor-parallel rule"):
-        split_axis("layers.0.attn.rotary.inv_freq")
+        split_axis("model.layers.0.self_attn.rotary_emb.inv_freq")
     shards = split_state_dict(random_state_dict(get_config("tiny"), seed=6), 2)
-    shards[1]["norm.weight"] = shards[1]["norm.weight"] * 2
+    shards[1]["model.norm.weight"] = shards[1]["model.norm.weight"] * 2
     with pytest.raises(ValueError, match="differs between rank 0 and rank 1"):
         merge_state_dicts(shards)
 

@@ -20,5 +20,7 @@ def prometheus(request: Request) -> Response:
 
 @router.get("/v1/models")
 def models(request: Request) -> dict:
-    name = request.app.state.model_name
-    return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "baton"}]}
+    """OpenAI's model list: the one served model (and vLLM's ``max_model_len``, its context)."""
+    state = request.app.state
+    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                        "owned_by": "baton", "max_model_len": state.engine.config.max_seq_len}]}
