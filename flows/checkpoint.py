@@ -1,5 +1,6 @@
-"""Trainer checkpoints as the flows find them: one full state dict file, or the per-rank files a Paddle trainer
-saves (``model_state.tp{r}.pdparams``), in a directory on any fsspec URL; and the ``step_{N}/`` directories a
+"""Trainer checkpoints as the flows find them: one full state dict file, the per-rank files a Paddle trainer
+saves (``model_state.tp{r}.pdparams``), or a Hugging Face directory (``model.safetensors`` or shards, read tensor by
+tensor), on any fsspec URL; and the ``step_{N}/`` directories a
 training run leaves behind, each complete only once the trainer has written its marker file."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from storage import checkpoint_files as storage_checkpoint_files
-from storage import join, listing, open_fs, read_state_file, reshard
+from storage import hf_tensors, is_hf_checkpoint, join, listing, open_fs, read_state_file, reshard
 
 STEP_DIR = re.compile(r"step_(\d+)")
 DONE_MARKER = "COMPLETE"
@@ -26,7 +27,10 @@ def checkpoint_files(source: str, storage_options: dict | None = None) -> list[s
 
 def serving_shard(source: str, rank: int, serving_tp: int, storage_options: dict | None = None) -> dict[str, Any]:
     """Serving rank ``rank``'s state dict out of the trainer checkpoint at ``source``. When the trainer saved at
-    the serving degree this reads one file; otherwise it reads them all, merges and splits."""
+    the serving degree this reads one file; otherwise it reads them all, merges and splits. A Hugging Face
+    directory gives lazy tensors, each read (and sliced for the rank) only when its part is written."""
+    if is_hf_checkpoint(source, storage_options):
+        return hf_tensors(source, rank=rank, tp_size=serving_tp, storage_options=storage_options)
     files = checkpoint_files(source, storage_options)
     if len(files) == serving_tp:
         return read_state_file(files[rank], storage_options=storage_options)

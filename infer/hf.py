@@ -2,21 +2,17 @@
 canonical state, one tensor at a time, from any fsspec URL.
 
 Canonical inside Baton (snapshots, live parameters): Hugging Face's names with Paddle's ``Linear`` layout
-``[in, out]``. The one conversion happens here, in ``Weights.__getitem__``, as a tensor is read:
-
-- ``transformers`` checkpoints store Linear weights ``[out, in]``: they are transposed.
-- PaddleFormers checkpoints store them ``[in, out]`` already and are taken as they are. Older releases name the
-  backbone after the family (``llama.``, ``qwen2.``, ``qwen3.``, ``mistral.``, ``ernie.``) where Hugging Face
-  writes ``model.``; those names are renamed. Fused ``qkv_proj`` / ``up_gate_proj`` tensors are refused.
-
-Which layout a file uses is read from the shapes: the non-square projection weights must all be one way or
-all the other (square ones follow them; if every one is square, the safetensors ``format`` metadata decides:
-``pt`` is ``transformers``). Embeddings, norms and biases have one layout in both.
+``[in, out]``. The one conversion happens as a tensor is read (``Weights.__getitem__`` here, ``TensorRef`` s from
+``storage.hf_tensors`` when publishing): ``transformers`` checkpoints store Linear weights ``[out, in]`` and are
+transposed; PaddleFormers checkpoints store ``[in, out]`` and are taken as they are, their older backbone names
+(``llama.``, ``qwen2.``...) renamed to ``model.``; fused ``qkv_proj`` / ``up_gate_proj`` tensors are refused
+(``storage.hfdir`` holds those name rules). Here every shape is also checked against ``config.json``: the
+non-square projection weights must all be one way or all the other (square ones follow them; if every one is
+square, the safetensors ``format`` metadata decides: ``pt`` is ``transformers``).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +23,9 @@ import paddle
 from infer.config import DTYPES, ModelConfig, RopeScaling
 from infer.model import Decoder, build_model, parameter_shapes
 from storage import join, listing, open_fs
-from storage.resolve import read_headers
-from storage.tensorfile import DTYPES as CODES, TensorEntry
+from storage.hfdir import CONFIG_FILE, read_json, read_tensor, scan
+from storage.tensorfile import TensorEntry
 
-CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
-PADDLE_PREFIXES = ("llama.", "qwen2.", "qwen3.", "mistral.", "ernie.")  # older PaddleFormers' backbone names
 FLOAT_CODES = ("F32", "BF16", "F16")
 
 
@@ -179,9 +173,7 @@ class Weights(Mapping):
 
     def __getitem__(self, name: str) -> paddle.Tensor:
         path, e = self._tensors[name]
-        arr = np.frombuffer(self.fs.cat_file(path, start=e.start, end=e.end), CODES[e.dtype][0]).reshape(e.shape)
-        if name in self._transposed:
-            arr = np.ascontiguousarray(arr.T)
+        arr = read_tensor(self.fs, path, e, name in self._transposed)
         if e.dtype == "BF16":  # numpy holds bfloat16 as 16-bit integers; Paddle views int16 as bfloat16
             return paddle.to_tensor(arr.view(np.int16)).view(paddle.bfloat16)
         return paddle.to_tensor(arr)
@@ -198,21 +190,10 @@ def read_model_dir(url: str, *, dtype: str | None = None, max_seq_len: int | Non
     """``(config, weights)`` of the Hugging Face model directory at ``url``: ``config.json`` and
     ``model.safetensors`` or the shards ``model.safetensors.index.json`` lists. Every header is read and checked
     against the config (names, shapes, float dtypes) before this returns; no tensor data is read yet."""
-    fs, root = open_fs(url, storage_options)
-    names = listing(fs, root)
-    config = _config(fs, root, names, url, dtype, max_seq_len)
-    files = _weight_files(fs, root, names, url)
-    headers = read_headers(fs, [join(root, n) for n in files], [names[n] for n in files])
-    tensors: dict[str, tuple[str, TensorEntry]] = {}
-    for file, header in zip(files, headers):
-        for e in header.entries:
-            canonical = _canonical_name(e.name, config, f"{url}/{file}")
-            if canonical is None:
-                continue
-            if canonical in tensors:
-                raise ValueError(f"{url}: tensor {canonical!r} appears twice (in {tensors[canonical][0]} and {file})")
-            tensors[canonical] = (join(root, file), e)
-    formats = {h.metadata.get("format") for h in headers}
+    config = read_config(url, dtype=dtype, max_seq_len=max_seq_len, storage_options=storage_options)
+    fs, tensors, formats = scan(url, storage_options)
+    if config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # a tied head is the embedding itself
     return config, Weights(fs, tensors, _transposed(tensors, config, formats, url))
 
 
@@ -221,15 +202,11 @@ def read_config(url: str, *, dtype: str | None = None, max_seq_len: int | None =
     """The ``ModelConfig`` of the model directory at ``url`` (its ``config.json``), whether or not it holds
     weights: a server whose weights come from snapshots needs only this and the tokenizer."""
     fs, root = open_fs(url, storage_options)
-    return _config(fs, root, listing(fs, root), url, dtype, max_seq_len)
-
-
-def _config(fs, root: str, names: Mapping[str, int], url: str, dtype: str | None,
-            max_seq_len: int | None) -> ModelConfig:
+    names = listing(fs, root)
     if CONFIG_FILE not in names:
         raise FileNotFoundError(f"{url}: no {CONFIG_FILE} (found {sorted(names)[:10] or 'nothing'})")
     config_url = fs.unstrip_protocol(join(root, CONFIG_FILE))
-    doc = _json(fs.cat_file(join(root, CONFIG_FILE)), config_url)
+    doc = read_json(fs.cat_file(join(root, CONFIG_FILE)), config_url)
     return config_from_hf(doc, dtype=dtype, max_seq_len=max_seq_len, source=config_url,
                           name=root.rstrip("/").rsplit("/", 1)[-1] or None)
 
@@ -239,46 +216,6 @@ def load_model_dir(url: str, **options: Any) -> Decoder:
     ``read_model_dir``."""
     config, weights = read_model_dir(url, **options)
     return build_model(config, weights)
-
-
-def _json(raw: bytes, url: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"{url}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{url}: expected a JSON object")
-    return doc
-
-
-def _weight_files(fs, root: str, names: Mapping[str, int], url: str) -> list[str]:
-    if INDEX_FILE in names:
-        index = _json(fs.cat_file(join(root, INDEX_FILE)), f"{url}/{INDEX_FILE}")
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{url}/{INDEX_FILE}: missing field 'weight_map'")
-        files = sorted(set(weight_map.values()))
-        missing = [n for n in files if n not in names]
-        if missing:
-            raise FileNotFoundError(f"{url}: shards listed in {INDEX_FILE} are missing: {missing[:5]}")
-        return files
-    if WEIGHTS_FILE in names:
-        return [WEIGHTS_FILE]
-    raise FileNotFoundError(f"{url}: no {WEIGHTS_FILE} or {INDEX_FILE} (only safetensors weights are read; found "
-                            f"{sorted(names)[:10]})")
-
-
-def _canonical_name(name: str, config: ModelConfig, where: str) -> str | None:
-    """Baton's name for a checkpoint tensor, or None for one that is not a parameter."""
-    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings):
-        return None  # a buffer older checkpoints saved; a tied head is the embedding itself
-    if ".qkv_proj." in name or "up_gate_proj" in name or "gate_up_fused_proj" in name:
-        raise ValueError(f"{where}: tensor {name!r} is fused, which Baton does not read: save the checkpoint with "
-                         "fuse_attention_qkv=False and fuse_attention_ffn=False")
-    for prefix in PADDLE_PREFIXES:
-        if name.startswith(prefix):
-            return "model." + name[len(prefix):]
-    return name
 
 
 def _transposed(tensors: Mapping[str, tuple[str, TensorEntry]], config: ModelConfig, formats: set[str | None],

@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +40,16 @@ class PublishReport:
 
 
 @dataclass(frozen=True)
+class TensorRef:
+    """A tensor that is read only when the part holding it is written (``storage.hf_tensors`` gives these), so
+    publishing a checkpoint larger than memory holds about one part of it at a time."""
+
+    code: str  # safetensors dtype code, e.g. "BF16"
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]  # its values (bfloat16 as 16-bit integers), C-contiguous
+
+
+@dataclass(frozen=True)
 class _Item:
     name: str
     value: Any
@@ -49,7 +59,9 @@ class _Item:
 
 
 def _describe(name: str, value: Any) -> _Item:
-    if isinstance(value, np.ndarray):
+    if isinstance(value, TensorRef):
+        code = value.code
+    elif isinstance(value, np.ndarray):
         code = code_of_numpy(value.dtype)
     elif type(value).__module__.startswith("paddle") or hasattr(value, "place"):
         code = code_of_paddle(value.dtype)
@@ -62,6 +74,12 @@ def _describe(name: str, value: Any) -> _Item:
 def _raw_bytes(item: _Item) -> np.ndarray:
     """The tensor's bytes as a flat uint8 array, sharing memory with a contiguous CPU tensor."""
     value = item.value
+    if isinstance(value, TensorRef):
+        raw = np.ascontiguousarray(value.read()).reshape(-1).view(np.uint8)
+        if raw.nbytes != item.nbytes:
+            raise ValueError(f"{item.name}: read {raw.nbytes} bytes, expected {item.nbytes} for {item.code} "
+                             f"{list(item.shape)}")
+        return raw
     if isinstance(value, np.ndarray):
         return np.ascontiguousarray(value).reshape(-1).view(np.uint8)
     import paddle

@@ -24,6 +24,7 @@ from infer.model import build_model, random_state_dict
 from infer.weights import state_digest
 from storage.tp import merge_state_dicts, split_state_dict
 from tests.conftest import free_port
+from tests.test_publish_hf import write_hf_dir
 
 CONFIG = get_config("tiny")
 PART = 64 * 1024
@@ -110,6 +111,17 @@ def test_sync_publishes_and_every_server_serves_the_version(fleet):
     assert [r["status"] for r in rows] == ["live", "live"] and all(r["published"] for r in rows)
     for url in servers:
         assert weights(url)["version"] == "s1" and weights(url)["digest"] == digest_of(1)
+
+
+def test_sync_from_a_hugging_face_directory(fleet):
+    """``source`` may be a Hugging Face directory (sharded safetensors, ``[out, in]`` weights): converted as it is
+    read, then served bit-exact (resharding it: ``tests/test_publish_hf.py``)."""
+    root, servers = fleet
+    source = write_hf_dir(root / "hf-5", random_state_dict(CONFIG, 5), shard_bytes=200 << 10)
+    rows = sync_weights("hf5", str(root / "snap"), servers, source=source, part_bytes=PART)
+    assert [r["status"] for r in rows] == ["live", "live"]
+    for url in servers:
+        assert weights(url)["version"] == "hf5" and weights(url)["digest"] == digest_of(5)
 
 
 def test_a_bad_snapshot_is_not_retried_and_leaves_the_fleet_unchanged(fleet):
