@@ -17,6 +17,10 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", default="runs/demo", help="run directory, replaced on each run (default runs/demo)")
     p.add_argument("--steps", type=int, default=12, help="training steps (default 12)")
     p.add_argument("--model", default="tiny", choices=sorted(CONFIGS), help="policy size (default tiny)")
+    p.add_argument("--model-dir", metavar="DIR",
+                   help="start from a Hugging Face model directory (Llama, Mistral, Qwen2, Qwen3, ERNIE-4.5) and use "
+                        "its tokenizer; a local DIR without config.json gets a tiny random Qwen2 with a BPE "
+                        "tokenizer trained on the spot")
     p.add_argument("--storage", help="snapshot root URL (default DIR/snapshots; s3://bucket/prefix works)")
     p.add_argument("--servers", type=int, default=1, help="inference servers to fan out to (default 1)")
     p.add_argument("--async", dest="async_mode", action="store_true",
@@ -32,12 +36,19 @@ def main(args: argparse.Namespace) -> int:
     run_dir = Path(args.dir).resolve()
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    print(f"Baton RL demo: the {args.model} policy learns to answer with digits. Rollouts come from "
+    model_dir = args.model_dir
+    if model_dir and "://" not in model_dir and not (Path(model_dir) / "config.json").exists():
+        from demo.tiny_model import write_tiny_qwen2
+
+        model_dir = str(write_tiny_qwen2(Path(model_dir).resolve(), args.seed))
+        print(f"{args.model_dir} has no config.json: wrote a tiny random Qwen2 there (BPE tokenizer trained now)")
+    policy = Path(model_dir).name if model_dir else args.model
+    print(f"Baton RL demo: the {policy} policy learns to answer with digits. Rollouts come from "
           f"{args.servers} inference server(s); after each step the trainer's weights go out through the "
           f"sync-weights flow ({'async' if args.async_mode else 'sync'} mode). Run directory: {run_dir}", flush=True)
     start = time.perf_counter()
     records = rl.run(run_dir, steps=args.steps, model=args.model, storage_url=args.storage, servers=args.servers,
-                     async_mode=args.async_mode, lr=args.lr, seed=args.seed)
+                     async_mode=args.async_mode, lr=args.lr, seed=args.seed, model_dir=model_dir)
     rl.write_outputs(records, run_dir)
     print(rl.table(records))
     first, last = records[0].reward_mean, records[-1].reward_mean

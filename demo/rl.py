@@ -1,8 +1,9 @@
 """``baton demo``: a small but real RL loop whose policy improves only if weights flow trainer -> Prefect ->
 storage -> inference server.
 
-The task has a programmatic reward a byte-level model learns in minutes on a CPU: answer any prompt with
-digits. The reward is the fraction of the ``max_tokens`` answer bytes that are ASCII digits. Each step:
+The task has a programmatic reward a small model learns in minutes on a CPU: answer any prompt with digits. The
+reward is the fraction of the ``max_tokens`` answer tokens that are digits (bytes with the built-in sizes'
+byte tokenizer; with ``--model-dir``, the tokens of that model's own tokenizer). Each step:
 
 1. rollouts: a group of samples per prompt from the inference servers over ``/v1/completions`` (the servers are
    the only thing that generates), each stamped with the weight version that produced it;
@@ -30,15 +31,15 @@ from pathlib import Path
 import numpy as np
 
 from flows.local import use_temporary_prefect
-from infer.tokenizer import EOS
+from infer.tokenizer import BYTES, Tokenizer
 
 PROMPTS = ("Digits: ", "Answer with numbers: ", "Count for me: ", "Your PIN is ")
 TIS_CAP = 2.0  # truncated importance sampling: a token's weight is min(p_trainer / p_server, TIS_CAP)
 
 
-def reward(token_ids: list[int], max_tokens: int) -> float:
-    """Fraction of the answer's byte budget filled with ASCII digits (stopping early earns nothing more)."""
-    return sum(48 <= t <= 57 for t in token_ids) / max_tokens
+def reward(token_ids: list[int], max_tokens: int, tokenizer: Tokenizer = BYTES) -> float:
+    """Fraction of the answer's token budget filled with digit tokens (stopping early earns nothing more)."""
+    return sum(tokenizer.token_bytes(t).strip().isdigit() for t in token_ids) / max_tokens
 
 
 @dataclass
@@ -68,15 +69,22 @@ class StepRecord:
 class Trainer:
     """The learner: the policy's weights, an optimiser, and the policy-gradient step."""
 
-    def __init__(self, model_name: str, seed: int, lr: float):
+    def __init__(self, model_name: str, seed: int, lr: float, model_dir: str | None = None):
         import paddle
 
         from infer.config import get_config
         from infer.model import build_model, trainable
+        from infer.tokenizer import HFTokenizer
 
         paddle.seed(seed)
-        self.config = get_config(model_name)
-        self.model = trainable(build_model(self.config, seed=seed))
+        if model_dir:  # the directory's architecture, weights and tokenizer
+            from infer.hf import load_model_dir
+
+            self.model = trainable(load_model_dir(model_dir))
+            self.config, self.tokenizer = self.model.config, HFTokenizer.from_dir(model_dir)
+        else:
+            self.config, self.tokenizer = get_config(model_name), BYTES
+            self.model = trainable(build_model(self.config, seed=seed))
         self.optimizer = paddle.optimizer.Adam(learning_rate=lr, parameters=self.model.parameters())
 
     def step(self, rollouts: list[Rollout], group: int, version: str, tis: bool) -> tuple[float | None, float]:
@@ -86,7 +94,6 @@ class Trainer:
         import paddle
 
         from infer.model import token_logprobs
-        from infer.tokenizer import encode
 
         rewards = np.array([r.reward for r in rollouts]).reshape(-1, group)
         advantages = (rewards - rewards.mean(axis=1, keepdims=True)).reshape(-1)
@@ -94,7 +101,7 @@ class Trainer:
         for r, adv in zip(rollouts, advantages):
             if not r.token_ids:
                 continue
-            prompt = encode(r.prompt)
+            prompt = self.tokenizer.encode(r.prompt)  # as the server encodes it, special tokens added
             logits = self.model(paddle.to_tensor([prompt + r.token_ids], dtype="int64"))[0, len(prompt) - 1 : -1]
             logp = token_logprobs(logits, paddle.to_tensor(r.token_ids, dtype="int64"))  # each answer token
             mine = logp.numpy()
@@ -124,9 +131,12 @@ class Trainer:
         return str(directory)
 
 
-def rollouts(http, servers: list[str], prompts: tuple[str, ...], group: int, max_tokens: int, seed: int) -> list[Rollout]:
-    """``group`` samples per prompt, spread over the servers; each records the version that produced it."""
+def rollouts(http, servers: list[str], prompts: tuple[str, ...], group: int, max_tokens: int, seed: int,
+             tokenizer: Tokenizer = BYTES) -> list[Rollout]:
+    """``group`` samples per prompt, spread over the servers; each records the version that produced it. A sample
+    the policy ended is scored with the tokenizer's (first) stop token appended, so stopping is learnt too."""
     jobs = [(p, g) for p in prompts for g in range(group)]
+    eos = min(tokenizer.stop_ids)
 
     def one(job_index: int) -> Rollout:
         prompt, g = jobs[job_index]
@@ -138,8 +148,8 @@ def rollouts(http, servers: list[str], prompts: tuple[str, ...], group: int, max
         choice = body["choices"][0]
         ids = choice["token_ids"]
         if choice["finish_reason"] == "stop":  # no stop strings are sent: "stop" means the policy sampled EOS
-            ids = ids + [EOS]
-        return Rollout(prompt, ids, body["weight_version"], reward(ids, max_tokens),
+            ids = ids + [eos]
+        return Rollout(prompt, ids, body["weight_version"], reward(ids, max_tokens, tokenizer),
                        choice["logprobs"]["token_logprobs"])
 
     with ThreadPoolExecutor(min(8, len(jobs))) as pool:
@@ -148,10 +158,11 @@ def rollouts(http, servers: list[str], prompts: tuple[str, ...], group: int, max
 
 def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | None = None, servers: int = 1,
         async_mode: bool = False, group: int = 8, max_tokens: int = 12, lr: float = 3e-3, seed: int = 0,
-        progress: bool = True) -> list[StepRecord]:
+        progress: bool = True, model_dir: str | None = None) -> list[StepRecord]:
     """The loop; one record per step. Step ``s`` samples with whatever the servers serve (``step_s``, or in async
     mode possibly ``step_{s-1}`` while ``step_s`` is still syncing: staleness at most 1), then trains and
-    publishes ``step_{s+1}``. The last step only samples, to measure the final policy."""
+    publishes ``step_{s+1}``. The last step only samples, to measure the final policy. ``model_dir``: a Hugging
+    Face directory the trainer starts from and the servers take architecture and tokenizer from."""
     use_temporary_prefect(run_dir / "prefect")  # the flow records stay with the run
     import contextlib
     import logging
@@ -164,7 +175,8 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     snapshots = storage_url or str(run_dir / "snapshots")
-    trainer = Trainer(model, seed, lr)
+    trainer = Trainer(model, seed, lr, model_dir)
+    model_args = ("--model-dir", model_dir) if model_dir else ("--model", model)
     syncs: dict[str, dict] = {}
 
     def publish_and_sync(version: str, source: str, urls: list[str]) -> None:
@@ -175,7 +187,7 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
 
     samples: list[tuple[list[Rollout], float, float | None, float]] = []
     with contextlib.ExitStack() as stack:
-        urls = [stack.enter_context(baton_serve(snapshots, "--model", model, ready=False, timeout=300)).url
+        urls = [stack.enter_context(baton_serve(snapshots, *model_args, ready=False, timeout=300)).url
                 for _ in range(servers)]
         http = stack.enter_context(httpx.Client(timeout=120))
         # the initial policy first, so the servers generate with the trainer's weights from the start
@@ -183,7 +195,7 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
         in_flight: threading.Thread | None = None
         bar = tqdm(range(steps + 1), desc="rl steps", unit="step", disable=not progress)
         for step in bar:
-            batch = rollouts(http, urls, PROMPTS, group, max_tokens, seed * 1000 + step)
+            batch = rollouts(http, urls, PROMPTS, group, max_tokens, seed * 1000 + step, trainer.tokenizer)
             bar.set_postfix(reward=f"{np.mean([r.reward for r in batch]):.3f}")
             if step == steps:
                 samples.append((batch, 0.0, None, 1.0))

@@ -33,3 +33,14 @@ def test_async_rollouts_stay_within_one_version_and_name_published_ones(tmp_path
     assert all(set(s["rollout_versions"]) <= published(tmp_path / "async") for s in steps)
     assert all(s["staleness_max"] <= 1 for s in steps)
     assert all(s["mismatch"] in (None, 0.0) for s in steps)  # same weights, same bits, even in async mode
+
+
+def test_a_real_family_learns_through_its_own_tokenizer(tmp_path):
+    """``--model-dir`` at an empty path: a tiny random Qwen2 with a BPE tokenizer trained on the spot, served by
+    ``baton serve --model-dir`` and trained from the same directory."""
+    model_dir = tmp_path / "qwen2-tiny"
+    steps = demo(tmp_path / "hf", "--steps", "6", "--model-dir", str(model_dir))
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and (model_dir / "tokenizer.json").exists()
+    assert steps[-1]["reward_mean"] > 1.5 * steps[0]["reward_mean"]
+    assert [s["mismatch"] for s in steps[:-1]] == [0.0] * 6
