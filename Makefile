@@ -19,4 +19,6 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/storage_bench.py
 	$(BIN)/python bench/model_bench.py
 	$(BIN)/python bench/server_bench.py
+	$(BIN)/python bench/engine_bench.py
 	$(BIN)/python bench/flow_bench.py
+	$(BIN)/python bench/hf_bench.py

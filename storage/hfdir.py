@@ -143,6 +143,10 @@ def hf_tensors(url: str, *, rank: int = 0, tp_size: int = 1, rules: Rules = LLAM
     ``storage.publish`` reads one at a time as it writes each part."""
     fs, tensors, formats = scan(url, storage_options)
     flipped = stored_out_in(tensors, formats, url)
+    _, root = open_fs(url, storage_options)
+    if fs.exists(join(root, CONFIG_FILE)) and read_json(fs.cat_file(join(root, CONFIG_FILE)), url).get(
+            "tie_word_embeddings") is True:
+        tensors.pop("lm_head.weight", None)  # some writers save a tied head too; it is the embedding itself
     out: dict[str, TensorRef] = {}
     for name, (path, e) in tensors.items():
         transpose = name in flipped
