@@ -19,7 +19,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-BENCHMARKS = ("storage_bench.py", "model_bench.py", "server_bench.py", "engine_bench.py", "flow_bench.py", "chaos.py")
+BENCHMARKS = ("storage_bench.py", "model_bench.py", "server_bench.py", "engine_bench.py", "flow_bench.py",
+              "hf_bench.py", "chaos.py")
 GiB, MiB = 1 << 30, 1 << 20
 
 
@@ -116,6 +117,24 @@ def flow_section(d: dict) -> list[str]:
               f"{d['checkpoint_bytes'] / GiB:.2f} GiB)."]
 
 
+def hf_section(d: dict) -> list[str]:
+    m = d["model"]
+    rows = []
+    for r in d["rows"]:
+        for c in r["decode"]:
+            rows.append([r["dtype"], f"{r['bytes'] / GiB:.2f}", f"{r['load_s']['transformers']:.2f}",
+                         f"{r['load_s']['baton_snapshot']:.2f} ({r['load_ratio_snapshot']:.2f}×)",
+                         f"{r['load_s']['baton_model_dir']:.2f} ({r['load_ratio_model_dir']:.2f}×)",
+                         str(c["concurrency"]), f"{c['baton_tokens_per_s']:.1f}", f"{c['transformers_tokens_per_s']:.1f}",
+                         f"{c['ratio']:.2f}×", f"{c['same_greedy_tokens']}/{c['concurrency']}"])
+    return [f"`{d['command']}`: Qwen2, {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, vocabulary "
+            f"{m['vocab_size']} (Qwen2.5-0.5B's shape), random weights saved by `transformers`. Load: seconds until "
+            "the model has computed its first logits, each in a fresh process (ratio: `transformers` time over "
+            "Baton's). Decode: greedy tokens/s, Baton's engine vs `transformers.generate` (one static batch).", ""] + \
+        md_table(["dtype", "GiB", "load: transformers s", "Baton from snapshot s", "Baton from the dir s",
+                  "concurrency", "Baton tok/s", "transformers tok/s", "ratio", "same greedy tokens"], rows)
+
+
 CHAOS_KINDS = ("succeeded", "refused_clean", "harmless", "partial", "bad")
 
 
@@ -158,7 +177,7 @@ def machine_line(docs: list[dict]) -> str:
 
 
 def report() -> str:
-    docs = {name: load(name) for name in ("storage", "model", "gpu", "server", "engine", "flow", "chaos")}
+    docs = {name: load(name) for name in ("storage", "model", "gpu", "server", "engine", "flow", "hf", "chaos")}
     out = ["# Baton benchmark report", "", machine_line([d for d in docs.values() if d]),
            "Every figure is from a real run on that 2-core machine; each ratio's baseline ran in the same run.",
            "Regenerate with `python bench/report.py` (collect) or `--run` (measure again).", ""]
@@ -168,6 +187,7 @@ def report() -> str:
                 ("Inference server (`bench/server_bench.py`)", "server", server_section),
                 ("Rollout engine (`bench/engine_bench.py`)", "engine", engine_section),
                 ("Flow end to end (`bench/flow_bench.py`)", "flow", flow_section),
+                ("Real model families (`bench/hf_bench.py`)", "hf", hf_section),
                 ("Fault injection (`bench/chaos.py`)", "chaos", chaos_section)]
     for title, name, render in sections:
         out += [f"## {title}", ""]

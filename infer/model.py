@@ -55,18 +55,21 @@ class Linear(paddle.nn.Layer):
 BATCH_INVARIANT = os.environ.get("BATON_BATCH_INVARIANT", "1") != "0"
 
 
-def row_matmul(x: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
-    """``x @ w`` for rows ``x`` ``[M, in]`` (M a multiple of ``kernels.MIN_ROWS``), in blocks of at most
-    ``kernels.MAX_ROWS`` rows: every block takes the same GEMM path, so a row's result does not depend on M.
-    On every core where that stays true for this shape (``gemm_threads``), else on one."""
+def row_matmul(x: paddle.Tensor, w: paddle.Tensor, transpose_y: bool = False) -> paddle.Tensor:
+    """``x @ w`` (``x @ w.T`` with ``transpose_y``: a tied head over the ``[vocab, hidden]`` embedding, 4.6x faster
+    than a transposed view for Qwen2.5-0.5B's) for rows ``x`` ``[M, in]`` (M a multiple of ``kernels.MIN_ROWS``),
+    in blocks of at most ``kernels.MAX_ROWS`` rows: every block takes the same GEMM path, so a row's result does
+    not depend on M. On every core where that stays true for this shape (``gemm_threads``), else on one."""
     w = _as(w, x)
     step = kernels.MAX_ROWS
+    n_in, n_out = (w.shape[1], w.shape[0]) if transpose_y else (w.shape[0], w.shape[1])
     if x.place.is_cpu_place():
-        cores = gemm_threads(w.shape[0], w.shape[1], x.dtype) if BATCH_INVARIANT else len(os.sched_getaffinity(0))
+        cores = gemm_threads(n_in, n_out, x.dtype, transpose_y) if BATCH_INVARIANT else len(os.sched_getaffinity(0))
         _use_threads(cores)
     if x.shape[0] <= step or not BATCH_INVARIANT:
-        return paddle.matmul(x, w)
-    return paddle.concat([paddle.matmul(x[i : i + step], w) for i in range(0, x.shape[0], step)])
+        return paddle.matmul(x, w, transpose_y=transpose_y)
+    return paddle.concat([paddle.matmul(x[i : i + step], w, transpose_y=transpose_y)
+                          for i in range(0, x.shape[0], step)])
 
 
 _threads = threading.local()
@@ -80,7 +83,7 @@ def _use_threads(count: int) -> None:
 
 
 @functools.cache
-def gemm_threads(n_in: int, n_out: int, dtype: paddle.dtype) -> int:
+def gemm_threads(n_in: int, n_out: int, dtype: paddle.dtype, transpose_y: bool = False) -> int:
     """Cores a ``[M, n_in] @ [n_in, n_out]`` GEMM may use. Paddle's CPU kernels use one core; a GEMM on several
     is about 1.5x faster, but for some shapes the library then splits the work differently for small and large
     M, and a row's result would depend on its batch. Measured once per shape: every core when the rows of
@@ -90,10 +93,10 @@ def gemm_threads(n_in: int, n_out: int, dtype: paddle.dtype) -> int:
         return 1
     rng = np.random.default_rng(0)
     x = paddle.to_tensor(rng.standard_normal((kernels.MAX_ROWS, n_in), np.float32)).astype(dtype)
-    w = paddle.to_tensor(rng.standard_normal((n_in, n_out), np.float32)).astype(dtype)
+    w = paddle.to_tensor(rng.standard_normal((n_out, n_in) if transpose_y else (n_in, n_out), np.float32)).astype(dtype)
     _use_threads(cores)
-    full = paddle.matmul(x, w).numpy()
-    same = all(np.array_equal(paddle.matmul(x[:m], w).numpy(), full[:m])
+    full = paddle.matmul(x, w, transpose_y=transpose_y).numpy()
+    same = all(np.array_equal(paddle.matmul(x[:m], w, transpose_y=transpose_y).numpy(), full[:m])
                for m in range(kernels.MIN_ROWS, kernels.MAX_ROWS, kernels.MIN_ROWS))
     return cores if same else 1
 
@@ -293,8 +296,11 @@ class Decoder(paddle.nn.Layer):
         if logit_rows is not None:
             wanted = logit_rows.shape[0]
             hidden = pad_rows(paddle.gather(hidden, logit_rows), padded_rows(wanted))
-        head = self.model.embed_tokens.weight.T if self.lm_head is None else self.lm_head.weight
-        return row_matmul(hidden, head).astype("float32")[:wanted]
+        if self.lm_head is None:  # tied: the embedding [vocab, hidden] is the head, transposed by the GEMM itself
+            logits = row_matmul(hidden, self.model.embed_tokens.weight, transpose_y=True)
+        else:
+            logits = row_matmul(hidden, self.lm_head.weight)
+        return logits.astype("float32")[:wanted]
 
 
 def token_logprobs(logits: paddle.Tensor, tokens: paddle.Tensor) -> paddle.Tensor:
