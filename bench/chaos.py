@@ -34,7 +34,6 @@ import os
 import random
 import select
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,7 @@ warnings.filterwarnings("ignore", category=UserWarning)
 import numpy as np  # noqa: E402
 
 import storage  # noqa: E402
-from common import log, machine_info, parser, results_path, write_results  # noqa: E402
+from common import free_port, log, machine_info, parser, results_path, wait_until, write_results  # noqa: E402
 
 BUCKET = "baton-chaos"
 KINDS = ("succeeded", "refused_clean", "harmless", "partial", "bad")
@@ -109,23 +108,6 @@ def timed(tally: Tally) -> Iterator[Tally]:
     finally:
         tally.seconds += time.perf_counter() - start
         log(f"{tally.scenario}: {tally.faults} faults, {dict(tally.counts)}, {tally.seconds:.0f}s")
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released), for servers that must come back at the same address."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if check():
-                return
-        time.sleep(interval)
-    raise RuntimeError(f"{what} not ready after {timeout:.0f}s")
 
 
 def gone(pid: int) -> bool:
@@ -284,11 +266,18 @@ class MotoS3(Child):
 
 @contextlib.contextmanager
 def moto_s3() -> Iterator[MotoS3]:
-    s3 = MotoS3().start()
+    """The server, with the environment that points storage at it put back as it was afterwards."""
+    s3 = MotoS3()
+    saved = {k: os.environ.get(k) for k in s3.env()}
     try:
-        yield s3
+        yield s3.start()
     finally:
         s3.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ---- 1. publishers killed at random moments ---------------------------------------------------------------------
@@ -464,7 +453,7 @@ def byte_flips(tally: Tally, workdir: Path, mask: int, verify: str, data_stride:
     written: detected-partial); a manifest flip must be refused or load bit-exact (harmless: the field is named)."""
     state = flip_state()
     root = workdir / f"flips-{mask:02x}-{verify}"
-    storage.publish(state, str(root), "v1", part_bytes=2100)
+    storage.publish(state, str(root), "v1", part_bytes=2100, sha256=True)  # every manifest field present
     want = {"v1": bytes_of(state)}
     target, pattern = paddle_target(state)
     for site in flip_sites(root, data_stride, text_only):

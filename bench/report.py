@@ -104,17 +104,24 @@ def engine_section(d: dict) -> list[str]:
 
 
 def flow_section(d: dict) -> list[str]:
-    m = d["median"]
-    return md_table(["measure", "seconds"], [
-        ["raw copy of the checkpoint (read, write, fsync)", f"{m['raw_copy_s']:.2f}"],
-        ["sync-weights end to end, 2 servers", f"{m['flow_s']:.2f}"],
-        ["  publish (task's own time)", f"{m['publish_s']:.2f}"],
-        ["  server load (slower server)", f"{m['server_load_s']:.2f}"],
-        ["  orchestration (Prefect, HTTP, confirmation)", f"{m['orchestration_s']:.2f}"],
-        ["first sync, including Prefect's temporary server start", f"{d['cold_first_sync_s']:.2f}"],
-    ]) + ["", f"Goal: flow ≤ 2× raw copy + 2 s = {2 * m['raw_copy_s'] + 2:.2f} s: **{d['verdict']}** "
-              f"((publish + load) / copy = {d['publish_plus_load_over_copy']:.2f}×; {d['model']}, "
-              f"{d['checkpoint_bytes'] / GiB:.2f} GiB)."]
+    rows = []
+    for s in d["syncs"]:
+        m = s["median"]
+        rows.append([s["model"], f"{s['checkpoint_bytes'] / GiB:.2f}", str(len(s["runs"])), f"{m['raw_copy_s']:.2f}",
+                     f"{m['flow_s']:.2f} ({s['flow_over_copy']:.2f}×)", f"{m['publish_s']:.2f}",
+                     f"{m['server_load_s']:.2f}", f"{m['orchestration_s']:.2f}",
+                     f"{s['seconds_per_gib']['publish_s']:.2f} / {s['seconds_per_gib']['server_load_s']:.2f}",
+                     f"{s['first_sync_s']:.1f}"])
+    g, v, dep = d["goals"], d["verdicts"], d["deployment"]
+    return md_table(["model", "GiB", "runs", "raw copy s", "sync s (/ copy)", "publish s", "slower load s",
+                     "orchestration s", "publish / load s per GiB", "first sync s"], rows) + [
+        "", f"Deployment runs under `baton deploy` ({len(dep['runs'])}, created through the API): started "
+            f"{dep['median']['start_s']:.2f} s after creation (median; max {dep['max_start_s']:.2f} s), ran "
+            f"{dep['median']['run_s']:.2f} s.", "",
+        *md_table(["goal", "target", ""], [
+            ["orchestration of a warm sync", f"≤ {g['orchestration_s']} s", verdict(v["orchestration_s"])],
+            [f"sync of {d['syncs'][0]['model']} vs raw copy", f"≤ {g['flow_over_copy']}×", verdict(v["flow_over_copy"])],
+            ["deployment run start", f"≤ {g['deploy_start_s']} s", verdict(v["deploy_start_s"])]])]
 
 
 def hf_section(d: dict) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,13 @@ class Outcome:
     bytes: int | None = None
 
 
+@functools.cache
+def _http() -> httpx.Client:
+    """One pooled client for every call: a new ``httpx`` client costs ~35 ms here (TLS context, pool), more than
+    a whole request to a server on the same network."""
+    return httpx.Client()
+
+
 def _headers(admin_token_env: str | None) -> dict[str, str]:
     token = os.environ.get(admin_token_env) if admin_token_env else None
     return {"Authorization": f"Bearer {token}"} if token else {}
@@ -54,7 +62,7 @@ def _headers(admin_token_env: str | None) -> dict[str, str]:
 def weights(server: Server, timeout: float = 30) -> dict[str, Any]:
     """``GET /v1/weights``: what the server serves now."""
     try:
-        r = httpx.get(f"{server.url}/v1/weights", timeout=timeout)
+        r = _http().get(f"{server.url}/v1/weights", timeout=timeout)
     except httpx.TransportError as exc:
         raise Unreachable(f"{server.url}: {exc!r}") from exc
     if r.status_code != 200:
@@ -62,12 +70,12 @@ def weights(server: Server, timeout: float = 30) -> dict[str, Any]:
     return r.json()
 
 
-def update(server: Server, version: str, snapshot_root: str, verify: str = "full",
+def update(server: Server, version: str, snapshot_root: str, verify: str = "stream",
            admin_token_env: str | None = None, timeout: float = 1800) -> dict[str, Any]:
     """``POST /v1/update_weights``; returns the server's success reply, raises Refused or Unreachable."""
     body = {"version": version, "snapshot_root": snapshot_root, "rank": server.rank, "verify": verify}
     try:
-        r = httpx.post(f"{server.url}/v1/update_weights", json=body, headers=_headers(admin_token_env),
+        r = _http().post(f"{server.url}/v1/update_weights", json=body, headers=_headers(admin_token_env),
                        timeout=timeout)
     except httpx.TransportError as exc:
         raise Unreachable(f"{server.url}: {exc!r}") from exc

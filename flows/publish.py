@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 import storage
 from flows.checkpoint import serving_shard
+from flows.inprocess import flow
 from storage import manifest_name, open_fs
 
 Runner = Literal["threads", "dask", "ray"]
@@ -73,7 +74,9 @@ def publish_ranks(source: str, snapshot_root: str, version: str, part_bytes: int
     if serving_tp < 1:
         raise ValueError(f"serving_tp must be at least 1, got {serving_tp}")
     storage.check_id(version)
-    progress = create_progress_artifact(0.0, description=f"publishing {version}: ranks done out of {serving_tp}")
+    # a progress bar for several ranks; for one it would only jump from 0 to 100 (two API calls per sync)
+    progress = create_progress_artifact(0.0, description=f"publishing {version}: ranks done out of {serving_tp}") \
+        if serving_tp > 1 else None
     rows = []
     with task_runner(runner) as pool:
         futures = [pool.submit(publish_rank, parameters={
@@ -81,7 +84,8 @@ def publish_ranks(source: str, snapshot_root: str, version: str, part_bytes: int
             "serving_tp": serving_tp, "part_bytes": part_bytes}) for r in range(serving_tp)]
         for done, future in enumerate(as_completed(futures), start=1):
             rows.append(future.result())
-            update_progress_artifact(progress, 100.0 * done / serving_tp)
+            if progress is not None:
+                update_progress_artifact(progress, 100.0 * done / serving_tp)
     rows.sort(key=lambda row: row["rank"])
     create_table_artifact(rows, key=f"publish-{version.lower().replace('_', '-')}",
                           description=f"{version} published under {snapshot_root}")

@@ -4,15 +4,17 @@ which did not."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from flows import fleet
+from flows.inprocess import flow
 from flows.fleet import Outcome, Refused, Server, Unreachable
 from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks
 
@@ -26,10 +28,10 @@ def _retry_unreachable(task, task_run, state) -> bool:
     return isinstance(state.result(raise_on_failure=False), Unreachable)
 
 
-@task(name="read-server", cache_policy=NO_CACHE, task_run_name="read {server.url}")
 def read_server(server: Server) -> dict | None:
     """What a server serves before the sync (the rollback target); None when it does not answer, which the
-    update that follows retries and reports."""
+    update that follows retries and reports. A plain call, not a task: a task run per read costs more in
+    Prefect's bookkeeping than the read itself."""
     try:
         return fleet.weights(server)
     except Unreachable:
@@ -80,7 +82,7 @@ def _roll_back(servers: list[Server], outcomes: list[Outcome], before: dict[str,
 @flow(name="sync-weights", log_prints=True)
 def sync_weights(version: str, snapshot_root: str, servers: list[Server | str], source: str | None = None,
                  part_bytes: int = DEFAULT_PART_BYTES, serving_tp: int = 1, on_failure: Literal["rollback", "keep"] =
-                 "rollback", verify: Literal["full", "stream", "none"] = "full", admin_token_env: str | None = None,
+                 "rollback", verify: Literal["full", "stream", "none"] = "stream", admin_token_env: str | None = None,
                  runner: Runner = "threads") -> list[dict]:
     """Publish ``source`` as ``version`` (when given), load it on every server concurrently and confirm each
     serves it. On partial failure ``on_failure="rollback"`` returns the servers that took it to their previous
@@ -92,14 +94,15 @@ def sync_weights(version: str, snapshot_root: str, servers: list[Server | str], 
 
 def sync_fleet(version: str, snapshot_root: str, servers: list[Server | str], source: str | None = None,
                part_bytes: int = DEFAULT_PART_BYTES, serving_tp: int = 1, on_failure: str = "rollback",
-               verify: str = "full", admin_token_env: str | None = None, runner: Runner = "threads") -> list[dict]:
+               verify: str = "stream", admin_token_env: str | None = None, runner: Runner = "threads") -> list[dict]:
     """The body of ``sync-weights``, as tasks of the calling flow (the scheduled flow calls it too)."""
     log = get_run_logger()
     fleet_servers = [Server.parse(s) for s in servers]
     if not fleet_servers:
         raise ValueError("servers is empty: give at least one inference server URL")
     start = time.perf_counter()
-    before = {s.url: f.result() for s, f in zip(fleet_servers, [read_server.submit(s) for s in fleet_servers])}
+    with ThreadPoolExecutor(len(fleet_servers)) as pool:
+        before = {s.url: found for s, found in zip(fleet_servers, pool.map(read_server, fleet_servers))}
     published = None
     if source is not None:
         published = publish_ranks(source, snapshot_root, version, part_bytes, serving_tp, runner)

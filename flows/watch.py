@@ -3,12 +3,13 @@ syncs it if that has not happened yet, and prunes old versions no server needs."
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 import storage
 from flows import fleet
 from flows.checkpoint import DONE_MARKER, completed_steps
 from flows.fleet import Server, Unreachable
+from flows.inprocess import flow
 from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks
 from flows.sync import sync_fleet
 

@@ -35,8 +35,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--swap", default="in_place", choices=["in_place", "double_buffer"],
                    help="in_place: bounded memory, requests pause during an update; double_buffer: serving "
                         "continues while the spare copy loads, at one extra model of memory (default in_place)")
-    p.add_argument("--verify", default="full", choices=["full", "stream", "none"],
-                   help="checksum policy for updates (default full: every part before the first write)")
+    p.add_argument("--verify", default="stream", choices=["full", "stream", "none"],
+                   help="checksum policy for updates (default stream: every byte read once and hashed as it is "
+                        "written; a bad part puts the previous version back. full: every part hashed before the "
+                        "first write, reading twice)")
     p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
                    help="how long an update waits for running requests before ending them with finish_reason "
                         "'abort' (default 60)")

@@ -1,16 +1,17 @@
 """The served weights and how a new version replaces them, so that no reply ever comes from a torn or mixed model.
 
 A request borrows one model copy (a *slot*) for its whole generation and learns which version that slot holds.
-An update first checks everything it can without writing (every rank's manifest, sizes, headers, names,
-shapes, dtypes and, by default, checksums), then writes:
+An update first checks everything it can without reading tensor bytes (every rank's manifest, sizes, headers,
+names, shapes, dtypes; with ``verify="full"`` also every checksum, at a second read), then writes, hashing each
+part as it goes (the default ``"stream"``: every byte read once):
 
 - ``in_place`` (one copy, memory-bounded): new requests wait, running ones finish, the update writes, requests
   resume on the new version.
 - ``double_buffer`` (two copies): the update writes the spare copy while requests keep using the live one, then
   the two switch between requests; the old copy stays as the spare, holding the previous version.
 
-If writing still fails midway (storage dies, a part changed after it was checked), the previous version is put
-back: reloaded from storage in ``in_place`` (the slot is unusable until then), untouched in ``double_buffer``.
+If writing fails midway (a corrupt part, storage dies, a part changed after it was checked), the previous version
+is put back: reloaded from storage in ``in_place`` (the slot is unusable until then), untouched in ``double_buffer``.
 A server started from a model directory (``adopt``) serves its weights as level 0 and reloads them the same way.
 If even the reload fails, the server reports itself unhealthy instead of serving a torn model.
 """
@@ -131,9 +132,16 @@ def _host_array(t: Any) -> np.ndarray:
     return t.numpy()
 
 
+def _cause(exc: Exception) -> str:
+    """What went wrong, without a partial apply's advice to restore (the manager does that itself)."""
+    if isinstance(exc, storage.PartialApplyError) and exc.__cause__ is not None:
+        return f"{exc.__cause__}, after {len(exc.applied)} tensors were written"
+    return str(exc)
+
+
 class WeightManager:
     def __init__(self, config: ModelConfig, root: str | None, *, rank: int = 0, tp_size: int = 1,
-                 fallback_dir: str | None = None, mode: str = "in_place", verify: str = "full",
+                 fallback_dir: str | None = None, mode: str = "in_place", verify: str = "stream",
                  storage_options: dict | None = None, metrics: Metrics | None = None, drain_timeout: float = 60.0):
         if mode not in MODES:
             raise ValueError(f"swap mode must be one of {MODES}, not {mode!r}")
@@ -251,7 +259,7 @@ class WeightManager:
                 self._write(sources, target)
             except Exception as exc:  # noqa: BLE001 - whatever broke the write, undo it before reporting
                 self._recover(target, previous, exc)
-            target.info = self._describe(version, root, rank, sources, target, time.perf_counter() - start)
+            target.info = self._describe(version, root, rank, sources, target, start)
         log.info("loaded %s from %s (level %d) in %.2fs", version, root, target.info.level, target.info.seconds)
         return self._switch(target)
 
@@ -317,7 +325,7 @@ class WeightManager:
             if previous.level == 0 and self._base is not None:
                 load_state(slot.model, self._base())
             else:
-                self._write(self._check(previous.version, previous.root, previous.rank, "full", slot), slot)
+                self._write(self._check(previous.version, previous.root, previous.rank, "stream", slot), slot)
             slot.info = previous
             log.warning("update failed midway (%s); restored %s in %.2fs", exc, previous.version,
                         time.perf_counter() - restore_start)
@@ -326,13 +334,14 @@ class WeightManager:
                            f"({restore_exc}): not serving a torn model")
             log.error(self.broken)
             raise RestoreFailed(self.broken) from exc
-        raise SnapshotRejected(f"update failed midway ({exc}); restored {previous.version!r}, which is serving",
-                               "restored") from exc
+        raise SnapshotRejected(f"update failed midway ({_cause(exc)}); restored {previous.version!r}: still serving "
+                               f"{previous.version!r}", "restored") from exc
 
-    def _describe(self, version: str, root: str, rank: int, sources: list, slot: Slot, seconds: float) -> WeightInfo:
+    def _describe(self, version: str, root: str, rank: int, sources: list, slot: Slot, start: float) -> WeightInfo:
         levels = sorted({int(src.level) for _, src, _ in sources})
+        digest = state_digest(slot.model.state_dict())  # part of the update's cost, so inside its seconds
         return WeightInfo(version, root, rank, levels[0], sources[0][1].level.label, time.time(),
-                          sum(src.bytes for _, src, _ in sources), seconds, state_digest(slot.model.state_dict()))
+                          sum(src.bytes for _, src, _ in sources), time.perf_counter() - start, digest)
 
     def _switch(self, slot: Slot) -> WeightInfo:
         with self._cond:

@@ -1,21 +1,30 @@
 """Applying a resolved source to live tensors, so that a bad snapshot never touches them unannounced.
 
 Order: (1) check every name, shape and dtype against the target, and that every target can be written;
-(2) with ``verify="full"``, hash every part against the manifest; only then (3) stream each part into the live
-tensors. Local parts are read with ``readinto`` straight into the parameters' memory; remote parts are
-fetched ``prefetch`` at a time and dropped once applied. Files are read, never memory-mapped: a part
+(2) with ``verify="full"`` only, hash every part against the manifest; then (3) stream each part into the live
+tensors, hashing it as it goes (``"stream"``, the default: every byte read once). Parts are read with
+``readinto`` straight into the parameters' memory, a cache-sized window at a time so the hash reads it from
+cache. Remote parts are first downloaded once, ``prefetch`` at a time, into a local temporary directory, and
+applied as they arrive; without room there, they are fetched into memory two at a time and each is hashed
+before any of it is applied. Files are read, never memory-mapped: a part
 truncated while mapped would kill the process with SIGBUS. Once the first byte of a target has changed,
 any failure is a ``PartialApplyError`` naming every tensor touched, so the caller knows to restore.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Union
 
+import fsspec
 import numpy as np
 import xxhash
 from tqdm.auto import tqdm
@@ -25,7 +34,8 @@ from .fs import is_local, storage_calls, storage_error
 from .resolve import Source, url_of
 from .tensorfile import DTYPES, Header, code_of_numpy, code_of_paddle
 
-HASH_WINDOW = 256 << 10
+log = logging.getLogger("baton.storage")
+HASH_WINDOW = 1 << 20  # bytes read then hashed at a time: small enough to stay in cache
 _FLOATS = {"F16", "BF16", "F32", "F64"}
 Target = Union[Mapping[str, Any], Any]  # a dict of paddle tensors / numpy arrays, or a paddle.nn.Layer
 CopyFn = Callable[[Any, Any], None]  # (live paddle tensor, loaded paddle tensor) -> None, in place
@@ -87,7 +97,7 @@ def _host_view(dst: Any, code: str) -> np.ndarray | None:
         t = t.view(paddle.uint16)
     elif code.startswith("F8"):
         t = t.view(paddle.uint8)
-    if t.numel() == 0:
+    if 0 in t.shape:  # (not t.numel(): a Paddle comparison costs more than the rest of this function)
         return np.empty(0, np.uint8)
     try:
         return np.from_dlpack(t).reshape(-1).view(np.uint8)
@@ -149,12 +159,12 @@ def _hash_remote(fs, path: str) -> str:
 
 
 def _verify_all(src: Source, prefetch: int) -> None:
-    todo = [(p, d) for p, d in zip(src.files, src.digests) if d]
+    todo = [(p, u, d) for p, u, d in zip(src.files, src.urls(), src.digests) if d]
     hasher = _hash_local if is_local(src.fs) else functools.partial(_hash_remote, src.fs)
     with ThreadPoolExecutor(max(1, prefetch)) as pool:
-        for (path, expected), got in zip(todo, pool.map(_guarded(hasher, src.fs), [p for p, _ in todo])):
+        for (_, url, expected), got in zip(todo, pool.map(_guarded(hasher, src.fs), [p for p, _, _ in todo])):
             if got != expected:
-                raise TornSnapshotError(url_of(src.fs, path), f"xxh3_128 {got} does not match the manifest's "
+                raise TornSnapshotError(url, f"xxh3_128 {got} does not match the manifest's "
                                         f"{expected} (corrupt or replaced): publish the version again")
 
 
@@ -173,18 +183,20 @@ def _guarded(fn, fs):
     return run
 
 
-def _fetch_parts(src: Source, prefetch: int) -> Iterator[tuple[int, bytes | None]]:
-    """Parts in order; remote bodies fetched ``prefetch`` ahead so I/O overlaps applying."""
-    if is_local(src.fs):
-        yield from ((i, None) for i in range(len(src.files)))
+def _fetch_parts(src: Source, ready: Callable[[int], None] | None) -> Iterator[tuple[int, bytes | None]]:
+    """Parts in order: local files (``ready(i)`` first), or remote bodies fetched into memory two ahead."""
+    if ready is not None:
+        for i in range(len(src.files)):
+            ready(i)
+            yield i, None
         return
     fetch = _guarded(src.fs.cat_file, src.fs)
-    with ThreadPoolExecutor(max(1, prefetch)) as pool:
-        futures = [pool.submit(fetch, p) for p in src.files[:prefetch]]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(fetch, p) for p in src.files[:2]]
         for i in range(len(src.files)):
             blob = futures.pop(0).result()
-            if i + prefetch < len(src.files):
-                futures.append(pool.submit(fetch, src.files[i + prefetch]))
+            if i + 2 < len(src.files):
+                futures.append(pool.submit(fetch, src.files[i + 2]))
             yield i, blob
             del blob
 
@@ -215,16 +227,22 @@ def _apply_file(path: str, url: str, header: Header, targets, copy_fn: CopyFn | 
             if view is not None:
                 touched.append(e.name)  # from here on its bytes may be half old, half new
             f.seek(e.start)
-            _readinto(f, buf, url)
-            if h is not None:
-                h.update(buf)
+            step = HASH_WINDOW if h is not None else max(e.nbytes, 1)
+            for start in range(0, e.nbytes, step):
+                # hashed while the window is still in cache: ~15% of the read, not a second pass (a helper
+                # thread per window measured slower here: the hand-off costs more than the hash)
+                window = buf[start:start + step]
+                _readinto(f, window, url)
+                if h is not None:
+                    h.update(window)
             if view is None:
                 touched.append(e.name)
                 _copy_converted(dst, buf, e.dtype, e.shape, copy_fn)
             bar.update(e.nbytes)
 
 
-def _apply(src: Source, targets: Mapping[str, Any], verify: str, copy_fn: CopyFn | None, prefetch: int, bar) -> None:
+def _apply(src: Source, targets: Mapping[str, Any], verify: str, copy_fn: CopyFn | None,
+           ready: Callable[[int], None] | None, bar) -> None:
     touched: list[str] = []
     if src.arrays is not None:
         index = src.index()
@@ -237,10 +255,11 @@ def _apply(src: Source, targets: Mapping[str, Any], verify: str, copy_fn: CopyFn
         except Exception as exc:
             raise PartialApplyError(f"{src.urls()[0]}: {type(exc).__name__}: {exc}", touched) from exc
         return
-    url = url_of(src.fs, src.files[0])
+    urls = src.urls()
+    url = urls[0]
     try:
-        for i, blob in _fetch_parts(src, prefetch):
-            url, expected = url_of(src.fs, src.files[i]), (src.digests[i] if verify != "none" else None)
+        for i, blob in _fetch_parts(src, ready):
+            url, expected = urls[i], (src.digests[i] if verify != "none" else None)
             h = xxhash.xxh3_128() if expected else None
             if blob is None:
                 _apply_file(src.files[i], url, src.headers[i], targets, copy_fn, h, touched, bar)
@@ -255,7 +274,8 @@ def _apply(src: Source, targets: Mapping[str, Any], verify: str, copy_fn: CopyFn
                 _apply_blob(blob, src.headers[i], targets, copy_fn, touched)
                 bar.update(len(blob))
             if h is not None and h.hexdigest() != expected:
-                raise TornSnapshotError(url, "checksum does not match the manifest (changed after it was verified?)")
+                raise TornSnapshotError(url, "checksum does not match the manifest (corrupt, or replaced while "
+                                        "loading): publish the version again")
     except Exception as exc:
         if not touched:
             err = storage_error(exc)
@@ -264,11 +284,48 @@ def _apply(src: Source, targets: Mapping[str, Any], verify: str, copy_fn: CopyFn
             if isinstance(exc, (TornSnapshotError, OSError)):
                 raise
             raise TornSnapshotError(url, f"{type(exc).__name__}: {exc}") from exc
-        raise PartialApplyError(f"{url}: {exc}", touched) from exc
+        raise PartialApplyError(str(exc) if isinstance(exc, TornSnapshotError) else f"{url}: {exc}", touched) from exc
+
+
+def _download(src: Source, i: int, path: str) -> None:
+    url = src.urls()[i]
+    try:
+        src.fs.get_file(src.files[i], path)
+    except FileNotFoundError:
+        raise _disappeared(url) from None
+    if os.path.getsize(path) != src.sizes[i]:
+        raise TornSnapshotError(url, f"downloaded {os.path.getsize(path)} bytes, expected {src.sizes[i]} (replaced "
+                                "while loading?)")
+
+
+@contextlib.contextmanager
+def _spooled(src: Source, streams: int) -> Iterator[tuple[Source, Callable[[int], None] | None]]:
+    """Remote parts downloaded once, ``streams`` at a time, into a local temporary directory (``TMPDIR``), as
+    a local source plus ``ready(i)``, which returns once part i is there. Applying part i overlaps downloading
+    the next ones, memory stays at the hash window, and ``verify="full"`` hashes the local copies before the
+    first write instead of fetching twice. Local sources come back as they are; a temporary directory without
+    room for the snapshot gives ``ready=None`` (the caller fetches into memory, two parts at a time)."""
+    if is_local(src.fs) or src.arrays is not None:
+        yield src, lambda i: None
+        return
+    with tempfile.TemporaryDirectory(prefix="baton-spool-") as tmp:
+        if shutil.disk_usage(tmp).free < src.bytes + (256 << 20):
+            log.warning("no room in %s for %d bytes of parts: fetching them into memory, two at a time", tmp,
+                        src.bytes)
+            yield src, None
+            return
+        paths = [os.path.join(tmp, f"part{i}") for i in range(len(src.files))]
+        pool = ThreadPoolExecutor(max(1, streams), thread_name_prefix="baton-spool")
+        try:
+            futures = [pool.submit(_download, src, i, path) for i, path in enumerate(paths)]
+            local = dataclasses.replace(src, fs=fsspec.filesystem("file"), files=paths, origin=src.urls())
+            yield local, lambda i: futures[i].result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # nothing writes into the directory once it is removed
 
 
 @storage_calls
-def check_source(src: Source, into: Target, *, verify: str = "full", cast: bool = False, prefetch: int = 2) -> None:
+def check_source(src: Source, into: Target, *, verify: str = "stream", cast: bool = False, prefetch: int = 8) -> None:
     """Everything that can be known before a byte of ``into`` changes: names, shapes and dtypes fit, every target
     is writable, and with ``verify="full"`` every part's checksum. A server checks every rank's source this way
     before applying any."""
@@ -280,10 +337,11 @@ def check_source(src: Source, into: Target, *, verify: str = "full", cast: bool 
 
 @storage_calls
 def apply_source(
-    src: Source, into: Target | None, *, verify: str = "full", cast: bool = False, copy_fn: CopyFn | None = None,
-    prefetch: int = 2, progress: bool = False, label: str = "load",
+    src: Source, into: Target | None, *, verify: str = "stream", cast: bool = False, copy_fn: CopyFn | None = None,
+    prefetch: int = 8, progress: bool = False, label: str = "load",
 ) -> tuple[dict[str, Any], str]:
-    """Check ``src`` against the target, verify, apply; returns the target table and what was verified."""
+    """Check ``src`` against the target, verify, apply; returns the target table and what was verified.
+    ``prefetch``: remote parts downloaded at once into the local spool."""
     index = src.index()
     if into is None:
         import paddle
@@ -291,10 +349,20 @@ def apply_source(
         targets = {n: paddle.empty(list(shape), dtype=DTYPES[code][1]) for n, (code, shape) in index.items()}
     else:
         targets = target_table(into)
-    check_source(src, targets, verify=verify, cast=cast, prefetch=prefetch)
     has_digests = any(src.digests)
-    with tqdm(total=src.bytes, unit="B", unit_scale=True, desc=label, disable=not progress) as bar:
-        _apply(src, targets, verify, copy_fn, prefetch, bar)
+    check_source(src, targets, verify="none", cast=cast)  # before a byte is downloaded
+    with _spooled(src, prefetch) as (local, ready):
+        if verify == "full" and has_digests:
+            for i in range(len(local.files) if ready else 0):
+                ready(i)
+            _verify_all(local, prefetch)
+        with tqdm(total=src.bytes, unit="B", unit_scale=True, desc=label, disable=not progress) as bar:
+            try:
+                _apply(local, targets, verify, copy_fn, ready, bar)
+            except PartialApplyError as exc:
+                if into is None and isinstance(exc.__cause__, (TornSnapshotError, OSError)):
+                    raise exc.__cause__ from None  # fresh tensors, never returned: nothing to restore
+                raise
     if not has_digests or verify == "none":
         verified = "sizes and headers only" + ("" if has_digests else " (no manifest: no checksums to check)")
     else:

@@ -48,16 +48,17 @@ class FileCheck:
     detail: str
 
 
-def _file_digests(fs, path: str) -> tuple[str, str]:
+def _file_digests(fs, path: str, sha256: bool) -> tuple[str | None, str]:
     with fs.open(path, "rb") as f:
-        return digests(iter(lambda: f.read(_CHUNK), b""))
+        return digests(iter(lambda: f.read(_CHUNK), b""), sha256)
 
 
 def verify_snapshot(
     root_url: str, version_id: str, rank: int = 0, *, fallback_dir: str | None = None, strict: bool = False,
-    storage_options: dict[str, Any] | None = None,
+    sha256: bool = False, storage_options: dict[str, Any] | None = None,
 ) -> tuple[Level, list[FileCheck]]:
-    """Re-hash every file of the source ``load_snapshot`` would take (sha256 and xxh3_128 against the manifest).
+    """Re-hash every file of the source ``load_snapshot`` would take against the manifest: xxh3_128, and with
+    ``sha256`` also the SHA-256 recorded at publish (a part published without one fails that audit, saying so).
 
     Sources without a manifest have no recorded checksums: their sizes and headers were checked by resolving,
     and the report says so rather than pretending more.
@@ -68,7 +69,13 @@ def verify_snapshot(
     checks = []
     for part, url in zip(src.manifest.parts, src.urls()):
         path = src.files[part.index]
-        sha, xx = _file_digests(src.fs, path)
-        bad = [n for n, got, want in (("sha256", sha, part.sha256), ("xxh3_128", xx, part.xxh3_128)) if got != want]
-        checks.append(FileCheck(url, not bad, f"{', '.join(bad)} mismatch: corrupt or replaced" if bad else f"sha256 {sha[:16]}… ok"))
+        if sha256 and part.sha256 is None:
+            checks.append(FileCheck(url, False, "no sha256 recorded (published without --sha256): publish with "
+                                    "--sha256 to audit with it, or verify without --sha256 (xxh3_128)"))
+            continue
+        sha, xx = _file_digests(src.fs, path, sha256)
+        pairs = [("xxh3_128", xx, part.xxh3_128)] + ([("sha256", sha, part.sha256)] if sha256 else [])
+        bad = [n for n, got, want in pairs if got != want]
+        ok = f"sha256 {sha[:16]}… ok" if sha256 else f"xxh3_128 {xx[:16]}… ok"
+        checks.append(FileCheck(url, not bad, f"{', '.join(bad)} mismatch: corrupt or replaced" if bad else ok))
     return src.level, checks

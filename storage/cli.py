@@ -49,7 +49,8 @@ def _states(src: str, rank: int, tp_size: int):
 def cmd_publish(args: argparse.Namespace) -> int:
     layout.check_id(args.id)  # before reading a possibly huge source
     for rank, state in _states(args.src, args.rank, args.tp_size):
-        r = writer.publish(state, args.to, args.id, rank, part_bytes=args.part_size, overwrite=args.overwrite, progress=True)
+        r = writer.publish(state, args.to, args.id, rank, part_bytes=args.part_size, overwrite=args.overwrite,
+                           sha256=args.sha256, progress=True)
         print(f"published {r.version} rank {r.rank}: {r.parts} parts, {human(r.bytes)} in {r.seconds:.2f} s "
               f"({r.gbps:.2f} GB/s) -> {r.manifest_url}")
         del state
@@ -69,7 +70,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    level, checks = audit.verify_snapshot(args.url, args.id, args.rank, fallback_dir=args.fallback_dir, strict=args.strict)
+    level, checks = audit.verify_snapshot(args.url, args.id, args.rank, fallback_dir=args.fallback_dir,
+                                          strict=args.strict, sha256=args.sha256)
     for c in checks:
         print(f"{'ok ' if c.ok else 'BAD'} {c.url}: {c.detail}")
     bad = sum(not c.ok for c in checks)
@@ -114,14 +116,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--part-size", type=parse_size, default=writer.DEFAULT_PART_BYTES,
                    help="largest part; a bigger tensor gets a part of its own (default 512MiB)")
     p.add_argument("--overwrite", action="store_true", help="replace a version that already exists")
+    p.add_argument("--sha256", action="store_true",
+                   help="also record each part's SHA-256 for audits (costs about as much as the write)")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("inspect", help="show what exists at each loading level and which would load")
     where(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("verify", help="re-hash the parts (sha256 + xxh3) against the manifest")
+    p = sub.add_parser("verify", help="re-hash the parts (xxh3_128, and SHA-256 with --sha256) against the manifest")
     where(p)
+    p.add_argument("--sha256", action="store_true", help="also check the SHA-256 recorded by publish --sha256")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("versions", help="list committed versions, oldest first")

@@ -35,26 +35,29 @@ def load_snapshot(
     *,
     fallback_dir: str | None = None,
     into: Target | None = None,
-    verify: str | bool = "full",
+    verify: str | bool = "stream",
     strict: bool = False,
     cast: bool = False,
     copy_fn: CopyFn | None = None,
-    prefetch: int = 2,
+    prefetch: int = 8,
     progress: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> LoadReport:
     """Load version ``version_id`` of ``rank`` into ``into`` in place, trying levels 1-4 in order.
 
-    ``verify``: ``"full"`` (default) hashes every part before the first write, so corruption leaves the target
-    untouched; ``"stream"`` hashes each part while applying it (one read; a corrupt part found midway raises
-    ``PartialApplyError`` and the caller restores); ``"none"`` checks sizes and headers only. ``strict`` refuses
+    ``verify``: ``"stream"`` (default) reads every byte once and checks each part's xxh3_128 as it is applied;
+    a corrupt or torn part found after the first write raises ``PartialApplyError`` naming every tensor
+    touched, and the caller restores (the server does). ``"full"`` hashes every part before the first write,
+    so corruption leaves the target untouched, at the price of a second read of the local files. ``"none"``
+    checks sizes and headers only. Remote parts are downloaded once, ``prefetch`` at a time, into a local
+    temporary directory (``TMPDIR``) and applied as they arrive, in every mode. ``strict`` refuses
     parts without a manifest. ``cast`` lets float snapshots load into float targets of another dtype.
     ``copy_fn(live, loaded)`` replaces the in-place copy (e.g. a GPU cast kernel). With ``into=None`` fresh
     Paddle tensors are allocated and returned in ``report.state_dict``. Storage trouble before the first write
     raises ``OSError``; anything wrong with the snapshot a ``SnapshotError`` naming the file.
     """
     if verify is True or verify is False:
-        verify = "full" if verify else "none"
+        verify = "stream" if verify else "none"
     if verify not in ("full", "stream", "none"):
         raise ValueError(f"verify must be 'full', 'stream' or 'none', not {verify!r}")
     start = time.perf_counter()

@@ -37,13 +37,14 @@ class Source:
     digests: list[str | None]  # xxh3_128 from the manifest; None where there is no manifest
     arrays: dict[str, np.ndarray] | None = None  # level 4: the restricted-unpickled state dict
     manifest: Manifest | None = None
+    origin: list[str] | None = None  # where the files came from, when ``files`` are local copies of them
 
     @property
     def bytes(self) -> int:
         return sum(self.sizes)
 
     def urls(self) -> list[str]:
-        return [self.fs.unstrip_protocol(f) for f in self.files]
+        return self.origin or [self.fs.unstrip_protocol(f) for f in self.files]
 
     def index(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """name -> (dtype code, shape) of every tensor in the source."""

@@ -87,15 +87,17 @@ class Header:
     metadata: dict[str, str]
 
 
-def encode_header(items: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
-    """Header bytes (length prefix included) for tensors written back to back in the given order."""
+def encode_header(items: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str],
+                  align: int = 8) -> bytes:
+    """Header bytes (length prefix included) for tensors written back to back in the given order, padded with
+    spaces so that the tensor bytes start at a multiple of ``align`` (8, or the page size for large parts)."""
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, code, shape, nbytes in items:
         header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-(8 + len(raw)) % align)
     return struct.pack("<Q", len(raw)) + raw
 
 

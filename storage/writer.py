@@ -23,6 +23,10 @@ from .manifest import Manifest, PartRecord, TensorRecord
 from .tensorfile import code_of_numpy, code_of_paddle, encode_header, itemsize
 
 DEFAULT_PART_BYTES = 512 << 20
+PAGE = 4096
+# Tensor bytes that start on a page boundary in the file are copied into (page-aligned) live tensors ~25% faster
+# here than bytes at an offset such as 8 + header length; parts this large get a page-aligned layout.
+ALIGN_FROM_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -111,18 +115,19 @@ def plan_parts(items: list[_Item], part_bytes: int) -> list[list[_Item]]:
     return parts
 
 
-def digests(buffers: Iterable) -> tuple[str, str]:
-    """(sha256, xxh3_128) of the concatenated buffers: the two checksums a manifest records per part."""
-    sha, xx = hashlib.sha256(), xxhash.xxh3_128()
+def digests(buffers: Iterable, sha256: bool = True) -> tuple[str | None, str]:
+    """(sha256 or None, xxh3_128) of the concatenated buffers: the checksums a manifest records per part."""
+    sha, xx = hashlib.sha256() if sha256 else None, xxhash.xxh3_128()
     for b in buffers:
-        sha.update(b)
+        if sha is not None:
+            sha.update(b)
         xx.update(b)
-    return sha.hexdigest(), xx.hexdigest()
+    return sha.hexdigest() if sha is not None else None, xx.hexdigest()
 
 
-def _write_local(path: str, buffers: list, hasher: ThreadPoolExecutor, durable: bool) -> tuple[str, str]:
+def _write_local(path: str, buffers: list, hasher: ThreadPoolExecutor, durable: bool, sha256: bool) -> tuple[str | None, str]:
     # hashing (GIL released) on one core overlaps the kernel copying pages on the other
-    digest: Future = hasher.submit(digests, buffers)
+    digest: Future = hasher.submit(digests, buffers, sha256)
     with open(path, "wb") as f:
         for b in buffers:
             f.write(b)
@@ -170,6 +175,7 @@ def publish(
     overwrite: bool = False,
     metadata: Mapping[str, str] | None = None,
     durable: bool = True,
+    sha256: bool = False,
     progress: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> PublishReport:
@@ -178,6 +184,8 @@ def publish(
     Until the manifest lands the version does not exist for Baton readers, and a ``.publishing`` marker keeps
     FastDeploy-compatible (manifest-less) readers from taking the half-written parts either. ``durable``
     fsyncs local parts before the manifest so a power cut cannot commit a version whose bytes are lost.
+    ``sha256`` also records each part's SHA-256 for audits (``baton verify --sha256``); loads check xxh3_128,
+    and SHA-256 would cost about as much as the write itself.
     """
     layout.check_id(version_id)
     layout.check_rank(rank)
@@ -211,19 +219,23 @@ def publish(
         pending: list[Future] = []
         for index, part in enumerate(plan):
             name = layout.part_name(rank, version_id, index)
-            header = encode_header([(i.name, i.code, i.shape, i.nbytes) for i in part], {"format": "pd"})
+            align = PAGE if sum(i.nbytes for i in part) >= ALIGN_FROM_BYTES else 8
+            if align == PAGE:  # whole-page tensors first, so every one of them starts on a page too
+                part = sorted(part, key=lambda i: i.nbytes % PAGE != 0)
+            header = encode_header([(i.name, i.code, i.shape, i.nbytes) for i in part], {"format": "pd"}, align)
             for i in part:
                 tensors[i.name] = TensorRecord(i.code, i.shape, index)
             buffers = [header, *(_raw_bytes(i) for i in part)]
             size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in buffers)
             if local:
-                sha, xx = _write_local(join(root, name), buffers, pool, durable)
+                sha, xx = _write_local(join(root, name), buffers, pool, durable, sha256)
                 records[index] = PartRecord(name, index, size, sha, xx, len(part))
                 bar.update(size - len(header))
             else:
                 while len(pending) >= 2:
                     pending.pop(0).result()
-                pending.append(pool.submit(_upload, fs, join(root, name), buffers, index, len(part), records, bar))
+                pending.append(pool.submit(_upload, fs, join(root, name), buffers, index, len(part), records, bar,
+                                           sha256))
         for f in pending:
             f.result()
     bar.close()
@@ -238,9 +250,9 @@ def publish(
     return PublishReport(version_id, rank, len(plan), manifest.total_bytes, seconds, f"{root_url.rstrip('/')}/{manifest_file}")
 
 
-def _upload(fs, path: str, buffers: list, index: int, count: int, records: list, bar) -> None:
+def _upload(fs, path: str, buffers: list, index: int, count: int, records: list, bar, sha256: bool) -> None:
     data = b"".join(buffers)  # one part in memory: object stores take whole bodies
-    sha, xx = digests([data])
+    sha, xx = digests([data], sha256)
     fs.pipe_file(path, data)
     records[index] = PartRecord(path.rsplit("/", 1)[-1], index, len(data), sha, xx, count)
     bar.update(len(data) - len(buffers[0]))

@@ -34,6 +34,12 @@ def test_publish_inspect_verify_from_a_paddle_save_file(tmp_path):
     assert out.returncode == 0 and "would load: level 1 (chunked parts)" in out.stdout and "complete" in out.stdout
     out = baton("verify", root, "--id", "step-3")
     assert out.returncode == 0 and "files verified" in out.stdout
+    out = baton("verify", root, "--id", "step-3", "--sha256")  # none recorded: the audit says so, and fails
+    assert out.returncode == 1 and "published without --sha256" in out.stdout
+    out = baton("publish", str(src), "--to", root, "--id", "audited", "--part-size", "4KiB", "--sha256")
+    assert out.returncode == 0, out.stderr
+    out = baton("verify", root, "--id", "audited", "--sha256")
+    assert out.returncode == 0 and "sha256" in out.stdout and "BAD" not in out.stdout
 
     part = Path(root) / "model_state.tp0.step-3.part1.pdparams"
     data = part.read_bytes()

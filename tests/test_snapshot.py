@@ -10,7 +10,8 @@ import safetensors.paddle as stp
 import storage
 from storage import layout
 from storage.fs import join, open_fs
-from tests.conftest import assert_same, make_state, zeros_like
+from storage.tensorfile import HEADER_PROBE_BYTES
+from tests.conftest import BUCKET, assert_same, make_state, zeros_like
 
 PART = 8 << 10  # small parts so every state dict spans several
 
@@ -52,7 +53,10 @@ def test_round_trip_into_dict_and_layer(root):
     assert_same(target, state)
     assert {k: v.data_ptr() for k, v in target.items()} == ptrs, "must write in place, not rebind"
     assert (loaded.level, loaded.version, loaded.tensors, loaded.bytes) == (1, "v1", len(state), report.bytes)
-    assert len(loaded.files) == report.parts and "before apply" in loaded.verified
+    assert len(loaded.files) == report.parts and "while applying" in loaded.verified
+    again = zeros_like(state)
+    assert "before apply" in storage.load_snapshot(root, "v1", into=again, verify="full").verified
+    assert_same(again, state)
 
     layer = paddle.nn.Linear(16, 8)
     storage.publish(layer.state_dict(), root, "lin", rank=3)
@@ -70,6 +74,9 @@ def test_manifest_is_last_and_complete(root):
     assert m["format"] == "baton.snapshot" and m["id"] == "v2" and m["rank"] == 0
     assert m["total_bytes"] == sum(p["bytes"] for p in m["parts"])
     assert set(m["tensors"]) == set(state) and m["total_tensors"] == len(state)
+    assert all(p["sha256"] is None and len(p["xxh3_128"]) == 32 for p in m["parts"])  # sha256 only on request
+    storage.publish(state, root, "audited", part_bytes=PART, sha256=True)
+    m = json.loads(read(root, "model_state.tp0.audited.manifest.json"))
     assert all(len(p["sha256"]) == 64 for p in m["parts"])
     assert m["tensors"]["layers.0.mlp.down.weight"]["dtype"] == "BF16"
     assert not any(n.endswith(".publishing") for n in files(root)), "pending marker removed after commit"
@@ -161,10 +168,55 @@ def test_torn_snapshots_are_refused_and_target_untouched(root, damage):
         write(root, part1, data + b"\0" * 8)
     target = make_state(99)
     before = {k: v.clone() for k, v in target.items()}
-    with pytest.raises(storage.TornSnapshotError) as err:
-        storage.load_snapshot(root, "t", into=target, strict=strict)
+    with pytest.raises(storage.TornSnapshotError) as err:  # a flip needs the checksum before the first write
+        storage.load_snapshot(root, "t", into=target, strict=strict, verify="full" if damage == "flip" else "stream")
     assert "model_state.tp0.t." in str(err.value)
     assert_untouched(target, before)
+
+
+def test_a_corrupt_part_under_the_default_is_caught_before_it_is_used(root):
+    """The default reads once: a flipped byte in part 1 is found while part 1 is applied. Its error names every
+    tensor that changed, so the caller (the server) knows to restore; fresh tensors are never returned."""
+    state = make_state(4)
+    storage.publish(state, root, "t", part_bytes=PART)
+    part1 = "model_state.tp0.t.part1.pdparams"
+    data = read(root, part1)
+    write(root, part1, data[:-1] + bytes([data[-1] ^ 1]))
+    target = make_state(99)
+    before = {k: v.clone() for k, v in target.items()}
+    with pytest.raises(storage.PartialApplyError, match=part1) as err:
+        storage.load_snapshot(root, "t", into=target)
+    changed = {k for k in target if not np.array_equal(target[k].numpy(), before[k].numpy())}
+    assert changed and changed <= set(err.value.applied)
+    with pytest.raises(storage.TornSnapshotError, match=part1):
+        storage.load_snapshot(root, "t")  # into=None: nothing half-built comes back
+
+
+@pytest.mark.parametrize("verify", ["stream", "full"])
+def test_s3_loads_download_every_byte_once(s3_endpoint, verify, monkeypatch):
+    """Bytes fetched from the S3 server per load, counted from its replies: the snapshot plus its headers and
+    manifest, in either checksum mode (``full`` spools the parts locally instead of fetching them twice)."""
+    import s3fs
+
+    root = f"s3://{BUCKET}/once-{verify}"
+    state = {f"w{i}": paddle.rand([256, 1024]) for i in range(4)}  # 1 MiB each, a part each
+    report = storage.publish(state, root, "v", part_bytes=1 << 20)
+    manifest = len(read(root, "model_state.tp0.v.manifest.json"))
+    fetched = []
+    real = s3fs.S3FileSystem._call_s3
+
+    async def counting(self, method, *args, **kwargs):
+        out = await real(self, method, *args, **kwargs)
+        if method == "get_object":
+            fetched.append(out["ContentLength"])
+        return out
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    target = zeros_like(state)
+    storage.load_snapshot(root, "v", into=target, verify=verify)
+    assert_same(target, state)
+    header_probes = report.parts * HEADER_PROBE_BYTES
+    assert sum(fetched) - manifest - header_probes == report.bytes, (fetched, report.bytes)
 
 
 def test_torn_higher_level_falls_back_to_complete_lower_level(root):
@@ -272,3 +324,29 @@ def test_stream_verify_reports_partial_apply(root):
     with pytest.raises(storage.PartialApplyError) as err:
         storage.load_snapshot(root, "p", into=zeros_like(state), verify="stream")
     assert err.value.applied and part in str(err.value) and last.id == "p"
+
+
+def test_large_parts_put_tensor_bytes_on_page_boundaries(tmp_path):
+    """Bytes that start on a page in the file copy into live tensors faster; a part of a MiB or more is laid out
+    so (whole-page tensors first), and stays a plain safetensors file for FastDeploy's reader."""
+    state = {"a": paddle.rand([256, 1024]), "norm": paddle.rand([7]), "b": paddle.rand([512, 1024])}
+    storage.publish(state, str(tmp_path), "v", part_bytes=64 << 20)
+    header = storage.resolve(str(tmp_path), "v").headers[0]
+    starts = {e.name: e.start for e in header.entries}
+    assert starts["a"] % 4096 == 0 and starts["b"] % 4096 == 0 and starts["norm"] > starts["b"]
+    assert_same(paddle.load(str(tmp_path / "model_state.tp0.v.part0.pdparams"), safetensors=True), state)
+
+
+def test_without_room_to_spool_remote_parts_are_fetched_into_memory(monkeypatch, caplog):
+    import collections
+    import uuid
+
+    root = f"memory://nospool-{uuid.uuid4().hex}"
+    state = make_state(6)
+    storage.publish(state, root, "v", part_bytes=PART)
+    monkeypatch.setattr("storage.apply.shutil.disk_usage", lambda path: collections.namedtuple("u", "free")(0))
+    for verify in ("stream", "full"):
+        target = zeros_like(state)
+        storage.load_snapshot(root, "v", into=target, verify=verify)
+        assert_same(target, state)
+    assert "no room" in caplog.text
