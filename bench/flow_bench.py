@@ -20,12 +20,10 @@ Goals: orchestration <= 0.3 s; sync of ``medium`` <= 1.5x the raw copy; a deploy
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +46,7 @@ import paddle  # noqa: E402
 from common import free_port, log, machine_info, parser, results_path, wait_until, write_results  # noqa: E402
 from flows.sync import sync_weights  # noqa: E402
 from infer.config import get_config  # noqa: E402
-from infer.launch import baton_serve, stop  # noqa: E402
+from infer.launch import baton_serve, logged_process  # noqa: E402
 from infer.model import random_state_dict  # noqa: E402
 
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -110,16 +108,6 @@ def in_process_syncs(work: Path, model: str, repeats: int, part_size: int, gap: 
             "seconds_per_gib": {k: med[k] / (nbytes / (1 << 30)) for k in ("publish_s", "server_load_s", "flow_s")}}
 
 
-@contextlib.contextmanager
-def process(cmd: list[str], env: dict, log_path: Path):
-    with log_path.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            yield proc
-        finally:
-            stop(proc, grace=20)
-
-
 def _at(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
@@ -134,10 +122,10 @@ def deployment_runs(work: Path, runs: int) -> dict:
     prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
     ckpt = write_checkpoints(work, "tiny", ["deploy"])["deploy"]
     snap = str(work / "snap-deploy")
-    with process([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
+    with logged_process([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
                  work / "prefect-server.log"), baton_serve(snap, ready=False) as server, httpx.Client() as http:
         wait_until(lambda: http.get(f"{api}/health").status_code == 200, 180, "prefect server", 0.5)
-        with process([sys.executable, "-m", "baton_cli", "deploy"], env, work / "deploy.log"):
+        with logged_process([sys.executable, "-m", "baton_cli", "deploy"], env, work / "deploy.log"):
             deployment: dict = {}
             wait_until(lambda: deployment.update(
                 http.get(f"{api}/deployments/name/sync-weights/sync-weights").raise_for_status().json()) is None,

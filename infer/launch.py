@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,17 @@ def baton_serve(root: str | None, *args: str, env: dict | None = None, ready: bo
         yield ServerProcess(url, proc.pid)
     finally:
         stop(proc)
+
+
+@contextlib.contextmanager
+def logged_process(cmd: list[str], env: dict, log_path: Path) -> Iterator[subprocess.Popen]:
+    """Any other command (``prefect server start``, ``baton deploy``), its output in ``log_path``, stopped after."""
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            yield proc
+        finally:
+            stop(proc, grace=20)
 
 
 def stop(proc: subprocess.Popen, grace: float = 10) -> None:

@@ -16,13 +16,17 @@ def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fs
 
     For S3 the listing cache is off (another process publishes, and a cached listing would hide its manifest),
     the instance is not shared (so those options stick), and botocore's CRC32 headers are only sent when
-    required (several S3-compatible servers reject them). ``BATON_S3_ENDPOINT`` sets the endpoint URL.
+    required (several S3-compatible servers reject them). Each object is downloaded as one stream
+    (``max_concurrency=1``): the loader already fetches several parts at once, and s3fs's ranged download of one
+    object starts with a full GET that it abandons, which moves bytes for nothing. ``BATON_S3_ENDPOINT`` sets
+    the endpoint URL.
     """
     options = dict(storage_options or {})
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     if protocol in ("s3", "s3a"):
         options.setdefault("use_listings_cache", False)
         options.setdefault("skip_instance_cache", True)
+        options.setdefault("max_concurrency", 1)
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("request_checksum_calculation", "when_required")
         config.setdefault("response_checksum_validation", "when_required")

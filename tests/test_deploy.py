@@ -16,19 +16,9 @@ import httpx
 import paddle
 
 from infer.config import get_config
-from infer.launch import baton_serve, stop
+from infer.launch import baton_serve, logged_process as process
 from infer.model import random_state_dict
 from tests.conftest import free_port
-
-
-@contextlib.contextmanager
-def process(cmd: list[str], env: dict, log: Path):
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            yield proc
-        finally:
-            stop(proc, grace=20)
 
 
 def wait_for(check, timeout: float, what: str, log: Path) -> None:
