@@ -112,6 +112,16 @@ def _at(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
+def create_run(http: httpx.Client, url: str, params: dict) -> dict:
+    """POST a flow run as ``prefect deployment run`` does, retrying a 503 as Prefect's client does (SQLite busy)."""
+    for attempt in range(5):
+        r = http.post(url, json={"parameters": params})
+        if r.status_code != 503:
+            return r.raise_for_status().json()
+        time.sleep(0.5 * (attempt + 1))
+    return r.raise_for_status().json()
+
+
 def deployment_runs(work: Path, runs: int) -> dict:
     """Runs created through the API against ``baton deploy``; start latency and duration from the server's own
     timestamps (``created``, ``start_time``, ``end_time``)."""
@@ -135,13 +145,13 @@ def deployment_runs(work: Path, runs: int) -> dict:
             for i in range(runs):
                 params = {"version": f"d{i}", "snapshot_root": snap, "servers": [server.url],
                           "source": str(ckpt)}
-                run = http.post(f"{api}/deployments/{deployment['id']}/create_flow_run",
-                                json={"parameters": params}).raise_for_status().json()
+                run = create_run(http, f"{api}/deployments/{deployment['id']}/create_flow_run", params)
                 state: dict = {}
                 wait_until(lambda: state.update(http.get(f"{api}/flow_runs/{run['id']}").json()) is None
                            and state["state_type"] in ("COMPLETED", "FAILED", "CRASHED"), 120, f"run {i}", 0.1)
                 if state["state_type"] != "COMPLETED":
-                    raise RuntimeError(f"deployment run {i} ended {state['state_type']}: see {work}/deploy.log")
+                    raise RuntimeError(f"deployment run {i} ended {state['state_type']}: {state['state']['message']}\n"
+                                       + (work / "deploy.log").read_text()[-4000:])
                 created, started, ended = _at(run["created"]), _at(state["start_time"]), _at(state["end_time"])
                 rows.append({"start_s": started - created, "run_s": ended - started, "total_s": ended - created})
                 log(f"deployment run {i}: started {started - created:.2f}s after creation, ran {ended - started:.2f}s")
@@ -157,12 +167,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed syncs, median kept (default 3)")
     ap.add_argument("--deploy-runs", type=int, default=5, help="deployment runs timed (default 5)")
     ap.add_argument("--part-size", type=int, default=128 << 20, help="part bytes (default 128 MiB)")
+    ap.add_argument("--deploy-only", action="store_true", help="only the deployment runs (results to a temp file)")
     args = ap.parse_args()
     model = args.model or ("small" if args.quick else "medium")
     big = args.big_model if args.big_model is not None else (None if args.quick else "1b")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="baton-flow-bench-") as tmp:
         work = Path(tmp)
+        if args.deploy_only:
+            print(deployment_runs(work, args.deploy_runs)["median"])
+            return
         syncs = [in_process_syncs(work, model, args.repeats, args.part_size, gap=1.0)]
         if big:
             syncs.append(in_process_syncs(work, big, 1, args.part_size, gap=1.0))

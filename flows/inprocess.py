@@ -20,7 +20,7 @@ _HEARTBEAT_ENV = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT
 _quiet: tuple[Any, Any] = (None, None)  # (settings, the same without heartbeats): a copy costs ~30 ms
 
 
-def _without_heartbeat() -> SettingsContext:
+def without_heartbeat() -> SettingsContext:
     """``prefect.settings.temporary_settings(updates={"flows.heartbeat_frequency": None})``, with the copy kept."""
     global _quiet
     context = get_settings_context()
@@ -35,7 +35,7 @@ class InProcessFlow(Flow):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if any(k in os.environ for k in _HEARTBEAT_ENV):
             return super().__call__(*args, **kwargs)
-        with _without_heartbeat():
+        with without_heartbeat():
             return super().__call__(*args, **kwargs)
 
 

@@ -2,6 +2,8 @@
 
 Runs of ``sync-weights/sync-weights`` and the others start from the UI, the API or
 ``prefect deployment run``; ``publish-new-checkpoints`` also runs on an interval when ``--watch`` is given.
+Runs of ``sync-weights`` execute in this process (``flows.warm``), so they start within ``--poll`` seconds;
+the other two run as Prefect runs served deployments, each in a fresh process.
 It needs a Prefect server (``prefect server start``, then ``PREFECT_API_URL=http://127.0.0.1:4200/api``).
 """
 
@@ -27,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="inference server the scheduled flow syncs (repeat for several)")
     p.add_argument("--interval", type=float, default=60.0, help="seconds between scheduled runs (default 60)")
     p.add_argument("--keep-last", type=int, default=3, help="versions the scheduled flow keeps (default 3)")
+    p.add_argument("--spawn-syncs", action="store_true",
+                   help="run sync-weights like the other deployments, each run in a fresh process (by default "
+                        "its runs execute in this warm process: they start in about --poll, not ~2 s later)")
     p.add_argument("--poll", type=float, default=0.5, metavar="S",
                    help="seconds between checks for new runs: a run created from the UI, the API or `prefect "
                         "deployment run` starts within about this plus a process start (default 0.5; Prefect's is 10)")
@@ -37,6 +42,7 @@ def deploy(args: argparse.Namespace) -> int:
 
     from flows.publish import publish_checkpoint
     from flows.sync import sync_weights
+    from flows.warm import WarmRunner
     from flows.watch import publish_new_checkpoints
 
     if args.watch and not args.snapshot_root:
@@ -46,9 +52,21 @@ def deploy(args: argparse.Namespace) -> int:
         watch["interval"] = args.interval
         watch["parameters"] = {"trainer_dir": args.watch, "snapshot_root": args.snapshot_root,
                                "servers": args.server, "keep_last": args.keep_last}
-    serve(publish_checkpoint.to_deployment("publish-checkpoint"),
-          sync_weights.to_deployment("sync-weights"),
-          publish_new_checkpoints.to_deployment("publish-new-checkpoints", **watch), query_seconds=args.poll)
+    deployments = [publish_checkpoint.to_deployment("publish-checkpoint"),
+                   publish_new_checkpoints.to_deployment("publish-new-checkpoints", **watch)]
+    warm = None
+    if args.spawn_syncs:
+        deployments.append(sync_weights.to_deployment("sync-weights"))
+    else:
+        warm = WarmRunner(sync_weights, "sync-weights", args.poll)
+        warm.start()
+        print("sync-weights/sync-weights: runs execute in this process, checked every "
+              f"{args.poll:g} s (--spawn-syncs for a process per run)", flush=True)
+    try:
+        serve(*deployments, query_seconds=args.poll)
+    finally:
+        if warm is not None:
+            warm.stop()
     return 0
 
 

@@ -105,7 +105,7 @@ def sync_fleet(version: str, snapshot_root: str, servers: list[Server | str], so
         before = {s.url: found for s, found in zip(fleet_servers, pool.map(read_server, fleet_servers))}
     published = None
     if source is not None:
-        published = publish_ranks(source, snapshot_root, version, part_bytes, serving_tp, runner)
+        published = publish_ranks(source, snapshot_root, version, part_bytes, serving_tp, runner, artifact=False)
     publish_s = time.perf_counter() - start
     futures = [update_server.submit(s, version, snapshot_root, verify, admin_token_env) for s in fleet_servers]
     outcomes = _outcomes(fleet_servers, futures, version)
@@ -113,8 +113,11 @@ def sync_fleet(version: str, snapshot_root: str, servers: list[Server | str], so
     if failed and on_failure == "rollback":
         _roll_back(fleet_servers, outcomes, before, verify, admin_token_env)
     rows = [asdict(o) for o in outcomes]
-    create_table_artifact(rows, key=f"sync-{version.lower().replace('_', '-')}",
-                          description=f"sync of {version} to {len(fleet_servers)} servers")
+    what = f"sync of {version} to {len(fleet_servers)} servers"
+    if published:
+        what += (f"; published from {source} first: {len(published)} ranks, "
+                 f"{sum(r['bytes'] or 0 for r in published) / (1 << 20):.1f} MiB in {publish_s:.2f} s")
+    create_table_artifact(rows, key=f"sync-{version.lower().replace('_', '-')}", description=what)
     if failed:
         report = "\n".join(f"  {o.url}: {o.status}: {o.message}" for o in outcomes)
         raise FleetSyncError(f"{version} is not live on {len(failed)} of {len(outcomes)} servers "

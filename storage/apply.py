@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .errors import IncompatibleTargetError, PartialApplyError, TornSnapshotError
 from .fs import is_local, storage_calls, storage_error
 from .resolve import Source, url_of
-from .tensorfile import DTYPES, Header, code_of_numpy, code_of_paddle
+from .tensorfile import DTYPES, Header, code_of_numpy, code_of_paddle, paddle_eager
 
 log = logging.getLogger("baton.storage")
 HASH_WINDOW = 1 << 20  # bytes read then hashed at a time: small enough to stay in cache
@@ -90,7 +90,7 @@ def _host_view(dst: Any, code: str) -> np.ndarray | None:
         return dst.reshape(-1).view(np.uint8) if ok else None
     if code_of_paddle(dst.dtype) != code or not dst.place.is_cpu_place() or not dst.is_contiguous():
         return None
-    import paddle
+    paddle = paddle_eager()
 
     t = dst.detach()
     if code == "BF16":
@@ -113,7 +113,7 @@ def _copy_converted(dst: Any, raw: np.ndarray, code: str, shape: tuple[int, ...]
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         np.copyto(dst, arr, casting="unsafe")
         return
-    import paddle
+    paddle = paddle_eager()
 
     src = paddle.to_tensor(arr, place=dst.place)
     if code == "BF16":
@@ -344,7 +344,7 @@ def apply_source(
     ``prefetch``: remote parts downloaded at once into the local spool."""
     index = src.index()
     if into is None:
-        import paddle
+        paddle = paddle_eager()
 
         targets = {n: paddle.empty(list(shape), dtype=DTYPES[code][1]) for n, (code, shape) in index.items()}
     else:

@@ -13,6 +13,7 @@ from .fs import join, listing, open_fs
 from .layout import Level
 from .pickle_safe import load_state_pickle
 from .resolve import Source, probe_file
+from .tensorfile import paddle_eager
 
 
 def read_state_file(url: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -52,7 +53,7 @@ def checkpoint_files(source: str, *, storage_options: dict[str, Any] | None = No
 
 def _adopt(arr: np.ndarray, code: str) -> Any:
     """A Paddle tensor over the unpickled array's own memory (no copy); bfloat16 arrives as uint16 bits."""
-    import paddle
+    paddle = paddle_eager()
 
     arr = np.ascontiguousarray(arr)
     if code == "BF16":  # Paddle views int16 (not uint16) as bfloat16

@@ -49,6 +49,17 @@ MAX_DIMS = 64  # numpy's
 HEADER_PROBE_BYTES = 64 << 10  # one read that holds the whole header of any ordinary part
 
 
+def paddle_eager():
+    """``paddle``, in eager (dygraph) mode on this thread. Paddle turns eager mode on only for the thread that
+    imports it: a task thread that imports it first leaves every other thread making static-mode
+    ``DenseTensor`` objects, which is what a publish on a second rank's thread got."""
+    import paddle
+
+    if not paddle.in_dynamic_mode():
+        paddle.disable_static()
+    return paddle
+
+
 def code_of_paddle(dtype: object) -> str:
     name = str(dtype).removeprefix("paddle.")
     if name not in _BY_PADDLE:

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .tensorfile import paddle_eager
+
 # (pattern on the tensor name, axis split among ranks or None when every rank holds all of it). First match wins.
 Rules = Sequence[tuple[str, int | None]]
 
@@ -42,7 +44,7 @@ def split_axis(name: str, rules: Rules = LLAMA_TP_RULES) -> int | None:
 def _split(x: Any, parts: int, axis: int) -> list[Any]:
     if isinstance(x, np.ndarray):
         return [np.ascontiguousarray(p) for p in np.split(x, parts, axis=axis)]
-    import paddle
+    paddle = paddle_eager()
 
     return [p.contiguous() for p in paddle.split(x, parts, axis=axis)]
 
@@ -50,7 +52,7 @@ def _split(x: Any, parts: int, axis: int) -> list[Any]:
 def _concat(xs: list[Any], axis: int) -> Any:
     if isinstance(xs[0], np.ndarray):
         return np.concatenate(xs, axis=axis)
-    import paddle
+    paddle = paddle_eager()
 
     return paddle.concat(xs, axis=axis)
 

@@ -20,7 +20,7 @@ from . import layout
 from .errors import SnapshotExistsError
 from .fs import is_local, join, listing, open_fs, storage_calls
 from .manifest import Manifest, PartRecord, TensorRecord
-from .tensorfile import code_of_numpy, code_of_paddle, encode_header, itemsize
+from .tensorfile import code_of_numpy, code_of_paddle, encode_header, itemsize, paddle_eager
 
 DEFAULT_PART_BYTES = 512 << 20
 PAGE = 4096
@@ -86,7 +86,7 @@ def _raw_bytes(item: _Item) -> np.ndarray:
         return raw
     if isinstance(value, np.ndarray):
         return np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-    import paddle
+    paddle = paddle_eager()
 
     t = value.detach()
     if not t.place.is_cpu_place():

@@ -351,3 +351,28 @@ def test_without_room_to_spool_remote_parts_are_fetched_into_memory(monkeypatch,
         storage.load_snapshot(root, "v", into=target, verify=verify)
         assert_same(target, state)
     assert "no room" in caplog.text
+
+
+def test_tensors_made_on_any_thread_are_eager_paddle_tensors(tmp_path):
+    """Paddle is eager only on the thread that imported it; publishing ranks on task threads must still get
+    ``paddle.Tensor`` (not static-mode ``DenseTensor``) from every reader, whichever thread imports Paddle."""
+    import subprocess
+    import sys
+
+    state = make_state(7)
+    paddle.save(state, str(tmp_path / "ckpt.pdparams"))
+    storage.publish(state, str(tmp_path / "snap"), "v", part_bytes=PART)
+    code = f"""
+import threading
+from storage.checkpoint import read_state_file
+import storage
+found = []
+def read():
+    found.append(type(next(iter(read_state_file({str(tmp_path / "ckpt.pdparams")!r}).values()))).__name__)
+    found.append(type(next(iter(storage.load_snapshot({str(tmp_path / "snap")!r}, "v").state_dict.values()))).__name__)
+for _ in range(2):  # the first thread imports paddle; the second is the one that used to get DenseTensor
+    t = threading.Thread(target=read); t.start(); t.join()
+print(found)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == str(["Tensor"] * 4), out.stdout + out.stderr
