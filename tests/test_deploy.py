@@ -50,11 +50,14 @@ def test_prefect_deployment_run_sync_weights(tmp_path):
             wait_for(lambda: subprocess.run([prefect, "deployment", "inspect", "sync-weights/sync-weights"],
                                             env=env, capture_output=True).returncode == 0, 120, "baton deploy",
                      deploy_log)
-            run = subprocess.run(
-                [prefect, "deployment", "run", "sync-weights/sync-weights", "-p", "version=e2e",
-                 "-p", f"snapshot_root={snap}", "-p", f"servers={json.dumps([str(inference)])}",
-                 "-p", f"source={ckpt}", "-p", "part_bytes=65536", "--watch", "--watch-timeout", "180"],
-                env=env, capture_output=True, text=True, timeout=240)
-        assert run.returncode == 0, run.stdout + run.stderr + deploy_log.read_text()[-3000:]
-        assert "COMPLETED" in (run.stdout + run.stderr).upper()
-        assert httpx.get(f"{inference}/v1/weights").json()["version"] == "e2e"
+            # two runs: sync-weights runs execute on threads of the warm `baton deploy` process, and the second
+            # thread is the one that once got static-mode Paddle tensors
+            for version in ("e2e", "e2e-2"):
+                run = subprocess.run(
+                    [prefect, "deployment", "run", "sync-weights/sync-weights", "-p", f"version={version}",
+                     "-p", f"snapshot_root={snap}", "-p", f"servers={json.dumps([str(inference)])}",
+                     "-p", f"source={ckpt}", "-p", "part_bytes=65536", "--watch", "--watch-timeout", "180"],
+                    env=env, capture_output=True, text=True, timeout=240)
+                assert run.returncode == 0, run.stdout + run.stderr + deploy_log.read_text()[-3000:]
+                assert "COMPLETED" in (run.stdout + run.stderr).upper()
+                assert httpx.get(f"{inference}/v1/weights").json()["version"] == version
