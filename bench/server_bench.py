@@ -3,7 +3,7 @@
 
 1. Update latency: ``POST /v1/update_weights`` (server-reported seconds, and wall time at the client) against a
    bare ``storage.load_snapshot`` of the same snapshot into a model of the same size in this process, both with
-   ``verify="full"``, for each swap mode.
+   the default ``verify="stream"`` (every byte read once), for each swap mode.
 2. Peak memory of the server process (``VmHWM`` of /proc/PID/status) after updates in each mode, against its
    steady RSS holding one model: ``in_place`` should stay near one model, ``double_buffer`` near two.
 3. Completions: requests/s and p50/p99 latency from concurrent clients, with no update running and with
@@ -154,7 +154,7 @@ def throughput_rows(model: str, root: Path, seconds: float, clients: int, max_to
 
 
 def table(updates: list[dict], throughput: list[dict]) -> str:
-    lines = ["weight update (verify=full) vs a bare load_snapshot of the same snapshot; server peak RSS",
+    lines = ["weight update (default verify=stream) vs a bare load_snapshot of the same snapshot; server peak RSS",
              f"{'mode':<15}{'model':<7}{'GiB':>6}{'bare s':>8}{'update s':>10}{'ratio':>7}{'wall s':>8}"
              f"{'rollback s':>12}{'steady MiB':>12}{'peak MiB':>10}{'peak/model':>12}"]
     for r in updates:

@@ -14,8 +14,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from flows import fleet
-from flows.inprocess import flow
 from flows.fleet import Outcome, Refused, Server, Unreachable
+from flows.inprocess import flow
 from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks
 
 
