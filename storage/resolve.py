@@ -104,9 +104,9 @@ def _probe_parts(fs, root: str, names: Mapping[str, int], rank: int, version_id:
             url_of(fs, join(root, manifest_file)),
             f"manifest missing for {len(found)} part file(s) (strict mode); publish with Baton, or pass "
             "strict=False to accept FastDeploy-style parts without a manifest")
-    order = sorted(found)
-    if order != list(range(len(order))):
-        gap = next(i for i in range(len(order) + 1) if i not in found)
+    order = sorted(found)  # FastDeploy sorts by the number and its own tests start at 1: any start, no gaps
+    if order != list(range(order[0], order[0] + len(order))):
+        gap = next(i for i in range(order[0], order[-1]) if i not in found)
         raise TornSnapshotError(
             url_of(fs, join(root, layout.part_name(rank, version_id, gap))),
             f"part {gap} is missing but parts {order} exist (gap in the numbering)")

@@ -126,6 +126,23 @@ def test_fastdeploy_parts_without_manifest_load_in_compat_mode(root):
         storage.load_snapshot(root, "9", rank=2, into=zeros_like(state), strict=True)
 
 
+def test_manifest_less_parts_may_be_numbered_from_any_start_but_not_with_gaps(root):
+    """FastDeploy sorts parts by their number, and its own tests number them from 1."""
+    state = make_state(8)
+    names = list(state)
+    thirds = [names[:2], names[2:4], names[4:]]
+    for n, chunk in zip((1, 2, 3), thirds):
+        save_safetensors(root, f"model_state.tp0.fd.part{n}.pdparams", {k: state[k] for k in chunk})
+    t = zeros_like(state)
+    report = storage.load_snapshot(root, "fd", into=t)
+    assert report.level == 1 and [f.rsplit(".part", 1)[1] for f in report.files] == ["1.pdparams", "2.pdparams",
+                                                                                       "3.pdparams"]
+    assert_same(t, state)
+    remove(root, "model_state.tp0.fd.part2.pdparams")
+    with pytest.raises(storage.TornSnapshotError, match="part 2 is missing"):
+        storage.load_snapshot(root, "fd", into=zeros_like(state))
+
+
 def test_baton_parts_load_with_paddle_safetensors(root, tmp_path):
     state = make_state(3)
     report = storage.publish(state, root, "fd", part_bytes=PART)
