@@ -120,7 +120,8 @@ def flow_section(d: dict) -> list[str]:
             f"{dep['median']['run_s']:.2f} s.", "",
         *md_table(["goal", "target", ""], [
             ["orchestration of a warm sync", f"≤ {g['orchestration_s']} s", verdict(v["orchestration_s"])],
-            [f"sync of {d['syncs'][0]['model']} vs raw copy", f"≤ {g['flow_over_copy']}×", verdict(v["flow_over_copy"])],
+            [f"sync of {d['syncs'][0]['model']} vs raw copy", f"≤ {g['flow_over_copy']}×",
+             verdict(v["flow_over_copy"])],
             ["deployment run start", f"≤ {g['deploy_start_s']} s", verdict(v["deploy_start_s"])]])]
 
 

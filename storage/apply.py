@@ -287,8 +287,7 @@ def _apply(src: Source, targets: Mapping[str, Any], verify: str, copy_fn: CopyFn
         raise PartialApplyError(str(exc) if isinstance(exc, TornSnapshotError) else f"{url}: {exc}", touched) from exc
 
 
-def _download(src: Source, i: int, path: str) -> None:
-    url = src.urls()[i]
+def _download(src: Source, i: int, url: str, path: str) -> None:
     try:
         src.fs.get_file(src.files[i], path)
     except FileNotFoundError:
@@ -314,11 +313,11 @@ def _spooled(src: Source, streams: int) -> Iterator[tuple[Source, Callable[[int]
                         src.bytes)
             yield src, None
             return
-        paths = [os.path.join(tmp, f"part{i}") for i in range(len(src.files))]
+        paths, urls = [os.path.join(tmp, f"part{i}") for i in range(len(src.files))], src.urls()
         pool = ThreadPoolExecutor(max(1, streams), thread_name_prefix="baton-spool")
         try:
-            futures = [pool.submit(_download, src, i, path) for i, path in enumerate(paths)]
-            local = dataclasses.replace(src, fs=fsspec.filesystem("file"), files=paths, origin=src.urls())
+            futures = [pool.submit(_download, src, i, url, path) for i, (url, path) in enumerate(zip(urls, paths))]
+            local = dataclasses.replace(src, fs=fsspec.filesystem("file"), files=paths, origin=urls)
             yield local, lambda i: futures[i].result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # nothing writes into the directory once it is removed
@@ -353,8 +352,9 @@ def apply_source(
     check_source(src, targets, verify="none", cast=cast)  # before a byte is downloaded
     with _spooled(src, prefetch) as (local, ready):
         if verify == "full" and has_digests:
-            for i in range(len(local.files) if ready else 0):
-                ready(i)
+            if ready is not None:  # every part local before the hash pass
+                for i in range(len(local.files)):
+                    ready(i)
             _verify_all(local, prefetch)
         with tqdm(total=src.bytes, unit="B", unit_scale=True, desc=label, disable=not progress) as bar:
             try:

@@ -41,8 +41,9 @@ class PartialApplyError(SnapshotError, RuntimeError):
     """Applying failed after live bytes changed (storage died, or a part changed under the reader).
 
     Under ``verify="stream"`` (the default) a part's checksum is known only once it is read, so a corrupt part
-    ends here; under ``"full"`` only storage misbehaving during the load does. ``applied`` lists every tensor touched, the one in progress included (it may hold half
-    old, half new bytes); the target holds a mix of versions and the caller must restore it.
+    ends here; under ``"full"`` only storage misbehaving during the load does. ``applied`` lists every tensor
+    touched, the one in progress included (it may hold half old, half new bytes); the target holds a mix of
+    versions and the caller must restore it.
     """
 
     def __init__(self, message: str, applied: list[str]):

@@ -125,7 +125,8 @@ def digests(buffers: Iterable, sha256: bool = True) -> tuple[str | None, str]:
     return sha.hexdigest() if sha is not None else None, xx.hexdigest()
 
 
-def _write_local(path: str, buffers: list, hasher: ThreadPoolExecutor, durable: bool, sha256: bool) -> tuple[str | None, str]:
+def _write_local(path: str, buffers: list, hasher: ThreadPoolExecutor, durable: bool,
+                 sha256: bool) -> tuple[str | None, str]:
     # hashing (GIL released) on one core overlaps the kernel copying pages on the other
     digest: Future = hasher.submit(digests, buffers, sha256)
     with open(path, "wb") as f:
