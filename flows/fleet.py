@@ -1,31 +1,67 @@
-"""Talking to inference servers over HTTP: the flows never import the server, only speak its API."""
+"""Talking to inference servers over HTTP: the flows never import the server, only speak its API.
+
+A server is Baton's own (``kind="baton"``, the default), FastDeploy's or SGLang's; ``flows.engines`` holds one
+adapter per kind.
+"""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, model_validator
+
+Kind = Literal["baton", "fastdeploy", "sglang"]
 
 
 class Server(BaseModel):
-    """One inference server: its base URL and the rank whose files it loads."""
+    """One inference server and what its kind needs to take a version.
+
+    - ``baton``: ``rank``, the snapshot rank it loads.
+    - ``fastdeploy``: ``model_dir``, its model path, where versions are staged under its file names; ``gpu_ids``,
+      the GPU number of each of its ranks (rank ``r`` reads ``model_state.tp{r}.{gpu_ids[r]}.part*``); ``api``,
+      which HTTP generation to drive (``auto`` tries ``/v1/pause`` first).
+    - ``sglang``: ``model_dir``, where versions are exported as Hugging Face directories it can read; ``config``,
+      the ``config.json`` (or a directory holding one) they get, by default the one in the directory the server
+      reports it loaded from.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     url: str
+    kind: Kind = "baton"
     rank: int = 0
+    model_dir: str | None = None
+    gpu_ids: list[int] = [0]
+    api: Literal["auto", "v1", "legacy"] = "auto"
+    config: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Server:
+        self.url = self.url.rstrip("/")
+        if self.kind != "baton" and not self.model_dir:
+            raise ValueError(f"{self.url}: a {self.kind} server needs model_dir (where Baton puts the versions it "
+                             "loads)")
+        if not self.gpu_ids or min(self.gpu_ids) < 0:
+            raise ValueError(f"{self.url}: gpu_ids must list a GPU number (>= 0) for each rank, got {self.gpu_ids}")
+        return self
 
     @classmethod
     def parse(cls, value: Server | str | dict) -> Server:
-        """Accepts ``Server``, ``{"url": ..., "rank": ...}``, ``"http://host:port"`` or ``"http://host:port#rank=1"``."""
+        """Accepts ``Server``, a dict or its JSON (``'{"url": ..., "kind": "fastdeploy", ...}'``),
+        ``"http://host:port"`` or ``"http://host:port#rank=1"``."""
         if isinstance(value, Server):
             return value
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            value = json.loads(value)
         if isinstance(value, dict):
             return cls(**value)
         url, _, frag = value.partition("#rank=")
-        return cls(url=url.rstrip("/"), rank=int(frag) if frag else 0)
+        return cls(url=url, rank=int(frag) if frag else 0)
 
 
 class Refused(Exception):
@@ -54,17 +90,31 @@ def _http() -> httpx.Client:
     return httpx.Client()
 
 
-def _headers(admin_token_env: str | None) -> dict[str, str]:
+def auth_headers(admin_token_env: str | None) -> dict[str, str]:
     token = os.environ.get(admin_token_env) if admin_token_env else None
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def weights(server: Server, timeout: float = 30) -> dict[str, Any]:
-    """``GET /v1/weights``: what the server serves now."""
+def call(method: str, url: str, *, timeout: float = 30, **kwargs: Any) -> httpx.Response:
+    """One HTTP request; no answer at all (refused, reset, timed out) is ``Unreachable``."""
     try:
-        r = _http().get(f"{server.url}/v1/weights", timeout=timeout)
+        return _http().request(method, url, timeout=timeout, **kwargs)
     except httpx.TransportError as exc:
-        raise Unreachable(f"{server.url}: {exc!r}") from exc
+        raise Unreachable(f"{url}: {exc!r}") from exc
+
+
+def reply_of(r: httpx.Response) -> dict[str, Any]:
+    """The JSON object of a reply, or its text as ``message``."""
+    try:
+        doc = r.json()
+    except ValueError:
+        return {"message": r.text[:500]}
+    return doc if isinstance(doc, dict) else {"message": str(doc)[:500]}
+
+
+def weights(server: Server, timeout: float = 30) -> dict[str, Any]:
+    """``GET /v1/weights`` of a Baton server: what it serves now."""
+    r = call("GET", f"{server.url}/v1/weights", timeout=timeout)
     if r.status_code != 200:
         raise Unreachable(f"{server.url}/v1/weights answered {r.status_code}: {r.text[:300]}")
     return r.json()
@@ -72,17 +122,11 @@ def weights(server: Server, timeout: float = 30) -> dict[str, Any]:
 
 def update(server: Server, version: str, snapshot_root: str, verify: str = "stream",
            admin_token_env: str | None = None, timeout: float = 1800) -> dict[str, Any]:
-    """``POST /v1/update_weights``; returns the server's success reply, raises Refused or Unreachable."""
+    """``POST /v1/update_weights`` of a Baton server; returns its success reply, raises Refused or Unreachable."""
     body = {"version": version, "snapshot_root": snapshot_root, "rank": server.rank, "verify": verify}
-    try:
-        r = _http().post(f"{server.url}/v1/update_weights", json=body, headers=_headers(admin_token_env),
-                       timeout=timeout)
-    except httpx.TransportError as exc:
-        raise Unreachable(f"{server.url}: {exc!r}") from exc
-    try:
-        reply = r.json()
-    except ValueError:
-        reply = {"message": r.text[:500]}
+    r = call("POST", f"{server.url}/v1/update_weights", json=body, headers=auth_headers(admin_token_env),
+             timeout=timeout)
+    reply = reply_of(r)
     message = f"{server.url} answered {r.status_code}: {reply.get('message', reply)}"
     if r.status_code == 200 and reply.get("success"):
         return reply

@@ -13,7 +13,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from flows import fleet
+from flows.engines import engine_for
 from flows.fleet import Outcome, Refused, Server, Unreachable
 from flows.inprocess import flow
 from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks
@@ -29,11 +29,11 @@ def _retry_unreachable(task, task_run, state) -> bool:
 
 
 def read_server(server: Server) -> dict | None:
-    """What a server serves before the sync (the rollback target); None when it does not answer, which the
-    update that follows retries and reports. A plain call, not a task: a task run per read costs more in
-    Prefect's bookkeeping than the read itself."""
+    """What a server serves before the sync (the rollback target); None when it is empty, cannot say, or does
+    not answer, which the update that follows retries and reports. A plain call, not a task: a task run per read
+    costs more in Prefect's bookkeeping than the read itself."""
     try:
-        return fleet.weights(server)
+        return engine_for(server).held()
     except Unreachable:
         return None
 
@@ -41,12 +41,8 @@ def read_server(server: Server) -> dict | None:
 @task(name="update-server", retries=3, retry_delay_seconds=[1, 2, 4], retry_condition_fn=_retry_unreachable,
       cache_policy=NO_CACHE, task_run_name="update {server.url} to {version}")
 def update_server(server: Server, version: str, snapshot_root: str, verify: str, admin_token_env: str | None) -> dict:
-    """Loads ``version`` on one server and confirms with ``GET /v1/weights`` that it is what it serves now."""
-    reply = fleet.update(server, version, snapshot_root, verify, admin_token_env)
-    now = fleet.weights(server)
-    if now.get("version") != version:
-        raise Unreachable(f"{server.url} accepted {version} but serves {now.get('version')!r}")
-    return reply | {"digest": now.get("digest")}
+    """Stages ``version`` for one server (for kinds that need it), loads it and confirms it is what it serves."""
+    return engine_for(server).take(version, snapshot_root, verify, admin_token_env)
 
 
 def _outcomes(servers: list[Server], futures, version: str) -> list[Outcome]:
@@ -64,19 +60,29 @@ def _outcomes(servers: list[Server], futures, version: str) -> list[Outcome]:
 
 
 def _roll_back(servers: list[Server], outcomes: list[Outcome], before: dict[str, dict], verify: str,
-               admin_token_env: str | None) -> None:
-    """Servers that took the new version go back to the one they served before, so the fleet agrees again."""
+               admin_token_env: str | None, took_it_too: bool) -> None:
+    """Servers that failed half-way and do not restore themselves (FastDeploy, which may have dropped its weights)
+    go back to what they served before; with ``took_it_too``, so do the servers that took the new version, so the
+    fleet agrees again."""
     for server, outcome in zip(servers, outcomes):
-        previous = before.get(server.url) or {}
-        if not outcome.ok or not previous.get("version"):
+        engine = engine_for(server)
+        if (outcome.ok and not took_it_too) or (not outcome.ok and engine.restores_itself):
             continue
+        previous = before.get(server.url)
+        if not previous:
+            if outcome.ok:
+                outcome.status = "kept"
+            outcome.message += "; nothing to roll back to (it was empty, or held weights Baton did not load)"
+            continue
+        target = previous.get("version") or previous.get("model_path")
         try:
-            fleet.update(server, previous["version"], previous["snapshot_root"], verify, admin_token_env)
-            outcome.status, outcome.version = "rolled back", previous["version"]
-            outcome.message += f"; rolled back to {previous['version']}"
+            engine.roll_back(previous, verify, admin_token_env)
+            if outcome.ok:
+                outcome.status, outcome.version = "rolled back", previous.get("version")
+            outcome.message += f"; rolled back to {target}"
         except (Refused, Unreachable) as exc:
             outcome.status, outcome.ok = "rollback failed", False
-            outcome.message += f"; rollback to {previous['version']} failed: {exc}"
+            outcome.message += f"; rollback to {target} failed: {exc}"
 
 
 @flow(name="sync-weights", log_prints=True)
@@ -85,8 +91,10 @@ def sync_weights(version: str, snapshot_root: str, servers: list[Server | str], 
                  "rollback", verify: Literal["full", "stream", "none"] = "stream", admin_token_env: str | None = None,
                  runner: Runner = "threads") -> list[dict]:
     """Publish ``source`` as ``version`` (when given), load it on every server concurrently and confirm each
-    serves it. On partial failure ``on_failure="rollback"`` returns the servers that took it to their previous
-    version; ``"keep"`` leaves them. Either way the run fails with a line per server. Emits the event
+    serves it. A server is a URL (Baton's own) or ``{"url": ..., "kind": "baton" | "fastdeploy" | "sglang",
+    ...}`` (``flows.fleet.Server`` lists each kind's fields). On partial failure ``on_failure="rollback"``
+    returns the servers that took it to their previous version; ``"keep"`` leaves them; a FastDeploy server
+    that failed half-way is returned either way. The run then fails with a line per server. Emits the event
     ``baton.weights.live`` when the version is live everywhere."""
     return sync_fleet(version, snapshot_root, servers, source, part_bytes, serving_tp, on_failure, verify,
                       admin_token_env, runner)
@@ -110,8 +118,8 @@ def sync_fleet(version: str, snapshot_root: str, servers: list[Server | str], so
     futures = [update_server.submit(s, version, snapshot_root, verify, admin_token_env) for s in fleet_servers]
     outcomes = _outcomes(fleet_servers, futures, version)
     failed = [o for o in outcomes if not o.ok]
-    if failed and on_failure == "rollback":
-        _roll_back(fleet_servers, outcomes, before, verify, admin_token_env)
+    if failed:
+        _roll_back(fleet_servers, outcomes, before, verify, admin_token_env, took_it_too=on_failure == "rollback")
     rows = [asdict(o) for o in outcomes]
     what = f"sync of {version} to {len(fleet_servers)} servers"
     if published:

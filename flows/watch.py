@@ -6,23 +6,16 @@ from __future__ import annotations
 from prefect import get_run_logger
 
 import storage
-from flows import fleet
 from flows.checkpoint import DONE_MARKER, completed_steps
-from flows.fleet import Server, Unreachable
+from flows.fleet import Server
 from flows.inprocess import flow
 from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks
-from flows.sync import sync_fleet
+from flows.sync import read_server, sync_fleet
 
 
 def _serving(servers: list[Server]) -> dict[str, str | None]:
-    """Version each server serves now (None when it is down or empty)."""
-    out = {}
-    for s in servers:
-        try:
-            out[s.url] = fleet.weights(s).get("version")
-        except Unreachable:
-            out[s.url] = None
-    return out
+    """Version each server serves now (None when it is down, empty or cannot say)."""
+    return {s.url: (read_server(s) or {}).get("version") for s in servers}
 
 
 @flow(name="publish-new-checkpoints", log_prints=True)

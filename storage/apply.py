@@ -145,7 +145,7 @@ def _readinto(f, buf: memoryview | np.ndarray, url: str) -> None:
         got += n
 
 
-def _hash_local(path: str) -> str:
+def xxh3_file(path: str) -> str:
     """xxh3_128 of a local file through one reused buffer: memory stays at the window, whatever happens to the file."""
     h, buf = xxhash.xxh3_128(), bytearray(HASH_WINDOW)
     with open(path, "rb", buffering=0) as f:
@@ -160,7 +160,7 @@ def _hash_remote(fs, path: str) -> str:
 
 def _verify_all(src: Source, prefetch: int) -> None:
     todo = [(p, u, d) for p, u, d in zip(src.files, src.urls(), src.digests) if d]
-    hasher = _hash_local if is_local(src.fs) else functools.partial(_hash_remote, src.fs)
+    hasher = xxh3_file if is_local(src.fs) else functools.partial(_hash_remote, src.fs)
     with ThreadPoolExecutor(max(1, prefetch)) as pool:
         for (_, url, expected), got in zip(todo, pool.map(_guarded(hasher, src.fs), [p for p, _, _ in todo])):
             if got != expected:

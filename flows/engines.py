@@ -1,0 +1,94 @@
+"""One interface over every kind of inference server a fleet may hold: stage, load, confirm, roll back.
+
+``sync-weights`` only ever calls ``Engine.take`` and ``Engine.roll_back``; each kind fills in the steps:
+
+- Baton's server loads a version from the snapshot root itself: nothing to stage.
+- FastDeploy loads whatever files sit in its model directory: the version is staged there first, then loaded
+  over HTTP, and Baton records which version it holds, since the server cannot say (``flows.fastdeploy``).
+- SGLang loads a Hugging Face directory: the version is exported as one first (``flows.sglang``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from storage import SnapshotError
+
+from flows import fleet
+from flows.fleet import Refused, Server, Unreachable
+
+
+class Engine:
+    """The steps of taking a version, for one server. Subclasses override what their kind needs."""
+
+    restores_itself = True  # a load that fails leaves it serving what it had (Baton's server, SGLang's disk load)
+
+    def __init__(self, server: Server):
+        self.server = server
+
+    def held(self) -> dict[str, Any] | None:
+        """What the server serves now, as a rollback target (``version`` and ``snapshot_root``, or what the kind
+        needs to return to it); None when it is empty or cannot say."""
+        raise NotImplementedError
+
+    def stage(self, version: str, snapshot_root: str) -> None:
+        """Put ``version`` where the server reads it. Nothing it serves changes yet."""
+
+    def load(self, version: str, snapshot_root: str, verify: str, admin_token_env: str | None) -> dict[str, Any]:
+        """Make the server load the staged version; returns a reply with at least ``message``."""
+        raise NotImplementedError
+
+    def confirm(self, version: str) -> dict[str, Any]:
+        """Check the server serves ``version`` now (``Unreachable`` when not); returns what it reports of it."""
+        raise NotImplementedError
+
+    def take(self, version: str, snapshot_root: str, verify: str = "stream",
+             admin_token_env: str | None = None) -> dict[str, Any]:
+        """Stage, load, confirm. A snapshot that cannot be staged is ``Refused`` (retrying will not fix it); storage
+        that fails while staging is ``Unreachable`` (it may)."""
+        start = time.perf_counter()
+        try:
+            self.stage(version, snapshot_root)
+        except SnapshotError as exc:
+            raise Refused(f"{self.server.url}: cannot stage {version}: {exc}") from exc
+        except OSError as exc:
+            raise Unreachable(f"{self.server.url}: staging {version} failed: {exc!r}") from exc
+        reply = self.load(version, snapshot_root, verify, admin_token_env)
+        reply = reply | self.confirm(version)
+        reply.setdefault("seconds", round(time.perf_counter() - start, 3))
+        return reply
+
+    def roll_back(self, previous: dict[str, Any], verify: str, admin_token_env: str | None) -> None:
+        """Return the server to ``previous`` (what ``held`` said before the sync)."""
+        self.take(previous["version"], previous["snapshot_root"], verify, admin_token_env)
+
+
+class Baton(Engine):
+    """Baton's own server: ``POST /v1/update_weights`` loads from the snapshot root, ``GET /v1/weights`` says
+    what it serves."""
+
+    def held(self) -> dict[str, Any] | None:
+        now = fleet.weights(self.server)
+        return now if now.get("version") else None
+
+    def load(self, version: str, snapshot_root: str, verify: str, admin_token_env: str | None) -> dict[str, Any]:
+        return fleet.update(self.server, version, snapshot_root, verify, admin_token_env)
+
+    def confirm(self, version: str) -> dict[str, Any]:
+        now = fleet.weights(self.server)
+        if now.get("version") != version:
+            raise Unreachable(f"{self.server.url} accepted {version} but serves {now.get('version')!r}")
+        return {"digest": now.get("digest")}
+
+
+def engine_for(server: Server) -> Engine:
+    if server.kind == "fastdeploy":
+        from flows.fastdeploy import FastDeploy
+
+        return FastDeploy(server)
+    if server.kind == "sglang":
+        from flows.sglang import SGLang
+
+        return SGLang(server)
+    return Baton(server)

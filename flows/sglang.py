@@ -1,0 +1,92 @@
+"""An SGLang server as a member of the fleet: each version is exported as a Hugging Face directory
+(``storage.export.export_hf_dir``) under the server's ``model_dir`` and loaded with
+``POST /update_weights_from_disk``, which keeps the weights it had when a load fails. ``GET /get_model_info``
+confirms: the ``model_path`` it reports (and ``weight_version``, where it reports one) must be the new one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from storage import join, open_fs
+from storage.export import EXPORT_RECORD, export_hf_dir, prune_exports, read_record
+
+from flows import fleet
+from flows.engines import Engine
+from flows.fleet import Refused, Unreachable
+
+
+class SGLang(Engine):
+    def __init__(self, server):
+        super().__init__(server)
+        self.export_root: str = server.model_dir
+        self.before: dict[str, Any] | None = None
+
+    def info(self) -> dict[str, Any]:
+        r = fleet.call("GET", f"{self.server.url}/get_model_info")
+        if r.status_code != 200:
+            raise Unreachable(f"{self.server.url}/get_model_info answered {r.status_code}: {r.text[:300]}")
+        return fleet.reply_of(r)
+
+    def held(self) -> dict[str, Any] | None:
+        info = self.info()
+        path = info.get("model_path")
+        if not path:
+            return None
+        record = read_record(path, EXPORT_RECORD) or {}
+        return {"version": record.get("version"), "snapshot_root": record.get("snapshot_root"), "model_path": path}
+
+    def _config(self, held: dict[str, Any] | None) -> bytes:
+        where = self.server.config or (held or {}).get("model_path")
+        if not where:
+            raise Refused(f"{self.server.url}: no config.json to export with: set the server's config")
+        fs, path = open_fs(where)
+        if fs.isdir(path):
+            path = join(path, "config.json")
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            raise Refused(f"{self.server.url}: {fs.unstrip_protocol(path)} does not exist: set the server's config to "
+                          "the config.json of the model it serves") from None
+
+    def stage(self, version: str, snapshot_root: str) -> None:
+        self.before = self.held()
+        self.path = export_hf_dir(snapshot_root, version, self.export_root, self._config(self.before))
+
+    def _load_path(self, path: str, weight_version: str | None, admin_token_env: str | None) -> dict[str, Any]:
+        body = {"model_path": path, "load_format": "auto"}
+        if weight_version:
+            body["weight_version"] = weight_version
+        r = fleet.call("POST", f"{self.server.url}/update_weights_from_disk", json=body,
+                       headers=fleet.auth_headers(admin_token_env), timeout=1800)
+        reply = fleet.reply_of(r)
+        message = f"{self.server.url} answered {r.status_code}: {reply.get('message', reply)}"
+        if r.status_code == 200 and reply.get("success"):
+            return {"message": message}
+        if r.status_code >= 500:
+            raise Unreachable(message)
+        raise Refused(message)  # it keeps the weights it had (SGLang restores them when a disk load fails)
+
+    def load(self, version: str, snapshot_root: str, verify: str, admin_token_env: str | None) -> dict[str, Any]:
+        return self._load_path(self.path, version, admin_token_env)
+
+    def _confirm_path(self, path: str, version: str | None) -> dict[str, Any]:
+        info = self.info()
+        reported = info.get("weight_version")
+        if info.get("model_path") != path or (version and reported is not None and reported != version):
+            raise Unreachable(f"{self.server.url} accepted {path} but reports model_path {info.get('model_path')!r}"
+                              f", weight_version {reported!r}")
+        return {}
+
+    def confirm(self, version: str) -> dict[str, Any]:
+        self._confirm_path(self.path, version)
+        keep = {version, (self.before or {}).get("version")}  # the new one, and what a rollback returns to
+        prune_exports(self.export_root, sorted(v for v in keep if v))
+        return {}
+
+    def roll_back(self, previous: dict[str, Any], verify: str, admin_token_env: str | None) -> None:
+        if previous.get("version") and previous.get("snapshot_root"):
+            super().roll_back(previous, verify, admin_token_env)
+            return
+        self._load_path(previous["model_path"], None, admin_token_env)  # the weights it started with
+        self._confirm_path(previous["model_path"], None)
