@@ -13,7 +13,27 @@ import argparse
 import sys
 
 
+SERVER_HELP = ("an inference server: Baton's as URL[#rank=R], or any kind as JSON, e.g. '{\"url\": "
+               "\"http://h:8188\", \"kind\": \"fastdeploy\", \"model_dir\": \"/models/m\", \"gpu_ids\": [0, 1]}' "
+               "or '{\"url\": ..., \"kind\": \"sglang\", \"model_dir\": \"/exports\"}' (repeat for several)")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("sync", help="make every server serve one version now (the sync-weights flow, run here)",
+                       description="Runs the sync-weights flow in this process: publishes --source as VERSION when "
+                                   "given, loads VERSION on every --server, confirms each, and on a partial failure "
+                                   "rolls the fleet back (--on-failure keep leaves it). Exit 1 when some server did "
+                                   "not take it, with a line per server.")
+    s.add_argument("version", help="the snapshot id to serve, e.g. step-120")
+    s.add_argument("--snapshot-root", required=True, help="fsspec URL the versions are published under")
+    s.add_argument("--server", action="append", required=True, metavar="SERVER", help=SERVER_HELP)
+    s.add_argument("--source", help="a trainer checkpoint or Hugging Face directory to publish as VERSION first")
+    s.add_argument("--serving-tp", type=int, default=1, help="ranks to publish --source as (default 1)")
+    s.add_argument("--on-failure", choices=["rollback", "keep"], default="rollback")
+    s.add_argument("--verify", choices=["stream", "full", "none"], default="stream",
+                   help="how Baton servers check the parts (default stream)")
+    s.add_argument("--admin-token-env", metavar="VAR", help="environment variable holding the servers' admin token")
+    s.set_defaults(func=sync)
     p = sub.add_parser("deploy", help="serve the Prefect deployments (publish-checkpoint, sync-weights, "
                                       "publish-new-checkpoints)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--watch", metavar="URL", help="trainer output to watch for step_N/ checkpoints (enables the "
                                                   "schedule of publish-new-checkpoints)")
     p.add_argument("--snapshot-root", help="where the scheduled flow publishes (required with --watch)")
-    p.add_argument("--server", action="append", default=[], metavar="URL[#rank=R]",
-                   help="inference server the scheduled flow syncs (repeat for several)")
+    p.add_argument("--server", action="append", default=[], metavar="SERVER",
+                   help="for the scheduled flow to sync: " + SERVER_HELP)
     p.add_argument("--interval", type=float, default=60.0, help="seconds between scheduled runs (default 60)")
     p.add_argument("--keep-last", type=int, default=3, help="versions the scheduled flow keeps (default 3)")
     p.add_argument("--spawn-syncs", action="store_true",
@@ -35,6 +55,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll", type=float, default=0.5, metavar="S",
                    help="seconds between checks for new runs: a run created from the UI, the API or `prefect "
                         "deployment run` starts within about this plus a process start (default 0.5; Prefect's is 10)")
+
+
+def sync(args: argparse.Namespace) -> int:
+    from flows.sync import FleetSyncError, sync_weights
+
+    try:
+        rows = sync_weights(args.version, args.snapshot_root, args.server, source=args.source,
+                            serving_tp=args.serving_tp, on_failure=args.on_failure, verify=args.verify,
+                            admin_token_env=args.admin_token_env)
+    except FleetSyncError as exc:
+        print(f"baton sync: {exc}", file=sys.stderr)
+        return 1
+    for row in rows:
+        print(f"{row['url']}: {row['status']} {row['version']} in {row['seconds'] or 0:.2f} s")
+    return 0
 
 
 def deploy(args: argparse.Namespace) -> int:

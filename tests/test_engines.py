@@ -227,3 +227,26 @@ def test_a_fastdeploy_server_on_the_newer_api_pauses_updates_and_resumes(tmp_pat
             assert rows[0]["status"] == "live" and rows[0]["bytes"] > 0
             assert held(url) == [digests(state(seed))]
     assert fd.calls == ["pause", "update_weights", "resume"] * 2
+
+
+def test_the_cli_and_the_scheduled_flow_drive_the_mixed_fleet(mixed, tmp_path, capsys):
+    from baton_cli import main
+    from flows.checkpoint import DONE_MARKER
+    from flows.watch import publish_new_checkpoints
+    from tests.test_flows import write_checkpoint
+
+    args = ["sync", "v1", "--snapshot-root", mixed["snap"]]
+    for server in mixed["servers"]:
+        args += ["--server", server if isinstance(server, str) else json.dumps(server)]
+    assert main(args) == 0
+    assert capsys.readouterr().out.count(" live v1 ") == 3
+    assert_fleet_serves(mixed, "v1", 1)
+
+    trainer = tmp_path / "trainer"
+    write_checkpoint(trainer / "step_7", state(7), 1)
+    (trainer / "step_7" / DONE_MARKER).write_text("")
+    result = publish_new_checkpoints(str(trainer), mixed["snap"], mixed["servers"], keep_last=2, part_bytes=SMALL)
+    assert result["synced"] and result["published"]
+    assert_fleet_serves(mixed, "step_7", 7)
+    again = publish_new_checkpoints(str(trainer), mixed["snap"], mixed["servers"], keep_last=2, part_bytes=SMALL)
+    assert not again["synced"]  # every kind reports step_7 live, so nothing is reloaded
