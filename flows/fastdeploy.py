@@ -2,7 +2,7 @@
 
 FastDeploy loads whatever ``model_state.tp{rank}.{gpu}.part*.pdparams`` sit in its model directory and keeps no
 version, so a version is staged there first (``storage.export.stage_fastdeploy``: one set, written beside and
-moved in, no stale parts left) and ``baton-staged.json`` beside them records what the server holds once it has
+moved in, no stale parts left) and ``baton-staged.gpu{ids}.json`` beside them records what the server holds once it has
 loaded them. Two HTTP generations load them:
 
 - legacy: ``GET /clear_load_weight`` (free weights and KV cache), then ``GET /update_model_weight``; each answers
@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from storage.export import STAGE_RECORD, mark_live, read_record, stage_fastdeploy
+from storage.export import mark_live, read_record, stage_fastdeploy, stage_record
 
 from flows import fleet
 from flows.engines import Engine
@@ -36,7 +36,7 @@ class FastDeploy(Engine):
         self.staged: dict[str, Any] | None = None
 
     def held(self) -> dict[str, Any] | None:
-        record = read_record(self.model_dir, STAGE_RECORD)
+        record = read_record(self.model_dir, stage_record(self.server.gpu_ids))
         if not record or record.get("state") != "live":
             return None  # never loaded through Baton, or interrupted since: what it holds is unknown
         return {"version": record.get("version"), "snapshot_root": record.get("snapshot_root")}
@@ -82,5 +82,5 @@ class FastDeploy(Engine):
         r = fleet.call("GET", f"{self.server.url}/health")
         if r.status_code != 200:
             raise Unreachable(f"{self.server.url}/health answered {r.status_code} after loading {version}")
-        mark_live(self.model_dir, version)
+        mark_live(self.model_dir, self.server.gpu_ids, version)
         return {}

@@ -21,6 +21,7 @@ class SGLang(Engine):
         super().__init__(server)
         self.export_root: str = server.model_dir
         self.before: dict[str, Any] | None = None
+        self.path: str | None = None  # the export of the version being taken
 
     def info(self) -> dict[str, Any]:
         r = fleet.call("GET", f"{self.server.url}/get_model_info")

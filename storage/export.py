@@ -5,7 +5,7 @@ FastDeploy (``--dynamic-load-weight``, load strategy ``ipc_snapshot``) loads wha
 ``{model_dir}/model_state.tp{rank}.{gpu}.part*.pdparams`` hold, sorted by the part number, and keeps no version.
 A version is staged there as one set: its parts are hard-linked (or copied) and checked in a directory beside,
 the parts of those names it does not overwrite are removed (FastDeploy would load them too), and the new ones
-are moved in by renames. ``baton-staged.json`` says which version the files are, since FastDeploy cannot:
+are moved in by renames. ``baton-staged.gpu{ids}.json`` says which version the files are, since FastDeploy cannot:
 ``swapping`` while the renames run, so a set interrupted half-way is never taken for either version.
 
 SGLang loads a Hugging Face directory: ``{export_root}/{version}/`` with safetensors shards, their index,
@@ -37,8 +37,13 @@ from .resolve import Source, resolve
 from .tensorfile import DTYPES, encode_header
 from .tp import LLAMA_TP_RULES, Rules, split_axis
 
-STAGE_RECORD = "baton-staged.json"  # in a FastDeploy model directory: the version its part files hold
 EXPORT_RECORD = "baton.json"  # in an exported Hugging Face directory: the version it holds, written last
+
+
+def stage_record(gpu_ids: Sequence[int]) -> str:
+    """The record of what one FastDeploy server's files in a model directory hold: one per set of GPUs, since
+    several servers (on different GPUs) may share a model directory."""
+    return f"baton-staged.gpu{'-'.join(str(layout.check_rank(g)) for g in gpu_ids)}.json"
 
 
 def fastdeploy_glob(rank: int, gpu: int) -> str:
@@ -90,7 +95,7 @@ def _write_json(fs, path: str, doc: dict) -> None:
 
 
 def read_record(url: str, name: str, storage_options: dict[str, Any] | None = None) -> dict | None:
-    """The JSON record ``name`` under ``url`` (``STAGE_RECORD`` or ``EXPORT_RECORD``), None when absent or
+    """The JSON record ``name`` under ``url`` (``stage_record(...)`` or ``EXPORT_RECORD``), None when absent or
     unreadable (a record half-written by hand is as good as none: the version is then unknown)."""
     fs, root = open_fs(url, storage_options)
     try:
@@ -105,17 +110,20 @@ def stage_fastdeploy(snapshot_root: str, version: str, model_dir: str, gpu_ids: 
                      storage_options: dict[str, Any] | None = None) -> dict:
     """Stage ``version`` into a FastDeploy model directory: rank ``r`` of the snapshot (published with
     ``serving_tp=len(gpu_ids)``) as ``model_state.tp{r}.{gpu_ids[r]}.part{N}.pdparams``, numbered from 1 as
-    FastDeploy's own tests name them. Returns the record written to ``baton-staged.json`` (state ``staged``)."""
+    FastDeploy's own tests name them. Returns the record written to ``stage_record(gpu_ids)`` (state
+    ``staged``). Other files in the directory, other GPUs' parts included, are left alone."""
     layout.check_id(version)
     if not gpu_ids:
         raise ValueError("gpu_ids is empty: give the GPU number of each rank of the FastDeploy server")
     sources = [_checked_parts(snapshot_root, version, rank, storage_options) for rank in range(len(gpu_ids))]
     fs, root = open_fs(model_dir)
     fs.makedirs(root, exist_ok=True)
-    for name in fs.ls(root, detail=False):  # left by a stage that was killed: never loaded, safe to drop
-        if name.rstrip("/").rsplit("/", 1)[-1].startswith(".baton-stage-"):
+    record_name = stage_record(gpu_ids)
+    mine = f".baton-stage.{record_name}."
+    for name in fs.ls(root, detail=False):  # left by a stage of this server that was killed: never loaded
+        if name.rstrip("/").rsplit("/", 1)[-1].startswith(mine):
             fs.rm(name, recursive=True)
-    stage = join(root, f".baton-stage-{version}-{uuid.uuid4().hex[:8]}")
+    stage = join(root, f"{mine}{uuid.uuid4().hex[:8]}")
     fs.makedirs(stage)
     try:
         new = []
@@ -125,7 +133,7 @@ def stage_fastdeploy(snapshot_root: str, version: str, model_dir: str, gpu_ids: 
                 _put(src, i, fs, join(stage, new[-1]))
         record = {"version": version, "snapshot_root": snapshot_root, "gpu_ids": list(gpu_ids), "files": new,
                   "bytes": sum(s.bytes for s in sources), "state": "swapping", "staged_at": time.time()}
-        _write_json(fs, join(root, STAGE_RECORD), record)
+        _write_json(fs, join(root, record_name), record)
         globs = [fastdeploy_glob(rank, gpu) for rank, gpu in enumerate(gpu_ids)]
         for name in listing(fs, root):
             if name not in new and any(fnmatch.fnmatchcase(name, g) for g in globs):
@@ -133,20 +141,21 @@ def stage_fastdeploy(snapshot_root: str, version: str, model_dir: str, gpu_ids: 
         for name in new:
             fs.mv(join(stage, name), join(root, name))
         record["state"] = "staged"
-        _write_json(fs, join(root, STAGE_RECORD), record)
+        _write_json(fs, join(root, record_name), record)
         return record
     finally:
         if fs.exists(stage):
             fs.rm(stage, recursive=True)
 
 
-def mark_live(model_dir: str, version: str) -> None:
-    """Records that the FastDeploy server over ``model_dir`` loaded the staged ``version``."""
+def mark_live(model_dir: str, gpu_ids: Sequence[int], version: str) -> None:
+    """Records that the FastDeploy server on ``gpu_ids`` over ``model_dir`` loaded the staged ``version``."""
     fs, root = open_fs(model_dir)
-    record = read_record(model_dir, STAGE_RECORD)
+    name = stage_record(gpu_ids)
+    record = read_record(model_dir, name)
     if not record or record.get("version") != version or record.get("state") not in ("staged", "live"):
-        raise TornSnapshotError(join(root, STAGE_RECORD), f"does not record {version} as staged; stage it again")
-    _write_json(fs, join(root, STAGE_RECORD), record | {"state": "live", "live_at": time.time()})
+        raise TornSnapshotError(join(root, name), f"does not record {version} as staged; stage it again")
+    _write_json(fs, join(root, name), record | {"state": "live", "live_at": time.time()})
 
 
 def transposed_in_hf(name: str, shape: tuple[int, ...]) -> bool:

@@ -22,7 +22,7 @@ from infer.launch import baton_serve
 from infer.model import build_model, random_state_dict
 from infer.weights import state_digest
 from storage.errors import TornSnapshotError
-from storage.export import EXPORT_RECORD, STAGE_RECORD, export_hf_dir, read_record, stage_fastdeploy
+from storage.export import EXPORT_RECORD, export_hf_dir, read_record, stage_fastdeploy, stage_record
 from storage.tp import split_state_dict
 from tests.conftest import free_port
 from tests.engine_doubles import FastDeployDouble, SGLangDouble, digests
@@ -89,8 +89,24 @@ def test_fastdeploy_staging_names_every_rank_by_its_gpu_and_leaves_no_stale_part
     with pytest.raises(TornSnapshotError, match=r"tp1\.v3\.part1.*xxh3_128"):
         stage_fastdeploy(snap, "v3", str(model_dir), [4, 6])
     assert {n: (model_dir / n).read_bytes() for n in fd_parts(model_dir)} == before  # v2 untouched
-    assert read_record(str(model_dir), STAGE_RECORD)["version"] == "v2"
-    assert not [p for p in model_dir.iterdir() if p.name.startswith(".baton-stage-")]
+    assert read_record(str(model_dir), stage_record([4, 6]))["version"] == "v2"
+    assert not [p for p in model_dir.iterdir() if p.name.startswith(".baton-stage")]
+
+
+def test_two_fastdeploy_servers_sharing_a_model_dir_are_staged_apart(tmp_path):
+    """Two servers on GPUs 0 and 1 over one model directory, staged at the same time with different versions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    snap, model_dir = str(tmp_path / "snap"), tmp_path / "fd"
+    v1, v2 = publish(snap, "v1", 1), publish(snap, "v2", 2, part_bytes=LARGE)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda job: stage_fastdeploy(snap, job[0], str(model_dir), [job[1]]), [("v1", 0), ("v2", 1)]))
+    assert read_record(str(model_dir), stage_record([0]))["version"] == "v1"
+    assert read_record(str(model_dir), stage_record([1]))["version"] == "v2"
+    for gpu, want in ((0, v1), (1, v2)):
+        double = FastDeployDouble(model_dir, [gpu], [{n: np.zeros_like(a) for n, a in want[0].items()}])
+        double.load_all()
+        assert digests(double.params[0]) == digests(want[0])
 
 
 def test_export_joins_the_ranks_into_a_transformers_layout_directory(tmp_path):
@@ -167,8 +183,8 @@ def assert_fleet_serves(mixed, version: str, seed: int) -> None:
     baton, fd_url, sgl_url = mixed["urls"]
     assert baton_version(baton) == (version, digest_of(seed))
     assert held(fd_url) == [digests(state(seed))]
-    assert read_record(str(mixed["root"] / "fd"), STAGE_RECORD)["state"] == "live"
-    assert read_record(str(mixed["root"] / "fd"), STAGE_RECORD)["version"] == version
+    record = read_record(str(mixed["root"] / "fd"), stage_record([3]))
+    assert (record["state"], record["version"]) == ("live", version)
     info = httpx.get(f"{sgl_url}/get_model_info").json()
     assert (info["model_path"], info["weight_version"]) == (str(mixed["root"] / "sgl" / version), version)
     assert held(sgl_url) == digests(hf_layout(state(seed)))
