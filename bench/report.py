@@ -19,7 +19,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-BENCHMARKS = ("storage_bench.py", "model_bench.py", "server_bench.py", "engine_bench.py", "flow_bench.py",
+BENCHMARKS = ("storage_bench.py", "model_bench.py", "server_bench.py", "engine_bench.py", "flow_bench.py", "engines_bench.py",
               "hf_bench.py", "chaos.py")
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -125,6 +125,14 @@ def flow_section(d: dict) -> list[str]:
             ["deployment run start", f"≤ {g['deploy_start_s']} s", verdict(v["deploy_start_s"])]])]
 
 
+def engines_section(d: dict) -> list[str]:
+    rows = [[r["step"], f"{r['bytes'] / GiB:.2f}", f"{r['baton_s']:.3f}", f"{r['copy_s']:.3f}", f"{r['ratio']:.2f}×"]
+            for r in d["rows"]]
+    return [f"`{d['model']}` model, parts of {d['part_bytes'] >> 20} MiB, best of {d['repeats']}; the baseline is "
+            "`shutil.copyfile` of the same part files in the same run.", ""] + md_table(
+        ["step", "GiB", "Baton s", "copy s", "Baton / copy"], rows)
+
+
 def hf_section(d: dict) -> list[str]:
     m = d["model"]
     rows = []
@@ -185,7 +193,7 @@ def machine_line(docs: list[dict]) -> str:
 
 
 def report() -> str:
-    docs = {name: load(name) for name in ("storage", "model", "gpu", "server", "engine", "flow", "hf", "chaos")}
+    docs = {name: load(name) for name in ("storage", "model", "gpu", "server", "engine", "flow", "engines", "hf", "chaos")}
     out = ["# Baton benchmark report", "", machine_line([d for d in docs.values() if d]),
            "Every figure is from a real run on that 2-core machine; each ratio's baseline ran in the same run.",
            "Regenerate with `python bench/report.py` (collect) or `--run` (measure again).", ""]
@@ -195,6 +203,7 @@ def report() -> str:
                 ("Inference server (`bench/server_bench.py`)", "server", server_section),
                 ("Rollout engine (`bench/engine_bench.py`)", "engine", engine_section),
                 ("Flow end to end (`bench/flow_bench.py`)", "flow", flow_section),
+                ("Versions for FastDeploy and SGLang (`bench/engines_bench.py`)", "engines", engines_section),
                 ("Real model families (`bench/hf_bench.py`)", "hf", hf_section),
                 ("Fault injection (`bench/chaos.py`)", "chaos", chaos_section)]
     for title, name, render in sections:
