@@ -19,8 +19,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-BENCHMARKS = ("storage_bench.py", "model_bench.py", "server_bench.py", "engine_bench.py", "flow_bench.py", "engines_bench.py",
-              "hf_bench.py", "chaos.py")
+BENCHMARKS = ("storage_bench.py", "model_bench.py", "server_bench.py", "engine_bench.py", "flow_bench.py",
+              "engines_bench.py", "hf_bench.py", "chaos.py")
 GiB, MiB = 1 << 30, 1 << 20
 
 
