@@ -90,30 +90,25 @@ def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:
     return (paddle.nn.functional.silu(_f32(gate)) * _f32(up)).astype(gate.dtype)
 
 
-def attend(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, allowed: paddle.Tensor, scale: float) -> paddle.Tensor:
+def attend(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, bias: paddle.Tensor, keep: paddle.Tensor,
+           scale: float) -> paddle.Tensor:
     """The attention every path shares: q ``[Hkv, G, R, D]`` (R query rows per group g), k/v ``[Hkv, G, L, D]``,
-    ``allowed`` ``[1, G, R, L]`` -> float32 ``[Hkv, G, R, D]``.
+    the mask as ``bias`` ``[Hkv, G, R, L]`` (0 where a row may see a key, -inf where not) and ``keep`` (1 and 0)
+    -> float32 ``[Hkv, G, R, D]``.
 
     Written so that a query row's result depends only on its own query and its allowed keys, not on R, L or G:
-    both GEMMs run on a multiple of ``MIN_ROWS`` rows (padded by the callers), keys past a row's position weigh exactly 0
-    (trailing zeros change no sum here), and ``L`` is a multiple of ``PAGE`` (no scalar tail in ``exp``). That is
-    what makes a served token's logprob bit-identical to the trainer's full forward and to the same request run
-    alone (see ``infer.model``).
+    both GEMMs run on a multiple of ``MIN_ROWS`` rows (padded by the callers), keys past a row's position weigh
+    exactly 0 (trailing zeros change no sum here), and ``L`` is a multiple of ``PAGE`` (no scalar tail in ``exp``).
+    That is what makes a served token's logprob bit-identical to the trainer's full forward and to the same
+    request run alone (see ``infer.model``). The mask is added and multiplied, not selected with ``where``: every
+    op here is a pass over the ``[Hkv, G, R, L]`` scores, and a broadcasting ``where`` costs several same-shape
+    ops. Masked weights are made 0 by ``keep``, not by ``exp(-inf)``: this build's ``exp`` returns a denormal
+    for it, which makes the GEMM after it ~30x slower. (Paddle's fused ``softmax`` is not used: its sums depend
+    on L.)
     """
-    s = paddle.matmul(_f32(q) * scale, _f32(k), transpose_y=True)  # [Hkv, G, R, L]
-    s = paddle.where(allowed, s, _constant(float("-inf")))
-    z = paddle.clip(s - s.max(axis=-1, keepdim=True), min=EXP_FLOOR)
-    p = paddle.where(allowed, paddle.exp(z), _constant(0.0))
+    s = paddle.matmul(_f32(q) * scale, _f32(k), transpose_y=True) + bias  # [Hkv, G, R, L]
+    p = paddle.exp(paddle.clip(s - s.max(axis=-1, keepdim=True), min=EXP_FLOOR)) * keep
     return paddle.matmul(p, _f32(v)) / p.sum(axis=-1, keepdim=True)
-
-
-_constants: dict[float, paddle.Tensor] = {}
-
-
-def _constant(value: float) -> paddle.Tensor:
-    if value not in _constants:
-        _constants[value] = paddle.full([1], value, "float32")
-    return _constants[value]
 
 
 @dataclass(frozen=True)
@@ -127,7 +122,9 @@ class Plan:
     kv_heads: int
     length: int  # keys per sequence, a multiple of PAGE
     rows: int  # query rows R per group and kv head in both GEMMs: T times the group size, up to a multiple of MIN_ROWS
-    allowed: paddle.Tensor  # [1, G, R, L]; padding rows repeat the last query's position
+    bias: paddle.Tensor  # [Hkv, G, R, L] float32: 0 where a row sees the key, -inf where not; padding rows repeat
+    # the last query's position. Full-size, not broadcast: a broadcasting add is ~40x slower here
+    keep: paddle.Tensor  # the same mask as 1 and 0
     page_table: paddle.Tensor | None = None  # [G, nb] int64
     lengths: paddle.Tensor | None = None  # [G] int64: last position + 1 (the decode kernel's view)
     index: paddle.Tensor | None = None  # rows of the pages viewed as [Hkv * N, PAGE * D]
@@ -139,12 +136,15 @@ class Plan:
         pos = np.repeat(positions.astype(np.int64), group, axis=1)  # row (t, j): the position of query t
         rows = -(-pos.shape[1] // MIN_ROWS) * MIN_ROWS
         pos = np.concatenate([pos, np.repeat(pos[:, -1:], rows - pos.shape[1], axis=1)], axis=1)
-        allowed = paddle.to_tensor(np.arange(length)[None, None, :] <= pos[:, :, None]).unsqueeze(0)
+        seen = np.arange(length)[None, None, :] <= pos[:, :, None]
+        seen = np.ascontiguousarray(np.broadcast_to(seen, (kv_heads, *seen.shape)))
+        bias = paddle.to_tensor(np.where(seen, np.float32(0), np.float32(-np.inf)))
+        keep = paddle.to_tensor(seen.astype(np.float32))
         if page_table is None:
-            return Plan(positions, heads, kv_heads, length, rows, allowed)
+            return Plan(positions, heads, kv_heads, length, rows, bias, keep)
         table = page_table.astype(np.int64)
         index = (np.arange(kv_heads, dtype=np.int64)[:, None, None] * pages + table[None]).reshape(-1)
-        return Plan(positions, heads, kv_heads, length, rows, allowed, paddle.to_tensor(table),
+        return Plan(positions, heads, kv_heads, length, rows, bias, keep, paddle.to_tensor(table),
                     paddle.to_tensor(positions[:, -1].astype(np.int64) + 1), paddle.to_tensor(index))
 
 
@@ -177,7 +177,7 @@ def causal_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, scale
         pad = paddle.zeros([kv_heads, batch, length - t, dim], "float32")
         keys, values = paddle.concat([keys, pad], 2), paddle.concat([values, pad], 2)
     plan = Plan.build(np.tile(np.arange(t), (batch, 1)), heads, kv_heads, length)
-    out = attend(_query_rows(q, plan), keys, values, plan.allowed, scale)
+    out = attend(_query_rows(q, plan), keys, values, plan.bias, plan.keep, scale)
     return _from_rows(out, list(q.shape)).astype(q.dtype)
 
 
@@ -196,7 +196,7 @@ def paged_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Te
                     scale: float) -> paddle.Tensor:
     """Attention over a paged KV cache: q ``[G, T, H, D]`` of the plan's G sequences, pages ``[Hkv, N, PAGE, D]``."""
     keys, values = gather_pages(k_pages, plan), gather_pages(v_pages, plan)
-    out = attend(_query_rows(q, plan), keys, values, plan.allowed, scale)
+    out = attend(_query_rows(q, plan), keys, values, plan.bias, plan.keep, scale)
     return _from_rows(out, list(q.shape)).astype(q.dtype)
 
 
