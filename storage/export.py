@@ -31,7 +31,7 @@ import xxhash
 
 from . import layout
 from .apply import xxh3_file
-from .errors import SnapshotNotFoundError, TornSnapshotError
+from .errors import IncompatibleTargetError, SnapshotNotFoundError, TornSnapshotError
 from .fs import is_local, join, listing, open_fs, storage_calls
 from .resolve import Source, resolve
 from .tensorfile import DTYPES, encode_header
@@ -49,6 +49,17 @@ def stage_record(gpu_ids: Sequence[int]) -> str:
 def fastdeploy_glob(rank: int, gpu: int) -> str:
     """The files FastDeploy's first level loads for one worker (its ``{base}.part*.pdparams``)."""
     return f"model_state.tp{layout.check_rank(rank)}.{layout.check_rank(gpu)}.part*.pdparams"
+
+
+def _ranks(snapshot_root: str, version: str, storage_options) -> int:
+    """How many ranks ``version`` was published as (its manifests must be ranks 0..n-1)."""
+    ranks = sorted({parsed[0] for n in listing(*open_fs(snapshot_root, storage_options))
+                    if (parsed := layout.parse_manifest_name(n)) and parsed[1] == version})
+    if not ranks:
+        raise SnapshotNotFoundError(version, [f"{snapshot_root}: no manifest of {version} (publish it first)"])
+    if ranks != list(range(len(ranks))):
+        raise TornSnapshotError(snapshot_root, f"{version} has ranks {ranks}, not 0..{len(ranks) - 1}: publish it again")
+    return len(ranks)
 
 
 def _checked_parts(snapshot_root: str, version: str, rank: int, storage_options) -> Source:
@@ -115,6 +126,11 @@ def stage_fastdeploy(snapshot_root: str, version: str, model_dir: str, gpu_ids: 
     layout.check_id(version)
     if not gpu_ids:
         raise ValueError("gpu_ids is empty: give the GPU number of each rank of the FastDeploy server")
+    ranks = _ranks(snapshot_root, version, storage_options)
+    if ranks != len(gpu_ids):
+        raise IncompatibleTargetError(f"{snapshot_root}: {version} was published for {ranks} ranks, the FastDeploy "
+                                      f"server has {len(gpu_ids)} (gpu_ids {list(gpu_ids)}): publish it with "
+                                      f"serving_tp={len(gpu_ids)}")
     sources = [_checked_parts(snapshot_root, version, rank, storage_options) for rank in range(len(gpu_ids))]
     fs, root = open_fs(model_dir)
     fs.makedirs(root, exist_ok=True)
@@ -222,13 +238,8 @@ def export_hf_dir(snapshot_root: str, version: str, export_root: str, config: by
     if fs.exists(join(final, EXPORT_RECORD)):
         return final
     json.loads(config)  # a config that is not JSON would only fail later, inside the engine
-    ranks = sorted({parsed[0] for n in listing(*open_fs(snapshot_root, storage_options))
-                    if (parsed := layout.parse_manifest_name(n)) and parsed[1] == version})
-    if not ranks:
-        raise SnapshotNotFoundError(version, [f"{snapshot_root}: no manifest of {version} (publish it first)"])
-    if ranks != list(range(len(ranks))):
-        raise TornSnapshotError(snapshot_root, f"{version} has ranks {ranks}, not 0..{len(ranks) - 1}: publish it again")
-    reader = _Ranks([_checked_parts(snapshot_root, version, r, storage_options) for r in ranks], rules)
+    ranks = _ranks(snapshot_root, version, storage_options)
+    reader = _Ranks([_checked_parts(snapshot_root, version, r, storage_options) for r in range(ranks)], rules)
     tmp = join(root, f".{version}.tmp-{uuid.uuid4().hex[:8]}")
     fs.makedirs(tmp)
     try:
@@ -247,7 +258,7 @@ def export_hf_dir(snapshot_root: str, version: str, export_root: str, config: by
                      json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1).encode())
         fs.pipe_file(join(tmp, "config.json"), config)
         fs.pipe_file(join(tmp, EXPORT_RECORD), json.dumps(
-            {"version": version, "snapshot_root": snapshot_root, "ranks": len(ranks), "exported_at": time.time()},
+            {"version": version, "snapshot_root": snapshot_root, "ranks": ranks, "exported_at": time.time()},
             indent=1).encode())
         try:
             if is_local(fs):

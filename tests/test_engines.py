@@ -83,6 +83,8 @@ def test_fastdeploy_staging_names_every_rank_by_its_gpu_and_leaves_no_stale_part
     double.load_all()
     assert [digests(p) for p in double.params] == [digests(s) for s in v2]
 
+    with pytest.raises(ValueError, match="published for 2 ranks, the FastDeploy server has 1"):
+        stage_fastdeploy(snap, "v1", str(model_dir), [4])
     publish(snap, "v3", 3, tp=2)
     flip_last_byte(tmp_path / "snap" / "model_state.tp1.v3.part1.pdparams")
     before = {n: (model_dir / n).read_bytes() for n in fd_parts(model_dir)}
