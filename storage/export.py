@@ -34,7 +34,7 @@ from .apply import xxh3_file
 from .errors import IncompatibleTargetError, SnapshotNotFoundError, TornSnapshotError
 from .fs import is_local, join, listing, open_fs, storage_calls
 from .resolve import Source, resolve
-from .tensorfile import DTYPES, encode_header
+from .tensorfile import DTYPES, encode_header, itemsize
 from .tp import LLAMA_TP_RULES, Rules, split_axis
 
 EXPORT_RECORD = "baton.json"  # in an exported Hugging Face directory: the version it holds, written last
@@ -196,6 +196,14 @@ class _Ranks:
                     if got != expected:
                         raise _mismatch(url, got, expected)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The whole tensor's shape: the ranks' slices joined along its tensor-parallel axis."""
+        shapes = [where[name][1].shape for where in self.where]
+        axis = split_axis(name, self.rules) if len(shapes) > 1 else None
+        if axis is None:
+            return tuple(shapes[0])
+        return tuple(sum(s[axis] for s in shapes) if d == axis else n for d, n in enumerate(shapes[0]))
+
     def tensor(self, part: int, name: str) -> np.ndarray:
         first = self.sources[0]
         if len(self.sources) == 1:
@@ -217,12 +225,30 @@ class _Ranks:
         return slices[0] if axis is None else np.concatenate(slices, axis=axis)
 
 
-def _write_safetensors(fs, path: str, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
-    header = encode_header([(n, code, a.shape, a.nbytes) for n, (code, a) in tensors.items()], {"format": "pt"})
+def _transpose(a: np.ndarray, block: int = 256) -> np.ndarray:
+    """``a.T``, contiguous, copied in cache-sized blocks: twice as fast here as numpy's copy of the transposed view."""
+    out = np.empty(a.shape[::-1], a.dtype)
+    for i in range(0, a.shape[0], block):
+        for j in range(0, a.shape[1], block):
+            out[j:j + block, i:i + block] = a[i:i + block, j:j + block].T
+    return out
+
+
+def _write_shard(fs, path: str, reader: _Ranks, part: int) -> dict[str, int]:
+    """The tensors of part ``part`` (whole, in ``transformers``' layout) as one safetensors file, written tensor by
+    tensor after the header; returns name -> bytes."""
+    items = []
+    for e in reader.sources[0].headers[part].entries:
+        shape = reader.shape(e.name)
+        flip = transposed_in_hf(e.name, shape)
+        items.append((e.name, e.dtype, shape[::-1] if flip else shape, flip))
+    sizes = {name: int(np.prod(shape, dtype=np.int64)) * itemsize(code) for name, code, shape, _ in items}
     with fs.open(path, "wb") as f:
-        f.write(header)
-        for _, a in tensors.values():
-            f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
+        f.write(encode_header([(n, c, shape, sizes[n]) for n, c, shape, _ in items], {"format": "pt"}))
+        for name, _, _, flip in items:
+            value = reader.tensor(part, name)
+            f.write(memoryview(_transpose(value) if flip else np.ascontiguousarray(value)).cast("B"))
+    return sizes
 
 
 @storage_calls
@@ -230,7 +256,8 @@ def export_hf_dir(snapshot_root: str, version: str, export_root: str, config: by
                   storage_options: dict[str, Any] | None = None) -> str:
     """``{export_root}/{version}``, a Hugging Face directory of the whole model (ranks joined) in
     ``transformers``' layout with ``config`` as its ``config.json``, for engines that load those (SGLang's
-    ``update_weights_from_disk``). One shard per part of rank 0, so about one part is in memory at a time.
+    ``update_weights_from_disk``). One shard per part of rank 0, written tensor by tensor, so about one part is
+    in memory at a time.
     Returns its path; a version already exported there is returned as it is."""
     layout.check_id(version)
     fs, root = open_fs(export_root)
@@ -243,17 +270,13 @@ def export_hf_dir(snapshot_root: str, version: str, export_root: str, config: by
     tmp = join(root, f".{version}.tmp-{uuid.uuid4().hex[:8]}")
     fs.makedirs(tmp)
     try:
-        headers = reader.sources[0].headers
+        parts = len(reader.sources[0].headers)
         weight_map, total = {}, 0
-        for part, header in enumerate(headers):
-            file = f"model-{part + 1:05d}-of-{len(headers):05d}.safetensors"
-            tensors = {}
-            for e in header.entries:
-                value = reader.tensor(part, e.name)
-                tensors[e.name] = (e.dtype, value.T if transposed_in_hf(e.name, value.shape) else value)
-                total += value.nbytes
-            _write_safetensors(fs, join(tmp, file), tensors)
-            weight_map.update(dict.fromkeys(tensors, file))
+        for part in range(parts):
+            file = f"model-{part + 1:05d}-of-{parts:05d}.safetensors"
+            sizes = _write_shard(fs, join(tmp, file), reader, part)
+            weight_map.update(dict.fromkeys(sizes, file))
+            total += sum(sizes.values())
         fs.pipe_file(join(tmp, "model.safetensors.index.json"),
                      json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1).encode())
         fs.pipe_file(join(tmp, "config.json"), config)
