@@ -50,20 +50,53 @@ def cast_copy_(dst: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:
     return dst
 
 
+def _fused_rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float, residual: paddle.Tensor | None):
+    """Paddle's fused CPU RMSNorm: one op instead of ten (about 6x faster at decode sizes here), and each row's
+    result is the same for any number of rows (checked for 1-255 rows in ``tests/test_kernels.py``)."""
+    from paddle.incubate.nn.functional import fused_rms_norm
+
+    out, summed = fused_rms_norm(x, weight, None, eps, x.ndim - 1, residual=residual)
+    return out, (summed if residual is not None else None)
+
+
+class _RMSNorm(paddle.autograd.PyLayer):
+    """The fused op for training too (it has no CPU gradient kernel): the forward is the very same op, so the
+    trainer's logits stay bit-identical to the server's, and the gradient is written out here."""
+
+    @staticmethod
+    def forward(ctx, x, weight, residual, eps):
+        out, summed = _fused_rms_norm(x, weight, eps, residual)
+        ctx.eps, ctx.has_residual = eps, residual is not None
+        ctx.save_for_backward(x if summed is None else summed, weight)
+        return (out, summed) if summed is not None else out
+
+    @staticmethod
+    def backward(ctx, d_out, d_summed=None):
+        h, weight = ctx.saved_tensor()
+        n = h * paddle.rsqrt((h * h).mean(axis=-1, keepdim=True) + ctx.eps)
+        dn = d_out * weight
+        d_h = (dn - n * (dn * n).mean(axis=-1, keepdim=True)) * paddle.rsqrt((h * h).mean(axis=-1, keepdim=True) + ctx.eps)
+        if d_summed is not None:
+            d_h = d_h + d_summed
+        d_weight = (d_out * n).reshape([-1, n.shape[-1]]).sum(axis=0)
+        return (d_h, d_weight, d_h) if ctx.has_residual else (d_h, d_weight)
+
+
 def rms_norm(
     x: paddle.Tensor, weight: paddle.Tensor, eps: float, residual: paddle.Tensor | None = None
 ) -> tuple[paddle.Tensor, paddle.Tensor | None]:
     """``weight * h / rms(h)`` with ``h = x + residual``; returns the output and ``h`` (the next residual).
-
-    A row's result does not depend on how many rows come with it (batch invariance): ``h * h`` instead of
-    ``pow`` and the reciprocal root taken over ``LANES`` copies of each row's mean, because Paddle's CPU kernels
-    compute the last few elements of a tensor in a scalar tail that rounds differently from the vector body.
-    """
-    h = _f32(x) if residual is None else _f32(x) + _f32(residual)
-    mean = (h * h).mean(axis=-1, keepdim=True) + eps
-    inv = paddle.rsqrt(mean.expand([*mean.shape[:-1], LANES]))[..., :1]
-    out = h * inv * _f32(weight)
-    return out.astype(x.dtype), (None if residual is None else h.astype(x.dtype))
+    Computed in float32 and rounded once into ``x``'s dtype, by one fused op whose rows do not depend on the
+    batch around them (batch invariance)."""
+    x32, w32 = _f32(x), _f32(weight)
+    r32 = None if residual is None else _f32(residual)
+    tracked = paddle.is_grad_enabled() and not all(t.stop_gradient for t in (x32, w32, r32) if t is not None)
+    if tracked:
+        result = _RMSNorm.apply(x32, w32, r32, eps) if r32 is not None else _RMSNorm.apply(x32, w32, None, eps)
+        out, summed = result if r32 is not None else (result, None)
+    else:
+        out, summed = _fused_rms_norm(x32, w32, eps, r32)
+    return out.astype(x.dtype), (None if summed is None else summed.astype(x.dtype))
 
 
 def rotary(q: paddle.Tensor, k: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor):

@@ -104,6 +104,41 @@ def test_reference_rms_norm(dtype, shape, with_residual):
         assert summed is None
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_reference_rms_norm_rows_do_not_depend_on_the_batch(with_residual):
+    rng = np.random.default_rng(3)
+    x, r = (paddle.to_tensor(rng.standard_normal((255, 512), np.float32)) for _ in range(2))
+    w = paddle.to_tensor(rng.standard_normal(512, np.float32))
+    full = reference.rms_norm(x, w, 1e-6, r if with_residual else None)[0].numpy()
+    for m in (1, 2, 7, 8, 9, 31, 64, 128, 200):
+        rows = reference.rms_norm(x[:m], w, 1e-6, r[:m] if with_residual else None)[0].numpy()
+        np.testing.assert_array_equal(rows, full[:m])
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_reference_rms_norm_gradient_matches_autograd_of_the_formula(with_residual):
+    """The fused op has no CPU gradient kernel; the hand-written one must equal autograd of the plain formula."""
+    rng = np.random.default_rng(4)
+    x0, r0, g_out, g_sum = (rng.standard_normal((6, 64), np.float32) for _ in range(4))
+    w0 = rng.standard_normal(64, np.float32)
+
+    def grads(fn):
+        x, r, w = (paddle.to_tensor(a, stop_gradient=False) for a in (x0, r0, w0))
+        out, summed = fn(x, w, r if with_residual else None)
+        loss = (out * paddle.to_tensor(g_out)).sum()
+        if with_residual:
+            loss = loss + (summed * paddle.to_tensor(g_sum)).sum()
+        loss.backward()
+        return [t.grad.numpy() for t in ((x, w, r) if with_residual else (x, w))]
+
+    def formula(x, w, r):
+        h = x if r is None else x + r
+        return h * paddle.rsqrt((h * h).mean(axis=-1, keepdim=True) + 1e-6) * w, (None if r is None else h)
+
+    for got, want in zip(grads(lambda x, w, r: reference.rms_norm(x, w, 1e-6, r)), grads(formula)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1,), (3, 7), (2, 3, 1001)])
 def test_reference_swiglu(dtype, shape):
