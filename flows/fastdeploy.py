@@ -47,6 +47,9 @@ class FastDeploy(Engine):
     def _send(self, method: str, path: str, headers: dict, timeout: float = 1800, **kwargs) -> httpx.Response:
         return fleet.call(method, f"{self.server.url}{path}", headers=headers, timeout=timeout, **kwargs)
 
+    def _call(self, method: str, path: str, headers: dict, legacy: bool, timeout: float = 1800, **kwargs) -> None:
+        self._check(self._send(method, path, headers, timeout, **kwargs), path, legacy)
+
     def _check(self, r, what: str, legacy: bool) -> None:
         if r.status_code == 200:
             return
@@ -68,12 +71,12 @@ class FastDeploy(Engine):
                 self._check(r, "/v1/pause", legacy=False)
                 api = "v1"
         if api == "legacy":
-            self._check(self._send("GET", "/clear_load_weight", headers), "/clear_load_weight", legacy=True)
-            self._check(self._send("GET", "/update_model_weight", headers), "/update_model_weight", legacy=True)
+            self._call("GET", "/clear_load_weight", headers, legacy=True)
+            self._call("GET", "/update_model_weight", headers, legacy=True)
         else:
             # a failed update leaves it paused: resuming could serve a half-loaded model; the rollback resumes it
-            self._check(self._send("POST", "/v1/update_weights", headers, json={}), "/v1/update_weights", legacy=False)
-            self._check(self._send("POST", "/v1/resume", headers, timeout=600), "/v1/resume", legacy=False)
+            self._call("POST", "/v1/update_weights", headers, legacy=False, json={})
+            self._call("POST", "/v1/resume", headers, legacy=False, timeout=600)
         staged = self.staged or {}
         return {"message": f"{self.server.url} loaded {version} from {len(staged.get('files', []))} files staged in "
                            f"{self.model_dir} ({api} API)", "bytes": staged.get("bytes")}

@@ -16,12 +16,11 @@ CAST_CHUNK = 1 << 22
 # Batch invariance on Paddle's CPU build (measured, on Intel AVX2 and AMD AVX-512 hosts): a GEMM's row depends
 # on the row count M unless M is a multiple of MIN_ROWS (on AVX-512, M = 30 and M = 32 round a row differently
 # from inner size 16 up), and from about 1024 inner elements on 192 rows or more take another path; elementwise
-# kernels round their last few elements (a scalar tail shorter than LANES) differently from the rest. So every
-# GEMM, attention's included, runs on a multiple of MIN_ROWS rows in blocks of at most MAX_ROWS; shapes are kept
-# multiples of LANES.
+# kernels round their last few elements (a scalar tail shorter than a 16-float vector) differently from the rest.
+# So every GEMM, attention's included, runs on a multiple of MIN_ROWS rows in blocks of at most MAX_ROWS; shapes
+# are kept multiples of 16 (key lengths: PAGE).
 MIN_ROWS = 8
 MAX_ROWS = 128
-LANES = 16
 # KV-cache page size in tokens; attention pads key lengths to a multiple of it.
 PAGE = 16
 # Softmax weights below exp(EXP_FLOOR) of the largest are raised to it (masked keys stay exactly 0): 4e-18 is far
@@ -93,7 +92,7 @@ def rms_norm(
     r32 = None if residual is None else _f32(residual)
     tracked = paddle.is_grad_enabled() and not all(t.stop_gradient for t in (x32, w32, r32) if t is not None)
     if tracked:
-        result = _RMSNorm.apply(x32, w32, r32, eps) if r32 is not None else _RMSNorm.apply(x32, w32, None, eps)
+        result = _RMSNorm.apply(x32, w32, r32, eps)
         out, summed = result if r32 is not None else (result, None)
     else:
         out, summed = _fused_rms_norm(x32, w32, eps, r32)

@@ -158,14 +158,19 @@ def _hash_remote(fs, path: str) -> str:
     return xxhash.xxh3_128(fs.cat_file(path)).hexdigest()
 
 
-def _verify_all(src: Source, prefetch: int) -> None:
+def digest_mismatch(url: str, got: str, expected: str) -> TornSnapshotError:
+    return TornSnapshotError(url, f"xxh3_128 {got} does not match the manifest's {expected} (corrupt or replaced): "
+                             "publish the version again")
+
+
+def verify_parts(src: Source, prefetch: int) -> None:
+    """Hashes every part of ``src`` that has a checksum, ``prefetch`` at a time, against its manifest."""
     todo = [(p, u, d) for p, u, d in zip(src.files, src.urls(), src.digests) if d]
     hasher = xxh3_file if is_local(src.fs) else functools.partial(_hash_remote, src.fs)
     with ThreadPoolExecutor(max(1, prefetch)) as pool:
         for (_, url, expected), got in zip(todo, pool.map(_guarded(hasher, src.fs), [p for p, _, _ in todo])):
             if got != expected:
-                raise TornSnapshotError(url, f"xxh3_128 {got} does not match the manifest's "
-                                        f"{expected} (corrupt or replaced): publish the version again")
+                raise digest_mismatch(url, got, expected)
 
 
 def _disappeared(url: str) -> TornSnapshotError:
@@ -331,7 +336,7 @@ def check_source(src: Source, into: Target, *, verify: str = "stream", cast: boo
     where = src.urls()[0] + (f" (+{len(src.files) - 1} more parts)" if len(src.files) > 1 else "")
     check_fits(src.index(), target_table(into), where, cast)
     if verify == "full" and any(src.digests):
-        _verify_all(src, prefetch)
+        verify_parts(src, prefetch)
 
 
 @storage_calls
@@ -355,7 +360,7 @@ def apply_source(
             if ready is not None:  # every part local before the hash pass
                 for i in range(len(local.files)):
                     ready(i)
-            _verify_all(local, prefetch)
+            verify_parts(local, prefetch)
         with tqdm(total=src.bytes, unit="B", unit_scale=True, desc=label, disable=not progress) as bar:
             try:
                 _apply(local, targets, verify, copy_fn, ready, bar)

@@ -30,7 +30,7 @@ import numpy as np
 import xxhash
 
 from . import layout
-from .apply import xxh3_file
+from .apply import digest_mismatch, verify_parts, xxh3_file
 from .errors import IncompatibleTargetError, SnapshotNotFoundError, TornSnapshotError
 from .fs import is_local, join, listing, open_fs, storage_calls
 from .resolve import Source, resolve
@@ -71,11 +71,6 @@ def _checked_parts(snapshot_root: str, version: str, rank: int, storage_options)
     return src
 
 
-def _mismatch(url: str, got: str, expected: str) -> TornSnapshotError:
-    return TornSnapshotError(url, f"xxh3_128 {got} does not match the manifest's {expected} (corrupt or "
-                             "replaced): publish the version again")
-
-
 def _put(src: Source, i: int, fs, dest: str) -> None:
     """Part ``i`` of ``src`` at ``dest``, checked: hard-linked when both sides are one local filesystem (no byte
     copied; published parts are never rewritten in place), else copied."""
@@ -95,7 +90,7 @@ def _put(src: Source, i: int, fs, dest: str) -> None:
         if got == expected:
             fs.pipe_file(dest, data)
     if got != expected:
-        raise _mismatch(url, got, expected)
+        raise digest_mismatch(url, got, expected)
 
 
 def _write_json(fs, path: str, doc: dict) -> None:
@@ -191,10 +186,7 @@ class _Ranks:
         self.blob: tuple[int, bytes] | None = None
         if len(sources) > 1:
             for s in sources:
-                for path, url, expected in zip(s.files, s.urls(), s.digests):
-                    got = xxh3_file(path) if is_local(s.fs) else xxhash.xxh3_128(s.fs.cat_file(path)).hexdigest()
-                    if got != expected:
-                        raise _mismatch(url, got, expected)
+                verify_parts(s, prefetch=4)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The whole tensor's shape: the ranks' slices joined along its tensor-parallel axis."""
@@ -211,7 +203,7 @@ class _Ranks:
                 data = first.fs.cat_file(first.files[part])
                 got = xxhash.xxh3_128(data).hexdigest()
                 if got != first.digests[part]:
-                    raise _mismatch(first.urls()[part], got, first.digests[part])
+                    raise digest_mismatch(first.urls()[part], got, first.digests[part])
                 self.blob = (part, data)
             _, e = self.where[0][name]
             return np.frombuffer(self.blob[1], DTYPES[e.dtype][0], e.nbytes // DTYPES[e.dtype][0].itemsize,
