@@ -16,9 +16,7 @@ forward (``forward``), a request served alone, and the same request among 63 oth
 
 from __future__ import annotations
 
-import functools
 import os
-import threading
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -28,6 +26,7 @@ import paddle.nn.functional as F
 
 import kernels
 from infer.config import ModelConfig
+from kernels.gemm import cpu_matmul
 
 
 def _param(layer: paddle.nn.Layer, shape: list[int], dtype: str) -> paddle.Tensor:
@@ -56,49 +55,13 @@ BATCH_INVARIANT = os.environ.get("BATON_BATCH_INVARIANT", "1") != "0"
 
 
 def row_matmul(x: paddle.Tensor, w: paddle.Tensor, transpose_y: bool = False) -> paddle.Tensor:
-    """``x @ w`` (``x @ w.T`` with ``transpose_y``: a tied head over the ``[vocab, hidden]`` embedding, 4.6x faster
-    than a transposed view for Qwen2.5-0.5B's) for rows ``x`` ``[M, in]`` (M a multiple of ``kernels.MIN_ROWS``),
-    in blocks of at most ``kernels.MAX_ROWS`` rows: every block takes the same GEMM path, so a row's result does
-    not depend on M. On every core where that stays true for this shape (``gemm_threads``), else on one."""
+    """``x @ w`` (``x @ w.T`` with ``transpose_y``: a tied head over the ``[vocab, hidden]`` embedding, no
+    transposed copy) for rows ``x`` ``[M, in]``. On CPU through ``kernels.gemm``, where a row's result does not
+    depend on M (batch invariance)."""
     w = _as(w, x)
-    step = kernels.MAX_ROWS
-    n_in, n_out = (w.shape[1], w.shape[0]) if transpose_y else (w.shape[0], w.shape[1])
-    if x.place.is_cpu_place():
-        cores = gemm_threads(n_in, n_out, x.dtype, transpose_y) if BATCH_INVARIANT else len(os.sched_getaffinity(0))
-        _use_threads(cores)
-    if x.shape[0] <= step or not BATCH_INVARIANT:
-        return paddle.matmul(x, w, transpose_y=transpose_y)
-    return paddle.concat([paddle.matmul(x[i : i + step], w, transpose_y=transpose_y)
-                          for i in range(0, x.shape[0], step)])
-
-
-_threads = threading.local()
-
-
-def _use_threads(count: int) -> None:
-    """Sets this thread's kernel thread count, only when it changes (a switch costs about 15 us)."""
-    if getattr(_threads, "count", None) != count:
-        paddle.base.core.set_num_threads(count)
-        _threads.count = count
-
-
-@functools.cache
-def gemm_threads(n_in: int, n_out: int, dtype: paddle.dtype, transpose_y: bool = False) -> int:
-    """Cores a ``[M, n_in] @ [n_in, n_out]`` GEMM may use. Paddle's CPU kernels use one core; a GEMM on several
-    is about 1.5x faster, but for some shapes the library then splits the work differently for small and large
-    M, and a row's result would depend on its batch. Measured once per shape: every core when the rows of
-    every M (multiples of MIN_ROWS up to MAX_ROWS) equal those of M = MAX_ROWS, else one."""
-    cores = len(os.sched_getaffinity(0))
-    if cores < 2:
-        return 1
-    rng = np.random.default_rng(0)
-    x = paddle.to_tensor(rng.standard_normal((kernels.MAX_ROWS, n_in), np.float32)).astype(dtype)
-    w = paddle.to_tensor(rng.standard_normal((n_out, n_in) if transpose_y else (n_in, n_out), np.float32)).astype(dtype)
-    _use_threads(cores)
-    full = paddle.matmul(x, w, transpose_y=transpose_y).numpy()
-    same = all(np.array_equal(paddle.matmul(x[:m], w, transpose_y=transpose_y).numpy(), full[:m])
-               for m in range(kernels.MIN_ROWS, kernels.MAX_ROWS, kernels.MIN_ROWS))
-    return cores if same else 1
+    if x.place.is_cpu_place() and x.dtype == paddle.float32:
+        return cpu_matmul(x, w, transpose_y, BATCH_INVARIANT)
+    return paddle.matmul(x, w, transpose_y=transpose_y)
 
 
 class RMSNorm(paddle.nn.Layer):

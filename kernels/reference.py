@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
+from kernels.gemm import MAX_ROWS, attention_scores, attention_values  # noqa: F401  (MAX_ROWS re-exported)
+
 # Elements converted per step by cast_copy_: bounds its temporary to 16 MiB of float32 whatever the tensor size.
 CAST_CHUNK = 1 << 22
 # Batch invariance on Paddle's CPU build (measured, on Intel AVX2 and AMD AVX-512 hosts): a GEMM's row depends
@@ -20,7 +22,6 @@ CAST_CHUNK = 1 << 22
 # So every GEMM, attention's included, runs on a multiple of MIN_ROWS rows in blocks of at most MAX_ROWS; shapes
 # are kept multiples of 16 (key lengths: PAGE).
 MIN_ROWS = 8
-MAX_ROWS = 128
 # KV-cache page size in tokens; attention pads key lengths to a multiple of it.
 PAGE = 16
 # Softmax weights below exp(EXP_FLOOR) of the largest are raised to it (masked keys stay exactly 0): 4e-18 is far
@@ -124,7 +125,7 @@ def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:
 
 
 def attend(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, bias: paddle.Tensor, keep: paddle.Tensor,
-           scale: float) -> paddle.Tensor:
+           scale: float, group: int) -> paddle.Tensor:
     """The attention every path shares: q ``[Hkv, G, R, D]`` (R query rows per group g), k/v ``[Hkv, G, L, D]``,
     the mask as ``bias`` ``[Hkv, G, R, L]`` (0 where a row may see a key, -inf where not) and ``keep`` (1 and 0)
     -> float32 ``[Hkv, G, R, D]``.
@@ -139,9 +140,9 @@ def attend(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, bias: paddle.Te
     for it, which makes the GEMM after it ~30x slower. (Paddle's fused ``softmax`` is not used: its sums depend
     on L.)
     """
-    s = paddle.matmul(_f32(q) * scale, _f32(k), transpose_y=True) + bias  # [Hkv, G, R, L]
+    s = attention_scores(_f32(q) * scale, _f32(k)) + bias  # [Hkv, G, R, L]
     p = paddle.exp(paddle.clip(s - s.max(axis=-1, keepdim=True), min=EXP_FLOOR)) * keep
-    return paddle.matmul(p, _f32(v)) / p.sum(axis=-1, keepdim=True)
+    return attention_values(p, _f32(v), group) / p.sum(axis=-1, keepdim=True)
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,7 @@ class Plan:
               pages: int = 0) -> Plan:
         group = heads // kv_heads
         pos = np.repeat(positions.astype(np.int64), group, axis=1)  # row (t, j): the position of query t
-        rows = -(-pos.shape[1] // MIN_ROWS) * MIN_ROWS
-        pos = np.concatenate([pos, np.repeat(pos[:, -1:], rows - pos.shape[1], axis=1)], axis=1)
+        rows = pos.shape[1]
         seen = np.arange(length)[None, None, :] <= pos[:, :, None]
         seen = np.ascontiguousarray(np.broadcast_to(seen, (kv_heads, *seen.shape)))
         bias = paddle.to_tensor(np.where(seen, np.float32(0), np.float32(-np.inf)))
@@ -210,7 +210,7 @@ def causal_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, scale
         pad = paddle.zeros([kv_heads, batch, length - t, dim], "float32")
         keys, values = paddle.concat([keys, pad], 2), paddle.concat([values, pad], 2)
     plan = Plan.build(np.tile(np.arange(t), (batch, 1)), heads, kv_heads, length)
-    out = attend(_query_rows(q, plan), keys, values, plan.bias, plan.keep, scale)
+    out = attend(_query_rows(q, plan), keys, values, plan.bias, plan.keep, scale, heads // kv_heads)
     return _from_rows(out, list(q.shape)).astype(q.dtype)
 
 
@@ -229,7 +229,7 @@ def paged_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Te
                     scale: float) -> paddle.Tensor:
     """Attention over a paged KV cache: q ``[G, T, H, D]`` of the plan's G sequences, pages ``[Hkv, N, PAGE, D]``."""
     keys, values = gather_pages(k_pages, plan), gather_pages(v_pages, plan)
-    out = attend(_query_rows(q, plan), keys, values, plan.bias, plan.keep, scale)
+    out = attend(_query_rows(q, plan), keys, values, plan.bias, plan.keep, scale, plan.heads // plan.kv_heads)
     return _from_rows(out, list(q.shape)).astype(q.dtype)
 
 

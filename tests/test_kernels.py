@@ -10,7 +10,7 @@ import paddle
 import pytest
 import torch
 
-from kernels import reference, triton_ops
+from kernels import gemm, reference, triton_ops
 
 DTYPES = ["float32", "bfloat16", "float16"]
 # One rounding of the output dtype, relative (plus a small absolute floor for values near zero).
@@ -175,11 +175,12 @@ def test_reference_decode_attention_ignores_keys_past_each_length():
     np.testing.assert_array_equal(a.numpy(), run().numpy())
 
 
-def test_paged_and_causal_attention_are_bit_identical_per_row():
+@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 2, 16), (4, 4, 16), (14, 2, 64), (8, 2, 64)])
+def test_paged_and_causal_attention_are_bit_identical_per_row(heads, kv_heads, dim):
     """The trainer's full-sequence attention and the engine's paged attention give the same bits for a query,
-    whatever the batch, chunk or padding around it: the basis of train/infer parity."""
-    q, k, v = values((3, 37, 4, 16), "float32", 5), values((3, 37, 2, 16), "float32", 6), values((3, 37, 2, 16),
-                                                                                                  "float32", 7)
+    whatever the batch, chunk or padding around it: the basis of train/infer parity. Groups of 1, 2, 4 and 7
+    query heads per kv head (the values GEMM pads a group of 1)."""
+    q, k, v = (values((3, 37, h, dim), "float32", seed) for h, seed in ((heads, 5), (kv_heads, 6), (kv_heads, 7)))
     full = reference.causal_attention(pd(q, "float32"), pd(k, "float32"), pd(v, "float32"), 0.25).numpy()
     alone = reference.causal_attention(pd(q[1:2, :20], "float32"), pd(k[1:2, :20], "float32"),
                                        pd(v[1:2, :20], "float32"), 0.25).numpy()
@@ -191,9 +192,49 @@ def test_paged_and_causal_attention_are_bit_identical_per_row():
     decoded = reference.decode_attention(pd(q[np.arange(3), rows], "float32"), kp, vp, pd(table, "int64"), lengths,
                                          0.25)
     np.testing.assert_array_equal(decoded.numpy(), full[np.arange(3), rows])
-    plan = reference.Plan.build(np.arange(10, 21)[None], 4, 2, table.shape[1] * reference.PAGE, table[2:3], 16)
+    plan = reference.Plan.build(np.arange(10, 21)[None], heads, kv_heads, table.shape[1] * reference.PAGE, table[2:3], 16)
     chunk = reference.paged_attention(pd(q[2:3, 10:21], "float32"), kp, vp, plan, 0.25)
     np.testing.assert_array_equal(chunk.numpy()[0], full[2, 10:21])
+
+
+@pytest.mark.parametrize("n_in, n_out, transpose_y", [(64, 176, False), (512, 256, False), (1408, 512, False),
+                                                     (512, 258, True), (896, 128, False)])
+def test_cpu_matmul_rows_do_not_depend_on_the_batch(n_in, n_out, transpose_y):
+    rng = np.random.default_rng(6)
+    x = paddle.to_tensor(rng.standard_normal((300, n_in), np.float32))
+    w = paddle.to_tensor(rng.standard_normal((n_out, n_in) if transpose_y else (n_in, n_out), np.float32))
+    full = gemm.cpu_matmul(x, w, transpose_y).numpy()
+    np.testing.assert_allclose(full, x.numpy() @ (w.numpy().T if transpose_y else w.numpy()), rtol=1e-4, atol=1e-4)
+    for m in (1, 2, 3, 7, 8, 9, 31, 64, 127, 128, 129, 200):
+        np.testing.assert_array_equal(gemm.cpu_matmul(x[:m], w, transpose_y).numpy(), full[:m])
+
+
+def test_cpu_gemm_gradients_match_paddles_matmul():
+    """The numpy GEMMs' hand-written gradients (the trainer's backward) against autograd of ``paddle.matmul``."""
+    rng = np.random.default_rng(7)
+    a, b, d = (rng.standard_normal(s, np.float32) for s in ((2, 3, 6, 16), (2, 3, 32, 16), (2, 3, 32, 16)))
+
+    def grads(fn, *arrays):
+        ts = [paddle.to_tensor(x, stop_gradient=False) for x in arrays]
+        out = fn(*ts)
+        (out * paddle.to_tensor(rng.standard_normal(out.shape, np.float32))).sum().backward()
+        return [out.numpy()] + [t.grad.numpy() for t in ts]
+
+    cases = [
+        (lambda x, w: gemm.cpu_matmul(x, w), lambda x, w: paddle.matmul(x, w), (a[0, 0], b[0, 0].T.copy())),
+        (lambda x, w: gemm.cpu_matmul(x, w, True), lambda x, w: paddle.matmul(x, w, transpose_y=True),
+         (a[0, 0], b[0, 0])),
+        (gemm.attention_scores, lambda q, k: paddle.matmul(q, k, transpose_y=True), (a, b)),
+        (lambda p, v: gemm.attention_values(p, v, 2), paddle.matmul, (rng.random((2, 3, 6, 32), np.float32), d)),
+        (lambda p, v: gemm.attention_values(p, v, 1), paddle.matmul, (rng.random((2, 3, 6, 32), np.float32), d)),
+    ]
+    for ours, plain, arrays in cases:
+        seed = rng.integers(1 << 30)
+        rng = np.random.default_rng(seed)
+        got = grads(ours, *arrays)
+        rng = np.random.default_rng(seed)
+        for g, w in zip(got, grads(plain, *arrays)):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
 # ---- Triton kernels (interpreter) against the references -----------------------------------------------------

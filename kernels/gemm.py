@@ -1,0 +1,171 @@
+"""The model's linears and LM head on CPU: GEMMs through the OpenBLAS numpy ships with, batch-invariantly.
+
+Why numpy: this Paddle CPU build's GEMM is 2-2.5x slower than numpy's OpenBLAS at the sizes a decode step runs
+(the 56 GEMMs of the ``small`` model at 8-64 rows, weights out of cache, conversions included). Tensors cross
+by DLPack, so no weight is copied.
+
+Why ``min_rows``: a BLAS computes a row differently when few rows come with it (OpenBLAS: a GEMV for one row, a
+small-matrix kernel while M*N*K is small), and a served token must get the bits the trainer's full forward
+gives it. Above a threshold that depends on the shape and the CPU's kernels, every row comes out the same
+whatever the row count, so each GEMM runs on at least ``min_rows`` rows (padded), measured once per shape on
+the machine itself, in blocks of at most ``MAX_ROWS``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import paddle
+
+# Rows per GEMM call: longer forwards (a trainer's) run in blocks, so a row meets the same kernel however many
+# rows there are.
+MAX_ROWS = 128
+# Columns the threshold is measured on: fewer than a wide LM head has (its measure stays cheap); fewer columns
+# only raise the threshold (OpenBLAS's small-matrix choice grows with M*N*K), so it errs on the safe side.
+PROBE_COLUMNS = 2048
+
+
+def _numpy(t: paddle.Tensor) -> np.ndarray:
+    return np.from_dlpack(t.detach()) if t.is_contiguous() else t.numpy()
+
+
+@functools.cache
+def min_rows(n_in: int, n_out: int, transpose_y: bool = False) -> int:
+    """The fewest rows from which every row of ``[M, n_in] @ [n_in, n_out]`` equals the same row computed in a
+    block of ``MAX_ROWS``, for every M up to ``MAX_ROWS``."""
+    rng = np.random.default_rng(0)
+    cols = min(n_out, PROBE_COLUMNS)
+    x = rng.standard_normal((MAX_ROWS, n_in), np.float32)
+    w = rng.standard_normal((cols, n_in) if transpose_y else (n_in, cols), np.float32)
+    w = w.T if transpose_y else w
+    full = x @ w
+    for m in range(MAX_ROWS - 1, 0, -1):
+        if not np.array_equal(x[:m] @ w, full[:m]):
+            return m + 1
+    return 1
+
+
+def _blocks(x: np.ndarray, w: np.ndarray, threshold: int) -> np.ndarray:
+    rows = x.shape[0]
+    out = np.empty((rows, w.shape[1]), np.float32)
+    for start in range(0, rows, MAX_ROWS):
+        block = x[start : start + MAX_ROWS]
+        if block.shape[0] >= threshold:
+            np.matmul(block, w, out=out[start : start + MAX_ROWS])
+        else:  # too few rows for the shared path: pad, then keep the real ones
+            padded = np.zeros((threshold, x.shape[1]), np.float32)
+            padded[: block.shape[0]] = block
+            out[start:] = (padded @ w)[: block.shape[0]]
+    return out
+
+
+def _forward(x: paddle.Tensor, w: paddle.Tensor, transpose_y: bool, invariant: bool) -> paddle.Tensor:
+    xn, wn = _numpy(x), _numpy(w)
+    wn = wn.T if transpose_y else wn
+    if invariant:
+        y = _blocks(xn, wn, min_rows(wn.shape[0], wn.shape[1], transpose_y))
+    else:
+        y = xn @ wn
+    return paddle.from_dlpack(y)
+
+
+class _Matmul(paddle.autograd.PyLayer):
+    """The same numpy GEMM in the trainer's forward (so its logits are the server's, bit for bit); the gradient
+    is Paddle's."""
+
+    @staticmethod
+    def forward(ctx, x, w, transpose_y, invariant):
+        ctx.save_for_backward(x, w)
+        ctx.transpose_y = transpose_y
+        return _forward(x, w, transpose_y, invariant)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensor()
+        if ctx.transpose_y:  # y = x @ w.T
+            return paddle.matmul(dy, w), paddle.matmul(dy, x, transpose_x=True)
+        return paddle.matmul(dy, w, transpose_y=True), paddle.matmul(x, dy, transpose_x=True)
+
+
+def cpu_matmul(x: paddle.Tensor, w: paddle.Tensor, transpose_y: bool = False, invariant: bool = True) -> paddle.Tensor:
+    """``x @ w`` (``x @ w.T`` with ``transpose_y``) for float32 rows ``x`` ``[M, in]`` on CPU. With
+    ``invariant`` a row's result does not depend on M; without it (only to measure what that costs) one row
+    takes OpenBLAS's faster GEMV."""
+    if paddle.is_grad_enabled() and not (x.stop_gradient and w.stop_gradient):
+        return _Matmul.apply(x, w, transpose_y, invariant)
+    return _forward(x, w, transpose_y, invariant)
+
+
+# ---- attention's two GEMMs ----------------------------------------------------------------------------------
+# Same reason, other shapes: per query row, ``L`` keys of ``D`` dims. A query row must get the same scores and
+# output whatever the other rows, the key count L (padded, trailing keys weighted 0) and the batch. Measured on
+# OpenBLAS: a GEMV (one query row against its keys) gives a score that depends on nothing else; for the weighted
+# values, a GEMM of the ``group`` rows of one position (2 or more; one row is padded to two) is the same for any
+# L. So scores run as a GEMV per query row and values as a GEMM per position, stacked by numpy's matmul: no row
+# is padded to 8 (a grouped-query decode has 2 rows per kv head), which made these GEMMs 4x the work.
+
+
+def _scores(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """q ``[Hkv, G, R, D]``, k ``[Hkv, G, L, D]`` -> ``[Hkv, G, R, L]``: one GEMV (keys @ query) per row."""
+    return np.matmul(k[:, :, None], q[..., None])[..., 0]
+
+
+def _weighted(p: np.ndarray, v: np.ndarray, group: int) -> np.ndarray:
+    """p ``[Hkv, G, T * group, L]``, v ``[Hkv, G, L, D]`` -> ``[Hkv, G, T * group, D]``: one GEMM per position."""
+    kv, count, rows, length = p.shape
+    p = p.reshape(kv, count, rows // group, group, length)
+    if group == 1:
+        p = np.concatenate([p, np.zeros_like(p)], axis=3)
+    out = np.matmul(p, v[:, :, None])[:, :, :, :group]
+    return out.reshape(kv, count, rows, v.shape[-1])
+
+
+class _Scores(paddle.autograd.PyLayer):
+    @staticmethod
+    def forward(ctx, q, k):
+        ctx.save_for_backward(q, k)
+        return paddle.from_dlpack(np.ascontiguousarray(_scores(_numpy(q), _numpy(k))))
+
+    @staticmethod
+    def backward(ctx, ds):
+        q, k = ctx.saved_tensor()
+        return paddle.matmul(ds, k), paddle.matmul(ds, q, transpose_x=True)
+
+
+class _Weighted(paddle.autograd.PyLayer):
+    @staticmethod
+    def forward(ctx, p, v, group):
+        ctx.save_for_backward(p, v)
+        return paddle.from_dlpack(np.ascontiguousarray(_weighted(_numpy(p), _numpy(v), group)))
+
+    @staticmethod
+    def backward(ctx, d_out):
+        p, v = ctx.saved_tensor()
+        return paddle.matmul(d_out, v, transpose_y=True), paddle.matmul(p, d_out, transpose_x=True)
+
+
+def _on_cpu(*xs: paddle.Tensor) -> bool:
+    return all(x.place.is_cpu_place() and x.dtype == paddle.float32 for x in xs)
+
+
+def _tracked(*xs: paddle.Tensor) -> bool:
+    return paddle.is_grad_enabled() and not all(x.stop_gradient for x in xs)
+
+
+def attention_scores(q: paddle.Tensor, k: paddle.Tensor) -> paddle.Tensor:
+    """``q @ k^T`` per (kv head, sequence): q ``[Hkv, G, R, D]``, k ``[Hkv, G, L, D]``."""
+    if not _on_cpu(q, k):
+        return paddle.matmul(q, k, transpose_y=True)
+    if _tracked(q, k):
+        return _Scores.apply(q, k)
+    return paddle.from_dlpack(np.ascontiguousarray(_scores(_numpy(q), _numpy(k))))
+
+
+def attention_values(p: paddle.Tensor, v: paddle.Tensor, group: int) -> paddle.Tensor:
+    """``p @ v`` per (kv head, sequence): p ``[Hkv, G, T * group, L]`` (rows: position, then head in group)."""
+    if not _on_cpu(p, v):
+        return paddle.matmul(p, v)
+    if _tracked(p, v):
+        return _Weighted.apply(p, v, group)
+    return paddle.from_dlpack(np.ascontiguousarray(_weighted(_numpy(p), _numpy(v), group)))
