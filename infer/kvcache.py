@@ -15,7 +15,6 @@ import paddle
 
 import kernels
 from infer.config import ModelConfig
-from infer.model import pad_rows
 
 
 def pages_for(tokens: int) -> int:
@@ -103,4 +102,4 @@ class PagedStep:
             rows = q[start : start + count * t].reshape([count, t, *q.shape[1:]])
             out = kernels.paged_attention(rows, self.pool.k[layer], self.pool.v[layer], plan, scale)
             outs.append(out.reshape([count * t, *q.shape[1:]]))
-        return pad_rows(paddle.concat(outs) if len(outs) > 1 else outs[0], q.shape[0])
+        return paddle.concat(outs) if len(outs) > 1 else outs[0]

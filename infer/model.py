@@ -9,9 +9,10 @@ families differ only by config flags: q/k/v biases (Qwen2), q/k RMSNorm per head
 build has no bfloat16 matmul, and the weight dtype on GPU.
 
 Every forward works on flattened token rows ``[M, hidden]``, each row carrying its own position, and the
-attention of a row depends only on that row's sequence. With rows padded to a multiple of
-``kernels.MIN_ROWS`` this makes a row's result independent of the batch around it, so on CPU the trainer's full
-forward (``forward``), a request served alone, and the same request among 63 others give bit-identical logits.
+attention of a row depends only on that row's sequence. With GEMMs whose rows do not depend on the row count
+(``kernels.gemm``) and row-wise or elementwise ops elsewhere, a row's result is independent of the batch around
+it, so on CPU the trainer's full forward (``forward``), a request served alone, and the same request among 63
+others give bit-identical logits.
 """
 
 from __future__ import annotations
@@ -160,22 +161,7 @@ class Causal:
     def __call__(self, layer: int, q, k, v, scale: float) -> paddle.Tensor:
         b, t = self.batch, self.length
         out = kernels.causal_attention(*(x[: b * t].reshape([b, t, *x.shape[1:]]) for x in (q, k, v)), scale)
-        return pad_rows(out.reshape([b * t, *q.shape[1:]]), q.shape[0])
-
-
-def padded_rows(n: int) -> int:
-    """How many rows a forward of ``n`` tokens computes: a multiple of ``kernels.MIN_ROWS``, so every GEMM and
-    elementwise kernel takes the same code path for a row whatever else is in the batch (batch invariance)."""
-    if not BATCH_INVARIANT:
-        return n
-    return max(1, -(-n // kernels.MIN_ROWS)) * kernels.MIN_ROWS
-
-
-def pad_rows(x: paddle.Tensor, rows: int) -> paddle.Tensor:
-    """``x`` with zero rows appended up to ``rows``."""
-    if x.shape[0] >= rows:
-        return x
-    return paddle.concat([x, paddle.zeros([rows - x.shape[0], *x.shape[1:]], x.dtype)])
+        return out.reshape([b * t, *q.shape[1:]])
 
 
 def rope_frequencies(c: ModelConfig) -> np.ndarray:
@@ -250,20 +236,15 @@ class Decoder(paddle.nn.Layer):
     def run(self, tokens: paddle.Tensor, positions: paddle.Tensor, context: AttentionContext,
             logit_rows: paddle.Tensor | None = None) -> paddle.Tensor:
         """Float32 logits of ``tokens`` ``[N]`` at ``positions`` ``[N]`` (all rows, or only ``logit_rows``), their
-        keys and values stored and attended through ``context``. Rows are padded to ``padded_rows``."""
-        n = tokens.shape[0]
-        rows = padded_rows(n)
-        tokens, positions = pad_rows(tokens, rows), pad_rows(positions, rows)
+        keys and values stored and attended through ``context``."""
         hidden = self.model(tokens, self.rope_cos[positions], self.rope_sin[positions], context, self.compute_dtype)
-        wanted = n
         if logit_rows is not None:
-            wanted = logit_rows.shape[0]
-            hidden = pad_rows(paddle.gather(hidden, logit_rows), padded_rows(wanted))
+            hidden = paddle.gather(hidden, logit_rows)
         if self.lm_head is None:  # tied: the embedding [vocab, hidden] is the head, transposed by the GEMM itself
             logits = row_matmul(hidden, self.model.embed_tokens.weight, transpose_y=True)
         else:
             logits = row_matmul(hidden, self.lm_head.weight)
-        return logits.astype("float32")[:wanted]
+        return logits.astype("float32")
 
 
 def token_logprobs(logits: paddle.Tensor, tokens: paddle.Tensor) -> paddle.Tensor:

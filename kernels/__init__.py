@@ -5,7 +5,7 @@ Each op has a Paddle reference (``reference.py``, CPU and the test oracle) and a
 ``kernels.triton_ops`` can be imported on a host that has Triton and PyTorch but no Paddle (the GPU check).
 """
 
-__all__ = ["MAX_ROWS", "MIN_ROWS", "PAGE", "Plan", "backend", "cast_copy_", "causal_attention", "decode_attention",
+__all__ = ["MAX_ROWS", "PAGE", "Plan", "backend", "cast_copy_", "causal_attention", "decode_attention",
            "paged_attention", "rms_norm", "rotary", "rotary_", "swiglu"]
 
 

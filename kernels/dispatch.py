@@ -15,7 +15,7 @@ from types import ModuleType
 import paddle
 
 from kernels import reference
-from kernels.reference import MAX_ROWS, MIN_ROWS, PAGE, Plan  # noqa: F401  (re-exported for callers)
+from kernels.reference import MAX_ROWS, PAGE, Plan  # noqa: F401  (re-exported for callers)
 
 
 @functools.cache

@@ -15,13 +15,9 @@ from kernels.gemm import MAX_ROWS, attention_scores, attention_values  # noqa: F
 
 # Elements converted per step by cast_copy_: bounds its temporary to 16 MiB of float32 whatever the tensor size.
 CAST_CHUNK = 1 << 22
-# Batch invariance on Paddle's CPU build (measured, on Intel AVX2 and AMD AVX-512 hosts): a GEMM's row depends
-# on the row count M unless M is a multiple of MIN_ROWS (on AVX-512, M = 30 and M = 32 round a row differently
-# from inner size 16 up), and from about 1024 inner elements on 192 rows or more take another path; elementwise
-# kernels round their last few elements (a scalar tail shorter than a 16-float vector) differently from the rest.
-# So every GEMM, attention's included, runs on a multiple of MIN_ROWS rows in blocks of at most MAX_ROWS; shapes
-# are kept multiples of 16 (key lengths: PAGE).
-MIN_ROWS = 8
+# Batch invariance: every GEMM goes through kernels.gemm (rows independent of the row count, measured per shape);
+# elementwise kernels round their last few elements (a scalar tail shorter than a 16-float vector) differently
+# from the rest, so shapes are kept multiples of 16 (key lengths: PAGE).
 # KV-cache page size in tokens; attention pads key lengths to a multiple of it.
 PAGE = 16
 # Softmax weights below exp(EXP_FLOOR) of the largest are raised to it (masked keys stay exactly 0): 4e-18 is far
@@ -131,7 +127,7 @@ def attend(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, bias: paddle.Te
     -> float32 ``[Hkv, G, R, D]``.
 
     Written so that a query row's result depends only on its own query and its allowed keys, not on R, L or G:
-    both GEMMs run on a multiple of ``MIN_ROWS`` rows (padded by the callers), keys past a row's position weigh
+    both GEMMs give a row bits that depend on nothing else (``kernels.gemm``), keys past a row's position weigh
     exactly 0 (trailing zeros change no sum here), and ``L`` is a multiple of ``PAGE`` (no scalar tail in ``exp``).
     That is what makes a served token's logprob bit-identical to the trainer's full forward and to the same
     request run alone (see ``infer.model``). The mask is added and multiplied, not selected with ``where``: every
@@ -155,9 +151,8 @@ class Plan:
     heads: int
     kv_heads: int
     length: int  # keys per sequence, a multiple of PAGE
-    rows: int  # query rows R per group and kv head in both GEMMs: T times the group size, up to a multiple of MIN_ROWS
-    bias: paddle.Tensor  # [Hkv, G, R, L] float32: 0 where a row sees the key, -inf where not; padding rows repeat
-    # the last query's position. Full-size, not broadcast: a broadcasting add is ~40x slower here
+    bias: paddle.Tensor  # [Hkv, G, R, L] float32: 0 where a row sees the key, -inf where not. Full-size, not
+    # broadcast: a broadcasting add is ~40x slower here
     keep: paddle.Tensor  # the same mask as 1 and 0
     page_table: paddle.Tensor | None = None  # [G, nb] int64
     lengths: paddle.Tensor | None = None  # [G] int64: last position + 1 (the decode kernel's view)
@@ -168,34 +163,30 @@ class Plan:
               pages: int = 0) -> Plan:
         group = heads // kv_heads
         pos = np.repeat(positions.astype(np.int64), group, axis=1)  # row (t, j): the position of query t
-        rows = pos.shape[1]
         seen = np.arange(length)[None, None, :] <= pos[:, :, None]
         seen = np.ascontiguousarray(np.broadcast_to(seen, (kv_heads, *seen.shape)))
         bias = paddle.to_tensor(np.where(seen, np.float32(0), np.float32(-np.inf)))
         keep = paddle.to_tensor(seen.astype(np.float32))
         if page_table is None:
-            return Plan(positions, heads, kv_heads, length, rows, bias, keep)
+            return Plan(positions, heads, kv_heads, length, bias, keep)
         table = page_table.astype(np.int64)
         index = (np.arange(kv_heads, dtype=np.int64)[:, None, None] * pages + table[None]).reshape(-1)
-        return Plan(positions, heads, kv_heads, length, rows, bias, keep, paddle.to_tensor(table),
+        return Plan(positions, heads, kv_heads, length, bias, keep, paddle.to_tensor(table),
                     paddle.to_tensor(positions[:, -1].astype(np.int64) + 1), paddle.to_tensor(index))
 
 
 def _query_rows(q: paddle.Tensor, plan: Plan) -> paddle.Tensor:
-    """q ``[G, T, H, D]`` as ``[Hkv, G, R, D]`` rows (t, head in group), padded with zero rows up to R."""
+    """q ``[G, T, H, D]`` as ``[Hkv, G, R, D]`` rows (t, head in group)."""
     g_count, t, heads, dim = q.shape
     kv = plan.kv_heads
-    rows = q.reshape([g_count, t, kv, heads // kv, dim]).transpose([2, 0, 1, 3, 4]).reshape([kv, g_count, -1, dim])
-    if rows.shape[2] < plan.rows:
-        rows = paddle.concat([rows, paddle.zeros([kv, g_count, plan.rows - rows.shape[2], dim], rows.dtype)], 2)
-    return rows
+    return q.reshape([g_count, t, kv, heads // kv, dim]).transpose([2, 0, 1, 3, 4]).reshape([kv, g_count, -1, dim])
 
 
 def _from_rows(out: paddle.Tensor, q_shape: list[int]) -> paddle.Tensor:
     """``[Hkv, G, R, D]`` attention rows back to ``[G, T, H, D]``."""
     g_count, t, heads, dim = q_shape
     kv = out.shape[0]
-    out = out[:, :, : t * heads // kv].reshape([kv, g_count, t, heads // kv, dim])
+    out = out.reshape([kv, g_count, t, heads // kv, dim])
     return out.transpose([1, 2, 0, 3, 4]).reshape([g_count, t, heads, dim])
 
 

@@ -77,6 +77,8 @@ class Channel:
         """The next event, or None once the client has gone away (checked every ``DISCONNECT_POLL`` seconds, also
         while events keep coming). Without a ``request`` it never checks: a streamed reply is cancelled by
         Starlette when its client goes away."""
+        if request is None:
+            return await self.queue.get()  # no timeout to arm: wait_for costs a task per token
         while True:
             if request is not None and time.monotonic() >= self._check_at:
                 self._check_at = time.monotonic() + DISCONNECT_POLL
