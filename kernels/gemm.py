@@ -14,9 +14,11 @@ the machine itself, in blocks of at most ``MAX_ROWS``.
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import paddle
+from threadpoolctl import threadpool_limits
 
 # Rows per GEMM call: longer forwards (a trainer's) run in blocks, so a row meets the same kernel however many
 # rows there are.
@@ -24,6 +26,18 @@ MAX_ROWS = 128
 # Columns the threshold is measured on: fewer than a wide LM head has (its measure stays cheap); fewer columns
 # only raise the threshold (OpenBLAS's small-matrix choice grows with M*N*K), so it errs on the safe side.
 PROBE_COLUMNS = 2048
+
+
+def use_every_core() -> None:
+    """Paddle sets ``OMP_NUM_THREADS=1`` when it is imported and the variable is unset, and OpenBLAS takes its
+    thread count from it when numpy loads it: a process that imports Paddle first (``baton serve`` did) got one
+    BLAS thread, and 0.75x the tokens/s. So every core this process may use, unless ``OPENBLAS_NUM_THREADS``
+    says otherwise. A row's bits do not depend on the thread count (checked in ``tests/test_kernels.py``)."""
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        threadpool_limits(len(os.sched_getaffinity(0)), user_api="blas")
+
+
+use_every_core()
 
 
 def _numpy(t: paddle.Tensor) -> np.ndarray:

@@ -2,6 +2,8 @@
 on torch tensors holding the same values) against the references."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere in this process
 
@@ -207,6 +209,39 @@ def test_cpu_matmul_rows_do_not_depend_on_the_batch(n_in, n_out, transpose_y):
     np.testing.assert_allclose(full, x.numpy() @ (w.numpy().T if transpose_y else w.numpy()), rtol=1e-4, atol=1e-4)
     for m in (1, 2, 3, 7, 8, 9, 31, 64, 127, 128, 129, 200):
         np.testing.assert_array_equal(gemm.cpu_matmul(x[:m], w, transpose_y).numpy(), full[:m])
+
+
+def test_cpu_gemm_bits_do_not_depend_on_the_blas_thread_count():
+    """A trainer process may run OpenBLAS on other thread counts than the server: the same bits either way."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(8)
+    x, w = (paddle.to_tensor(rng.standard_normal(s, np.float32)) for s in ((200, 1408), (1408, 512)))
+    q, k = (paddle.to_tensor(rng.standard_normal(s, np.float32)) for s in ((4, 32, 2, 64), (4, 32, 208, 64)))
+    p = paddle.to_tensor(rng.random((4, 32, 2, 208), np.float32))
+
+    def run():
+        return [*(gemm.cpu_matmul(x[:m], w).numpy() for m in (1, 8, 31, 200)), gemm.attention_scores(q, k).numpy(),
+                gemm.attention_values(p, k, 2).numpy()]
+
+    with threadpool_limits(1, user_api="blas"):
+        one = run()
+    with threadpool_limits(2, user_api="blas"):
+        two = run()
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_blas_uses_every_core_even_when_omp_num_threads_is_1():
+    """Paddle sets OMP_NUM_THREADS=1 on import and OpenBLAS reads it when numpy loads: ``baton serve`` ran on one
+    BLAS thread. Here the variable is set before numpy loads, as it was in the server."""
+    code = ("import os, numpy, paddle; from threadpoolctl import threadpool_info; import kernels.gemm; "
+            "print(max(i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'), "
+            "len(os.sched_getaffinity(0)))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"} | {"OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    threads, cores = out.split()[-2:]
+    assert threads == cores
 
 
 def test_cpu_gemm_gradients_match_paddles_matmul():
