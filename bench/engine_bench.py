@@ -9,9 +9,9 @@ Workload: seeded prompts of 16-128 tokens and outputs of 32-128 tokens (greedy, 
 generates exactly its length). At concurrency C, C clients each send their next request when the previous one
 ends (a closed loop); client i starts i/C of a mean single-stream request time late. Time to first token is that
 of the steady state: the first C requests, sent while the clients start (faster than they arrive later, since a
-request takes longer at C than alone), are reported apart as the burst. `transformers` serves the same requests in static
-batches of C: prompts left-padded, every batch generating its longest output; its figure counts the tokens the
-requests asked for (the padding work it does is reported too).
+request takes longer at C than alone), are reported apart as the burst. `transformers` serves the same requests
+in static batches of C: prompts left-padded, every batch generating its longest output; its figure counts the
+tokens the requests asked for (the padding work it does is reported too).
 """
 
 from __future__ import annotations

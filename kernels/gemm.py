@@ -30,9 +30,9 @@ PROBE_COLUMNS = 2048
 
 def use_every_core() -> None:
     """Paddle sets ``OMP_NUM_THREADS=1`` when it is imported and the variable is unset, and OpenBLAS takes its
-    thread count from it when numpy loads it: a process that imports Paddle first (``baton serve`` did) got one
-    BLAS thread, and 0.75x the tokens/s. So every core this process may use, unless ``OPENBLAS_NUM_THREADS``
-    says otherwise. A row's bits do not depend on the thread count (checked in ``tests/test_kernels.py``)."""
+    thread count from it when numpy loads it: ``baton serve`` got one BLAS thread that way, and about 0.85x the
+    tokens/s over HTTP. So every core this process may use, unless ``OPENBLAS_NUM_THREADS`` says otherwise. A
+    row's bits do not depend on the thread count (checked in ``tests/test_kernels.py``)."""
     if "OPENBLAS_NUM_THREADS" not in os.environ:
         threadpool_limits(len(os.sched_getaffinity(0)), user_api="blas")
 
