@@ -153,14 +153,14 @@ class DecoderLayer(paddle.nn.Layer):
 
 class Causal:
     """Attention of a ``[B, T]`` batch over itself: token t of a sequence sees its tokens 0..t (the trainer's
-    full forward). Rows arrive flattened, ``B * T`` of them plus padding."""
+    full forward). Rows arrive flattened, ``B * T`` of them."""
 
     def __init__(self, batch: int, length: int):
         self.batch, self.length = batch, length
 
     def __call__(self, layer: int, q, k, v, scale: float) -> paddle.Tensor:
         b, t = self.batch, self.length
-        out = kernels.causal_attention(*(x[: b * t].reshape([b, t, *x.shape[1:]]) for x in (q, k, v)), scale)
+        out = kernels.causal_attention(*(x.reshape([b, t, *x.shape[1:]]) for x in (q, k, v)), scale)
         return out.reshape([b * t, *q.shape[1:]])
 
 

@@ -44,6 +44,14 @@ def _numpy(t: paddle.Tensor) -> np.ndarray:
     return np.from_dlpack(t.detach()) if t.is_contiguous() else t.numpy()
 
 
+def _on_cpu(*xs: paddle.Tensor) -> bool:
+    return all(x.place.is_cpu_place() and x.dtype == paddle.float32 for x in xs)
+
+
+def _tracked(*xs: paddle.Tensor) -> bool:
+    return paddle.is_grad_enabled() and not all(x.stop_gradient for x in xs)
+
+
 @functools.cache
 def min_rows(n_in: int, n_out: int, transpose_y: bool = False) -> int:
     """The fewest rows from which every row of ``[M, n_in] @ [n_in, n_out]`` equals the same row computed in a
@@ -106,7 +114,7 @@ def cpu_matmul(x: paddle.Tensor, w: paddle.Tensor, transpose_y: bool = False, in
     """``x @ w`` (``x @ w.T`` with ``transpose_y``) for float32 rows ``x`` ``[M, in]`` on CPU. With
     ``invariant`` a row's result does not depend on M; without it (only to measure what that costs) one row
     takes OpenBLAS's faster GEMV."""
-    if paddle.is_grad_enabled() and not (x.stop_gradient and w.stop_gradient):
+    if _tracked(x, w):
         return _Matmul.apply(x, w, transpose_y, invariant)
     return _forward(x, w, transpose_y, invariant)
 
@@ -135,11 +143,19 @@ def _weighted(p: np.ndarray, v: np.ndarray, group: int) -> np.ndarray:
     return out.reshape(kv, count, rows, v.shape[-1])
 
 
+def _host_scores(q: paddle.Tensor, k: paddle.Tensor) -> paddle.Tensor:
+    return paddle.from_dlpack(np.ascontiguousarray(_scores(_numpy(q), _numpy(k))))
+
+
+def _host_weighted(p: paddle.Tensor, v: paddle.Tensor, group: int) -> paddle.Tensor:
+    return paddle.from_dlpack(np.ascontiguousarray(_weighted(_numpy(p), _numpy(v), group)))
+
+
 class _Scores(paddle.autograd.PyLayer):
     @staticmethod
     def forward(ctx, q, k):
         ctx.save_for_backward(q, k)
-        return paddle.from_dlpack(np.ascontiguousarray(_scores(_numpy(q), _numpy(k))))
+        return _host_scores(q, k)
 
     @staticmethod
     def backward(ctx, ds):
@@ -151,20 +167,12 @@ class _Weighted(paddle.autograd.PyLayer):
     @staticmethod
     def forward(ctx, p, v, group):
         ctx.save_for_backward(p, v)
-        return paddle.from_dlpack(np.ascontiguousarray(_weighted(_numpy(p), _numpy(v), group)))
+        return _host_weighted(p, v, group)
 
     @staticmethod
     def backward(ctx, d_out):
         p, v = ctx.saved_tensor()
         return paddle.matmul(d_out, v, transpose_y=True), paddle.matmul(p, d_out, transpose_x=True)
-
-
-def _on_cpu(*xs: paddle.Tensor) -> bool:
-    return all(x.place.is_cpu_place() and x.dtype == paddle.float32 for x in xs)
-
-
-def _tracked(*xs: paddle.Tensor) -> bool:
-    return paddle.is_grad_enabled() and not all(x.stop_gradient for x in xs)
 
 
 def attention_scores(q: paddle.Tensor, k: paddle.Tensor) -> paddle.Tensor:
@@ -173,7 +181,7 @@ def attention_scores(q: paddle.Tensor, k: paddle.Tensor) -> paddle.Tensor:
         return paddle.matmul(q, k, transpose_y=True)
     if _tracked(q, k):
         return _Scores.apply(q, k)
-    return paddle.from_dlpack(np.ascontiguousarray(_scores(_numpy(q), _numpy(k))))
+    return _host_scores(q, k)
 
 
 def attention_values(p: paddle.Tensor, v: paddle.Tensor, group: int) -> paddle.Tensor:
@@ -182,4 +190,4 @@ def attention_values(p: paddle.Tensor, v: paddle.Tensor, group: int) -> paddle.T
         return paddle.matmul(p, v)
     if _tracked(p, v):
         return _Weighted.apply(p, v, group)
-    return paddle.from_dlpack(np.ascontiguousarray(_weighted(_numpy(p), _numpy(v), group)))
+    return _host_weighted(p, v, group)

@@ -166,6 +166,10 @@ class Plan:
     lengths: paddle.Tensor | None = None  # [G] int64: last position + 1 (the decode kernel's view)
     index: paddle.Tensor | None = None  # rows of the pages viewed as [Hkv * N, PAGE * D]
 
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
     @staticmethod
     def build(positions: np.ndarray, heads: int, kv_heads: int, length: int, page_table: np.ndarray | None = None,
               pages: int = 0) -> Plan:
@@ -209,7 +213,7 @@ def causal_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, scale
         pad = paddle.zeros([kv_heads, batch, length - t, dim], "float32")
         keys, values = paddle.concat([keys, pad], 2), paddle.concat([values, pad], 2)
     plan = Plan.build(np.tile(np.arange(t), (batch, 1)), heads, kv_heads, length)
-    out = attend(_query_rows(q, plan), keys, values, plan.bias, plan.keep, scale, heads // kv_heads)
+    out = attend(_query_rows(q, plan), keys, values, plan.bias, plan.keep, scale, plan.group)
     return _from_rows(out, list(q.shape)).astype(q.dtype)
 
 
@@ -228,7 +232,7 @@ def paged_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Te
                     scale: float) -> paddle.Tensor:
     """Attention over a paged KV cache: q ``[G, T, H, D]`` of the plan's G sequences, pages ``[Hkv, N, PAGE, D]``."""
     keys, values = gather_pages(k_pages, plan), gather_pages(v_pages, plan)
-    out = attend(_query_rows(q, plan), keys, values, plan.bias, plan.keep, scale, plan.heads // plan.kv_heads)
+    out = attend(_query_rows(q, plan), keys, values, plan.bias, plan.keep, scale, plan.group)
     return _from_rows(out, list(q.shape)).astype(q.dtype)
 
 

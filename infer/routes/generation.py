@@ -80,7 +80,7 @@ class Channel:
         if request is None:
             return await self.queue.get()  # no timeout to arm: wait_for costs a task per token
         while True:
-            if request is not None and time.monotonic() >= self._check_at:
+            if time.monotonic() >= self._check_at:
                 self._check_at = time.monotonic() + DISCONNECT_POLL
                 if await request.is_disconnected():
                     return None
