@@ -1,7 +1,8 @@
 """The engine's KV cache: a fixed pool of pages that sequences borrow, so memory is bounded up front and a full
 pool makes new requests wait instead of growing.
 
-Each layer keeps keys and values as pages ``[Hkv, N, PAGE, D]`` (``kernels.PAGE`` tokens a page). A sequence
+Each layer keeps keys and values in pages of ``kernels.PAGE`` tokens, laid out for the device's attention kernel
+(``kernels.new_kv_pages``). A sequence
 owns a list of pages; the samples of one prompt share the prompt's full pages (reference counts) and each gets a
 copy of the last, partly filled one. Page 0 is never handed out: it pads page tables.
 """
@@ -25,11 +26,8 @@ class KVPool:
     def __init__(self, config: ModelConfig, pages: int, dtype: str = "float32"):
         if pages < 2:
             raise ValueError(f"a KV cache needs at least 2 pages of {kernels.PAGE} tokens, got {pages}")
-        shape = [config.kv_heads, pages, kernels.PAGE, config.head_dim]
-        self.k = [paddle.zeros(shape, dtype) for _ in range(config.layers)]
-        self.v = [paddle.zeros(shape, dtype) for _ in range(config.layers)]
-        self.k_rows = [p.reshape([-1, config.head_dim]) for p in self.k]  # views: one row per (head, token)
-        self.v_rows = [p.reshape([-1, config.head_dim]) for p in self.v]
+        layers = [kernels.new_kv_pages(config.kv_heads, pages, config.head_dim, dtype) for _ in range(config.layers)]
+        self.k, self.v = [k for k, _ in layers], [v for _, v in layers]
         self.pages = pages
         self._refs = np.zeros(pages, np.int32)
         self._free = list(range(pages - 1, 0, -1))
@@ -80,23 +78,19 @@ class Group:
 
 class PagedStep:
     """The attention context of one engine step: writes every row's key and value into its page slot, then
-    attends each group over its sequences' pages. Everything that is the same in every layer (indices, masks)
-    is computed once, here."""
+    attends each group over its sequences' pages. What is the same in every layer (the plans) is built once,
+    here."""
 
     def __init__(self, pool: KVPool, slots: np.ndarray, groups: list[Group], heads: int):
         self.pool = pool
-        kv_heads = pool.k[0].shape[0]
-        offsets = np.arange(kv_heads, dtype=np.int64) * pool.pages * kernels.PAGE
-        self.rows = len(slots)
-        self.index = paddle.to_tensor((slots.astype(np.int64)[:, None] + offsets[None, :]).reshape(-1))
+        kv_heads = pool.v[0].shape[0]
+        self.slots = slots.astype(np.int64)
         self.groups = [(g.start, g.positions.shape, kernels.Plan.build(g.positions, heads, kv_heads,
                                                                        g.page_table.shape[1] * kernels.PAGE,
                                                                        g.page_table, pool.pages)) for g in groups]
 
     def __call__(self, layer: int, q, k, v, scale: float) -> paddle.Tensor:
-        n = self.rows
-        for flat, new in ((self.pool.k_rows[layer], k), (self.pool.v_rows[layer], v)):
-            paddle.scatter_(flat, self.index, new[:n].astype(flat.dtype).reshape([-1, flat.shape[1]]), overwrite=True)
+        kernels.store_kv(self.pool.k[layer], self.pool.v[layer], k, v, self.slots)
         outs = []
         for start, (count, t), plan in self.groups:
             rows = q[start : start + count * t].reshape([count, t, *q.shape[1:]])

@@ -6,7 +6,7 @@ Each op has a Paddle reference (``reference.py``, CPU and the test oracle) and a
 """
 
 __all__ = ["MAX_ROWS", "PAGE", "Plan", "backend", "cast_copy_", "causal_attention", "decode_attention",
-           "paged_attention", "rms_norm", "rotary", "rotary_", "swiglu"]
+           "new_kv_pages", "paged_attention", "rms_norm", "rotary", "rotary_", "store_kv", "swiglu"]
 
 
 def __getattr__(name: str):

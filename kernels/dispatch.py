@@ -1,5 +1,6 @@
-"""The ops the model and the loader call: the Triton kernel for tensors on a CUDA place, the Paddle
-reference everywhere else. Callers never pick a backend themselves.
+"""The ops the model and the loader call: the Triton kernel for tensors on a CUDA place, the compiled CPU kernel
+(``kernels.cpu_attention``) for float32 attention on CPU, the Paddle reference everywhere else. Callers never
+pick a backend themselves.
 
 Triton reaches Paddle GPU tensors through Paddle's torch proxy (``paddle.compat.enable_torch_proxy``),
 enabled for the ``triton`` module only so a real PyTorch in the same process is left alone.
@@ -12,9 +13,10 @@ import functools
 import os
 from types import ModuleType
 
+import numpy as np
 import paddle
 
-from kernels import reference
+from kernels import cpu_attention, reference
 from kernels.reference import MAX_ROWS, PAGE, Plan  # noqa: F401  (re-exported for callers)
 
 
@@ -92,10 +94,32 @@ def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:
     return out
 
 
+def new_kv_pages(kv_heads: int, pages: int, dim: int, dtype: str = "float32") -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Zeroed key and value pages of a KV cache on the current device, laid out for its attention kernel: keys
+    ``[Hkv, N, D, PAGE]`` (transposed within a page) for the CPU kernel, ``[Hkv, N, PAGE, D]`` elsewhere; values
+    ``[Hkv, N, PAGE, D]``. Either way axis 1 is the page."""
+    if dtype == "float32" and paddle.get_device() == "cpu":
+        return cpu_attention.new_pages(kv_heads, pages, dim)
+    return tuple(paddle.zeros([kv_heads, pages, PAGE, dim], dtype) for _ in range(2))
+
+
+def store_kv(k_pages: paddle.Tensor, v_pages: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor,
+             slots: np.ndarray) -> None:
+    """Writes rows k/v ``[M, Hkv, D]`` into pages from ``new_kv_pages`` at token slots ``slots`` ``[M]``
+    (page * PAGE + offset)."""
+    if cpu_attention.supports(k_pages, v_pages):
+        cpu_attention.store(k_pages, v_pages, k.astype("float32"), v.astype("float32"), slots)
+    else:
+        reference.store_kv(k_pages, v_pages, k, v, slots)
+
+
 def decode_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Tensor, page_table: paddle.Tensor,
                      lengths: paddle.Tensor, scale: float) -> paddle.Tensor:
-    """One new token per sequence, q ``[B, H, D]``, against the first ``lengths[b]`` keys of its pages
-    ``[Hkv, N, PAGE, D]`` (table ``[B, nb]``): the batched decode step, every sequence at its own length."""
+    """One new token per sequence, q ``[B, H, D]``, against the first ``lengths[b]`` keys of its pages (from
+    ``new_kv_pages``; table ``[B, nb]``): the batched decode step, every sequence at its own length."""
+    if cpu_attention.supports(q, k_pages, v_pages):
+        return cpu_attention.paged(q, k_pages, v_pages, np.ascontiguousarray(page_table.numpy(), np.int64), np.arange(q.shape[0], dtype=np.int64),
+                                   lengths.numpy().astype(np.int64) - 1, scale)
     ops = _gpu(q)
     if ops is None:
         return reference.decode_attention(q, k_pages, v_pages, page_table, lengths, scale)
@@ -106,8 +130,12 @@ def decode_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.T
 
 def paged_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Tensor, plan: Plan,
                     scale: float) -> paddle.Tensor:
-    """q ``[G, T, H, D]`` of the plan's sequences over their pages: the decode kernel when T is 1 on a GPU,
-    Paddle ops otherwise (prefill chunks, and everything on CPU)."""
+    """q ``[G, T, H, D]`` of the plan's sequences over their pages (from ``new_kv_pages``): the compiled kernel on
+    CPU, the decode kernel when T is 1 on a GPU, Paddle ops otherwise (prefill chunks on a GPU)."""
+    if cpu_attention.supports(q, k_pages, v_pages):
+        count, t, heads, dim = q.shape
+        out = cpu_attention.paged(q.reshape([count * t, heads, dim]), k_pages, v_pages, plan.table, *plan.rows, scale)
+        return out.reshape(q.shape)
     ops = _gpu(q)
     if ops is None or q.shape[1] != 1:
         return reference.paged_attention(q, k_pages, v_pages, plan, scale)
@@ -117,5 +145,8 @@ def paged_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Te
 
 
 def causal_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, scale: float) -> paddle.Tensor:
-    """Full-sequence causal attention (the trainer's forward); differentiable, Paddle ops on every place."""
+    """Full-sequence causal attention (the trainer's forward); differentiable. On CPU the same compiled kernel as
+    the server's paged attention, so a trainer's logits are the server's bit for bit."""
+    if cpu_attention.supports(q, k, v):
+        return cpu_attention.causal(q, k, v, scale)
     return reference.causal_attention(q, k, v, scale)

@@ -44,10 +44,6 @@ def _numpy(t: paddle.Tensor) -> np.ndarray:
     return np.from_dlpack(t.detach()) if t.is_contiguous() else t.numpy()
 
 
-def _on_cpu(*xs: paddle.Tensor) -> bool:
-    return all(x.place.is_cpu_place() and x.dtype == paddle.float32 for x in xs)
-
-
 def _tracked(*xs: paddle.Tensor) -> bool:
     return paddle.is_grad_enabled() and not all(x.stop_gradient for x in xs)
 
@@ -117,77 +113,3 @@ def cpu_matmul(x: paddle.Tensor, w: paddle.Tensor, transpose_y: bool = False, in
     if _tracked(x, w):
         return _Matmul.apply(x, w, transpose_y, invariant)
     return _forward(x, w, transpose_y, invariant)
-
-
-# ---- attention's two GEMMs ----------------------------------------------------------------------------------
-# Same reason, other shapes: per query row, ``L`` keys of ``D`` dims. A query row must get the same scores and
-# output whatever the other rows, the key count L (padded, trailing keys weighted 0) and the batch. Measured on
-# OpenBLAS: a GEMV (one query row against its keys) gives a score that depends on nothing else; for the weighted
-# values, a GEMM of the ``group`` rows of one position (2 or more; one row is padded to two) is the same for any
-# L. So scores run as a GEMV per query row and values as a GEMM per position, stacked by numpy's matmul: no row
-# is padded to 8 (a grouped-query decode has 2 rows per kv head), which made these GEMMs 4x the work.
-
-
-def _scores(q: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """q ``[Hkv, G, R, D]``, k ``[Hkv, G, L, D]`` -> ``[Hkv, G, R, L]``: one GEMV (keys @ query) per row."""
-    return np.matmul(k[:, :, None], q[..., None])[..., 0]
-
-
-def _weighted(p: np.ndarray, v: np.ndarray, group: int) -> np.ndarray:
-    """p ``[Hkv, G, T * group, L]``, v ``[Hkv, G, L, D]`` -> ``[Hkv, G, T * group, D]``: one GEMM per position."""
-    kv, count, rows, length = p.shape
-    p = p.reshape(kv, count, rows // group, group, length)
-    if group == 1:
-        p = np.concatenate([p, np.zeros_like(p)], axis=3)
-    out = np.matmul(p, v[:, :, None])[:, :, :, :group]
-    return out.reshape(kv, count, rows, v.shape[-1])
-
-
-def _host_scores(q: paddle.Tensor, k: paddle.Tensor) -> paddle.Tensor:
-    return paddle.from_dlpack(np.ascontiguousarray(_scores(_numpy(q), _numpy(k))))
-
-
-def _host_weighted(p: paddle.Tensor, v: paddle.Tensor, group: int) -> paddle.Tensor:
-    return paddle.from_dlpack(np.ascontiguousarray(_weighted(_numpy(p), _numpy(v), group)))
-
-
-class _Scores(paddle.autograd.PyLayer):
-    @staticmethod
-    def forward(ctx, q, k):
-        ctx.save_for_backward(q, k)
-        return _host_scores(q, k)
-
-    @staticmethod
-    def backward(ctx, ds):
-        q, k = ctx.saved_tensor()
-        return paddle.matmul(ds, k), paddle.matmul(ds, q, transpose_x=True)
-
-
-class _Weighted(paddle.autograd.PyLayer):
-    @staticmethod
-    def forward(ctx, p, v, group):
-        ctx.save_for_backward(p, v)
-        return _host_weighted(p, v, group)
-
-    @staticmethod
-    def backward(ctx, d_out):
-        p, v = ctx.saved_tensor()
-        return paddle.matmul(d_out, v, transpose_y=True), paddle.matmul(p, d_out, transpose_x=True)
-
-
-def attention_scores(q: paddle.Tensor, k: paddle.Tensor) -> paddle.Tensor:
-    """``q @ k^T`` per (kv head, sequence): q ``[Hkv, G, R, D]``, k ``[Hkv, G, L, D]``."""
-    if not _on_cpu(q, k):
-        return paddle.matmul(q, k, transpose_y=True)
-    if _tracked(q, k):
-        return _Scores.apply(q, k)
-    return _host_scores(q, k)
-
-
-def attention_values(p: paddle.Tensor, v: paddle.Tensor, group: int) -> paddle.Tensor:
-    """``p @ v`` per (kv head, sequence): p ``[Hkv, G, T * group, L]`` (rows: position, then head in group)."""
-    if not _on_cpu(p, v):
-        return paddle.matmul(p, v)
-    if _tracked(p, v):
-        return _Weighted.apply(p, v, group)
-    return _host_weighted(p, v, group)

@@ -1,4 +1,6 @@
-"""Paddle implementations of every kernel: what runs on CPU, and the oracle the Triton kernels are tested against.
+"""Paddle implementations of every kernel: the oracle the Triton and CPU kernels are tested against, and what runs
+where neither applies (on CPU: everything but attention, which ``kernels.cpu_attention`` computes; on a GPU:
+prefill attention).
 
 Each op computes in float32 and rounds once into the output dtype, which is what the Triton kernels do too,
 so the two agree to within one rounding of the output dtype.
@@ -6,18 +8,16 @@ so the two agree to within one rounding of the output dtype.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import paddle
 
-from kernels.gemm import MAX_ROWS, attention_scores, attention_values  # noqa: F401  (MAX_ROWS re-exported)
+from kernels.gemm import MAX_ROWS  # noqa: F401  (re-exported)
 
 # Elements converted per step by cast_copy_: bounds its temporary to 16 MiB of float32 whatever the tensor size.
 CAST_CHUNK = 1 << 22
-# Batch invariance: every GEMM goes through kernels.gemm (rows independent of the row count, measured per shape);
-# elementwise kernels round their last few elements (a scalar tail shorter than a 16-float vector) differently
-# from the rest, so shapes are kept multiples of 16 (key lengths: PAGE).
 # KV-cache page size in tokens; attention pads key lengths to a multiple of it.
 PAGE = 16
 # Softmax weights below exp(EXP_FLOOR) of the largest are raised to it (masked keys stay exactly 0): 4e-18 is far
@@ -129,62 +129,72 @@ def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:
 
 
 def attend(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, bias: paddle.Tensor, keep: paddle.Tensor,
-           scale: float, group: int) -> paddle.Tensor:
-    """The attention every path shares: q ``[Hkv, G, R, D]`` (R query rows per group g), k/v ``[Hkv, G, L, D]``,
-    the mask as ``bias`` ``[Hkv, G, R, L]`` (0 where a row may see a key, -inf where not) and ``keep`` (1 and 0)
-    -> float32 ``[Hkv, G, R, D]``.
-
-    Written so that a query row's result depends only on its own query and its allowed keys, not on R, L or G:
-    both GEMMs give a row bits that depend on nothing else (``kernels.gemm``), keys past a row's position weigh
-    exactly 0 (trailing zeros change no sum here), and ``L`` is a multiple of ``PAGE`` (no scalar tail in ``exp``).
-    That is what makes a served token's logprob bit-identical to the trainer's full forward and to the same
-    request run alone (see ``infer.model``). The mask is added and multiplied, not selected with ``where``: every
-    op here is a pass over the ``[Hkv, G, R, L]`` scores, and a broadcasting ``where`` costs several same-shape
-    ops. Masked weights are made 0 by ``keep``, not by ``exp(-inf)``: this build's ``exp`` returns a denormal
-    for it, which makes the GEMM after it ~30x slower. (Paddle's fused ``softmax`` is not used: its sums depend
-    on L.)
-    """
-    s = attention_scores(_f32(q) * scale, _f32(k)) + bias  # [Hkv, G, R, L]
+           scale: float) -> paddle.Tensor:
+    """Attention in Paddle ops: q ``[Hkv, G, R, D]`` (R query rows per group g), k/v ``[Hkv, G, L, D]``, the mask
+    as ``bias`` ``[Hkv, G, R, L]`` (0 where a row may see a key, -inf where not) and ``keep`` (1 and 0) -> float32
+    ``[Hkv, G, R, D]``. Masked weights are made 0 by ``keep``, not by ``exp(-inf)``, which this build's CPU ``exp``
+    returns as a denormal."""
+    s = paddle.matmul(_f32(q) * scale, _f32(k), transpose_y=True) + bias
     p = paddle.exp(paddle.clip(s - s.max(axis=-1, keepdim=True), min=EXP_FLOOR)) * keep
-    return attention_values(p, _f32(v), group) / p.sum(axis=-1, keepdim=True)
+    return paddle.matmul(p, _f32(v)) / p.sum(axis=-1, keepdim=True)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What attention needs that is the same in every layer of a forward, built once (with numpy) per step:
-    G sequences with T queries each; query (g, t) sits at ``positions[g, t]`` and sees that sequence's keys
-    0..position. For a paged cache also the sequences' pages (``page_table`` ``[G, nb]``) and the gather index."""
+    """What attention needs that is the same in every layer of a forward, built once per step: G sequences with
+    T queries each; query (g, t) sits at ``positions[g, t]`` and sees that sequence's keys 0..position, listed
+    for a paged cache by ``table`` ``[G, nb]``. The masks and indices of the Paddle path are made on first use
+    (the CPU kernel needs none of them)."""
 
-    positions: np.ndarray  # [G, T]
+    positions: np.ndarray  # [G, T] int64
     heads: int
     kv_heads: int
     length: int  # keys per sequence, a multiple of PAGE
-    bias: paddle.Tensor  # [Hkv, G, R, L] float32: 0 where a row sees the key, -inf where not. Full-size, not
-    # broadcast: a broadcasting add is ~40x slower here
-    keep: paddle.Tensor  # the same mask as 1 and 0
-    page_table: paddle.Tensor | None = None  # [G, nb] int64
-    lengths: paddle.Tensor | None = None  # [G] int64: last position + 1 (the decode kernel's view)
-    index: paddle.Tensor | None = None  # rows of the pages viewed as [Hkv * N, PAGE * D]
+    table: np.ndarray | None = None  # [G, nb] int64
+    pages: int = 0  # pages in the pool
+
+    @staticmethod
+    def build(positions: np.ndarray, heads: int, kv_heads: int, length: int, page_table: np.ndarray | None = None,
+              pages: int = 0) -> Plan:
+        table = None if page_table is None else np.ascontiguousarray(page_table, np.int64)
+        return Plan(np.ascontiguousarray(positions, np.int64), heads, kv_heads, length, table, pages)
 
     @property
     def group(self) -> int:
         return self.heads // self.kv_heads
 
-    @staticmethod
-    def build(positions: np.ndarray, heads: int, kv_heads: int, length: int, page_table: np.ndarray | None = None,
-              pages: int = 0) -> Plan:
-        group = heads // kv_heads
-        pos = np.repeat(positions.astype(np.int64), group, axis=1)  # row (t, j): the position of query t
-        seen = np.arange(length)[None, None, :] <= pos[:, :, None]
-        seen = np.ascontiguousarray(np.broadcast_to(seen, (kv_heads, *seen.shape)))
-        bias = paddle.to_tensor(np.where(seen, np.float32(0), np.float32(-np.inf)))
-        keep = paddle.to_tensor(seen.astype(np.float32))
-        if page_table is None:
-            return Plan(positions, heads, kv_heads, length, bias, keep)
-        table = page_table.astype(np.int64)
-        index = (np.arange(kv_heads, dtype=np.int64)[:, None, None] * pages + table[None]).reshape(-1)
-        return Plan(positions, heads, kv_heads, length, bias, keep, paddle.to_tensor(table),
-                    paddle.to_tensor(positions[:, -1].astype(np.int64) + 1), paddle.to_tensor(index))
+    @functools.cached_property
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per query row (g, t) in order: its sequence g and its position."""
+        count, t = self.positions.shape
+        return np.repeat(np.arange(count, dtype=np.int64), t), self.positions.reshape(-1)
+
+    @functools.cached_property
+    def _seen(self) -> np.ndarray:  # [Hkv, G, R, L]: row (t, head in group) may see the key
+        pos = np.repeat(self.positions, self.group, axis=1)
+        seen = np.arange(self.length)[None, None, :] <= pos[:, :, None]
+        return np.ascontiguousarray(np.broadcast_to(seen, (self.kv_heads, *seen.shape)))
+
+    @functools.cached_property
+    def bias(self) -> paddle.Tensor:  # full-size, not broadcast: a broadcasting add is ~40x slower here
+        return paddle.to_tensor(np.where(self._seen, np.float32(0), np.float32(-np.inf)))
+
+    @functools.cached_property
+    def keep(self) -> paddle.Tensor:
+        return paddle.to_tensor(self._seen.astype(np.float32))
+
+    @functools.cached_property
+    def page_table(self) -> paddle.Tensor:
+        return paddle.to_tensor(self.table)
+
+    @functools.cached_property
+    def lengths(self) -> paddle.Tensor:  # last position + 1: the decode kernel's view
+        return paddle.to_tensor(self.positions[:, -1] + 1)
+
+    @functools.cached_property
+    def index(self) -> paddle.Tensor:  # rows of the pages viewed as [Hkv * N, PAGE * D]
+        heads = np.arange(self.kv_heads, dtype=np.int64)[:, None, None]
+        return paddle.to_tensor((heads * self.pages + self.table[None]).reshape(-1))
 
 
 def _query_rows(q: paddle.Tensor, plan: Plan) -> paddle.Tensor:
@@ -204,7 +214,7 @@ def _from_rows(out: paddle.Tensor, q_shape: list[int]) -> paddle.Tensor:
 
 def causal_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, scale: float) -> paddle.Tensor:
     """Training/full-sequence attention: q ``[B, T, H, D]``, k/v ``[B, T, Hkv, D]``; token t sees tokens 0..t.
-    Differentiable. Bit-identical per row to ``paged_attention`` over the same keys."""
+    Differentiable."""
     batch, t, heads, dim = q.shape
     kv_heads = k.shape[2]
     length = -(-t // PAGE) * PAGE
@@ -213,8 +223,20 @@ def causal_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, scale
         pad = paddle.zeros([kv_heads, batch, length - t, dim], "float32")
         keys, values = paddle.concat([keys, pad], 2), paddle.concat([values, pad], 2)
     plan = Plan.build(np.tile(np.arange(t), (batch, 1)), heads, kv_heads, length)
-    out = attend(_query_rows(q, plan), keys, values, plan.bias, plan.keep, scale, plan.group)
+    out = attend(_query_rows(q, plan), keys, values, plan.bias, plan.keep, scale)
     return _from_rows(out, list(q.shape)).astype(q.dtype)
+
+
+def store_kv(k_pages: paddle.Tensor, v_pages: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor,
+             slots: np.ndarray) -> None:
+    """Writes rows k/v ``[M, Hkv, D]`` into pages ``[Hkv, N, PAGE, D]`` at token slots ``slots`` ``[M]``
+    (page * PAGE + offset)."""
+    kv_heads, count, page, dim = k_pages.shape
+    offsets = np.arange(kv_heads, dtype=np.int64) * count * page
+    index = paddle.to_tensor((slots.astype(np.int64)[:, None] + offsets[None, :]).reshape(-1), place=k_pages.place)
+    for pages, new in ((k_pages, k), (v_pages, v)):
+        flat = pages.reshape([-1, dim])
+        paddle.scatter_(flat, index, new.astype(flat.dtype).reshape([-1, dim]), overwrite=True)
 
 
 def gather_pages(pages: paddle.Tensor, plan: Plan) -> paddle.Tensor:
@@ -232,7 +254,7 @@ def paged_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Te
                     scale: float) -> paddle.Tensor:
     """Attention over a paged KV cache: q ``[G, T, H, D]`` of the plan's G sequences, pages ``[Hkv, N, PAGE, D]``."""
     keys, values = gather_pages(k_pages, plan), gather_pages(v_pages, plan)
-    out = attend(_query_rows(q, plan), keys, values, plan.bias, plan.keep, scale, plan.group)
+    out = attend(_query_rows(q, plan), keys, values, plan.bias, plan.keep, scale)
     return _from_rows(out, list(q.shape)).astype(q.dtype)
 
 

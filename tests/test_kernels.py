@@ -12,7 +12,8 @@ import paddle
 import pytest
 import torch
 
-from kernels import gemm, reference, triton_ops
+import kernels
+from kernels import cpu_attention, gemm, reference, triton_ops
 
 DTYPES = ["float32", "bfloat16", "float16"]
 # One rounding of the output dtype, relative (plus a small absolute floor for values near zero).
@@ -177,27 +178,90 @@ def test_reference_decode_attention_ignores_keys_past_each_length():
     np.testing.assert_array_equal(a.numpy(), run().numpy())
 
 
-@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 2, 16), (4, 4, 16), (14, 2, 64), (8, 2, 64)])
-def test_paged_and_causal_attention_are_bit_identical_per_row(heads, kv_heads, dim):
-    """The trainer's full-sequence attention and the engine's paged attention give the same bits for a query,
-    whatever the batch, chunk or padding around it: the basis of train/infer parity. Groups of 1, 2, 4 and 7
-    query heads per kv head (the values GEMM pads a group of 1)."""
+def cpu_pages(k: np.ndarray, v: np.ndarray, table: np.ndarray, pages: int) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """The CPU kernel's layout: keys transposed within a page (``[Hkv, N, D, PAGE]``), values as ``paged``."""
+    return pd(np.ascontiguousarray(paged(k, table, pages).transpose(0, 1, 3, 2)), "float32"), pd(paged(v, table, pages),
+                                                                                               "float32")
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 2, 16), (4, 4, 16), (14, 2, 64), (8, 2, 64), (2, 1, 24)])
+def test_cpu_paged_and_causal_attention_are_bit_identical_per_row(heads, kv_heads, dim):
+    """The trainer's full-sequence attention and the engine's paged attention (decode and prefill chunks) give the
+    same bits for a query, whatever the batch, chunk, page order or padding around it: the basis of train/infer
+    parity. Also close to float64 attention."""
     q, k, v = (values((3, 37, h, dim), "float32", seed) for h, seed in ((heads, 5), (kv_heads, 6), (kv_heads, 7)))
-    full = reference.causal_attention(pd(q, "float32"), pd(k, "float32"), pd(v, "float32"), 0.25).numpy()
-    alone = reference.causal_attention(pd(q[1:2, :20], "float32"), pd(k[1:2, :20], "float32"),
-                                       pd(v[1:2, :20], "float32"), 0.25).numpy()
+    full = kernels.causal_attention(pd(q, "float32"), pd(k, "float32"), pd(v, "float32"), 0.25).numpy()
+    alone = kernels.causal_attention(pd(q[1:2, :20], "float32"), pd(k[1:2, :20], "float32"),
+                                     pd(v[1:2, :20], "float32"), 0.25).numpy()
     np.testing.assert_array_equal(full[1, :20], alone[0])
+    for b, t in ((0, 0), (1, 19), (2, 36)):
+        want = np_decode_attention(q[b : b + 1, t], k[b : b + 1], v[b : b + 1], t + 1, 0.25)
+        np.testing.assert_allclose(full[b, t], want[0], rtol=1e-5, atol=1e-5)
     table = page_table(3, 37, 16, 8)
-    kp, vp = pd(paged(k, table, 16), "float32"), pd(paged(v, table, 16), "float32")
+    kp, vp = cpu_pages(k, v, table, 16)
     lengths = pd(np.array([37, 9, 21]), "int64")
     rows = [36, 8, 20]
-    decoded = reference.decode_attention(pd(q[np.arange(3), rows], "float32"), kp, vp, pd(table, "int64"), lengths,
-                                         0.25)
+    decoded = kernels.decode_attention(pd(q[np.arange(3), rows], "float32"), kp, vp, pd(table, "int64"), lengths,
+                                       0.25)
     np.testing.assert_array_equal(decoded.numpy(), full[np.arange(3), rows])
     plan = reference.Plan.build(np.arange(10, 21)[None], heads, kv_heads, table.shape[1] * reference.PAGE,
                                 table[2:3], 16)
-    chunk = reference.paged_attention(pd(q[2:3, 10:21], "float32"), kp, vp, plan, 0.25)
+    chunk = kernels.paged_attention(pd(q[2:3, 10:21], "float32"), kp, vp, plan, 0.25)
     np.testing.assert_array_equal(chunk.numpy()[0], full[2, 10:21])
+
+
+def test_cpu_attention_ignores_keys_past_each_length_and_stores_rows_in_its_layout():
+    q, k, v = values((2, 2, 8), "float32", 1), values((2, 40, 1, 8), "float32", 2), values((2, 40, 1, 8), "float32", 3)
+    table, lengths = page_table(2, 40, 12, 4), pd(np.array([5, 33]), "int64")
+    kp, vp = kernels.new_kv_pages(1, 12, 8)
+    slots = (table[:, :, None] * reference.PAGE + np.arange(reference.PAGE)).reshape(2, -1)[:, :40]
+    kernels.store_kv(kp, vp, pd(k.reshape(80, 1, 8), "float32"), pd(v.reshape(80, 1, 8), "float32"),
+                     slots.reshape(-1))
+    want_k, want_v = cpu_pages(k, v, table, 12)
+    np.testing.assert_array_equal(kp.numpy(), want_k.numpy())
+    np.testing.assert_array_equal(vp.numpy(), want_v.numpy())
+
+    def run():
+        return kernels.decode_attention(pd(q, "float32"), kp, vp, pd(table, "int64"), lengths, 0.3).numpy()
+
+    a = run()
+    for b, n in ((0, 5), (1, 33)):
+        np.testing.assert_allclose(a[b : b + 1], np_decode_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], n, 0.3),
+                                   rtol=1e-5, atol=1e-5)
+    k[0, 5:], v[0, 5:], k[1, 33:], v[1, 33:] = 1e4, -1e4, 1e4, -1e4
+    kp, vp = cpu_pages(k, v, table, 12)
+    np.testing.assert_array_equal(a, run())
+
+
+def test_cpu_attention_bits_do_not_depend_on_the_thread_count():
+    """Each (row, head) is computed whole by one thread: the same bits on 1 thread as on every core."""
+    import numba
+
+    q, k, v = (values((2, 50, h, 32), "float32", seed) for h, seed in ((4, 1), (2, 2), (2, 3)))
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = kernels.causal_attention(pd(q, "float32"), pd(k, "float32"), pd(v, "float32"), 0.2).numpy()
+    finally:
+        numba.set_num_threads(threads)
+    np.testing.assert_array_equal(one, kernels.causal_attention(pd(q, "float32"), pd(k, "float32"),
+                                                                pd(v, "float32"), 0.2).numpy())
+
+
+def test_cpu_causal_attention_gradients_match_autograd_of_paddle_attention():
+    """The compiled forward's hand-written backward (the trainer's) against autograd of the Paddle reference."""
+    rng = np.random.default_rng(9)
+    arrays = [rng.standard_normal((2, 21, h, 16), np.float32) for h in (4, 2, 2)]
+    weights = rng.standard_normal((2, 21, 4, 16), np.float32)
+
+    def grads(fn):
+        ts = [paddle.to_tensor(x, stop_gradient=False) for x in arrays]
+        out = fn(*ts, 0.25)
+        (out * paddle.to_tensor(weights)).sum().backward()
+        return [out.numpy()] + [t.grad.numpy() for t in ts]
+
+    for got, want in zip(grads(cpu_attention.causal), grads(reference.causal_attention)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_in, n_out, transpose_y", [(64, 176, False), (512, 256, False), (1408, 512, False),
@@ -218,12 +282,9 @@ def test_cpu_gemm_bits_do_not_depend_on_the_blas_thread_count():
 
     rng = np.random.default_rng(8)
     x, w = (paddle.to_tensor(rng.standard_normal(s, np.float32)) for s in ((200, 1408), (1408, 512)))
-    q, k = (paddle.to_tensor(rng.standard_normal(s, np.float32)) for s in ((4, 32, 2, 64), (4, 32, 208, 64)))
-    p = paddle.to_tensor(rng.random((4, 32, 2, 208), np.float32))
 
     def run():
-        return [*(gemm.cpu_matmul(x[:m], w).numpy() for m in (1, 8, 31, 200)), gemm.attention_scores(q, k).numpy(),
-                gemm.attention_values(p, k, 2).numpy()]
+        return [gemm.cpu_matmul(x[:m], w).numpy() for m in (1, 8, 31, 200)]
 
     with threadpool_limits(1, user_api="blas"):
         one = run()
@@ -248,7 +309,7 @@ def test_blas_uses_every_core_even_when_omp_num_threads_is_1():
 def test_cpu_gemm_gradients_match_paddles_matmul():
     """The numpy GEMMs' hand-written gradients (the trainer's backward) against autograd of ``paddle.matmul``."""
     rng = np.random.default_rng(7)
-    a, b, d = (rng.standard_normal(s, np.float32) for s in ((2, 3, 6, 16), (2, 3, 32, 16), (2, 3, 32, 16)))
+    a, b = (rng.standard_normal(s, np.float32) for s in ((2, 3, 6, 16), (2, 3, 32, 16)))
 
     def grads(fn, *arrays):
         ts = [paddle.to_tensor(x, stop_gradient=False) for x in arrays]
@@ -260,9 +321,6 @@ def test_cpu_gemm_gradients_match_paddles_matmul():
         (lambda x, w: gemm.cpu_matmul(x, w), lambda x, w: paddle.matmul(x, w), (a[0, 0], b[0, 0].T.copy())),
         (lambda x, w: gemm.cpu_matmul(x, w, True), lambda x, w: paddle.matmul(x, w, transpose_y=True),
          (a[0, 0], b[0, 0])),
-        (gemm.attention_scores, lambda q, k: paddle.matmul(q, k, transpose_y=True), (a, b)),
-        (lambda p, v: gemm.attention_values(p, v, 2), paddle.matmul, (rng.random((2, 3, 6, 32), np.float32), d)),
-        (lambda p, v: gemm.attention_values(p, v, 1), paddle.matmul, (rng.random((2, 3, 6, 32), np.float32), d)),
     ]
     for ours, plain, arrays in cases:
         seed = rng.integers(1 << 30)
