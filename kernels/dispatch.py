@@ -72,6 +72,8 @@ def rms_norm(
 
 def rotary_(q: paddle.Tensor, k: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> None:
     """Rotary position embedding applied to q ``[B, T, H, D]`` and k ``[B, T, Hkv, D]`` in place."""
+    if cpu_attention.supports(q, k, cos, sin) and all(x.is_contiguous() for x in (q, k, cos, sin)):
+        return cpu_attention.rotary_(q, k, cos, sin)
     ops = _gpu(q)
     if ops is None:
         reference.rotary_(q, k, cos, sin)

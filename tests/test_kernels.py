@@ -375,6 +375,20 @@ def test_rotary_reference_against_numpy_and_triton_against_reference(dtype, batc
     close(f32(gk), f32(wk), dtype)
 
 
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,dim", [(1, 1, 1, 1, 2), (2, 5, 4, 2, 16), (1, 9, 6, 3, 10)])
+def test_cpu_rotary_in_place_has_the_bits_of_the_trainers_rotary(batch, seq, heads, kv_heads, dim):
+    """The server rotates q and k in place with the compiled loop, the trainer out of place in Paddle ops: the
+    same bits, or a served logprob would differ from the trainer's."""
+    q, k = values((batch, seq, heads, dim), "float32", 19), values((batch, seq, kv_heads, dim), "float32", 20)
+    cos, sin = (paddle.to_tensor(t) for t in rope_tables(seq, dim // 2))
+    want_q, want_k = reference.rotary(pd(q, "float32"), pd(k, "float32"), cos, sin)
+    got_q, got_k = pd(q, "float32"), pd(k, "float32")
+    cpu_attention.rotary_(got_q, got_k, cos, sin)
+    np.testing.assert_array_equal(got_q.numpy(), want_q.numpy())
+    np.testing.assert_array_equal(got_k.numpy(), want_k.numpy())
+    assert not np.array_equal(got_q.numpy(), q) or seq == 1  # it rotated (position 0 alone is the identity)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1,), (3, 7), (2, 3, 1001)])
 def test_triton_swiglu(dtype, shape):
