@@ -7,8 +7,14 @@ by DLPack, so no weight is copied.
 Why ``min_rows``: a BLAS computes a row differently when few rows come with it (OpenBLAS: a GEMV for one row, a
 small-matrix kernel while M*N*K is small), and a served token must get the bits the trainer's full forward
 gives it. Above a threshold that depends on the shape and the CPU's kernels, every row comes out the same
-whatever the row count, so each GEMM runs on at least ``min_rows`` rows (padded), measured once per shape on
-the machine itself, in blocks of at most ``MAX_ROWS``.
+whatever the row count, so each GEMM runs on at least ``min_rows`` rows, measured once per shape on the
+machine itself, in blocks of at most ``MAX_ROWS``.
+
+Why ``blas_order``: padding one row to the threshold costs a single stream ~4x the GEMV's time (OpenBLAS's
+GEMM kernel at 2-8 rows, weights packed on every call). OpenBLAS's GEMM kernel sums each output over K in
+order with fused multiply-adds, K cut into blocks whose sums are then added in order. A compiled loop doing the
+same gives those rows' bits at about GEMV speed; it is used only for shapes where it reproduced the BLAS bit for
+bit on probe rows (checked once per shape here), and rows are padded as before elsewhere.
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ from __future__ import annotations
 import functools
 import os
 
+import numba
 import numpy as np
 import paddle
+from llvmlite import ir
+from numba.extending import intrinsic
 from threadpoolctl import threadpool_limits
 
 # Rows per GEMM call: longer forwards (a trainer's) run in blocks, so a row meets the same kernel however many
@@ -64,13 +73,85 @@ def min_rows(n_in: int, n_out: int, transpose_y: bool = False) -> int:
     return 1
 
 
-def _blocks(x: np.ndarray, w: np.ndarray, threshold: int) -> np.ndarray:
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """``a * b + c`` rounded once (LLVM's fma, a vfmadd on x86), as the BLAS kernels compute."""
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        return builder.call(builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32] * 3)),
+                            args)
+    return numba.float32(numba.float32, numba.float32, numba.float32), codegen
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _in_blas_order(x, w, splits, out):  # pragma: no cover - compiled
+    """``out = x @ w`` for a few rows: per output, a chain of fused multiply-adds over each K block in order,
+    the blocks' sums added in order (OpenBLAS's GEMM kernel). Weight rows are read once, in order, and the
+    column loop is the SIMD one; one thread runs it at about the two-thread GEMV's speed (a loop split over
+    column ranges did not vectorize and ran 2-3x slower)."""
+    rows, cols = x.shape[0], w.shape[1]
+    acc = np.empty((rows, cols), np.float32)
+    for b in range(splits.shape[0] - 1):
+        acc[:] = 0
+        for k in range(splits[b], splits[b + 1]):
+            wk = w[k]
+            for r in range(rows):
+                xk, a = x[r, k], acc[r]
+                for j in range(cols):
+                    a[j] = _fma(xk, wk[j], a[j])
+        for r in range(rows):
+            for j in range(cols):
+                out[r, j] = acc[r, j] if b == 0 else out[r, j] + acc[r, j]
+
+
+def k_splits(n_in: int, block: int, unroll: int) -> np.ndarray:
+    """Where OpenBLAS's level-3 driver cuts K: blocks of ``block`` (its GEMM_Q), the last two halved evenly
+    (rounded up to ``unroll``) when less than two blocks are left."""
+    cuts, done = [0], 0
+    while done < n_in:
+        left = n_in - done
+        if left >= 2 * block:
+            left = block
+        elif left > block:
+            left = (left // 2 + unroll - 1) // unroll * unroll
+        done += left
+        cuts.append(done)
+    return np.array(cuts, np.int64)
+
+
+# (GEMM_Q, unroll) of OpenBLAS's x86 targets, the one this machine's numpy ships (SkylakeX: 448) first.
+_BLAS_BLOCKINGS = [(q, u) for q in (448, 384, 256, 320, 512, 640, 768, 192) for u in (16, 8, 4)]
+
+
+@functools.cache
+def blas_order(n_in: int, n_out: int, transpose_y: bool = False) -> np.ndarray | None:
+    """The K cuts with which ``_in_blas_order`` gives every probe row of ``[M, n_in] @ [n_in, n_out]`` the bits
+    of the same row in a block of ``MAX_ROWS``, or None (a transposed weight, or a BLAS that sums otherwise)."""
+    if transpose_y:
+        return None
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((MAX_ROWS, n_in), np.float32)
+    w = rng.standard_normal((n_in, min(n_out, PROBE_COLUMNS)), np.float32)
+    probe = x[[0, 1, MAX_ROWS // 2, MAX_ROWS - 1]]
+    want = (x @ w)[[0, 1, MAX_ROWS // 2, MAX_ROWS - 1]]
+    got = np.empty_like(want)
+    for block, unroll in _BLAS_BLOCKINGS:
+        splits = k_splits(n_in, block, unroll)
+        _in_blas_order(probe, w, splits, got)
+        if np.array_equal(got, want):
+            return splits
+    return None
+
+
+def _blocks(x: np.ndarray, w: np.ndarray, threshold: int, splits: np.ndarray | None) -> np.ndarray:
     rows = x.shape[0]
     out = np.empty((rows, w.shape[1]), np.float32)
     for start in range(0, rows, MAX_ROWS):
         block = x[start : start + MAX_ROWS]
         if block.shape[0] >= threshold:
             np.matmul(block, w, out=out[start : start + MAX_ROWS])
+        elif splits is not None:  # few rows: the GEMM kernel's sums, at GEMV speed
+            _in_blas_order(np.ascontiguousarray(block), np.ascontiguousarray(w), splits, out[start:])
         else:  # too few rows for the shared path: pad, then keep the real ones
             padded = np.zeros((threshold, x.shape[1]), np.float32)
             padded[: block.shape[0]] = block
@@ -82,7 +163,8 @@ def _forward(x: paddle.Tensor, w: paddle.Tensor, transpose_y: bool, invariant: b
     xn, wn = _numpy(x), _numpy(w)
     wn = wn.T if transpose_y else wn
     if invariant:
-        y = _blocks(xn, wn, min_rows(wn.shape[0], wn.shape[1], transpose_y))
+        y = _blocks(xn, wn, min_rows(wn.shape[0], wn.shape[1], transpose_y),
+                    blas_order(wn.shape[0], wn.shape[1], transpose_y))
     else:
         y = xn @ wn
     return paddle.from_dlpack(y)

@@ -276,6 +276,27 @@ def test_cpu_matmul_rows_do_not_depend_on_the_batch(n_in, n_out, transpose_y):
         np.testing.assert_array_equal(gemm.cpu_matmul(x[:m], w, transpose_y).numpy(), full[:m])
 
 
+def test_k_splits_cut_k_as_openblas_level3_driver_does():
+    assert gemm.k_splits(1408, 448, 16).tolist() == [0, 448, 896, 1152, 1408]  # last 512: two halves of 256
+    assert gemm.k_splits(512, 448, 16).tolist() == [0, 256, 512]
+    assert gemm.k_splits(448, 448, 16).tolist() == [0, 448]
+    assert gemm.k_splits(900, 448, 16).tolist() == [0, 448, 688, 900]  # 452 left: halved, rounded up to 16
+    assert gemm.k_splits(40, 448, 16).tolist() == [0, 40]
+
+
+def test_few_row_gemm_rows_are_the_blas_rows_on_this_machine():
+    """The few-row loop is only used where it reproduced OpenBLAS: here it must, on rows it was not probed on."""
+    rng = np.random.default_rng(9)
+    for n_in, n_out in ((512, 1408), (1408, 512), (896, 4864)):
+        splits = gemm.blas_order(n_in, n_out)
+        if splits is None:
+            pytest.skip(f"this machine's BLAS sums {n_in}x{n_out} in another order (rows are padded instead)")
+        x, w = rng.standard_normal((64, n_in), np.float32), rng.standard_normal((n_in, n_out), np.float32)
+        got = np.empty((3, n_out), np.float32)
+        gemm._in_blas_order(x[5:8].copy(), w, splits, got)
+        np.testing.assert_array_equal(got, (x @ w)[5:8])
+
+
 def test_cpu_gemm_bits_do_not_depend_on_the_blas_thread_count():
     """A trainer process may run OpenBLAS on other thread counts than the server: the same bits either way."""
     from threadpoolctl import threadpool_limits
