@@ -287,14 +287,17 @@ def test_k_splits_cut_k_as_openblas_level3_driver_does():
 def test_few_row_gemm_rows_are_the_blas_rows_on_this_machine():
     """The few-row loop is only used where it reproduced OpenBLAS: here it must, on rows it was not probed on."""
     rng = np.random.default_rng(9)
-    for n_in, n_out in ((512, 1408), (1408, 512), (896, 4864)):
-        splits = gemm.blas_order(n_in, n_out)
+    for n_in, n_out, transpose_y in ((512, 1408, False), (1408, 512, False), (896, 4864, False), (896, 3000, True)):
+        splits = gemm.blas_order(n_in, n_out, transpose_y)
         if splits is None:
             pytest.skip(f"this machine's BLAS sums {n_in}x{n_out} in another order (rows are padded instead)")
-        x, w = rng.standard_normal((64, n_in), np.float32), rng.standard_normal((n_in, n_out), np.float32)
-        got = np.empty((3, n_out), np.float32)
-        gemm._in_blas_order(x[5:8].copy(), w, splits, got)
-        np.testing.assert_array_equal(got, (x @ w)[5:8])
+        x = rng.standard_normal((64, n_in), np.float32)
+        w = rng.standard_normal((n_out, n_in) if transpose_y else (n_in, n_out), np.float32)
+        w = w.T if transpose_y else w  # a tied head: the [n_out, n_in] weight, transposed by the GEMM
+        for rows in (x[5:6], x[5:8]):
+            got = np.empty((rows.shape[0], n_out), np.float32)
+            gemm._few_rows(rows, w, splits, got)
+            np.testing.assert_array_equal(got, (x @ w)[5 : 5 + rows.shape[0]])
 
 
 def test_cpu_gemm_bits_do_not_depend_on_the_blas_thread_count():
