@@ -87,8 +87,8 @@ def _fma(typingctx, a, b, c):
 def _in_blas_order(x, w, splits, out):  # pragma: no cover - compiled
     """``out = x @ w`` for a few rows: per output, a chain of fused multiply-adds over each K block in order,
     the blocks' sums added in order (OpenBLAS's GEMM kernel). Weight rows are read once, in order, and the
-    column loop is the SIMD one; one thread runs it at about the two-thread GEMV's speed (a loop split over
-    column ranges did not vectorize and ran 2-3x slower)."""
+    column loop is the SIMD one; one thread runs it at about the two-thread GEMV's speed (split over column
+    ranges as sliced views, the loop did not vectorize and ran 2-3x slower)."""
     rows, cols = x.shape[0], w.shape[1]
     acc = np.empty((rows, cols), np.float32)
     for b in range(splits.shape[0] - 1):
