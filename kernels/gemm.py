@@ -187,17 +187,18 @@ def blas_order(n_in: int, n_out: int, transpose_y: bool = False) -> np.ndarray |
     return None
 
 
-def _blocks(x: np.ndarray, w: np.ndarray, threshold: int, splits: np.ndarray | None) -> np.ndarray:
-    rows = x.shape[0]
-    out = np.empty((rows, w.shape[1]), np.float32)
+def _blocks(x: np.ndarray, w: np.ndarray, transpose_y: bool) -> np.ndarray:
+    rows, (n_in, n_out) = x.shape[0], w.shape
+    threshold = min_rows(n_in, n_out, transpose_y)
+    out = np.empty((rows, n_out), np.float32)
     for start in range(0, rows, MAX_ROWS):
         block = x[start : start + MAX_ROWS]
         if block.shape[0] >= threshold:
             np.matmul(block, w, out=out[start : start + MAX_ROWS])
-        elif splits is not None:  # few rows: the GEMM kernel's sums, at GEMV speed
+        elif (splits := blas_order(n_in, n_out, transpose_y)) is not None:  # probed only where rows are few
             _few_rows(block, w, splits, out[start:])
         else:  # too few rows for the shared path: pad, then keep the real ones
-            padded = np.zeros((threshold, x.shape[1]), np.float32)
+            padded = np.zeros((threshold, n_in), np.float32)
             padded[: block.shape[0]] = block
             out[start:] = (padded @ w)[: block.shape[0]]
     return out
@@ -206,11 +207,7 @@ def _blocks(x: np.ndarray, w: np.ndarray, threshold: int, splits: np.ndarray | N
 def _forward(x: paddle.Tensor, w: paddle.Tensor, transpose_y: bool, invariant: bool) -> paddle.Tensor:
     xn, wn = _numpy(x), _numpy(w)
     wn = wn.T if transpose_y else wn
-    if invariant:
-        y = _blocks(xn, wn, min_rows(wn.shape[0], wn.shape[1], transpose_y),
-                    blas_order(wn.shape[0], wn.shape[1], transpose_y))
-    else:
-        y = xn @ wn
+    y = _blocks(xn, wn, transpose_y) if invariant else xn @ wn
     return paddle.from_dlpack(y)
 
 
