@@ -113,7 +113,8 @@ def test_a_full_kv_pool_queues_requests_and_every_one_completes(tiny):
 def test_an_aborted_request_frees_its_pages_at_the_next_step(tiny):
     engine = Engine(Fixed(tiny), tiny.config)
     events = []
-    request = engine.submit([PROMPT], SamplingParams(max_tokens=100, n=3, temperature=1.0), events.append)
+    params = SamplingParams(max_tokens=100, n=3, temperature=1.0, seed=3, ignore_eos=True)  # none may end early
+    request = engine.submit([PROMPT], params, events.append)
     for _ in range(3):
         engine.step()
     assert engine.running == 3 and engine.pool.free < engine.pool.capacity
