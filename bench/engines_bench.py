@@ -1,19 +1,20 @@
 #!/usr/bin/env python
 """Benchmark of putting a version where FastDeploy and SGLang read it, against a plain copy of the same bytes.
 
-1. FastDeploy staging, snapshot and model directory on one filesystem: ``storage.export.stage_fastdeploy``
-   (hard links, each part hashed against its manifest, renames) vs ``shutil.copyfile`` of the same part files
-   (the kernel's copy, what ``cp`` does).
-2. The same across filesystems (snapshot on tmpfs ``/dev/shm``, model directory on disk): Baton copies and
-   hashes, the baseline copies.
+1. FastDeploy staging (``storage.fastdeploy.stage_fastdeploy``: read and check every part against its manifest,
+   fuse q|k|v and gate|up, split for each worker, write FastDeploy's parts, move them in) for one worker and for
+   two, snapshot and model directory on one filesystem, vs ``shutil.copyfile`` of the version's part files (the
+   kernel's copy, what ``cp`` does).
+2. The same from tmpfs (``/dev/shm``) to disk.
 3. SGLang export (``export_hf_dir``: read, check, transpose the Linear weights, write shards, index and config)
-   vs the copy of the same files on one filesystem.
+   vs the same copy.
 
-Every file is read once before timing, so the page cache is equally warm for every method; timings are the best
-of ``--repeats``. Results go to a table and to ``bench/results/engines.json``.
+The model is a Qwen2 of the "medium" sizes (1.06 GiB in float32). Every file is read once before timing, so the
+page cache is equally warm for every method; timings are the best of ``--repeats``. Results go to a table and to
+``bench/results/engines.json``.
 
-    python bench/engines_bench.py            # the 1 GiB "medium" model, float32 (~2 min)
-    python bench/engines_bench.py --quick    # the tiny model, a smoke test
+    python bench/engines_bench.py            # the 1 GiB model (~3 min)
+    python bench/engines_bench.py --quick    # a tiny model, a smoke test
 """
 
 from __future__ import annotations
@@ -49,19 +50,28 @@ def copy_all(files: list[Path], target: Path) -> None:
 
 def main() -> int:
     args = parser(__doc__, "the tiny model, one repeat: a smoke test").parse_args()
+    import numpy as np
+
     import storage
     from infer.config import get_config
+    from infer.hf import config_from_hf
     from infer.model import random_state_dict
-    from storage.export import export_hf_dir, stage_fastdeploy
+    from storage.export import export_hf_dir
+    from storage.fastdeploy import stage_fastdeploy
 
     name, repeats = ("tiny", 1) if args.quick else ("medium", 3)
-    config = get_config(name)
+    c = get_config(name)
     part_bytes = (64 << 10) if args.quick else (256 << 20)
-    hf_config = json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": config.hidden}).encode()
+    qwen2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": c.hidden,
+           "num_hidden_layers": c.layers, "num_attention_heads": c.heads, "num_key_value_heads": c.kv_heads,
+           "intermediate_size": c.intermediate, "vocab_size": c.vocab_size, "max_position_embeddings": c.max_seq_len,
+           "rms_norm_eps": 1e-6, "torch_dtype": "float32", "tie_word_embeddings": False}
+    config = json.dumps(qwen2).encode()
     rows = []
     with tempfile.TemporaryDirectory(dir=".") as disk, tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
-        log(f"publishing {name} on disk and on tmpfs")
-        state = random_state_dict(config, 0)
+        log(f"publishing a Qwen2 of the {name} sizes on disk and on tmpfs")
+        state = random_state_dict(config_from_hf(qwen2), 0)
+        assert all(a.dtype == np.float32 for a in state.values())
         roots = {"disk": Path(disk) / "snap", "tmpfs": Path(shm) / "snap"}
         for root in roots.values():
             storage.publish(state, str(root), "v1", part_bytes=part_bytes)
@@ -69,7 +79,15 @@ def main() -> int:
         counter = iter(range(10_000))
 
         def fresh() -> Path:
-            return Path(disk) / f"out-{next(counter)}"
+            target = Path(disk) / f"out-{next(counter)}"
+            target.mkdir()
+            (target / "config.json").write_bytes(config)
+            return target
+
+        def row(step: str, seconds: float, copy: float, size: int) -> None:
+            rows.append({"step": step, "bytes": size, "baton_s": round(seconds, 3), "copy_s": round(copy, 3),
+                         "ratio": round(seconds / copy, 2)})
+            log(f"{rows[-1]}")
 
         for where, root in roots.items():
             files = sorted(root.glob("*.part*.pdparams"))
@@ -77,18 +95,15 @@ def main() -> int:
             for f in files:
                 f.read_bytes()  # warm the page cache for both methods
             copy = best(lambda t: copy_all(files, t), repeats, fresh)
-            what = "same filesystem (hard links)" if where == "disk" else "tmpfs to disk (copies)"
-            staged = best(lambda t: stage_fastdeploy(str(root), "v1", str(t), [0]), repeats, fresh)
-            rows.append({"step": f"FastDeploy staging, {what}", "bytes": size, "baton_s": round(staged, 3),
-                         "copy_s": round(copy, 3), "ratio": round(staged / copy, 2)})
-            log(f"{rows[-1]}")
+            gpus = ([0], [0, 1]) if where == "disk" else ([0],)
+            for ids in gpus:
+                staged = best(lambda t: stage_fastdeploy(str(root), "v1", str(t), ids), repeats, fresh)
+                row(f"FastDeploy staging, {len(ids)} worker{'s' * (len(ids) > 1)}, {where}", staged, copy, size)
             if where == "disk":
-                exported = best(lambda t: export_hf_dir(str(root), "v1", str(t), hf_config), repeats, fresh)
-                rows.append({"step": "SGLang export (transposed shards)", "bytes": size,
-                             "baton_s": round(exported, 3), "copy_s": round(copy, 3),
-                             "ratio": round(exported / copy, 2)})
-                log(f"{rows[-1]}")
-    doc = {"machine": machine_info(), "model": name, "part_bytes": part_bytes, "repeats": repeats, "rows": rows}
+                exported = best(lambda t: export_hf_dir(str(root), "v1", str(t), config), repeats, fresh)
+                row("SGLang export (transposed shards)", exported, copy, size)
+    doc = {"machine": machine_info(), "model": f"Qwen2 of the {name} sizes", "part_bytes": part_bytes,
+           "repeats": repeats, "rows": rows}
     print(f"\n{'step':<46} {'GiB':>6} {'Baton s':>8} {'copy s':>8} {'ratio':>6}")
     for r in rows:
         print(f"{r['step']:<46} {r['bytes'] / (1 << 30):>6.2f} {r['baton_s']:>8.3f} {r['copy_s']:>8.3f} "

@@ -16,7 +16,7 @@ from typing import Any
 from storage import SnapshotError
 
 from flows import fleet
-from flows.fleet import Refused, Server, Unreachable
+from flows.fleet import Refused, Server, Unreachable, Untouched
 
 
 class Engine:
@@ -45,13 +45,16 @@ class Engine:
 
     def take(self, version: str, snapshot_root: str, verify: str = "stream",
              admin_token_env: str | None = None) -> dict[str, Any]:
-        """Stage, load, confirm. A snapshot that cannot be staged is ``Refused`` (retrying will not fix it); storage
-        that fails while staging is ``Unreachable`` (it may)."""
+        """Stage, load, confirm. A snapshot that cannot be staged, or does not fit the server's model, is
+        ``Untouched`` (retrying will not fix it, and the server was not called); storage that fails while staging
+        is ``Unreachable`` (it may)."""
         start = time.perf_counter()
         try:
             self.stage(version, snapshot_root)
+        except Refused as exc:
+            raise Untouched(str(exc)) from exc
         except SnapshotError as exc:
-            raise Refused(f"{self.server.url}: cannot stage {version}: {exc}") from exc
+            raise Untouched(f"{self.server.url}: cannot stage {version}: {exc}") from exc
         except OSError as exc:
             raise Unreachable(f"{self.server.url}: staging {version} failed: {exc!r}") from exc
         reply = self.load(version, snapshot_root, verify, admin_token_env)

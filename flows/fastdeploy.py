@@ -1,15 +1,25 @@
 """A FastDeploy server (``--dynamic-load-weight``, load strategy ``ipc_snapshot``) as a member of the fleet.
 
-FastDeploy loads whatever ``model_state.tp{rank}.{gpu}.part*.pdparams`` sit in its model directory and keeps no
-version, so a version is staged there first (``storage.export.stage_fastdeploy``: one set, written beside and
-moved in, no stale parts left) and ``baton-staged.gpu{ids}.json`` beside them records what the server holds once it has
-loaded them. Two HTTP generations load them:
+FastDeploy reloads whatever ``model_state.tp{rank}.{gpu}.part*.pdparams`` sit in its model directory, matched by
+name against its own inference model and skipping every other name silently, and keeps no version of its own
+beyond ``version.yaml``. So a version is staged there first in FastDeploy's inference layout, checked against the
+server's ``config.json`` before anything changes (``storage.fastdeploy.stage_fastdeploy``), and
+``baton-staged.gpu{ids}.json`` beside records what the server holds once it has loaded it.
 
-- legacy: ``GET /clear_load_weight`` (free weights and KV cache), then ``GET /update_model_weight``; each answers
-  200 when done, 400 while already updating, 403 while clearing, 404 on timeout or without dynamic loading;
-- newer: ``POST /v1/pause``, ``POST /v1/update_weights`` (only while paused), ``POST /v1/resume``.
+Two HTTP generations reload the model directory (``docs/features/weight_update.md``,
+``fastdeploy/entrypoints/openai/api_server.py``, ``fastdeploy/worker/gpu/model_runner.py``):
 
-``api="auto"`` uses the newer one when ``/v1/pause`` exists. Either way ``GET /health`` confirms.
+- FastDeploy >= 2.6: ``POST /v1/sleep?tags=weight`` (pauses and frees the weights), then ``POST
+  /v1/wakeup?tags=weight`` (``reload_model_weights``, which resumes by itself; it does not check that every
+  parameter was loaded, which the staging's pre-flight makes unnecessary);
+- legacy: ``GET /clear_load_weight``, then ``GET /update_model_weight`` (``finalize_update`` raises if any
+  parameter is left empty); each answers 200 when done, 400 while already updating, 403 while clearing, 404 on
+  timeout or without dynamic loading.
+
+``api="auto"`` takes the first where ``/v1/sleep`` exists. ``POST /v1/update_weights`` is never used: it is
+FastDeploy's rsync/RDMA path (``update_weights_by_rdma``), which does not read the model directory. FastDeploy
+cannot report which weights it holds, so ``GET /health`` (200 once the weights are back) confirms, and Baton's
+record says which version that is.
 """
 
 from __future__ import annotations
@@ -18,7 +28,8 @@ from typing import Any
 
 import httpx
 
-from storage.export import mark_live, read_record, stage_fastdeploy, stage_record
+from storage.export import read_record
+from storage.fastdeploy import mark_live, stage_fastdeploy, stage_record
 
 from flows import fleet
 from flows.engines import Engine
@@ -42,15 +53,13 @@ class FastDeploy(Engine):
         return {"version": record.get("version"), "snapshot_root": record.get("snapshot_root")}
 
     def stage(self, version: str, snapshot_root: str) -> None:
-        self.staged = stage_fastdeploy(snapshot_root, version, self.model_dir, self.server.gpu_ids)
+        self.staged = stage_fastdeploy(snapshot_root, version, self.model_dir, self.server.gpu_ids,
+                                       config=self.server.config)
 
-    def _send(self, method: str, path: str, headers: dict, timeout: float = 1800, **kwargs) -> httpx.Response:
-        return fleet.call(method, f"{self.server.url}{path}", headers=headers, timeout=timeout, **kwargs)
+    def _send(self, method: str, path: str, headers: dict, timeout: float = 1800) -> httpx.Response:
+        return fleet.call(method, f"{self.server.url}{path}", headers=headers, timeout=timeout)
 
-    def _call(self, method: str, path: str, headers: dict, legacy: bool, timeout: float = 1800, **kwargs) -> None:
-        self._check(self._send(method, path, headers, timeout, **kwargs), path, legacy)
-
-    def _check(self, r, what: str, legacy: bool) -> None:
+    def _check(self, r: httpx.Response, what: str, legacy: bool) -> None:
         if r.status_code == 200:
             return
         message = f"{self.server.url}{what} answered {r.status_code}: {fleet.reply_of(r).get('message', r.text[:300])}"
@@ -64,22 +73,21 @@ class FastDeploy(Engine):
         headers = fleet.auth_headers(admin_token_env)
         api = self.server.api
         if api != "legacy":
-            r = self._send("POST", "/v1/pause", headers, timeout=600)
+            r = self._send("POST", "/v1/sleep?tags=weight", headers, timeout=600)
             if r.status_code in (404, 405) and api == "auto":
                 api = "legacy"
             else:
-                self._check(r, "/v1/pause", legacy=False)
+                self._check(r, "/v1/sleep?tags=weight", legacy=False)
                 api = "v1"
         if api == "legacy":
-            self._call("GET", "/clear_load_weight", headers, legacy=True)
-            self._call("GET", "/update_model_weight", headers, legacy=True)
-        else:
-            # a failed update leaves it paused: resuming could serve a half-loaded model; the rollback resumes it
-            self._call("POST", "/v1/update_weights", headers, legacy=False, json={})
-            self._call("POST", "/v1/resume", headers, legacy=False, timeout=600)
+            for path in ("/clear_load_weight", "/update_model_weight"):
+                self._check(self._send("GET", path, headers), path, legacy=True)
+        else:  # a failed wakeup leaves it asleep: the rollback stages the previous version and wakes it
+            self._check(self._send("POST", "/v1/wakeup?tags=weight", headers), "/v1/wakeup?tags=weight", False)
         staged = self.staged or {}
+        calls = "/v1/sleep + /v1/wakeup" if api == "v1" else "/clear_load_weight + /update_model_weight"
         return {"message": f"{self.server.url} loaded {version} from {len(staged.get('files', []))} files staged in "
-                           f"{self.model_dir} ({api} API)", "bytes": staged.get("bytes")}
+                           f"{self.model_dir} ({calls})", "bytes": staged.get("bytes")}
 
     def confirm(self, version: str) -> dict[str, Any]:
         r = fleet.call("GET", f"{self.server.url}/health")

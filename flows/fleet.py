@@ -23,11 +23,12 @@ class Server(BaseModel):
 
     - ``baton``: ``rank``, the snapshot rank it loads.
     - ``fastdeploy``: ``model_dir``, its model path, where versions are staged under its file names; ``gpu_ids``,
-      the GPU number of each of its ranks (rank ``r`` reads ``model_state.tp{r}.{gpu_ids[r]}.part*``); ``api``,
-      which HTTP generation to drive (``auto`` tries ``/v1/pause`` first).
+      the GPU number of each of its workers (worker ``r`` reads ``model_state.tp{r}.{gpu_ids[r]}.part*``);
+      ``api``, which HTTP generation to drive (``auto`` tries ``/v1/sleep`` first); ``config``, the
+      ``config.json`` of the model it runs (a file or a directory holding one), by default ``model_dir``'s.
     - ``sglang``: ``model_dir``, where versions are exported as Hugging Face directories it can read; ``config``,
-      the ``config.json`` (or a directory holding one) they get, by default the one in the directory the server
-      reports it loaded from.
+      the ``config.json`` of the model it runs, which the exports get too, by default the one in the directory
+      the server reports it loaded from.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -68,6 +69,11 @@ class Refused(Exception):
     """The server answered and said no (a 4xx): the same request will not succeed if retried."""
 
 
+class Untouched(Refused):
+    """Refused before anything reached the server (the version could not be staged for it, or does not fit the
+    model it runs): it still serves what it served, so nothing is rolled back on it."""
+
+
 class Unreachable(Exception):
     """No usable answer (connection refused, timeout, 5xx): worth retrying."""
 
@@ -81,6 +87,7 @@ class Outcome:
     message: str
     seconds: float | None = None
     bytes: int | None = None
+    touched: bool = True  # False when it was refused before anything reached the server
 
 
 @functools.cache

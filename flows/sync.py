@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from flows.engines import engine_for
-from flows.fleet import Outcome, Refused, Server, Unreachable
+from flows.fleet import Outcome, Refused, Server, Unreachable, Untouched
 from flows.inprocess import flow
 from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks
 
@@ -52,6 +52,8 @@ def _outcomes(servers: list[Server], futures, version: str) -> list[Outcome]:
             reply = future.result()
             outcomes.append(Outcome(server.url, True, "live", version, reply["message"], reply.get("seconds"),
                                     reply.get("bytes")))
+        except Untouched as exc:
+            outcomes.append(Outcome(server.url, False, "refused", None, str(exc), touched=False))
         except Refused as exc:
             outcomes.append(Outcome(server.url, False, "refused", None, str(exc)))
         except Exception as exc:  # noqa: BLE001 - unreachable after retries, or anything else: reported per server
@@ -61,12 +63,12 @@ def _outcomes(servers: list[Server], futures, version: str) -> list[Outcome]:
 
 def _roll_back(servers: list[Server], outcomes: list[Outcome], before: dict[str, dict], verify: str,
                admin_token_env: str | None, took_it_too: bool) -> None:
-    """Servers that failed half-way and do not restore themselves (FastDeploy, which may have dropped its weights)
-    go back to what they served before; with ``took_it_too``, so do the servers that took the new version, so the
-    fleet agrees again."""
+    """Servers that failed half-way and do not restore themselves (FastDeploy and SGLang, which may hold a partial
+    model) go back to what they served before, unless the failure came before anything reached them; with
+    ``took_it_too``, so do the servers that took the new version, so the fleet agrees again."""
     for server, outcome in zip(servers, outcomes):
         engine = engine_for(server)
-        if (outcome.ok and not took_it_too) or (not outcome.ok and engine.restores_itself):
+        if (outcome.ok and not took_it_too) or (not outcome.ok and (engine.restores_itself or not outcome.touched)):
             continue
         previous = before.get(server.url)
         if not previous:

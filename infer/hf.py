@@ -14,7 +14,6 @@ square, the safetensors ``format`` metadata decides: ``pt`` is ``transformers``)
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,34 +22,11 @@ import paddle
 from infer.config import DTYPES, ModelConfig, RopeScaling
 from infer.model import Decoder, build_model, parameter_shapes
 from storage import join, listing, open_fs
+from storage.families import FAMILIES, Family
 from storage.hfdir import CONFIG_FILE, read_json, read_tensor, scan
 from storage.tensorfile import TensorEntry
 
 FLOAT_CODES = ("F32", "BF16", "F16")
-
-
-@dataclass(frozen=True)
-class Family:
-    """What one ``architectures`` entry means beyond the common fields."""
-
-    model_type: str
-    rope_theta: float  # transformers' default when config.json has none
-    tie_embeddings: bool  # likewise
-    qkv_bias: str | bool  # the field that turns q/k/v biases on, or a constant
-    o_bias: str | bool
-    mlp_bias: str | bool
-    qk_norm: bool = False
-    rope_interleaved: bool = False
-
-
-FAMILIES = {
-    "LlamaForCausalLM": Family("llama", 10000.0, False, "attention_bias", "attention_bias", "mlp_bias"),
-    "MistralForCausalLM": Family("mistral", 10000.0, False, False, False, False),
-    "Qwen2ForCausalLM": Family("qwen2", 10000.0, False, True, False, False),
-    "Qwen3ForCausalLM": Family("qwen3", 10000.0, False, "attention_bias", "attention_bias", False, qk_norm=True),
-    "Ernie4_5ForCausalLM": Family("ernie4_5", 500000.0, True, "use_bias", "use_bias", "use_bias",
-                                  rope_interleaved=True),
-}
 
 
 class _Fields:

@@ -1,7 +1,8 @@
-"""Test doubles of a FastDeploy and an SGLang server: neither engine runs on a CPU-only machine, so these speak
-their documented HTTP APIs and load files by their documented rules (written here from the descriptions in
-``../shared/CONTEXT.md``, not from their code), holding numpy weights. ``GET /debug/weights`` (a double's own
-route) gives the sha256 of every tensor it holds, so tests can check what was loaded byte for byte.
+"""Test doubles of a FastDeploy and an SGLang server. Neither engine runs on a CPU-only machine, so these speak
+their HTTP APIs and load files by the rules of their own code, as read from their sources (cited per class),
+never from Baton's export code: the double's state dict layout is written here from FastDeploy's model files.
+They hold numpy weights; ``GET /debug/weights`` (a double's own route) gives the sha256 of every tensor held, so
+tests check what was loaded byte for byte.
 """
 
 from __future__ import annotations
@@ -9,49 +10,126 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
 from pathlib import Path
 
 import numpy as np
-from fastapi import Body, FastAPI
-from fastapi.responses import JSONResponse
-from safetensors.numpy import load_file
+from fastapi import Body, FastAPI, Query
+from fastapi.responses import JSONResponse, Response
+from safetensors import safe_open
 
+log = logging.getLogger("doubles")
 PART_INDEX = re.compile(r"\.part(\d+)\.")
+NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 held as its bit pattern
 
 
-def digests(state: dict[str, np.ndarray]) -> dict[str, str]:
-    return {n: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for n, a in state.items()}
+def digests(state: dict[str, np.ndarray | None]) -> dict[str, str | None]:
+    return {n: None if a is None else hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+            for n, a in state.items()}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as numpy (bfloat16 as uint16), the way ``paddle.load(path,
+    safetensors=True)`` / SGLang's iterator read them: whatever the file's suffix."""
+    import torch
+
+    out = {}
+    with safe_open(path, framework="pt") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            out[name] = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+    return out
+
+
+def fastdeploy_shapes(config: dict, tp: int) -> dict[str, tuple[int, ...]]:
+    """The ``state_dict()`` of FastDeploy's ``Qwen2ForCausalLMRL`` / ``Qwen3ForCausalLMRL`` on one worker of ``tp``,
+    from FastDeploy's sources: ``model_executor/models/qwen2.py`` (``self.qwen2 = Qwen2Model``, ``qkv_proj`` with
+    bias, ``o_proj`` input ``hidden_size``, ``up_gate_proj`` output ``2 * intermediate_size``, ``lm_head =
+    ParallelLMHead`` always), ``qwen3.py`` (``self.model``, ``qkv_proj`` without bias, ``o_proj`` input
+    ``head_dim * num_attention_heads``, ``q_norm``/``k_norm`` of ``head_dim``), ``layers/linear.py`` (``[in, out]``;
+    ``QKVParallelLinear`` output ``(num_heads + 2 * kv)·head_dim / tp`` with one kv head per rank when
+    ``kv_heads < tp``; ``RowParallelLinear`` divides its input), ``layers/embeddings.py`` + ``layers/utils.py``
+    (vocabulary padded to 64, then divided), ``layers/lm_head.py`` (padded to 64 only when ``tp`` does not divide
+    it; ``ColumnParallelLinear`` ``[hidden, vocab / tp]``)."""
+    arch = config["architectures"][0]
+    prefix = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "model"}[arch]
+    h, nh, inter, v = (config[k] for k in ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"))
+    kvh = config.get("num_key_value_heads", nh)
+    hd = config.get("head_dim") or h // nh
+    kv_rank = 1 if kvh < tp else kvh // tp
+    qkv = (nh // tp + 2 * kv_rank) * hd
+    padded = -(-v // 64) * 64
+    head = v if v % tp == 0 else padded
+    shapes = {f"{prefix}.embed_tokens.embeddings.weight": (padded // tp, h)}
+    for i in range(config["num_hidden_layers"]):
+        layer = f"{prefix}.layers.{i}"
+        shapes[f"{layer}.self_attn.qkv_proj.weight"] = (h, qkv)
+        if arch == "Qwen2ForCausalLM":
+            shapes[f"{layer}.self_attn.qkv_proj.bias"] = (qkv,)
+            shapes[f"{layer}.self_attn.o_proj.weight"] = (h // tp, h)
+        else:
+            shapes[f"{layer}.self_attn.o_proj.weight"] = (hd * nh // tp, h)
+            shapes[f"{layer}.self_attn.q_norm.weight"] = (hd,)
+            shapes[f"{layer}.self_attn.k_norm.weight"] = (hd,)
+        shapes[f"{layer}.mlp.up_gate_proj.weight"] = (h, 2 * inter // tp)
+        shapes[f"{layer}.mlp.down_proj.weight"] = (inter // tp, h)
+        shapes[f"{layer}.input_layernorm.weight"] = (h,)
+        shapes[f"{layer}.post_attention_layernorm.weight"] = (h,)
+    shapes[f"{prefix}.norm.weight"] = (h,)
+    shapes["lm_head.linear.weight"] = (h, head // tp)
+    return shapes
 
 
 class FastDeployDouble:
-    """A FastDeploy server started with ``--dynamic-load-weight`` (load strategy ``ipc_snapshot``), with one
-    worker per entry of ``gpu_ids`` (rank ``r`` on GPU ``gpu_ids[r]``) holding ``shards[r]``.
+    """A FastDeploy server started with ``--dynamic-load-weight --load_strategy ipc_snapshot`` from ``model_dir``
+    (its ``config.json``), one worker per entry of ``gpu_ids`` (global rank ``r`` on GPU ``gpu_ids[r]``).
 
-    Loading, per worker: (1) ``{model_dir}/model_state.tp{rank}.{gpu}.part*.pdparams``, the part number parsed
-    with ``\\.part(\\d+)\\.`` (names that do not parse are skipped), sorted by it; (2) ``{base}.pdparams``;
-    (3) ``model_state.tp0{gpu}.pdparams``; (4) ``{fallback_dir}/{base}.pdparams``. Each file is read as
-    safetensors and applied tensor by tensor: unknown names skipped, a dtype mismatch a TypeError, a shape
-    mismatch a ValueError; an error half-way leaves the worker torn, as FastDeploy's loader does.
+    Each worker's parameters are FastDeploy's inference layout (``fastdeploy_shapes``) in the config's dtype,
+    empty until a snapshot fills them: like ``DynamicWeightManager.__init__``, the double loads the model dir at
+    start and checks every parameter was filled (``finalize_update``), so a server starts only over a snapshot.
 
-    ``generation="legacy"`` serves ``GET /clear_load_weight`` and ``GET /update_model_weight`` (200 done or
-    already in that state, 400 while updating, 403 while clearing, 404 when loading fails: FastDeploy reports a
-    timeout); ``"v1"`` serves ``POST /v1/pause``, ``/v1/update_weights`` (400 unless paused) and ``/v1/resume``.
-    ``GET /health`` is 200 while weights are loaded.
+    Loading a worker (``fastdeploy/rl/dynamic_weight_manager.py`` ``_update_ipc_snapshot``): (1)
+    ``{model_dir}/model_state.tp{rank}.{gpu}.part*.pdparams``, the part number parsed with ``\\.part(\\d+)\\.``
+    (names that do not parse skipped), sorted by it; (2) ``{base}.pdparams``; (3) ``model_state.tp0{gpu}.pdparams``
+    (all three safetensors content); (4) ``{fallback_dir}/{base}.pdparams``. Each file goes through
+    ``_update_model_from_state``: an empty file is a ValueError, **a name the model does not hold is skipped
+    silently**, a dtype mismatch is a TypeError, a shape mismatch a ValueError; an error half-way leaves the
+    worker torn.
+
+    Routes (``fastdeploy/entrypoints/openai/api_server.py``, ``docs/features/weight_update.md``):
+
+    - ``GET /clear_load_weight`` frees the weights; ``GET /update_model_weight`` reloads, then ``finalize_update``
+      raises when a parameter is still empty; 200 when done (also when nothing was to do), 400 while updating,
+      404 when it fails (FastDeploy reports a timeout). With ``fd_enable_v1_update_weights`` (the env var
+      ``FD_ENABLE_V1_UPDATE_WEIGHTS=1``) these two act as sleep and wakeup.
+    - ``generation="v1"`` (FastDeploy >= 2.6) adds ``POST /v1/pause``, ``/v1/resume``, ``GET /v1/is_paused``,
+      ``POST /v1/sleep?tags=weight`` (pauses, frees the weights) and ``POST /v1/wakeup?tags=weight``
+      (``reload_model_weights`` -> ``_update_ipc_snapshot``, **no completeness check**, resumes by itself), each
+      answering ``{"status": "success", ...}``; and ``POST /v1/update_weights``, the rsync/RDMA path
+      (``update_weights_by_rdma``): 400 unless paused, and on an ``ipc_snapshot`` server without ``rsync_config``
+      an error, never a reload of the model dir.
+    - ``GET /health``: 200 while the weights are in place, 304 while they are cleared.
     """
 
-    def __init__(self, model_dir: Path, gpu_ids: list[int], shards: list[dict[str, np.ndarray]],
-                 generation: str = "legacy", fallback_dir: Path | None = None):
+    def __init__(self, model_dir: Path, gpu_ids: list[int], generation: str = "legacy",
+                 fallback_dir: Path | None = None, fd_enable_v1_update_weights: bool = False):
         self.model_dir, self.gpu_ids, self.generation = Path(model_dir), gpu_ids, generation
         self.fallback_dir = fallback_dir or Path("/shared_ipc_meta")
-        self.params = [{n: np.array(a) for n, a in s.items()} for s in shards]
+        self.v1_routes_legacy = fd_enable_v1_update_weights
+        config = json.loads((self.model_dir / "config.json").read_text())
+        self.dtype = NUMPY[config.get("torch_dtype", "bfloat16")]
+        self.shapes = fastdeploy_shapes(config, len(gpu_ids))
+        self.params: list[dict[str, np.ndarray | None]] = [dict.fromkeys(self.shapes) for _ in gpu_ids]
         self.status = "normal"  # "normal", "cleared", "updating"
         self.paused = False
-        self.fail_next = False  # a test sets it: the next load fails after its first tensor (a torn worker)
+        self.fail_loads = 0  # a test sets it: that many next loads fail after their first tensor (a torn worker)
         self.calls: list[str] = []
         self.lock = threading.Lock()
+        self.load_all()
+        self.finalize_update()  # DynamicWeightManager.__init__: a server starts only over a complete snapshot
 
     def files(self, rank: int, gpu: int) -> list[Path]:
         base = f"model_state.tp{rank}.{gpu}"
@@ -70,137 +148,225 @@ class FastDeployDouble:
                                 f"{self.fallback_dir}")
 
     def load_all(self) -> None:
+        """``_update_ipc_snapshot`` on every worker."""
         for rank, gpu in enumerate(self.gpu_ids):
             params = self.params[rank]
             for path in self.files(rank, gpu):
-                state = load_file(str(path))
+                state = read_safetensors(str(path))
                 if not state:
-                    raise ValueError(f"{path}: empty state dict")
+                    raise ValueError(f"No parameter found in state dict {state}")
                 for name, value in state.items():
                     if name not in params:
+                        log.debug("Ignoring unmatched snapshot param: %s", name)  # silently, as FastDeploy does
                         continue
-                    if value.dtype != params[name].dtype:
-                        raise TypeError(f"{name}: dtype {value.dtype}, parameter is {params[name].dtype}")
-                    if value.shape != params[name].shape:
-                        raise ValueError(f"{name}: shape {value.shape}, parameter is {params[name].shape}")
-                    params[name][...] = value
-                    if self.fail_next:
-                        self.fail_next = False
+                    if value.dtype != self.dtype:
+                        raise TypeError(f"{name}: dtype {value.dtype}, parameter is {np.dtype(self.dtype)}")
+                    if value.shape != self.shapes[name]:
+                        raise ValueError(f"{name}: shape {value.shape}, parameter is {self.shapes[name]}")
+                    params[name] = np.array(value)
+                    if self.fail_loads:
+                        self.fail_loads -= 1
                         raise RuntimeError(f"{path}: injected failure after {name}")
 
-    def _load(self) -> tuple[bool, str]:
+    def finalize_update(self) -> None:
+        """``_verify_parameters("update")``: every parameter must have been filled."""
+        empty = [n for p in self.params for n, a in p.items() if a is None]
+        if empty:
+            raise RuntimeError(f"Model Parameter update verification failed: {empty[:3]} not initialized")
+
+    def clear(self) -> None:
+        self.params = [dict.fromkeys(self.shapes) for _ in self.gpu_ids]
+        self.status = "cleared"
+
+    def reload(self, check: bool) -> tuple[bool, str]:
         self.status = "updating"
         try:
             self.load_all()
+            if check:
+                self.finalize_update()
         except Exception as exc:  # noqa: BLE001 - reported as FastDeploy does, the worker stays as it is
             self.status = "cleared"
             return False, f"{type(exc).__name__}: {exc}"
         self.status = "normal"
         return True, "ok"
 
+    def sleep(self) -> None:
+        self.paused = True
+        self.clear()
+
+    def wakeup(self) -> tuple[bool, str]:
+        ok, message = self.reload(check=False)
+        if ok:
+            self.paused = False
+        return ok, message
+
     def app(self) -> FastAPI:
         app = FastAPI()
 
+        def success(**result):
+            return {"status": "success", "message": "ok", "result": result}
+
         @app.get("/health")
         def health():
-            return JSONResponse({}, 200 if self.status == "normal" else 503)
+            return Response(status_code=200 if self.status == "normal" else 304)
 
         @app.get("/debug/weights")
         def weights():
             return [digests(p) for p in self.params]
 
-        if self.generation == "legacy":
-            @app.get("/clear_load_weight")
-            def clear():
-                self.calls.append("clear_load_weight")
-                if self.status == "updating":
-                    return JSONResponse({"message": "updating"}, 400)
-                self.status = "cleared"
-                return JSONResponse({"message": "cleared"}, 200)
+        @app.get("/clear_load_weight")
+        def clear():
+            self.calls.append("clear_load_weight")
+            if self.v1_routes_legacy:
+                self.sleep()
+                return Response(status_code=200)
+            if self.status == "updating":
+                return JSONResponse({"msg": "model weight is updating"}, 400)
+            self.clear()
+            return Response(status_code=200)
 
-            @app.get("/update_model_weight")
-            def update():
-                self.calls.append("update_model_weight")
-                with self.lock:
-                    if self.status == "normal":
-                        return JSONResponse({"message": "already normal"}, 200)  # nothing reloaded
-                    if self.status == "updating":
-                        return JSONResponse({"message": "updating"}, 400)
-                    ok, message = self._load()
-                return JSONResponse({"message": message}, 200 if ok else 404)
-        else:
+        @app.get("/update_model_weight")
+        def update():
+            self.calls.append("update_model_weight")
+            with self.lock:
+                if self.v1_routes_legacy:
+                    ok, message = self.wakeup()
+                elif self.status == "normal":
+                    return Response(status_code=200)  # "model weight is updated": nothing reloaded
+                else:
+                    ok, message = self.reload(check=True)
+            return Response(status_code=200) if ok else Response(f"Update model weight timeout ({message})", 404)
+
+        if self.generation == "v1":
             @app.post("/v1/pause")
             def pause():
                 self.calls.append("pause")
                 self.paused = True
-                return {"message": "paused"}
-
-            @app.post("/v1/update_weights")
-            def update_weights(body: dict = Body(default={})):
-                self.calls.append("update_weights")
-                if not self.paused:
-                    return JSONResponse({"message": "pause the engine first"}, 400)
-                with self.lock:
-                    ok, message = self._load()
-                return JSONResponse({"message": message}, 200 if ok else 500)
+                return success()
 
             @app.post("/v1/resume")
             def resume():
                 self.calls.append("resume")
                 self.paused = False
-                return {"message": "resumed"}
+                return success()
+
+            @app.get("/v1/is_paused")
+            def is_paused():
+                return success(is_paused=self.paused)
+
+            @app.post("/v1/sleep")
+            def sleep(tags: str = Query("weight,kv_cache")):
+                self.calls.append(f"sleep?tags={tags}")
+                if "weight" in tags.split(","):
+                    self.sleep()
+                return success()
+
+            @app.post("/v1/wakeup")
+            def wakeup(tags: str = Query("weight,kv_cache")):
+                self.calls.append(f"wakeup?tags={tags}")
+                with self.lock:
+                    ok, message = self.wakeup() if "weight" in tags.split(",") else (True, "ok")
+                return success() if ok else JSONResponse({"status": "error", "message": message}, 500)
+
+            @app.post("/v1/update_weights")
+            def update_weights(body: dict = Body(default={})):
+                self.calls.append("update_weights")
+                if not self.paused:
+                    return JSONResponse({"status": "error", "message": "Pause LLM Engine first before calling "
+                                         "updating weights"}, 400)
+                # update_weights_by_rdma: CheckpointTransfer(**rsync_config, ...) on a server without rsync_config
+                return JSONResponse({"status": "error", "message": "TypeError: fastdeploy.rl.CheckpointTransfer() "
+                                     "argument after ** must be a mapping, not NoneType"}, 500)
 
         return app
 
 
-ARCH_FIELDS = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "vocab_size")
-
-
 class SGLangDouble:
-    """An SGLang server started with ``--model-path model_path``: it holds that Hugging Face directory's
-    weights, by name and shape (``transformers``' layout, as SGLang's loaders read them).
+    """An SGLang server started with ``--model-path model_path`` (a Hugging Face directory), holding its weights by
+    name in ``transformers``' layout, its ``config.json`` read once at start. From SGLang's sources
+    (``python/sglang/srt/``):
 
-    ``POST /update_weights_from_disk {model_path, load_format?, weight_version?}`` reads ``config.json`` (the
-    architecture must be the one it serves), ``model.safetensors.index.json`` and every safetensors file it lists
-    (or ``model.safetensors``), checks every parameter is there with its shape, and only then swaps the weights
-    in; on any problem it answers 400 ``{success: false, message}`` and keeps the weights it had.
-    ``GET /get_model_info`` reports ``model_path`` and ``weight_version``.
+    - ``POST /update_weights_from_disk {model_path, load_format?, weight_version?, abort_all_requests?}``
+      (``entrypoints/http_server.py``; 200 ``{success: true, message, num_paused_requests}`` or 400 with
+      ``success: false``) runs ``model_executor/model_runner.py`` ``update_weights_from_disk``: it sets the model
+      config's ``model_path`` to the new path **first**; an unreadable directory fails with the weights untouched;
+      then ``model.load_weights`` copies the tensors one by one (``models/qwen2.py``: a tied ``lm_head.weight`` and
+      names the model does not hold are skipped with a log line, so **missing tensors keep their old values**;
+      ``default_weight_loader`` asserts each shape). An exception half-way answers "Rolling back to original
+      weights" but re-reads the **new** path, so the tensors copied before the failure stay: a partial model.
+      The new path's ``config.json`` is never read.
+    - On success (``managers/tokenizer_manager.py``) ``model_path`` and ``served_model_name`` become the new path
+      (``/v1/models`` lists it) and ``weight_version`` the one given.
+    - ``GET /model_info`` (``/get_model_info``, deprecated) reports ``model_path``, ``weight_version``,
+      ``model_type``, ``architectures``...
     """
 
     def __init__(self, model_path: Path):
-        self.model_path = str(model_path)
+        self.model_path = self.served_model_name = self.config_path = str(model_path)
         self.config = json.loads((Path(model_path) / "config.json").read_text())
-        self.params = self.read(Path(model_path))
+        self.params = dict(self.weights(Path(model_path)))
         self.weight_version = "default"
+        self.calls: list[dict] = []
+        self.fail_loads = 0  # a test sets it: that many next loads raise after their first tensor
 
     @staticmethod
-    def read(path: Path) -> dict[str, np.ndarray]:
+    def weight_files(path: Path) -> list[Path]:
+        """``DefaultModelLoader._prepare_weights``: the top-level ``*.safetensors``, filtered by the index."""
+        files = sorted(path.glob("*.safetensors"))
         index = path / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
-            else ["model.safetensors"]
-        state: dict[str, np.ndarray] = {}
-        for file in files:
-            state.update(load_file(str(path / file)))
-        return state
+        if index.exists():
+            listed = set(json.loads(index.read_text())["weight_map"].values())
+            files = [f for f in files if f.name in listed]
+        if not files:
+            raise RuntimeError(f"Cannot find any model weights with `{path}`")
+        return files
+
+    @classmethod
+    def weights(cls, path: Path):
+        for file in cls.weight_files(path):
+            yield from read_safetensors(str(file)).items()
+
+    @classmethod
+    def read(cls, path: Path) -> dict[str, np.ndarray]:
+        return dict(cls.weights(path))
+
+    def load_weights(self, path: Path) -> None:
+        """``Qwen2ForCausalLM.load_weights`` over the new path's tensors, in place, one by one."""
+        for name, value in self.weights(path):
+            if self.config.get("tie_word_embeddings") and name == "lm_head.weight":
+                continue
+            if name not in self.params:
+                log.warning("Parameter %s not found in params_dict", name)
+                continue
+            if value.shape != self.params[name].shape:
+                raise AssertionError(f"Attempted to load weight ({value.shape}) into parameter "
+                                     f"({self.params[name].shape})")
+            self.params[name] = np.array(value)
+            if self.fail_loads:
+                self.fail_loads -= 1
+                raise RuntimeError(f"injected failure after {name}")
 
     def update(self, model_path: str, weight_version: str | None) -> tuple[bool, str]:
-        path = Path(model_path)
+        self.config_path = model_path  # model_config.model_path, switched before anything is loaded
         try:
-            config = json.loads((path / "config.json").read_text())
-            changed = [f for f in ARCH_FIELDS if config.get(f) != self.config.get(f)]
-            if changed:
-                return False, f"config.json differs from the served model in {changed}"
-            state = self.read(path)
-        except (OSError, ValueError, KeyError) as exc:
-            return False, f"Failed to load {model_path}: {type(exc).__name__}: {exc}"
-        missing = sorted(set(self.params) - set(state))
-        wrong = sorted(n for n in set(self.params) & set(state) if state[n].shape != self.params[n].shape)
-        if missing or wrong:
-            return False, f"Failed to update weights: missing {missing[:3]}, wrong shapes {wrong[:3]}"
-        self.params = {n: state[n] for n in self.params}
-        self.model_path, self.weight_version = model_path, weight_version or self.weight_version
-        return True, "Succeeded to update model weights."
+            self.weight_files(Path(model_path))
+        except Exception as exc:  # noqa: BLE001
+            return False, f"Failed to get weights iterator: {exc}."
+        try:
+            self.load_weights(Path(model_path))
+        except Exception as exc:  # noqa: BLE001
+            message = f"Failed to update weights: {exc}.\nRolling back to original weights."
+            try:
+                self.load_weights(Path(self.config_path))  # the "rollback" reads model_config.model_path: the new one
+            except Exception:  # noqa: BLE001 - fails the same way, after the same tensors were copied again
+                pass
+            return False, message
+        self.model_path = self.served_model_name = model_path
+        message = "Succeeded to update model weights."
+        if weight_version is not None:
+            self.weight_version = weight_version
+            message += f" Weight version updated to {weight_version}."
+        return True, message
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -209,13 +375,22 @@ class SGLangDouble:
         def health():
             return {}
 
-        @app.get("/get_model_info")
-        def model_info():
+        def info():
             return {"model_path": self.model_path, "tokenizer_path": self.model_path, "is_generation": True,
-                    "preferred_sampling_params": None, "weight_version": self.weight_version}
+                    "preferred_sampling_params": None, "weight_version": self.weight_version,
+                    "has_image_understanding": False, "has_audio_understanding": False,
+                    "model_type": self.config.get("model_type"), "architectures": self.config.get("architectures")}
+
+        app.get("/model_info")(info)
+        app.get("/get_model_info")(info)
+
+        @app.get("/v1/models")
+        def models():
+            return {"object": "list", "data": [{"id": self.served_model_name, "object": "model"}]}
 
         @app.post("/update_weights_from_disk")
         def update(body: dict = Body(...)):
+            self.calls.append(body)
             ok, message = self.update(body["model_path"], body.get("weight_version"))
             return JSONResponse({"success": ok, "message": message, "num_paused_requests": 0}, 200 if ok else 400)
 
