@@ -55,7 +55,7 @@ import numpy as np
 
 from . import layout
 from .errors import IncompatibleTargetError, TornSnapshotError
-from .export import WholeTensors, open_version, read_record, transpose, write_json
+from .export import Scratch, WholeTensors, open_version, read_record, transpose, write_json
 from .families import DTYPE_CODES, Sizes, check_fits, sizes_of
 from .fs import join, listing, open_fs, storage_calls
 from .hfdir import CONFIG_FILE, read_json
@@ -79,12 +79,13 @@ RL_MODELS = {"Qwen2ForCausalLM": RLModel("qwen2", True, False), "Qwen3ForCausalL
 
 @dataclass(frozen=True)
 class Piece:
-    """One tensor of a worker's state dict: the canonical tensors it is made of, and how (``build(rank, *inputs)``)."""
+    """One tensor of a worker's state dict: the canonical tensors it is made of, and how: ``build(rank, *inputs)``
+    gives blocks whose concatenation along the last axis is the tensor."""
 
     name: str
     shape: tuple[int, ...]  # the same on every worker
     inputs: tuple[str, ...]
-    build: Callable[..., np.ndarray]
+    build: Callable[..., list[np.ndarray]]
 
 
 def _pad(n: int) -> int:
@@ -135,27 +136,28 @@ class Layout:
 
         def qkv(r, q, k, v):
             b = r // group
-            return np.concatenate([q[..., r * nq:(r + 1) * nq], k[..., b * nkv:(b + 1) * nkv],
-                                   v[..., b * nkv:(b + 1) * nkv]], axis=-1)
+            return [q[..., r * nq:(r + 1) * nq], k[..., b * nkv:(b + 1) * nkv], v[..., b * nkv:(b + 1) * nkv]]
 
         def up_gate(r, gate, up):
-            return np.concatenate([gate[:, r * ni:(r + 1) * ni], up[:, r * ni:(r + 1) * ni]], axis=1)
+            return [gate[:, r * ni:(r + 1) * ni], up[:, r * ni:(r + 1) * ni]]
 
         def rows(n):
-            return lambda r, a: a[r * n:(r + 1) * n]
+            return lambda r, a: [a[r * n:(r + 1) * n]]
 
         def same(r, a):
-            return a
+            return [a]
 
         embed_n, head_n = self.vocab_rows // t, self.head_cols // t
 
         def embed(r, e):
-            return _rows(e, r * embed_n, embed_n)
+            return [_rows(e, r * embed_n, embed_n)]
 
         def head(r, w):
             if s.tied:  # w is the embedding [V, H]
-                return transpose(_rows(w, r * head_n, head_n))
-            return np.ascontiguousarray(_rows(w.T, r * head_n, head_n).T)
+                return [transpose(_rows(w, r * head_n, head_n))]
+            start, stop = r * head_n, min((r + 1) * head_n, s.vocab)
+            pad = (r + 1) * head_n - max(stop, start)
+            return [w[:, start:stop]] + ([np.zeros((h, pad), w.dtype)] if pad else [])
 
         out = [Piece(f"{p}.embed_tokens.embeddings.weight", (embed_n, h), ("model.embed_tokens.weight",), embed)]
         for i in range(s.layers):
@@ -195,7 +197,7 @@ def server_config(model_dir: str, config: str | None = None) -> tuple[dict[str, 
 
 
 def _write_part(fs, path: str, pieces: list[Piece], rank: int, held: Mapping[str, np.ndarray],
-                codes: Mapping[str, str], version: str) -> int:
+                codes: Mapping[str, str], version: str, scratch: Scratch) -> int:
     """One worker's part file holding ``pieces``, written tensor by tensor after the header; returns its bytes."""
     items = [(pc.name, codes[pc.inputs[0]], pc.shape, int(np.prod(pc.shape)) * itemsize(codes[pc.inputs[0]]))
              for pc in pieces]
@@ -203,10 +205,12 @@ def _write_part(fs, path: str, pieces: list[Piece], rank: int, held: Mapping[str
     with fs.open(path, "wb") as f:
         f.write(header)
         for pc in pieces:
-            value = pc.build(rank, *(held[n] for n in pc.inputs))
-            if value.shape != pc.shape:  # never expected: the pre-flight has checked every input's shape
-                raise AssertionError(f"{pc.name}: built {value.shape}, FastDeploy holds {pc.shape}")
-            f.write(memoryview(np.ascontiguousarray(value)).cast("B"))
+            blocks = pc.build(rank, *(held[n] for n in pc.inputs))
+            shape = (*blocks[0].shape[:-1], sum(b.shape[-1] for b in blocks))
+            if shape != pc.shape or any(b.shape[:-1] != blocks[0].shape[:-1] for b in blocks):
+                # never expected: the pre-flight has checked every input's shape against the server's config
+                raise AssertionError(f"{pc.name}: built {[b.shape for b in blocks]}, FastDeploy holds {pc.shape}")
+            f.write(memoryview(scratch.join(blocks)).cast("B"))
     return len(header) + sum(i[3] for i in items)
 
 
@@ -291,6 +295,7 @@ def _write_parts(fs, stage: str, reader: WholeTensors, pieces: list[Piece], gpu_
     uses = Counter(n for pc in pieces for n in pc.inputs)
     held: dict[str, np.ndarray] = {}
     codes = {name: code for name, (code, _) in reader.index().items()}
+    scratch = Scratch()
     new, total, index = [], 0, 0
     for p, header in enumerate(headers):
         for e in header.entries:
@@ -300,7 +305,7 @@ def _write_parts(fs, stage: str, reader: WholeTensors, pieces: list[Piece], gpu_
         index += 1
         for rank, gpu in enumerate(gpu_ids):
             new.append(layout.part_name(rank, str(gpu), index))
-            total += _write_part(fs, join(stage, new[-1]), groups[p], rank, held, codes, version)
+            total += _write_part(fs, join(stage, new[-1]), groups[p], rank, held, codes, version, scratch)
         for pc in groups[p]:
             for n in pc.inputs:
                 uses[n] -= 1
