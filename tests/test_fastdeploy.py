@@ -289,3 +289,41 @@ def test_a_load_that_fails_half_way_is_restored_to_the_previous_version(tmp_path
         assert httpx.get(f"{url}/health").status_code == 200 and not fd.paused
     assert read_record(str(model_dir), stage_record([0]))["version"] == "v1"
     assert os.path.exists(model_dir / VERSION_FILE)
+
+
+_STAGE_CHILD = """
+import json, sys
+from storage.fastdeploy import stage_fastdeploy
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+snap, model_dir, warm = sys.argv[1:4]
+stage_fastdeploy(snap, "warm", warm, [0, 1])  # imports and first-use costs, out of the way before measuring
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+before = status("VmRSS")
+stage_fastdeploy(snap, "big", model_dir, [0, 1])
+print(status("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_staging_holds_about_one_part_in_memory(tmp_path):
+    import subprocess
+    import sys
+
+    part = 8 << 20
+    doc = qwen(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+               intermediate_size=1408, vocab_size=384)  # 97 MiB in float32, 13 parts
+    snap = str(tmp_path / "snap")
+    publish(snap, "big", canonical(doc, 0), part_bytes=part)
+    publish(snap, "warm", canonical(doc, 1), part_bytes=part)
+    for name in ("fd", "warm"):
+        model_dir_for(tmp_path / name, doc)
+    out = subprocess.run([sys.executable, "-c", _STAGE_CHILD, snap, str(tmp_path / "fd"), str(tmp_path / "warm")],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    delta = int(out.stdout.split()[-1])
+    print(f"peak RSS delta {delta / (1 << 20):.1f} MiB")
+    # the part being read, tensors waiting from the one before, and the buffer fused tensors are joined in
+    assert delta <= 3 * part, f"peak RSS rose {delta >> 20} MiB staging a 97 MiB model in 8 MiB parts"
