@@ -54,6 +54,7 @@ MAX_CONTAINERS = 1 << 20  # tuples, lists and dicts made: ~5 per tensor
 MAX_NDIM = 32
 _AHEAD = 1 << 20  # opcodes are read from a file this much at a time
 _RAW_STEP = 8 << 20  # tensor bytes are read straight into their buffer this much at a time
+LAZY_BYTES = 1 << 12  # with lazy=True, bytes values this long or longer are left in the file
 _ADVICE = ("Only flat state dicts of tensors are read from pickles, and nothing in the file was run; "
            "re-save trusted weights as safetensors (`baton publish`)")
 
@@ -95,6 +96,33 @@ class _Array:
         self.array: np.ndarray | None = None
 
 
+class _Span:
+    """Bytes of the file left where they are (``lazy``): where they start and how many."""
+
+    __slots__ = ("offset", "n")
+
+    def __init__(self, offset: int, n: int):
+        self.offset, self.n = offset, n
+
+
+class Stored:
+    """An array whose bytes were left in the file (``load_state_pickle(..., lazy=True)``): read them with
+    ``read(f)`` (a binary file over the same bytes) when needed."""
+
+    __slots__ = ("shape", "dtype", "fortran", "offset", "nbytes")
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, fortran: bool, offset: int, nbytes: int):
+        self.shape, self.dtype, self.fortran, self.offset, self.nbytes = shape, dtype, fortran, offset, nbytes
+
+    def array(self, raw: bytes | bytearray | memoryview) -> np.ndarray:
+        """The array over ``raw``, this array's bytes (``nbytes`` of them, read from ``offset``)."""
+        if len(raw) != self.nbytes:
+            raise UnsafeCheckpointError(f"expected {self.nbytes} bytes at offset {self.offset}, read {len(raw)} "
+                                        "(did the file change since it was indexed?)")
+        flat = np.frombuffer(raw, self.dtype, math.prod(self.shape))
+        return flat.reshape(self.shape[::-1]).T if self.fortran else flat.reshape(self.shape)
+
+
 def _kind(obj: Any) -> str:
     """What an object is, for messages: by type only, so describing it can never recurse or run long."""
     if isinstance(obj, _Global):
@@ -103,7 +131,7 @@ def _kind(obj: Any) -> str:
         return "numpy dtype"
     if isinstance(obj, _Array):
         return "ndarray" if obj.array is not None else "ndarray without data"
-    if isinstance(obj, (bytearray, memoryview)):
+    if isinstance(obj, (bytearray, memoryview, _Span)):
         return "bytes"
     return type(obj).__name__
 
@@ -131,11 +159,11 @@ class _Input:
             self.size = len(self.buf)
         else:
             self.file, self.buf = data, memoryview(b"")
+            self.origin = data.tell()  # where the pickle starts in the file
             if size is None:
-                start = data.tell()
                 data.seek(0, 2)
-                size = data.tell() - start
-                data.seek(start)
+                size = data.tell() - self.origin
+                data.seek(self.origin)
             self.size = size
         self.base = 0  # offset in the pickle of buf[0]
         self.at = 0  # index in buf of the next byte
@@ -205,6 +233,17 @@ class _Input:
         self.base, self.buf, self.at = start + n, memoryview(b""), 0
         return out
 
+    def skip(self, n: int, what: str) -> _Span:
+        """Passes over ``n`` bytes of a file without reading them; where they are in the file."""
+        self.need(n, what)
+        span = _Span(self.origin + self.pos, n)
+        if self.at + n <= len(self.buf):
+            self.at += n
+        else:
+            self.base, self.buf, self.at = self.pos + n, memoryview(b""), 0
+            self.file.seek(self.origin + self.base)
+        return span
+
     def _short(self, offset: int) -> NoReturn:
         self.fail(f"the file ends at offset {offset}, short of its {self.size} bytes (did it change while read?)")
 
@@ -212,9 +251,10 @@ class _Input:
 class _Loader:
     """A stack machine for the opcodes in ``_OPS``; ``run`` returns the one object the pickle describes."""
 
-    def __init__(self, data: bytes | BinaryIO, path: str, size: int | None):
+    def __init__(self, data: bytes | BinaryIO, path: str, size: int | None, lazy: bool = False):
         self.path = path
         self.inp = _Input(data, size, self.fail)
+        self.lazy = lazy and self.inp.file is not None
         self.stack: list[Any] = []
         self.marks: list[int] = []  # stack lengths at each open MARK
         self.memo: list[Any] = []
@@ -374,7 +414,7 @@ class _Loader:
         if self.array_bytes > self.inp.size:
             self.fail("its arrays would hold more bytes than the file")
 
-    def array(self, state: Any) -> np.ndarray:
+    def array(self, state: Any) -> np.ndarray | Stored:
         if type(state) is not tuple or len(state) not in (4, 5) or (len(state) == 5 and type(state[0]) is not int):
             self.fail(f"an array's state is a {_kind(state)}, not numpy's (version, shape, dtype, fortran, data)")
         shape, dtype, fortran, raw = state[-4:]
@@ -385,13 +425,15 @@ class _Loader:
         dtype = self.dtype(dtype)
         if type(fortran) is not bool:
             self.fail(f"an array's order flag is a {_kind(fortran)}")
-        if not isinstance(raw, (bytes, bytearray, memoryview)):
+        if not isinstance(raw, (bytes, bytearray, memoryview, _Span)):
             self.fail(f"an array's data is a {_kind(raw)}, not bytes")
-        count = math.prod(shape)
-        if count * dtype.itemsize != len(raw):
+        count, n = math.prod(shape), raw.n if isinstance(raw, _Span) else len(raw)
+        if count * dtype.itemsize != n:
             self.fail(f"an array of shape {shape} and dtype {dtype} needs {count * dtype.itemsize} bytes, "
-                      f"its data has {len(raw)}")
-        self.count_array(len(raw))
+                      f"its data has {n}")
+        self.count_array(n)
+        if isinstance(raw, _Span):
+            return Stored(shape, dtype, fortran, raw.offset, raw.n)
         if count == 0:
             return np.empty(shape, dtype)
         flat = np.frombuffer(raw, dtype, count)
@@ -441,7 +483,11 @@ class _Loader:
             self.fail(f"a string at offset {self.op_at} is not UTF-8")
 
     def push_bytes(self, width: int):
-        self.stack.append(self.inp.payload(int.from_bytes(self.inp.take(width), "little"), "a bytes value"))
+        n = int.from_bytes(self.inp.take(width), "little")
+        if self.lazy and n >= LAZY_BYTES:
+            self.stack.append(self.inp.skip(n, "a bytes value"))
+        else:
+            self.stack.append(self.inp.payload(n, "a bytes value"))
 
     def put(self, index: int):
         """The pickler numbers memo entries 0, 1, 2, ...: an index may replace an entry or add the next one,
@@ -542,13 +588,16 @@ _OPS = {op[0]: handler for op, handler in {
 }.items()}
 
 
-def load_state_pickle(data: bytes | BinaryIO, path: str, *, size: int | None = None) -> dict[str, np.ndarray]:
+def load_state_pickle(data: bytes | BinaryIO, path: str, *, size: int | None = None,
+                      lazy: bool = False) -> dict[str, np.ndarray | Stored]:
     """A flat ``name -> ndarray`` dict from a ``paddle.save`` pickle (bytes, or a binary file read from its
-    current position, ``size`` bytes or to its end), or ``UnsafeCheckpointError`` naming ``path``.
+    current position, ``size`` bytes or to its end), or ``UnsafeCheckpointError`` naming ``path``. With ``lazy``
+    (a seekable file), arrays of ``LAZY_BYTES`` or more are ``Stored``: their bytes are passed over, not read,
+    so indexing a checkpoint costs its opcodes, not its size.
 
     The name table paddle adds is skipped and a bare tensor's ``(name, array)`` is unwrapped to the array.
     """
-    loader = _Loader(data, path, size)
+    loader = _Loader(data, path, size, lazy)
     try:
         obj = loader.run()
     except (UnsafeCheckpointError, OSError, MemoryError):
@@ -565,7 +614,7 @@ def load_state_pickle(data: bytes | BinaryIO, path: str, *, size: int | None = N
             value = value[1]
         if isinstance(value, _Array) and value.array is not None:
             value = value.array
-        if not isinstance(value, np.ndarray):
+        if not isinstance(value, (np.ndarray, Stored)):
             loader.fail(f"entry {key[:100]!r} is a {_kind(value)}, not a tensor")
         out[key] = value
     return out

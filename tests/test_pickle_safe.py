@@ -430,3 +430,29 @@ def test_truncated_or_corrupted_pickles_load_or_are_refused_nothing_else(tmp_pat
                 corrupt[pos] = rng.integers(0, 256)
             attempt(bytes(corrupt), bytes(corrupt) if rng.integers(2) else io.BytesIO(bytes(corrupt)))
     assert outcomes["refused"] > 1000 and outcomes["loaded"] > 0
+
+
+def test_a_lazy_index_leaves_tensor_bytes_in_the_file_and_reads_them_back_exactly(tmp_path):
+    from storage.pickle_safe import LAZY_BYTES, Stored
+
+    big = np.arange(LAZY_BYTES, dtype=np.float32).reshape(64, -1)
+    state = {"big": paddle.to_tensor(big), "small": paddle.to_tensor(np.ones(3, np.float32)),
+             "bf16": paddle.to_tensor(big).astype("bfloat16"), "fortran": paddle.to_tensor(np.asfortranarray(big))}
+    path = tmp_path / "model_state.pdparams"
+    paddle.save(state, str(path))
+    with path.open("rb") as f:
+        eager = load_state_pickle(f, "x")
+    with path.open("rb") as f:
+        lazy = load_state_pickle(f, "x", lazy=True)
+        assert isinstance(lazy["small"], np.ndarray) and all(isinstance(lazy[k], Stored) for k in ("big", "bf16"))
+        for name, stored in lazy.items():
+            if isinstance(stored, Stored):
+                f.seek(stored.offset)
+                got = stored.array(f.read(stored.nbytes))
+                assert got.dtype == eager[name].dtype and np.array_equal(got, eager[name]), name
+    with path.open("rb") as f:  # a pickle that claims more bytes than the file holds is refused all the same
+        data = bytearray(f.read())
+    cut = tmp_path / "cut.pdparams"
+    cut.write_bytes(bytes(data[:len(data) // 2]))
+    with cut.open("rb") as f, pytest.raises(storage.UnsafeCheckpointError, match="runs past the end"):
+        load_state_pickle(f, "cut", lazy=True)
