@@ -7,9 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from . import layout
 from .apply import apply_source
-from .fs import join, listing, open_fs
+from .fs import listing, open_fs
 from .layout import Level
 from .pickle_safe import load_state_pickle
 from .resolve import Source, probe_file
@@ -30,25 +29,6 @@ def read_state_file(url: str, *, storage_options: dict[str, Any] | None = None) 
         return {n: _adopt(a, index[n][0]) for n, a in arrays.items()}
     src = probe_file(fs, root, names, name, Level.FULL)
     return apply_source(src, None, verify="none", label=f"read {name}")[0]
-
-
-def checkpoint_files(source: str, *, storage_options: dict[str, Any] | None = None) -> list[tuple[int | None, str]]:
-    """``(rank, url)`` of each file of a trainer checkpoint: the file itself (rank None), a directory's
-    ``model_state.tp{r}.pdparams`` files in rank order, or a directory's single state file (rank None)."""
-    fs, path = open_fs(source, storage_options)
-    if fs.isfile(path):
-        return [(None, source)]
-    names = listing(fs, path)
-    ranks = sorted((int(m.group(1)), n) for n in names if (m := layout.TRAINER_RANK_FILE.fullmatch(n)))
-    if ranks:
-        return [(r, fs.unstrip_protocol(join(path, n))) for r, n in ranks]
-    singles = sorted(n for n in names if n.endswith((".pdparams", ".safetensors")))
-    if len(singles) == 1:
-        return [(None, fs.unstrip_protocol(join(path, singles[0])))]
-    if not names and not fs.exists(path):
-        raise FileNotFoundError(f"{source}: no such checkpoint file or directory")
-    raise ValueError(f"{source}: expected one state dict file or model_state.tp{{r}}.pdparams files, found "
-                     f"{sorted(names)[:10] or 'nothing'}")
 
 
 def _adopt(arr: np.ndarray, code: str) -> Any:

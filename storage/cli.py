@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 
-from . import audit, checkpoint, hfdir, layout, writer
+from . import audit, hfdir, layout, trainer, writer
 from .errors import SnapshotError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
@@ -27,23 +27,16 @@ def human(n: float) -> str:
     return str(n)
 
 
-def _sources(src: str, rank: int) -> list[tuple[int, str]]:
-    """(rank, file) pairs: one file (as ``rank``), or every ``model_state.tp{r}.pdparams`` in a directory."""
-    return [(rank if r is None else r, url) for r, url in checkpoint.checkpoint_files(src)]
-
-
-def _states(src: str, rank: int, tp_size: int):
-    """(rank, state dict) to publish, read one rank at a time: a Hugging Face directory resharded to ``tp_size``
-    as lazy tensors, else the trainer's file(s) as they are."""
-    if hfdir.is_hf_checkpoint(src):
-        for r in range(tp_size):
-            yield r, hfdir.hf_tensors(src, rank=r, tp_size=tp_size)
-        return
-    if tp_size != 1:
-        raise SystemExit(f"baton publish: --tp-size applies to Hugging Face directories; {src} is published with "
-                         "the ranks it was saved with")
-    for r, url in _sources(src, rank):
-        yield r, checkpoint.read_state_file(url)
+def _states(src: str, rank: int, tp_size: int | None):
+    """(rank, state dict) to publish, one rank at a time, as lazy tensors: a checkpoint at ``tp_size`` serving
+    ranks (by default the tensor-parallel degree it was saved with; a single file as ``rank``)."""
+    if tp_size is None:
+        if not hfdir.is_hf_checkpoint(src) and trainer.Checkpoint(src).degrees == (1, 1):
+            yield rank, trainer.checkpoint_tensors(src)
+            return
+        tp_size = 1 if hfdir.is_hf_checkpoint(src) else trainer.Checkpoint(src).degrees[0]
+    for r in range(tp_size):
+        yield r, trainer.checkpoint_tensors(src, rank=r, tp_size=tp_size)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -106,13 +99,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        description="Shard a trainer checkpoint into model_state.tp{r}.{id}.part{N}.pdparams files and "
                        "commit it by writing the manifest last.")
     p.add_argument("src", help="a .pdparams (paddle.save pickle, read without running code) or safetensors file, a "
-                   "directory of per-rank model_state.tp{r}.pdparams files, or a Hugging Face model directory "
-                   "(config.json + model.safetensors or shards; any fsspec URL)")
+                   "Paddle trainer's checkpoint directory (model_state[.tpNN][_ppNN].pdparams files, fused "
+                   "projections too, or a unified checkpoint), or a Hugging Face model directory (any fsspec URL)")
     p.add_argument("--to", required=True, help="snapshot root URL to publish into")
     p.add_argument("--id", required=True, help="version id ([A-Za-z0-9_-], e.g. step-120)")
     p.add_argument("--rank", type=int, default=0, help="rank to publish a single file as (default 0)")
-    p.add_argument("--tp-size", type=int, default=1,
-                   help="serving tensor-parallel degree a Hugging Face directory is resharded to (default 1)")
+    p.add_argument("--tp-size", type=int, default=None,
+                   help="serving tensor-parallel degree to merge or split the checkpoint into (default: the degree "
+                   "it was saved with; 1 for a Hugging Face directory)")
     p.add_argument("--part-size", type=parse_size, default=writer.DEFAULT_PART_BYTES,
                    help="largest part; a bigger tensor gets a part of its own (default 512MiB)")
     p.add_argument("--overwrite", action="store_true", help="replace a version that already exists")

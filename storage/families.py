@@ -121,12 +121,15 @@ def _layers(names) -> int:
     return 1 + max((int(n.split(".")[2]) for n in names if n.startswith("model.layers.")), default=-1)
 
 
+SERVER_ADVICE = "Publish a version of that model, or point the server's entry at the config.json of the model it runs"
+
+
 def check_fits(tensors: Mapping[str, tuple[str, tuple[int, ...]]], doc: Mapping[str, Any], source: str, what: str,
-               dtype: str | None = None) -> Sizes:
+               dtype: str | None = None, target: str = "the server's model", advice: str = SERVER_ADVICE) -> Sizes:
     """Refuses (``IncompatibleTargetError``) a version whose canonical tensors (name -> (dtype code, shape)) are
     not exactly the model ``doc`` describes: every tensor missing, extra or of another shape is named, and with
-    ``dtype`` (a code such as ``BF16``) every tensor of another dtype. ``what`` names the version in the message.
-    Returns the model's sizes."""
+    ``dtype`` (a code such as ``BF16``) every tensor of another dtype. ``what`` names the version in the message,
+    ``target`` the model and ``advice`` the fix. Returns the model's sizes."""
     from .errors import IncompatibleTargetError
 
     sizes = sizes_of(doc, source)
@@ -137,18 +140,17 @@ def check_fits(tensors: Mapping[str, tuple[str, tuple[int, ...]]], doc: Mapping[
     if missing:
         problems.append(f"missing {_names(missing)}")
     if extra:
-        problems.append(f"not in the server's model: {_names(extra)}")
+        problems.append(f"not in {target}: {_names(extra)}")
     if _layers(tensors) != sizes.layers:
-        problems.append(f"the version has {_layers(tensors)} layers, the server's model {sizes.layers}")
-    shaped = [f"{n} {list(tensors[n][1])} (the server's is {list(s)})" for n, s in want.items()
+        problems.append(f"the version has {_layers(tensors)} layers, {target} {sizes.layers}")
+    shaped = [f"{n} {list(tensors[n][1])} (expected {list(s)})" for n, s in want.items()
               if n in tensors and tuple(tensors[n][1]) != s]
     if shaped:
         problems.append(f"other shapes: {_names(shaped, 4)}")
     typed = sorted(n for n in want if n in tensors and dtype and tensors[n][0] != dtype)
     if typed:
-        problems.append(f"dtype {tensors[typed[0]][0]} where the server's model holds {dtype}: {_names(typed, 3)}")
+        problems.append(f"dtype {tensors[typed[0]][0]} where {target} holds {dtype}: {_names(typed, 3)}")
     if problems:
-        raise IncompatibleTargetError(f"{what} does not fit the server's model ({sizes.describe()}): "
-                                      + "; ".join(problems) + ". Publish a version of that model, or point the "
-                                      "server's entry at the config.json of the model it runs")
+        raise IncompatibleTargetError(f"{what} does not fit {target} ({sizes.describe()}): " + "; ".join(problems)
+                                      + f". {advice}")
     return sizes

@@ -32,6 +32,11 @@ TAKES_HIDDEN = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$"
 GIVES_HIDDEN = re.compile(r"\.(o_proj|down_proj)\.weight$")  # [in, hidden] canonical
 
 
+class FusedTensorError(ValueError):
+    """A checkpoint directory holds fused projections (``qkv_proj``, ``gate_up_fused_proj``): Paddle's trainers
+    write those, and ``storage.trainer`` reads them."""
+
+
 def is_hf_dir(names: Mapping[str, int]) -> bool:
     """A directory listing that holds a Hugging Face checkpoint (a config and safetensors weights)."""
     return CONFIG_FILE in names and (WEIGHTS_FILE in names or INDEX_FILE in names)
@@ -76,8 +81,8 @@ def canonical_name(name: str, where: str) -> str | None:
     if name.endswith("rotary_emb.inv_freq"):
         return None  # older checkpoints saved it; it is computed from the config
     if ".qkv_proj." in name or "up_gate_proj" in name or "gate_up_fused_proj" in name:
-        raise ValueError(f"{where}: tensor {name!r} is fused, which Baton does not read: save the checkpoint with "
-                         "fuse_attention_qkv=False and fuse_attention_ffn=False")
+        raise FusedTensorError(f"{where}: tensor {name!r} is fused: a Paddle trainer's checkpoint, which Baton "
+                               "publishes (`baton publish`, storage.trainer) but does not serve from directly")
     for prefix in PADDLE_PREFIXES:
         if name.startswith(prefix):
             return "model." + name[len(prefix):]

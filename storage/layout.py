@@ -14,7 +14,6 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _MANIFEST_RE = re.compile(r"model_state\.tp(\d+)\.([A-Za-z0-9][A-Za-z0-9_-]*)\.manifest\.json")
 _PART_INDEX_RE = re.compile(r"\.part(\d+)\.")
 # What a Paddle trainer saves per tensor-parallel rank (the input of publishing, not part of a snapshot).
-TRAINER_RANK_FILE = re.compile(r"model_state\.tp(\d+)\.pdparams")
 
 
 class Level(enum.IntEnum):

@@ -14,7 +14,7 @@ from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
 import storage
-from flows.checkpoint import DONE_MARKER, checkpoint_files
+from flows.checkpoint import DONE_MARKER
 from flows.publish import publish_checkpoint
 from flows.sync import FleetSyncError, sync_weights
 from flows.watch import publish_new_checkpoints
@@ -23,6 +23,7 @@ from infer.launch import baton_serve
 from infer.model import build_model, random_state_dict
 from infer.weights import state_digest
 from storage.tp import merge_state_dicts, split_state_dict
+from storage.trainer import Checkpoint
 from tests.conftest import free_port
 from tests.test_publish_hf import write_hf_dir
 
@@ -65,7 +66,7 @@ def weights(url) -> dict:
 def test_publish_reshards_to_the_serving_degree(tmp_path, trainer_tp, serving_tp):
     state = random_state_dict(CONFIG, seed=trainer_tp * 10 + serving_tp)
     source = write_checkpoint(tmp_path / "ckpt", state, trainer_tp)
-    assert len(checkpoint_files(source)) == trainer_tp
+    assert Checkpoint(source).degrees == (trainer_tp, 1)
     rows = publish_checkpoint(source, str(tmp_path / "snap"), "v1", part_bytes=PART, serving_tp=serving_tp)
     assert [r["rank"] for r in rows] == list(range(serving_tp)) and all(r["bytes"] > 0 for r in rows)
     merged = loaded_full_state(str(tmp_path / "snap"), "v1", serving_tp)
