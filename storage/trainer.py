@@ -164,7 +164,8 @@ def _rank_files(fs, path: str, names: Mapping[str, int], source: str) -> dict[tu
         if len(singles) == 1:
             return {(0, 0): [join(path, singles[0])]}
         raise ValueError(f"{source}: expected model_state[.tpNN][_ppNN].pdparams files (as Paddle's trainers save "
-                         f"them), one state dict file, or a unified checkpoint; found {sorted(names)[:10] or 'nothing'}")
+                         f"them), one state dict file, or a unified checkpoint; found "
+                         f"{sorted(names)[:10] or 'nothing'}")
     _check_grid(ranks, source)
     return ranks
 
@@ -289,8 +290,9 @@ def _unfuse(name: str, lazy: Lazy, config: Mapping[str, Any] | None, tp: int) ->
         raise ValueError(f"{where}: a fused gate/up tensor of odd width")
     base = name[:m.start()] + ".mlp."
     lead = lazy.shape[:-1]
-    return [(f"{base}gate_proj.{m.group(2)}", Piece(lazy, (*lead, half), lambda a: np.ascontiguousarray(a[..., :half]))),
-            (f"{base}up_proj.{m.group(2)}", Piece(lazy, (*lead, half), lambda a: np.ascontiguousarray(a[..., half:])))]
+    gate = Piece(lazy, (*lead, half), lambda a: np.ascontiguousarray(a[..., :half]))
+    up = Piece(lazy, (*lead, half), lambda a: np.ascontiguousarray(a[..., half:]))
+    return [(f"{base}gate_proj.{m.group(2)}", gate), (f"{base}up_proj.{m.group(2)}", up)]
 
 
 def _merge_axis(name: str, shapes: list[tuple[int, ...]], full: tuple[int, ...] | None, rules: Rules) -> int | None:
@@ -345,7 +347,8 @@ def trainer_tensors(source: str, *, rank: int = 0, tp_size: int = 1, rules: Rule
         if name == "lm_head.weight" and hidden is not None:  # PaddleFormers keeps it [vocab, hidden]: flip to ours
             pieces[name] = [Piece(x.source, x.shape[::-1], _flip(x.take)) if x.shape[-1] == hidden and
                             x.shape[0] != hidden else x for x in ps]
-    merged = {name: (ps, _merge_axis(name, [x.shape for x in ps], full.get(name), rules)) for name, ps in pieces.items()}
+    merged = {name: (ps, _merge_axis(name, [x.shape for x in ps], full.get(name), rules))
+              for name, ps in pieces.items()}
     shapes = {name: (ps[0].source.code, _joined([x.shape for x in ps], axis)) for name, (ps, axis) in merged.items()}
     if ckpt.sharded and not known:
         raise ValueError(f"{source}: sharding-stage-1 files (save_sharded_model) split the weights among sharding "

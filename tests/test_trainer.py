@@ -190,7 +190,8 @@ def test_sharding_stage1_files_are_joined_by_sharding_rank(tmp_path):
         (src / f"model_state.tp{r:02d}.pdparams").unlink()
         names = sorted(whole)
         for shard in range(3):
-            paddle.save({n: whole[n] for n in names[shard::3]}, str(src / f"model_state.tp{r:02d}_shard{shard:02d}.pdparams"))
+            file = src / f"model_state.tp{r:02d}_shard{shard:02d}.pdparams"
+            paddle.save({n: whole[n] for n in names[shard::3]}, str(file))
     storage.publish(storage.checkpoint_tensors(str(src)), str(tmp_path / "snap"), "s", part_bytes=PART)
     assert_bits(published(str(tmp_path / "snap"), "s"), expected(state, LLAMA, 0, 1))
     (src / "model_state.tp01_shard02.pdparams").unlink()
