@@ -1,7 +1,7 @@
 """GPU check of Baton's Triton kernels: correctness against the reference, bandwidth, and decode tokens/s.
 
-    python bench/gpu_check.py            # on a CUDA host, under 5 minutes; writes bench/results/gpu.json
-    TRITON_INTERPRET=1 python bench/gpu_check.py --smoke   # the same code path on CPU, tiny sizes, no JSON
+    python3 bench/gpu_check.py --out gpu.json   # on a CUDA host, a few minutes; one VERDICT line at the end
+    TRITON_INTERPRET=1 python3 bench/gpu_check.py --smoke   # the same code path on CPU, tiny sizes
 
 The GPU host has PyTorch and Triton but no Paddle GPU build, so the kernels run here on torch CUDA tensors
 (the launchers are framework-neutral; in the server they get Paddle tensors through Paddle's torch proxy).
@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infer.config import get_config  # noqa: E402  (pure Python: no Paddle needed)
 from kernels import triton_ops  # noqa: E402
 
+DEFAULT_OUT = str(Path(__file__).parent / "results" / "gpu.json")
 PAGE = 16  # kernels.reference.PAGE, the KV-cache page size (repeated: this module must import without Paddle)
 
 RATED_GBPS = {"H200": 4800, "H100": 3350, "A100": 2039, "L40S": 864, "A10": 600}  # HBM/GDDR spec sheets, GB/s
@@ -259,10 +261,82 @@ def engine_tokens_per_s(smoke: bool, concurrency: int) -> float | str:
     return sum(type(e).__name__ == "Token" for e in events) / (time.perf_counter() - start)
 
 
+def _greedy(paddle, model, prompts: list[list[int]], steps: int) -> list[tuple[list[int], list[float]]]:
+    """Greedy tokens and their logprobs from Baton's engine over ``model``, one list per prompt."""
+    from infer.engine import Engine, EngineConfig
+    from infer.generate import Fixed
+    from infer.sampling import SamplingParams
+
+    engine = Engine(Fixed(model), model.config, EngineConfig(max_num_seqs=len(prompts)))
+    params = SamplingParams(max_tokens=steps, temperature=0.0, logprobs=0, ignore_eos=True)
+    events: list[list] = [[] for _ in prompts]
+    for i, prompt in enumerate(prompts):
+        engine.submit([prompt], params, events[i].append)
+    engine.run_until_idle()
+    return [([e.token for e in ev if type(e).__name__ == "Token"],
+             [e.logprob.logprob for e in ev if type(e).__name__ == "Token"]) for ev in events]
+
+
+def paddle_checks(smoke: bool) -> dict:
+    """With Paddle (a GPU build on a GPU host; the CPU build in --smoke), what the kernels alone cannot show:
+    the engine's greedy tokens and logprobs on the Triton path equal ``BATON_KERNELS=reference`` on the same
+    device (float32 and bfloat16 models), a tensor-parallel-2 update through the weight-apply kernel into
+    strided shard views is bit-exact, and the device-side weight digest equals the host's formula."""
+    try:
+        import paddle
+    except ImportError:
+        return {"skipped": "Paddle is not installed on this host"}
+    if not smoke and not paddle.is_compiled_with_cuda():
+        return {"skipped": "no Paddle GPU build on this host (see README: paddlepaddle-gpu from Paddle's index)"}
+    import tempfile
+
+    import kernels
+    import storage
+    from infer import digest
+    from infer.model import build_model, random_state_dict
+
+    paddle.set_device("cpu" if smoke else "gpu")
+    out: dict = {"device": paddle.get_device()}
+    prompts, steps = [[1, 2, 3], list(range(10, 30)), [7] * 5], (4 if smoke else 32)
+    for dtype in ("float32", "bfloat16"):
+        config = get_config("tiny" if smoke else "small", dtype=dtype)
+        model = build_model(config, random_state_dict(config, 0))
+        triton_path = _greedy(paddle, model, prompts, steps)
+        os.environ["BATON_KERNELS"] = "reference"
+        kernels.dispatch._triton_ops.cache_clear()
+        try:
+            reference_path = _greedy(paddle, model, prompts, steps)
+        finally:
+            del os.environ["BATON_KERNELS"]
+            kernels.dispatch._triton_ops.cache_clear()
+        same = sum(a[0] == b[0] for a, b in zip(triton_path, reference_path))
+        gap = max(abs(x - y) for a, b in zip(triton_path, reference_path) for x, y in zip(a[1], b[1]))
+        tol = 2e-3 if dtype == "float32" else 5e-2
+        out[f"engine_{dtype}"] = {"same_greedy_tokens": f"{same}/{len(prompts)}", "max_logprob_gap": gap,
+                                  "ok": same == len(prompts) and gap <= tol, "backend": kernels.backend(
+                                      next(iter(model.state_dict().values())))}
+    config = get_config("tiny" if smoke else "small")
+    state = random_state_dict(config, 1)
+    with tempfile.TemporaryDirectory() as root:
+        for rank, shard in enumerate(storage.split_state_dict(state, 2)):
+            storage.publish(shard, root, "tp2", rank)
+        model = build_model(config, random_state_dict(config, 2))
+        params = model.state_dict()
+        for rank in range(2):  # column shards are strided views: the weight-apply kernel must take them
+            storage.load_snapshot(root, "tp2", rank=rank, into=storage.shard_views(params, rank, 2),
+                                  copy_fn=kernels.cast_copy_)
+        host = {n: digest.host_array(t) for n, t in params.items()}
+        out["tp2_update"] = {"ok": all(np.array_equal(host[n], state[n]) for n in state)}
+        device = digest.state_digest(params, "sum64")
+        out["device_digest"] = {"ok": device == digest.state_digest(host, "sum64"), "digest": device}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1; no JSON")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu.json"))
+    ap.add_argument("--out", default=DEFAULT_OUT, help=f"where the JSON goes (default {DEFAULT_OUT}; with --smoke "
+                    "only when given)")
     args = ap.parse_args()
     dev = "cpu" if args.smoke else "cuda"
     if dev == "cuda" and not torch.cuda.is_available():
@@ -287,13 +361,24 @@ def main() -> int:
     engine = {f"concurrency {n}": engine_tokens_per_s(args.smoke, n) for n in ((1, 4) if args.smoke else (1, 32))}
     for label, tps in engine.items():
         print(f"engine (Paddle + Triton), {label}: " + (f"{tps:,.0f} tokens/s" if isinstance(tps, float) else tps))
-    if not args.smoke:
-        result = {"device": name, "oracle": oracle, "torch": torch.__version__, "kernels": rows,
-                  "decode_tokens_per_s": decode, "engine_tokens_per_s": engine, "goal": "frac_of_rated >= 0.7 for elementwise and norm kernels",
-                  "date": time.strftime("%Y-%m-%d")}
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    checks = paddle_checks(args.smoke)
+    for label, value in checks.items():
+        print(f"paddle: {label}: {value}")
+    failed = [r["op"] for r in rows if not r["ok"]] + [k for k, v in checks.items() if isinstance(v, dict)
+                                                         and not v.get("ok", True)]
+    paddle_note = "Paddle checks skipped: " + checks["skipped"] if "skipped" in checks else \
+        f"Paddle checks {len([v for v in checks.values() if isinstance(v, dict)])} run"
+    result = {"device": name, "oracle": oracle, "torch": torch.__version__, "kernels": rows,
+              "decode_tokens_per_s": decode, "engine_tokens_per_s": engine, "paddle": checks,
+              "goal": "frac_of_rated >= 0.7 for elementwise and norm kernels", "failed": failed,
+              "date": time.strftime("%Y-%m-%d")}
+    if not args.smoke or args.out != DEFAULT_OUT:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {args.out}")
-    return 0 if all(r["ok"] for r in rows) else 1
+    print(f"VERDICT: {'FAIL ' + ', '.join(failed) if failed else 'PASS'} ({sum(r['ok'] for r in rows)}/{len(rows)} "
+          f"kernels match the oracle; {paddle_note})")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

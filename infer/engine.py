@@ -30,7 +30,7 @@ import paddle.nn.functional as F
 
 import kernels
 from infer.events import Event, Failed, Finished, Logprob, Scored, Started, Token
-from infer.kvcache import Group, KVPool, PagedStep, pages_for
+from infer.kvcache import Group, KVPool, PagedStep, kv_dtype, pages_for
 from infer.metrics import Metrics
 from infer.model import Decoder
 from infer.sampling import SamplingParams, TextStream, rng_for, sample
@@ -126,8 +126,9 @@ class Engine:
         self.tokenizer = tokenizer  # its stop_ids end samples; it turns their tokens into text
         self.metrics = metrics or Metrics()
         per_seq = pages_for(config.max_seq_len)
-        budget_pages = settings.kv_cache_mb * 2**20 // KVPool.page_bytes(config)
-        self.pool = KVPool(config, 1 + min(budget_pages, settings.max_num_seqs * per_seq))
+        dtype = kv_dtype(config.dtype)
+        budget_pages = settings.kv_cache_mb * 2**20 // KVPool.page_bytes(config, dtype)
+        self.pool = KVPool(config, 1 + min(budget_pages, settings.max_num_seqs * per_seq), dtype)
         self._inbox: deque[Request] = deque()
         self._waiting: deque[Request] = deque()
         self._prefilling: list[Sequence] = []

@@ -18,6 +18,16 @@ import kernels
 from infer.config import ModelConfig
 
 
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_dtype(model_dtype: str, device: str | None = None) -> str:
+    """The KV cache's dtype: the model's on a GPU (a bf16 model's cache costs half a float32 one), float32 on the
+    CPU, where the compiled attention kernel reads float32 pages (``kernels.cpu_attention``)."""
+    device = device if device is not None else paddle.get_device()
+    return "float32" if device == "cpu" else model_dtype
+
+
 def pages_for(tokens: int) -> int:
     return -(-tokens // kernels.PAGE)
 
@@ -27,6 +37,7 @@ class KVPool:
         if pages < 2:
             raise ValueError(f"a KV cache needs at least 2 pages of {kernels.PAGE} tokens, got {pages}")
         layers = [kernels.new_kv_pages(config.kv_heads, pages, config.head_dim, dtype) for _ in range(config.layers)]
+        self.dtype = dtype
         self.k, self.v = [k for k, _ in layers], [v for _, v in layers]
         self.pages = pages
         self._refs = np.zeros(pages, np.int32)
@@ -34,7 +45,7 @@ class KVPool:
 
     @staticmethod
     def page_bytes(config: ModelConfig, dtype: str = "float32") -> int:
-        return 2 * config.layers * config.kv_heads * kernels.PAGE * config.head_dim * np.dtype(dtype).itemsize
+        return 2 * config.layers * config.kv_heads * kernels.PAGE * config.head_dim * ITEMSIZE[dtype]
 
     @property
     def capacity(self) -> int:

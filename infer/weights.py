@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import paddle
-import xxhash
 
 import kernels
 import storage
 from infer.config import ModelConfig
+from infer.digest import state_digest
 from infer.engine import Busy
 from infer.metrics import Metrics
 from infer.model import Decoder, load_state
@@ -106,30 +106,6 @@ class Slot:
     model: Decoder
     info: WeightInfo | None = None
     readers: int = 0
-
-
-def state_digest(state: Mapping[str, Any]) -> str:
-    """xxh3_128 over names, dtypes, shapes and bytes in name order: equal digests, equal weights. Numpy and Paddle
-    tensors of the same values digest the same, so a trainer can compare its own state with ``GET /v1/weights``."""
-    h = xxhash.xxh3_128()
-    for name in sorted(state):
-        t = state[name]
-        code = code_of_numpy(t.dtype) if isinstance(t, np.ndarray) else code_of_paddle(t.dtype)
-        h.update(f"{name}|{code}|{list(t.shape)};".encode())
-        h.update(memoryview(np.ascontiguousarray(_host_array(t))).cast("B"))
-    return h.hexdigest()
-
-
-def _host_array(t: Any) -> np.ndarray:
-    """The tensor's bytes as numpy: shared with a contiguous CPU tensor (no copy of a large model), copied else."""
-    if isinstance(t, np.ndarray):
-        return t
-    t = t.detach()
-    if t.dtype == paddle.bfloat16:
-        t = t.view(paddle.uint16)
-    if t.place.is_cpu_place() and t.is_contiguous() and t.numel() > 0:
-        return np.from_dlpack(t)
-    return t.numpy()
 
 
 def _cause(exc: Exception) -> str:

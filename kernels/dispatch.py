@@ -42,17 +42,23 @@ def _gpu(x: paddle.Tensor) -> ModuleType | None:
     return _triton_ops() if backend(x) == "triton" else None
 
 
+def _ready(x: paddle.Tensor, place) -> paddle.Tensor:
+    """``x`` as a Triton launcher must get it: contiguous (the launchers derive strides from shapes) and on the
+    place of the op's first tensor (a host tensor would be read as a device pointer)."""
+    if x.place != place:
+        x = x.to(place)
+    return x if x.is_contiguous() else x.contiguous()
+
+
 def cast_copy_(dst: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:
     """The weight-apply kernel: ``dst`` takes ``src``'s values in place, cast to ``dst``'s dtype, with no
     full-size temporary. Matches ``storage.load_snapshot(copy_fn=...)``. ``src`` may live on the host."""
     if list(dst.shape) != list(src.shape):
         raise ValueError(f"cast_copy_: a {list(src.shape)} tensor cannot be written into {list(dst.shape)}")
     ops = _gpu(dst)
-    if ops is None:
+    if ops is None or not dst.is_contiguous():  # a strided view (a column shard) has no flat alias to write
         return reference.cast_copy_(dst, src)
-    if src.place != dst.place:
-        src = src.to(dst.place)  # the host-to-device copy; the cast below then reads it once
-    ops.cast_copy_(dst.detach(), src.detach().contiguous())
+    ops.cast_copy_(dst.detach(), _ready(src.detach(), dst.place))  # a host src crosses once, then is cast
     return dst
 
 
@@ -63,10 +69,10 @@ def rms_norm(
     ops = _gpu(x)
     if ops is None:
         return reference.rms_norm(x, weight, eps, residual)
-    x = x.contiguous()
+    x = _ready(x, x.place)
     out = paddle.empty_like(x)
     summed = None if residual is None else paddle.empty_like(x)
-    ops.rms_norm(x, weight, eps, out, residual.contiguous() if residual is not None else None, summed)
+    ops.rms_norm(x, _ready(weight, x.place), eps, out, None if residual is None else _ready(residual, x.place), summed)
     return out, summed
 
 
@@ -75,10 +81,10 @@ def rotary_(q: paddle.Tensor, k: paddle.Tensor, cos: paddle.Tensor, sin: paddle.
     if cpu_attention.supports(q, k, cos, sin) and all(x.is_contiguous() for x in (q, k, cos, sin)):
         return cpu_attention.rotary_(q, k, cos, sin)
     ops = _gpu(q)
-    if ops is None:
+    if ops is None or not (q.is_contiguous() and k.is_contiguous()):  # rotated in place: no copy to rotate
         reference.rotary_(q, k, cos, sin)
     else:
-        ops.rotary_(q, k, cos.contiguous(), sin.contiguous())
+        ops.rotary_(q, _ready(k, q.place), _ready(cos, q.place), _ready(sin, q.place))
 
 
 def rotary(q: paddle.Tensor, k: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor):
@@ -91,8 +97,9 @@ def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:
     ops = _gpu(gate)
     if ops is None:
         return reference.swiglu(gate, up)
+    gate = _ready(gate, gate.place)
     out = paddle.empty_like(gate)
-    ops.swiglu(gate.contiguous(), up.contiguous(), out)
+    ops.swiglu(gate, _ready(up, gate.place), out)
     return out
 
 
@@ -125,8 +132,10 @@ def decode_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.T
     ops = _gpu(q)
     if ops is None:
         return reference.decode_attention(q, k_pages, v_pages, page_table, lengths, scale)
+    q = _ready(q, q.place)
     out = paddle.empty_like(q)
-    ops.decode_attention(q.contiguous(), k_pages, v_pages, page_table.contiguous(), lengths.contiguous(), scale, out)
+    ops.decode_attention(q, _ready(k_pages, q.place), _ready(v_pages, q.place), _ready(page_table, q.place),
+                         _ready(lengths, q.place), scale, out)
     return out
 
 
@@ -141,8 +150,10 @@ def paged_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Te
     ops = _gpu(q)
     if ops is None or q.shape[1] != 1:
         return reference.paged_attention(q, k_pages, v_pages, plan, scale)
-    out = paddle.empty_like(q[:, 0])
-    ops.decode_attention(q[:, 0].contiguous(), k_pages, v_pages, plan.page_table, plan.lengths, scale, out)
+    q0 = _ready(q[:, 0], q.place)
+    out = paddle.empty_like(q0)
+    ops.decode_attention(q0, _ready(k_pages, q.place), _ready(v_pages, q.place), _ready(plan.page_table, q.place),
+                         _ready(plan.lengths, q.place), scale, out)
     return out.unsqueeze(1)
 
 

@@ -9,6 +9,8 @@ Inputs must be contiguous: the launchers derive strides from shapes.
 from __future__ import annotations
 
 import math
+import os
+import threading
 
 import triton
 import triton.language as tl
@@ -25,6 +27,41 @@ def _rounded(x, ty: tl.constexpr):
         half = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         return tl.where(x != x, 0x7FC0, half).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(ty)
+
+
+_LAUNCH = threading.Lock()
+
+
+def stream_of(t) -> tuple[int, int]:
+    """``(device index, raw CUDA stream)`` the tensor's own framework runs its next op on: Paddle's current stream
+    for the tensor's place (``paddle.device.current_stream``), or torch's."""
+    place = getattr(t, "place", None)
+    if place is not None and hasattr(place, "gpu_device_id"):
+        import paddle
+
+        return place.gpu_device_id(), paddle.device.current_stream(place).stream_base.cuda_stream
+    import torch
+
+    return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """Every kernel starts here, on the device and stream of its first tensor argument. Triton asks its driver
+    for the current stream, which it knows only through torch; a Paddle tensor reached through Paddle's torch
+    proxy must not depend on that answer (a launch on another stream than Paddle's reads tensors before Paddle has
+    written them: wrong tokens, no error). The interpreter has no streams."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        kernel[grid](*args, **meta)
+        return
+    device, stream = stream_of(args[0])
+    driver = triton.runtime.driver.active
+    with _LAUNCH:
+        saved = driver.get_current_device, driver.get_current_stream
+        driver.get_current_device, driver.get_current_stream = (lambda: device), (lambda _device=None: stream)
+        try:
+            kernel[grid](*args, **meta)
+        finally:
+            driver.get_current_device, driver.get_current_stream = saved
 
 
 def _numel(x) -> int:
@@ -55,7 +92,7 @@ def cast_copy_(dst, src):
     _contiguous(dst, src)
     n = _numel(dst)
     if n:
-        _cast_copy_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](dst, src, n, BLOCK=ELEMENTWISE_BLOCK)
+        launch(_cast_copy_kernel, (triton.cdiv(n, ELEMENTWISE_BLOCK),), dst, src, n, BLOCK=ELEMENTWISE_BLOCK)
     return dst
 
 
@@ -83,7 +120,7 @@ def rms_norm(x, weight, eps: float, out, residual=None, residual_out=None) -> No
     _contiguous(x, weight, out, *([residual, residual_out] if residual is not None else []))
     rows, block = _numel(x) // max(n_cols, 1), triton.next_power_of_2(n_cols)
     if rows:
-        _rms_norm_kernel[(rows,)](x, residual if residual is not None else x, weight, out,
+        launch(_rms_norm_kernel, (rows,), x, residual if residual is not None else x, weight, out,
                                   residual_out if residual_out is not None else out, n_cols, eps,
                                   HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16))
 
@@ -113,7 +150,7 @@ def rotary_(q, k, cos, sin) -> None:
         _require(int(x.shape[1]) == seq and int(x.shape[3]) == 2 * half, "rotary_: q and k disagree in T or D")
         rows = _numel(x) // (2 * half) if half else 0
         if rows:
-            _rotary_kernel[(rows,)](x, cos, sin, seq, int(x.shape[2]), HALF=half,
+            launch(_rotary_kernel, (rows,), x, cos, sin, seq, int(x.shape[2]), HALF=half,
                                     BLOCK=triton.next_power_of_2(half))
 
 
@@ -132,7 +169,7 @@ def swiglu(gate, up, out) -> None:
     _contiguous(gate, up, out)
     n = _numel(gate)
     if n:
-        _swiglu_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](gate, up, out, n, BLOCK=ELEMENTWISE_BLOCK)
+        launch(_swiglu_kernel, (triton.cdiv(n, ELEMENTWISE_BLOCK),), gate, up, out, n, BLOCK=ELEMENTWISE_BLOCK)
 
 
 @triton.jit
@@ -179,6 +216,6 @@ def decode_attention(q, k_pages, v_pages, page_table, lengths, scale: float, out
     _require(int(page_table.shape[0]) == batch and list(lengths.shape) == [batch],
              f"decode_attention: page_table must be [{batch}, nb] and lengths [{batch}]")
     _contiguous(q, k_pages, v_pages, page_table, lengths, out)
-    _decode_attention_kernel[(batch, heads)](q, k_pages, v_pages, page_table, lengths, out, pages,
+    launch(_decode_attention_kernel, (batch, heads), q, k_pages, v_pages, page_table, lengths, out, pages,
                                              int(page_table.shape[1]), scale, HEADS=heads, KV_HEADS=kv_heads,
                                              DIM=dim, BLOCK_D=triton.next_power_of_2(dim), PAGE=page)

@@ -481,3 +481,4 @@ def test_gpu_check_script_runs_under_the_interpreter():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "oracle: Baton's Paddle reference" in out.stdout
     assert out.stdout.count(" yes ") == 5 and "tokens/s" in out.stdout
+    assert "VERDICT: PASS" in out.stdout.splitlines()[-1] and "paddle: tp2_update: {'ok': True}" in out.stdout

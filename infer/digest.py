@@ -1,0 +1,106 @@
+"""The digest of a model's live weights, reported by ``GET /v1/weights`` after every update: equal digests, equal
+weights, so a trainer (or a test) can check what a server holds without reading it back.
+
+On the host the digest is xxh3_128 over every tensor's name, dtype code, shape and bytes, in name order. On a GPU
+that would copy the whole model to the host after every sync, so there each tensor is reduced on the device to one
+64-bit number, ``sum64`` (its bytes read as unsigned 16- or 32-bit words ``w_i``, then ``sum(w_i * (i * MUL + ADD))
+mod 2**64``: an integer sum, so the same in any order on any device), and the digest is ``sum64-`` followed by
+xxh3_128 over the names, dtype codes, shapes and those numbers. Only the numbers cross to the host. Either kind can
+be computed for any state (``scheme=``), from numpy arrays too: a trainer compares like with like.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import paddle
+import xxhash
+
+from storage import code_of_numpy, code_of_paddle
+
+MUL, ADD = 0x9E3779B97F4A7C15, 0x632BE59BD9B4E019  # odd constants: every position weighs differently
+CHUNK = 1 << 24  # words reduced at a time on the device: the int64 temporaries stay at 128 MiB each
+_MASK = 2**64 - 1
+_SIGNED = {2: (paddle.int16, 0xFFFF), 4: (paddle.int32, 0xFFFFFFFF)}
+
+
+def _signed64(n: int) -> int:
+    return n - 2**64 if n >= 2**63 else n
+
+
+def sum64(words: np.ndarray) -> int:
+    """The reference ``sum64`` of unsigned words (uint16 or uint32), in numpy's wrapping uint64 arithmetic."""
+    i = np.arange(words.size, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return int((words.reshape(-1).astype(np.uint64) * (i * np.uint64(MUL) + np.uint64(ADD))).sum(dtype=np.uint64))
+
+
+def device_sum64(t: paddle.Tensor) -> paddle.Tensor:
+    """``sum64`` of a 2- or 4-byte tensor computed where it lives, as an int64 scalar there (its bits are the
+    unsigned value). Paddle's int64 arithmetic wraps like the reference's."""
+    width, mask = _SIGNED[t.element_size()]
+    flat = t.detach().reshape([-1]).view(width)
+    def const(n: int) -> paddle.Tensor:  # a Python int operand would pass through float64 and lose bits
+        return paddle.full([], _signed64(n), "int64").to(t.place)
+
+    mul, add, total = const(MUL), const(ADD), const(0)
+    for start in range(0, flat.shape[0], CHUNK):
+        stop = min(start + CHUNK, flat.shape[0])
+        words = paddle.bitwise_and(flat[start:stop].astype("int64"), const(mask))
+        weights = paddle.arange(start, stop, dtype="int64").to(t.place) * mul + add
+        total = total + (words * weights).sum()
+    return total
+
+
+def _words(t: Any) -> np.ndarray:
+    """A tensor's bytes as unsigned words, on the host."""
+    arr = t if isinstance(t, np.ndarray) else host_array(t)
+    arr = np.ascontiguousarray(arr).reshape(-1)
+    if arr.dtype.itemsize == 1:
+        return arr.view(np.uint8).astype(np.uint16)
+    return arr.view(np.uint16 if arr.dtype.itemsize == 2 else np.uint32)
+
+
+def host_array(t: Any) -> np.ndarray:
+    """The tensor's bytes as numpy: shared with a contiguous CPU tensor (no copy of a large model), copied else."""
+    if isinstance(t, np.ndarray):
+        return t
+    t = t.detach()
+    if t.dtype == paddle.bfloat16:
+        t = t.view(paddle.uint16)
+    if t.place.is_cpu_place() and t.is_contiguous() and t.numel() > 0:
+        return np.from_dlpack(t)
+    return t.numpy()
+
+
+def _on_device(t: Any) -> bool:
+    return not isinstance(t, np.ndarray) and not t.place.is_cpu_place()
+
+
+def state_digest(state: Mapping[str, Any], scheme: str | None = None) -> str:
+    """The digest of ``state`` (numpy arrays or Paddle tensors): ``scheme="xxh3"`` over the bytes, ``"sum64"``
+    over each tensor's device-reduced number; by default ``sum64`` when a tensor is on a GPU, else ``xxh3``.
+    Numpy and Paddle tensors of the same values digest the same under either scheme."""
+    scheme = scheme or ("sum64" if any(_on_device(t) for t in state.values()) else "xxh3")
+    if scheme not in ("xxh3", "sum64"):
+        raise ValueError(f"scheme {scheme!r}: use 'xxh3' or 'sum64'")
+    h = xxhash.xxh3_128()
+    names = sorted(state)
+    sums: dict[str, Any] = {}
+    if scheme == "sum64":
+        on_device = [n for n in names if _on_device(state[n]) and state[n].element_size() in _SIGNED]
+        if on_device:  # one transfer of len(on_device) numbers, not of the model
+            values = paddle.stack([device_sum64(state[n]).cpu() for n in on_device]).numpy()
+            sums = {n: int(v) & _MASK for n, v in zip(on_device, values)}
+    for name in names:
+        t = state[name]
+        code = code_of_numpy(t.dtype) if isinstance(t, np.ndarray) else code_of_paddle(t.dtype)
+        h.update(f"{name}|{code}|{list(t.shape)};".encode())
+        if scheme == "xxh3":
+            h.update(memoryview(np.ascontiguousarray(host_array(t))).cast("B"))
+        else:
+            value = sums[name] if name in sums else sum64(_words(t))
+            h.update(value.to_bytes(8, "little"))
+    return ("sum64-" if scheme == "sum64" else "") + h.hexdigest()

@@ -1,0 +1,177 @@
+"""The GPU serving path's contracts, checked on CPU: what the dispatcher hands a Triton launcher, which stream
+every launch runs on, the KV cache's dtype and the weight digest that must not copy a GPU model to the host. The
+GPU itself is exercised by ``bench/gpu_check.py`` where one is lent."""
+
+from __future__ import annotations
+
+import os
+import types
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere in this process
+
+import numpy as np
+import paddle
+import pytest
+
+import kernels
+import storage
+from infer import digest
+from infer.config import get_config
+from infer.kvcache import KVPool, kv_dtype
+from infer.model import build_model, random_state_dict
+from kernels import dispatch
+
+
+class Recorder(types.SimpleNamespace):
+    """A stand-in for ``kernels.triton_ops``: records every tensor each launcher receives."""
+
+    def __init__(self):
+        super().__init__(calls=[])
+        for op in ("cast_copy_", "rms_norm", "rotary_", "swiglu", "decode_attention"):
+            setattr(self, op, self._record(op))
+
+    def _record(self, op):
+        def launcher(*args):
+            self.calls.append((op, [a for a in args if isinstance(a, paddle.Tensor)]))
+        return launcher
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """The dispatcher believes every tensor is on a GPU and sends it to the recorder."""
+    fake = Recorder()
+    monkeypatch.setattr(dispatch, "_gpu", lambda x: fake)
+    return fake
+
+
+def test_the_dispatcher_hands_launchers_only_contiguous_tensors_on_one_place(recorder):
+    strided = paddle.arange(24, dtype="float32").reshape([4, 6])[:, ::2]  # every other column: a strided view
+    assert not strided.is_contiguous()
+    dispatch.cast_copy_(paddle.zeros([4, 3]), strided)
+    dispatch.rms_norm(strided, paddle.ones([6])[::2], 1e-6, residual=strided)
+    dispatch.swiglu(strided, strided)
+    q, k = paddle.zeros([1, 2, 2, 4]), paddle.zeros([1, 2, 1, 4])
+    dispatch.rotary_(q, k, paddle.ones([2, 4])[:, ::2], paddle.ones([2, 4])[:, ::2])
+    pages = paddle.zeros([1, 3, kernels.PAGE, 4], "float16")  # not the CPU kernel's float32: the GPU route
+    dispatch.decode_attention(paddle.zeros([2, 2, 4], "float16"), pages, pages, paddle.ones([4, 2], "int64").T,
+                              paddle.ones([2], "int64"), 0.5)
+    assert [op for op, _ in recorder.calls] == ["cast_copy_", "rms_norm", "swiglu", "rotary_", "decode_attention"]
+    for op, tensors in recorder.calls:
+        assert all(t.is_contiguous() for t in tensors), op
+        assert len({str(t.place) for t in tensors}) == 1, op
+
+
+def test_a_tensor_parallel_shard_view_is_written_by_the_reference_not_a_launcher(recorder):
+    """A TP-2 update writes each rank's files into strided column views of the full weight (``shard_views``):
+    never a Triton launcher's input, which would read them as contiguous memory."""
+    full = {"model.layers.0.self_attn.q_proj.weight": paddle.zeros([4, 6])}
+    want = np.arange(24, dtype=np.float32).reshape(4, 6)
+    for rank in range(2):
+        view = storage.shard_views(full, rank, 2)["model.layers.0.self_attn.q_proj.weight"]
+        assert not view.is_contiguous()
+        dispatch.cast_copy_(view, paddle.to_tensor(want[:, rank * 3:(rank + 1) * 3].copy()))
+    assert recorder.calls == []
+    assert np.array_equal(full["model.layers.0.self_attn.q_proj.weight"].numpy(), want)
+
+
+class Place:
+    def __init__(self, index: int):
+        self.index = index
+
+    def gpu_device_id(self) -> int:
+        return self.index
+
+
+class FakeDriver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return "torch's stream"
+
+
+def test_every_launch_runs_on_the_stream_paddle_reports_for_the_tensors_device(monkeypatch):
+    import triton
+
+    from kernels import triton_ops
+
+    asked = []
+
+    def current_stream(place):
+        asked.append(place.gpu_device_id())
+        return types.SimpleNamespace(stream_base=types.SimpleNamespace(cuda_stream=0xBEEF + place.gpu_device_id()))
+
+    monkeypatch.setattr(paddle.device, "current_stream", current_stream)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    driver = FakeDriver()
+    monkeypatch.setattr(triton.runtime.driver, "_active", driver)
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            active = triton.runtime.driver.active
+            return lambda *args, **meta: seen.append((active.get_current_device(),
+                                                      active.get_current_stream(active.get_current_device())))
+
+    triton_ops.launch(Kernel(), (1,), types.SimpleNamespace(place=Place(1)), 3, BLOCK=4)
+    assert asked == [1] and seen == [(1, 0xBEEF + 1)]
+    assert driver.get_current_stream() == "torch's stream"  # restored after the launch
+
+
+def test_every_launcher_goes_through_the_stream_pinning_launch(monkeypatch):
+    import torch
+
+    from kernels import triton_ops
+
+    launched = []
+    monkeypatch.setattr(triton_ops, "launch", lambda kernel, grid, *args, **meta: launched.append(kernel.fn.__name__))
+    x = torch.zeros(2, 8)
+    triton_ops.cast_copy_(x, torch.ones(2, 8))
+    triton_ops.rms_norm(x, torch.ones(8), 1e-6, torch.empty(2, 8))
+    triton_ops.swiglu(x, x, torch.empty(2, 8))
+    q, k = torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 1, 8)
+    triton_ops.rotary_(q, k, torch.ones(2, 4), torch.ones(2, 4))
+    pages = torch.zeros(1, 3, 16, 8)
+    triton_ops.decode_attention(torch.zeros(2, 2, 8), pages, pages, torch.ones(2, 2, dtype=torch.int64),
+                                torch.ones(2, dtype=torch.int64), 0.5, torch.empty(2, 2, 8))
+    assert sorted(set(launched)) == sorted({"_cast_copy_kernel", "_rms_norm_kernel", "_swiglu_kernel",
+                                            "_rotary_kernel", "_decode_attention_kernel"})
+
+
+def test_the_kv_cache_takes_the_models_dtype_on_a_gpu(monkeypatch):
+    assert kv_dtype("bfloat16", "gpu:0") == "bfloat16" and kv_dtype("float16", "gpu:1") == "float16"
+    assert kv_dtype("bfloat16", "cpu") == "float32"  # the compiled CPU attention reads float32 pages
+    config = get_config("tiny", dtype="bfloat16")
+    assert KVPool.page_bytes(config, "bfloat16") * 2 == KVPool.page_bytes(config, "float32")
+
+    from infer.engine import Engine
+    from infer.generate import Fixed
+
+    model = build_model(config)
+    assert Engine(Fixed(model), config).pool.dtype == "float32"
+    monkeypatch.setattr("infer.kvcache.paddle.get_device", lambda: "gpu:0")
+    pool = Engine(Fixed(model), config).pool
+    assert pool.dtype == "bfloat16" and pool.k[0].dtype == paddle.bfloat16
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_the_device_digest_is_the_host_formula(dtype, monkeypatch):
+    monkeypatch.setattr(digest, "CHUNK", 1000)  # several chunks, the last one short
+    x = paddle.to_tensor(np.random.default_rng(0).standard_normal(2500).astype(np.float32)).astype(dtype)
+    assert int(digest.device_sum64(x)) & (2**64 - 1) == digest.sum64(digest._words(x))
+
+
+def test_a_gpu_models_digest_moves_no_weights_to_the_host(monkeypatch):
+    config = get_config("tiny")
+    params = build_model(config, random_state_dict(config, 3)).state_dict()
+    host = {n: t.numpy() for n, t in params.items()}
+    monkeypatch.setattr(digest, "_on_device", lambda t: not isinstance(t, np.ndarray))  # as if on a GPU
+
+    def no_copy(t):
+        raise AssertionError("a weight was copied to the host")
+
+    monkeypatch.setattr(digest, "host_array", no_copy)
+    on_gpu = digest.state_digest(params)
+    assert on_gpu.startswith("sum64-") and on_gpu == digest.state_digest(host, "sum64")
+    host["model.norm.weight"] = host["model.norm.weight"] + 1
+    assert digest.state_digest(host, "sum64") != on_gpu
