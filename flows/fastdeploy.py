@@ -32,13 +32,13 @@ from storage.export import read_record
 from storage.fastdeploy import mark_live, stage_fastdeploy, stage_record
 
 from flows import fleet
-from flows.engines import Engine
+from flows.adapter import Adapter
 from flows.fleet import Refused, Unreachable
 
 RETRY_LATER = {400: "already updating", 403: "clearing its weights"}  # the legacy API's busy answers
 
 
-class FastDeploy(Engine):
+class FastDeploy(Adapter):
     restores_itself = False  # a failed load may leave it cleared or half-loaded: it is rolled back too
 
     def __init__(self, server):

@@ -1,7 +1,7 @@
 """Talking to inference servers over HTTP: the flows never import the server, only speak its API.
 
-A server is Baton's own (``kind="baton"``, the default), FastDeploy's or SGLang's; ``flows.engines`` holds one
-adapter per kind.
+A server is Baton's own (``kind="baton"``, the default), FastDeploy's or SGLang's; ``flows.kinds`` maps each
+kind to its adapter.
 """
 
 from __future__ import annotations

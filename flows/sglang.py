@@ -28,11 +28,11 @@ from storage.export import EXPORT_RECORD, export_hf_dir, open_version, prune_exp
 from storage.families import check_fits
 
 from flows import fleet
-from flows.engines import Engine
+from flows.adapter import Adapter
 from flows.fleet import Refused, Unreachable
 
 
-class SGLang(Engine):
+class SGLang(Adapter):
     restores_itself = False  # a failed disk load leaves a partial model (see the module's docstring)
 
     def __init__(self, server):

@@ -13,7 +13,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from flows.engines import engine_for
+from flows.kinds import adapter_for
 from flows.fleet import Outcome, Refused, Server, Unreachable, Untouched
 from flows.inprocess import flow
 from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks
@@ -33,7 +33,7 @@ def read_server(server: Server) -> dict | None:
     not answer, which the update that follows retries and reports. A plain call, not a task: a task run per read
     costs more in Prefect's bookkeeping than the read itself."""
     try:
-        return engine_for(server).held()
+        return adapter_for(server).held()
     except Unreachable:
         return None
 
@@ -42,7 +42,7 @@ def read_server(server: Server) -> dict | None:
       cache_policy=NO_CACHE, task_run_name="update {server.url} to {version}")
 def update_server(server: Server, version: str, snapshot_root: str, verify: str, admin_token_env: str | None) -> dict:
     """Stages ``version`` for one server (for kinds that need it), loads it and confirms it is what it serves."""
-    return engine_for(server).take(version, snapshot_root, verify, admin_token_env)
+    return adapter_for(server).take(version, snapshot_root, verify, admin_token_env)
 
 
 def _outcomes(servers: list[Server], futures, version: str) -> list[Outcome]:
@@ -67,8 +67,8 @@ def _roll_back(servers: list[Server], outcomes: list[Outcome], before: dict[str,
     model) go back to what they served before, unless the failure came before anything reached them; with
     ``took_it_too``, so do the servers that took the new version, so the fleet agrees again."""
     for server, outcome in zip(servers, outcomes):
-        engine = engine_for(server)
-        if (outcome.ok and not took_it_too) or (not outcome.ok and (engine.restores_itself or not outcome.touched)):
+        adapter = adapter_for(server)
+        if (outcome.ok and not took_it_too) or (not outcome.ok and (adapter.restores_itself or not outcome.touched)):
             continue
         previous = before.get(server.url)
         if not previous:
@@ -78,7 +78,7 @@ def _roll_back(servers: list[Server], outcomes: list[Outcome], before: dict[str,
             continue
         target = previous.get("version") or previous.get("model_path")
         try:
-            engine.roll_back(previous, verify, admin_token_env)
+            adapter.roll_back(previous, verify, admin_token_env)
             if outcome.ok:
                 outcome.status, outcome.version = "rolled back", previous.get("version")
             outcome.message += f"; rolled back to {target}"

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 
 from infer.engine import Engine
 from infer.routes import chat, completions, ops, weights
-from infer.routes.common import Refused, error
+from infer.routes.common import ErrorReply, error
 from infer.tokenizer import BYTES, Tokenizer
 from infer.weights import WeightManager
 
@@ -45,8 +45,8 @@ def create_app(manager: WeightManager, engine: Engine, model_name: str, admin_to
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return reply(request, 400, describe(exc.errors()))
 
-    @app.exception_handler(Refused)
-    async def refused(request: Request, exc: Refused) -> JSONResponse:
+    @app.exception_handler(ErrorReply)
+    async def refused(request: Request, exc: ErrorReply) -> JSONResponse:
         return reply(request, exc.status, str(exc), exc.kind)
 
     @app.exception_handler(HTTPException)

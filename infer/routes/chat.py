@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from infer.events import Event, Finished, Logprob, Token
-from infer.routes.common import Refused
+from infer.routes.common import ErrorReply
 from infer.routes.generation import Reply, SamplingFields, run
 from infer.sampling import MAX_LOGPROBS
 from infer.tokenizer import ChatTemplateError, Tokenizer
@@ -117,18 +117,18 @@ class ChatReply(Reply):
 async def chat(body: ChatRequest, request: Request) -> Response:
     tokenizer: Tokenizer = request.app.state.tokenizer
     if body.top_logprobs is not None and not body.logprobs:
-        raise Refused(400, "top_logprobs: set logprobs to true to ask for top_logprobs")
+        raise ErrorReply(400, "top_logprobs: set logprobs to true to ask for top_logprobs")
     extra = body.chat_template_kwargs or {}
     if clash := [k for k in TEMPLATE_VARIABLES if k in extra]:
-        raise Refused(400, f"chat_template_kwargs: {', '.join(clash)} is set by the server, not by the request")
+        raise ErrorReply(400, f"chat_template_kwargs: {', '.join(clash)} is set by the server, not by the request")
     try:
         text = tokenizer.render_chat([m.model_dump() for m in body.messages], add_generation_prompt=True,
                                      tools=body.tools, **extra)
         ids = tokenizer.encode(text, add_special_tokens=False)  # the template wrote them
     except ChatTemplateError as exc:
-        raise Refused(400, str(exc)) from None
+        raise ErrorReply(400, str(exc)) from None
     except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800") is valid JSON but not text
-        raise Refused(400, f"messages are not valid Unicode text: {exc.reason}") from None
+        raise ErrorReply(400, f"messages are not valid Unicode text: {exc.reason}") from None
     params = body.params(_max_tokens(body, len(ids), request.app.state.engine.config.max_seq_len),
                          (body.top_logprobs or 0) if body.logprobs else None)
     return await run(request, [ids], params, ChatReply(ids, body.n, body.logprobs, tokenizer), body.stream,
@@ -140,7 +140,7 @@ def _max_tokens(body: ChatRequest, prompt: int, limit: int) -> int:
     the context (at least one token, so a prompt that fills the context is refused as too long)."""
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
-        raise Refused(400, f"max_tokens ({body.max_tokens}) and max_completion_tokens "
+        raise ErrorReply(400, f"max_tokens ({body.max_tokens}) and max_completion_tokens "
                            f"({body.max_completion_tokens}) differ: send one of them")
     chosen = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return chosen if chosen is not None else max(limit - prompt, 1)

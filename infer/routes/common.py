@@ -12,7 +12,7 @@ def kind_of(status: int) -> str:
     return KINDS.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-class Refused(Exception):
+class ErrorReply(Exception):
     """A request refused before (or instead of) its result; the app's handler turns it into an error body and
     counts it in ``/metrics``."""
 

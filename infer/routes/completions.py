@@ -8,7 +8,7 @@ from fastapi.responses import Response
 from pydantic import Field, ValidationInfo, field_validator
 
 from infer.events import Event, Finished, Logprob, Scored, Token
-from infer.routes.common import Refused
+from infer.routes.common import ErrorReply
 from infer.routes.generation import Reply, SamplingFields, asks_for_nothing, run
 from infer.sampling import MAX_LOGPROBS
 from infer.tokenizer import Tokenizer
@@ -140,11 +140,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     tokenizer: Tokenizer = request.app.state.tokenizer
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or any(not p for p in prompts):
-        raise Refused(400, "prompt must be a non-empty string or list of non-empty strings")
+        raise ErrorReply(400, "prompt must be a non-empty string or list of non-empty strings")
     try:
         ids = [tokenizer.encode(p) for p in prompts]  # with the special tokens the tokenizer adds (BOS)
     except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800") is valid JSON but not text
-        raise Refused(400, f"prompt is not valid Unicode text: {exc.reason}") from None
+        raise ErrorReply(400, f"prompt is not valid Unicode text: {exc.reason}") from None
     params = body.params(body.max_tokens, body.logprobs, body.echo)
     reply = CompletionReply(sum(map(len, ids)), len(ids) * body.n, body.n, body.logprobs is not None, tokenizer)
     return await run(request, ids, params, reply, body.stream, body.model)

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from infer.events import Event, Failed
-from infer.routes.common import Refused, kind_of
+from infer.routes.common import ErrorReply, kind_of
 from infer.sampling import MAX_N, SamplingParams
 
 VERSION_HEADER = "X-Weight-Version"
@@ -59,7 +59,7 @@ class SamplingFields(BaseModel):
             return SamplingParams(max_tokens, self.temperature, self.top_p, self.seed, stop, self.n, logprobs, echo,
                                   self.ignore_eos)
         except ValueError as exc:
-            raise Refused(400, str(exc)) from None
+            raise ErrorReply(400, str(exc)) from None
 
 
 class Channel:
@@ -131,11 +131,11 @@ def check_prompts(ids: list[list[int]], max_tokens: int, config) -> None:
     for i, prompt in enumerate(ids):
         which = f" (prompt {i})" if len(ids) > 1 else ""
         if len(prompt) + max_tokens > limit:
-            raise Refused(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+            raise ErrorReply(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt{which}, {max_tokens} "
                                f"in max_tokens). Please reduce max_tokens or the prompt.")
         if prompt and max(prompt) >= config.vocab_size:
-            raise Refused(400, f"token {max(prompt)} of the prompt{which} is outside the model's vocabulary of "
+            raise ErrorReply(400, f"token {max(prompt)} of the prompt{which} is outside the model's vocabulary of "
                                f"{config.vocab_size}: the server's tokenizer does not match its model")
 
 
@@ -149,7 +149,7 @@ async def run(request: Request, ids: list[list[int]], params: SamplingParams, re
     try:
         job = app.engine.submit(ids, params, channel)
     except ValueError as exc:
-        raise Refused(400, str(exc)) from None
+        raise ErrorReply(400, str(exc)) from None
     first = await channel.next(None if stream else request)  # a stream learns of a disconnect from Starlette
     if (refusal := _refusal(first, app.engine, job, metrics)) is not None:
         return refusal
@@ -170,13 +170,13 @@ async def run(request: Request, ids: list[list[int]], params: SamplingParams, re
 
 def _refusal(event: Event | None, engine, job, metrics) -> Response | None:
     """The reply of a request that ends without a result: its client left (499) or the engine failed it (raised
-    as ``Refused``, which the app answers and counts)."""
+    as ``ErrorReply``, which the app answers and counts)."""
     if event is None:
         engine.abort(job)
         metrics.completion(499)
         return Response(status_code=499)
     if isinstance(event, Failed):
-        raise Refused(event.status, event.message)
+        raise ErrorReply(event.status, event.message)
     return None
 
 

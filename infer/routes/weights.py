@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from infer.routes.common import Refused, error
+from infer.routes.common import ErrorReply, error
 from infer.weights import RestoreFailed, SnapshotRejected, StorageUnavailable, UpdateBusy, UpdateError
 
 router = APIRouter()
@@ -33,9 +33,9 @@ def admin(request: Request, authorization: str | None = Header(None)) -> None:
     if token is None:
         return
     if not authorization or not authorization.startswith("Bearer "):
-        raise Refused(401, "this server needs an admin token: send 'Authorization: Bearer <token>'")
+        raise ErrorReply(401, "this server needs an admin token: send 'Authorization: Bearer <token>'")
     if not hmac.compare_digest(authorization[7:].encode(), token.encode()):
-        raise Refused(403, "the admin token is wrong")
+        raise ErrorReply(403, "the admin token is wrong")
 
 
 @router.get("/v1/weights")

@@ -1,8 +1,9 @@
 """One interface over every kind of inference server a fleet may hold: stage, load, confirm, roll back.
 
-``sync-weights`` only ever calls ``Engine.take`` and ``Engine.roll_back``; each kind fills in the steps:
+``sync-weights`` only ever calls ``Adapter.take`` and ``Adapter.roll_back``; each kind fills in the steps in a
+file of its own (``flows.kinds`` maps a server's kind to it):
 
-- Baton's server loads a version from the snapshot root itself: nothing to stage.
+- Baton's server loads a version from the snapshot root itself: nothing to stage (``flows.baton``).
 - FastDeploy loads whatever files sit in its model directory: the version is staged there first, then loaded
   over HTTP, and Baton records which version it holds, since the server cannot say (``flows.fastdeploy``).
 - SGLang loads a Hugging Face directory: the version is exported as one first (``flows.sglang``).
@@ -19,10 +20,10 @@ from flows import fleet
 from flows.fleet import Refused, Server, Unreachable, Untouched
 
 
-class Engine:
+class Adapter:
     """The steps of taking a version, for one server. Subclasses override what their kind needs."""
 
-    restores_itself = True  # a load that fails leaves it serving what it had (Baton's server, SGLang's disk load)
+    restores_itself = True  # a load that fails leaves it serving what it had (Baton's server)
 
     def __init__(self, server: Server):
         self.server = server
@@ -65,33 +66,3 @@ class Engine:
     def roll_back(self, previous: dict[str, Any], verify: str, admin_token_env: str | None) -> None:
         """Return the server to ``previous`` (what ``held`` said before the sync)."""
         self.take(previous["version"], previous["snapshot_root"], verify, admin_token_env)
-
-
-class Baton(Engine):
-    """Baton's own server: ``POST /v1/update_weights`` loads from the snapshot root, ``GET /v1/weights`` says
-    what it serves."""
-
-    def held(self) -> dict[str, Any] | None:
-        now = fleet.weights(self.server)
-        return now if now.get("version") else None
-
-    def load(self, version: str, snapshot_root: str, verify: str, admin_token_env: str | None) -> dict[str, Any]:
-        return fleet.update(self.server, version, snapshot_root, verify, admin_token_env)
-
-    def confirm(self, version: str) -> dict[str, Any]:
-        now = fleet.weights(self.server)
-        if now.get("version") != version:
-            raise Unreachable(f"{self.server.url} accepted {version} but serves {now.get('version')!r}")
-        return {"digest": now.get("digest")}
-
-
-def engine_for(server: Server) -> Engine:
-    if server.kind == "fastdeploy":
-        from flows.fastdeploy import FastDeploy
-
-        return FastDeploy(server)
-    if server.kind == "sglang":
-        from flows.sglang import SGLang
-
-        return SGLang(server)
-    return Baton(server)
