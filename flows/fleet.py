@@ -62,6 +62,9 @@ class Server(BaseModel):
         if isinstance(value, dict):
             return cls(**value)
         url, _, frag = value.partition("#rank=")
+        if frag and not (frag.isdigit() and len(frag) <= 6):
+            shown = frag if len(frag) <= 20 else f"{frag[:20]}… ({len(frag)} characters)"
+            raise ValueError(f"{url}: rank {shown!r} in '#rank=' is not a rank number (0, 1, 2...)")
         return cls(url=url, rank=int(frag) if frag else 0)
 
 

@@ -38,6 +38,8 @@ def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fs
         fs, path = fsspec.url_to_fs(url, **options)
     except ImportError as exc:
         raise ImportError(f"{url}: {exc}. For s3:// install the extra: pip install 'baton[s3]'") from exc
+    except OSError as exc:  # filesystems that connect as they are made (ftp, sftp, smb) fail here, without the URL
+        raise ConnectionError(f"{url}: storage unreachable: {type(exc).__name__}: {exc}") from exc
     return fs, path.rstrip("/") or path
 
 

@@ -41,7 +41,9 @@ def check_id(version_id: object) -> str:
 
 def check_rank(rank: object) -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise ValueError(f"invalid rank {rank!r}: a rank is a non-negative integer (0 for a single server)")
+        shown = repr(rank)
+        shown = shown if len(shown) <= 40 else f"{shown[:30]}… ({len(shown)} characters)"
+        raise ValueError(f"invalid rank {shown}: a rank is a non-negative integer (0 for a single server)")
     return rank
 
 

@@ -46,6 +46,7 @@ _BY_NUMPY = {np.dtype(np.bool_): "BOOL", np.dtype(np.uint8): "U8", np.dtype(np.i
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 MAX_DIMS = 64  # numpy's
+MAX_EMPTY_TENSORS = 4096  # zero-size tensors a header may list beyond one per byte of data
 HEADER_PROBE_BYTES = 64 << 10  # one read that holds the whole header of any ordinary part
 
 
@@ -155,8 +156,18 @@ def _compact(pairs: list[tuple[str, object]]) -> object:
         d = dict(pairs)
         shape, offsets = d.get("shape"), d.get("data_offsets")
         if d.keys() == {"dtype", "shape", "data_offsets"} and type(shape) is list and type(offsets) is list:
-            return _Entry((d["dtype"], tuple(shape), *offsets))
+            shape = tuple(shape)
+            if len(_SHAPES) < 1 << 16:  # tensors share a few shapes: one tuple each, not one per entry
+                shape = _SHAPES.setdefault(shape, shape)
+            else:
+                shape = _SHAPES.get(shape, shape)
+            code = d["dtype"]
+            return _Entry((_CODES.get(code, code) if type(code) is str else code, shape, *offsets))
     return _Pairs(pairs)
+
+
+_CODES = {code: code for code in DTYPES}  # the dtype strings of every entry are these objects, not copies
+_SHAPES: dict[tuple, tuple] = {}
 
 
 class _Entry(tuple):
@@ -190,6 +201,11 @@ def parse_header(raw: bytes, path: str, file_size: int) -> Header:
     length = header_length(raw, path, file_size)
     if len(raw) < 8 + length:
         raise TornSnapshotError(path, f"read {len(raw)} bytes of a {8 + length}-byte header (truncated while reading?)")
+    listed, data_bytes = bytes(raw[8:8 + length]).count(b'"data_offsets"') if not isinstance(raw, bytes) else \
+        raw.count(b'"data_offsets"', 8, 8 + length), file_size - 8 - length
+    if listed > data_bytes + MAX_EMPTY_TENSORS:  # each tensor but a few empty ones holds at least a byte
+        raise TornSnapshotError(path, f"header lists {listed} tensors for {data_bytes} bytes of data: they cannot all "
+                                "hold data (a header built to exhaust memory?); refused before parsing it")
     try:  # decoded straight from the buffer: no bytes copy of the header next to its text
         text = codecs.decode(memoryview(raw)[8 : 8 + length], "utf-8")
     except UnicodeDecodeError as exc:
@@ -206,14 +222,13 @@ def parse_header(raw: bytes, path: str, file_size: int) -> Header:
             metadata, doc[i] = dict(info), None
         else:
             doc[i] = _tensor_entry(name, info, data_start, file_size, path)
+    _SHAPES.clear()
     entries = [e for e in doc if e is not None]
     del doc
-    seen: set[str] = set()
-    for e in entries:
-        if e.name in seen:
-            raise TornSnapshotError(path, f"tensor {e.name[:80]!r} appears twice in the header")
-        seen.add(e.name)
-    del seen
+    entries.sort(key=attrgetter("name"))  # duplicates side by side: no set of every name next to the entries
+    for a, b in zip(entries, entries[1:]):
+        if a.name == b.name:
+            raise TornSnapshotError(path, f"tensor {a.name[:80]!r} appears twice in the header")
     entries.sort(key=attrgetter("end"))  # two stable sorts on int keys: no (start, end) tuple per tensor
     entries.sort(key=attrgetter("start"))
     cursor = data_start

@@ -159,16 +159,28 @@ print(len(header.entries), (after - before) * 1024)
 
 def test_header_parsing_costs_a_few_times_its_size(tmp_path):
     body = bytearray(b"{")
-    for i in range(400_000):  # the worst case per byte: many tiny entries
-        body += b'"t.%09d":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},' % i
+    for i in range(400_000):  # the worst case per byte that can be a real file: many one-byte tensors
+        body += b'"t.%09d":{"dtype":"U8","shape":[1],"data_offsets":[%d,%d]},' % (i, i, i + 1)
     body[-1:] = b"}"
     path = tmp_path / "header.safetensors"
-    path.write_bytes(header_file(bytes(body)))
+    path.write_bytes(header_file(bytes(body), b"\0" * 400_000))
     out = subprocess.run([sys.executable, "-c", _HEADER_RSS, str(path)], capture_output=True, text=True, cwd=REPO,
                          timeout=120, check=True).stdout.split()
     entries, grown = map(int, out)
     assert entries == 400_000
-    assert grown <= 8 * path.stat().st_size, f"a {path.stat().st_size >> 20} MiB header grew RSS by {grown >> 20} MiB"
+    size = len(body)
+    assert grown <= 6 * size, f"a {size >> 20} MiB header grew RSS by {grown >> 20} MiB"
+
+
+def test_a_header_of_empty_tensors_is_refused_before_it_is_parsed(tmp_path):
+    """1.6 M zero-size entries (100 MiB of header, no data) once cost 1.1 GiB to parse before being refused."""
+    from storage.tensorfile import parse_header
+
+    entry = b'"t.%09d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}'
+    body = b"{" + b",".join(entry % i for i in range(20_000)) + b"}"
+    raw = header_file(body)
+    with pytest.raises(storage.TornSnapshotError, match="header lists 20000 tensors for 0 bytes of data"):
+        parse_header(raw, "x", len(raw))
 
 
 # ---- targets and races -------------------------------------------------------------------------------------
@@ -231,3 +243,14 @@ def test_failure_midway_lists_every_tensor_touched(tmp_path):
     assert "part1.pdparams" in str(err.value) and len(err.value.applied) == len(calls) >= 1
     for name in err.value.applied:
         assert np.array_equal(as_numpy(target[name]), as_numpy(state[name]))
+
+
+def test_a_huge_rank_and_an_unreachable_root_are_named_in_their_errors():
+    from flows.fleet import Server
+
+    with pytest.raises(ValueError, match=r"rank '9{20}… \(5000 characters\)' in '#rank=' is not a rank number"):
+        Server.parse("http://h:2#rank=" + "9" * 5000)
+    with pytest.raises(ValueError, match=r"invalid rank '9+… \(5002 characters\)"):
+        storage.load_snapshot("/nonexistent", "v", rank="9" * 5000)
+    with pytest.raises(ConnectionError, match=r"ftp://127\.0\.0\.1:1/x: storage unreachable"):
+        storage.load_snapshot("ftp://127.0.0.1:1/x", "v")
