@@ -30,7 +30,7 @@ from infer.config import get_config  # noqa: E402  (pure Python: no Paddle neede
 from kernels import triton_ops  # noqa: E402
 
 DEFAULT_OUT = str(Path(__file__).parent / "results" / "gpu.json")
-PAGE = 16  # kernels.reference.PAGE, the KV-cache page size (repeated: this module must import without Paddle)
+from kernels.sizes import PAGE  # noqa: E402  (pure Python: no Paddle needed)
 
 RATED_GBPS = {"H200": 4800, "H100": 3350, "A100": 2039, "L40S": 864, "A10": 600}  # HBM/GDDR spec sheets, GB/s
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}

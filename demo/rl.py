@@ -72,10 +72,12 @@ class Trainer:
     def __init__(self, model_name: str, seed: int, lr: float, model_dir: str | None = None):
         import paddle
 
+        import kernels
         from infer.config import get_config
         from infer.model import build_model, trainable
         from infer.tokenizer import HFTokenizer
 
+        kernels.use_every_core()  # the trainer's GEMMs too
         paddle.seed(seed)
         if model_dir:  # the directory's architecture, weights and tokenizer
             from infer.hf import load_model_dir

@@ -122,6 +122,7 @@ class Engine:
     def __init__(self, source: ModelSource, config, settings: EngineConfig = EngineConfig(),
                  metrics: Metrics | None = None, tokenizer: Tokenizer = BYTES):
         keep_freed_memory()
+        kernels.use_every_core()
         self.source, self.config, self.settings = source, config, settings
         self.tokenizer = tokenizer  # its stop_ids end samples; it turns their tokens into text
         self.metrics = metrics or Metrics()

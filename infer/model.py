@@ -27,7 +27,6 @@ import paddle.nn.functional as F
 
 import kernels
 from infer.config import ModelConfig
-from kernels.gemm import cpu_matmul
 
 
 def _param(layer: paddle.nn.Layer, shape: list[int], dtype: str) -> paddle.Tensor:
@@ -59,10 +58,7 @@ def row_matmul(x: paddle.Tensor, w: paddle.Tensor, transpose_y: bool = False) ->
     """``x @ w`` (``x @ w.T`` with ``transpose_y``: a tied head over the ``[vocab, hidden]`` embedding, no
     transposed copy) for rows ``x`` ``[M, in]``. On CPU through ``kernels.gemm``, where a row's result does not
     depend on M (batch invariance)."""
-    w = _as(w, x)
-    if x.place.is_cpu_place() and x.dtype == paddle.float32:
-        return cpu_matmul(x, w, transpose_y, BATCH_INVARIANT)
-    return paddle.matmul(x, w, transpose_y=transpose_y)
+    return kernels.matmul(x, _as(w, x), transpose_y, BATCH_INVARIANT)
 
 
 class RMSNorm(paddle.nn.Layer):

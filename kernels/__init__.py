@@ -5,8 +5,9 @@ Each op has a Paddle reference (``reference.py``, CPU and the test oracle) and a
 ``kernels.triton_ops`` can be imported on a host that has Triton and PyTorch but no Paddle (the GPU check).
 """
 
-__all__ = ["MAX_ROWS", "PAGE", "Plan", "backend", "cast_copy_", "causal_attention", "decode_attention",
-           "new_kv_pages", "paged_attention", "rms_norm", "rotary", "rotary_", "store_kv", "swiglu"]
+__all__ = ["MAX_ROWS", "PAGE", "Plan", "backend", "cast_copy_", "causal_attention", "decode_attention", "matmul",
+           "new_kv_pages", "paged_attention", "rms_norm", "rotary", "rotary_", "store_kv", "swiglu",
+           "use_every_core"]
 
 
 def __getattr__(name: str):

@@ -27,10 +27,10 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-PAGE = 16
-# Softmax weights below exp(EXP_FLOOR) of the largest are raised to it: 4e-18 is far below float32's resolution,
-# and it keeps denormal numbers (tens of times slower to multiply) out of the weighted sum.
-EXP_FLOOR = np.float32(-40.0)
+from kernels import sizes  # noqa: E402
+
+PAGE = sizes.PAGE
+EXP_FLOOR = np.float32(sizes.EXP_FLOOR)  # a float32 constant inside the compiled loops
 
 
 # Both loops run in parallel over (row, head): numba's parallel loops also tell LLVM that the arrays do not

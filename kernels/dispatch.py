@@ -16,7 +16,8 @@ from types import ModuleType
 import numpy as np
 import paddle
 
-from kernels import cpu_attention, reference
+from kernels import cpu_attention, gemm, reference
+from kernels.gemm import use_every_core  # noqa: F401  (re-exported: the server calls it once at start)
 from kernels.reference import MAX_ROWS, PAGE, Plan  # noqa: F401  (re-exported for callers)
 
 
@@ -48,6 +49,15 @@ def _ready(x: paddle.Tensor, place) -> paddle.Tensor:
     if x.place != place:
         x = x.to(place)
     return x if x.is_contiguous() else x.contiguous()
+
+
+def matmul(x: paddle.Tensor, w: paddle.Tensor, transpose_y: bool = False, invariant: bool = True) -> paddle.Tensor:
+    """``x @ w`` (``x @ w.T`` with ``transpose_y``) for rows ``x`` ``[M, in]``: on CPU in float32 through
+    ``kernels.gemm``, where with ``invariant`` a row's result does not depend on M; cuBLAS through Paddle
+    elsewhere."""
+    if x.place.is_cpu_place() and x.dtype == paddle.float32:
+        return gemm.cpu_matmul(x, w, transpose_y, invariant)
+    return paddle.matmul(x, w, transpose_y=transpose_y)
 
 
 def cast_copy_(dst: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:

@@ -29,9 +29,8 @@ from llvmlite import ir
 from numba.extending import intrinsic
 from threadpoolctl import threadpool_limits
 
-# Rows per GEMM call: longer forwards (a trainer's) run in blocks, so a row meets the same kernel however many
-# rows there are.
-MAX_ROWS = 128
+from kernels.sizes import MAX_ROWS
+
 # Columns the threshold is measured on: fewer than a wide LM head has (its measure stays cheap); fewer columns
 # only raise the threshold (OpenBLAS's small-matrix choice grows with M*N*K), so it errs on the safe side.
 PROBE_COLUMNS = 2048
@@ -44,9 +43,6 @@ def use_every_core() -> None:
     row's bits do not depend on the thread count (checked in ``tests/test_kernels.py``)."""
     if "OPENBLAS_NUM_THREADS" not in os.environ:
         threadpool_limits(len(os.sched_getaffinity(0)), user_api="blas")
-
-
-use_every_core()
 
 
 def _numpy(t: paddle.Tensor) -> np.ndarray:

@@ -14,15 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
-from kernels.gemm import MAX_ROWS  # noqa: F401  (re-exported)
+from kernels.sizes import EXP_FLOOR, MAX_ROWS, PAGE  # noqa: F401  (re-exported)
 
 # Elements converted per step by cast_copy_: bounds its temporary to 16 MiB of float32 whatever the tensor size.
 CAST_CHUNK = 1 << 22
-# KV-cache page size in tokens; attention pads key lengths to a multiple of it.
-PAGE = 16
-# Softmax weights below exp(EXP_FLOOR) of the largest are raised to it (masked keys stay exactly 0): 4e-18 is far
-# below float32's resolution, and it keeps denormal numbers (which make a CPU GEMM 200x slower) out of attention.
-EXP_FLOOR = -40.0
 
 
 def _f32(x: paddle.Tensor) -> paddle.Tensor:
