@@ -214,7 +214,7 @@ class Engine:
                 except Exception:  # noqa: BLE001 - a bug must not kill the loop: fail what was running
                     log.exception("engine step failed; failing its requests")
                     for request in {id(s.request): s.request for s in self._prefilling + self._decoding}.values():
-                        self._fail(request, 500, "the engine failed on this request; see the server log")
+                        self._fail(request, "engine_error", "the engine failed on this request; see the server log")
                     worked = True
                 if not worked:
                     with self._cv:
@@ -284,7 +284,7 @@ class Engine:
                 return
             except Exception as exc:  # noqa: BLE001 - no weights to serve: tell the client why
                 self._waiting.popleft()
-                request.sink(Failed(503, str(exc)))
+                request.sink(Failed("no_weights", str(exc)))
                 continue
             self._waiting.popleft()
             request.slot, request.pages = slot, self.pool.allocate(need)
@@ -336,8 +336,8 @@ class Engine:
         for choice in range(request.sequences):
             request.sink(Finished(choice, "abort", ""))
 
-    def _fail(self, request: Request, status: int, message: str) -> None:
-        request.sink(Failed(status, message))
+    def _fail(self, request: Request, reason: str, message: str) -> None:
+        request.sink(Failed(reason, message))
         request.aborted = "abort"
         for seq in [s for s in self._prefilling + self._decoding if s.request is request]:
             self._end(seq, "abort")

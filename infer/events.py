@@ -42,7 +42,7 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    status: int
+    reason: str  # "no_weights" (nothing to serve yet, or a restore failed) or "engine_error" (a bug; see the log)
     message: str
 
 

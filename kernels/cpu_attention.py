@@ -1,9 +1,9 @@
 """Attention on CPU: one compiled loop (numba) that reads each query's keys and values straight from the KV pages;
 and the rotary embedding of its q and k, compiled too.
 
-Why: in Paddle ops, attention gathered every sequence's pages into a padded copy, built masks, and ran a dozen
-ops a layer, each a pass over ``[Hkv, G, rows, keys]`` scores: about 20 ms of a 45 ms decode step at 32
-sequences, and about 30 ms of a step that prefills a 128-token prompt. Here a query row visits its own keys only.
+Why: attention in Paddle ops has to gather every sequence's pages into a padded copy, build masks and run a dozen
+ops a layer, each a pass over ``[Hkv, G, rows, keys]`` scores. Here a query row visits its own keys only, in place
+(what that saves per step: ``bench/engine_bench.py``).
 
 Why a row's bits depend on nothing else: every query row runs the same loops in the same order whatever rows,
 sequences or padding come with it. A score sums over the head dims in order (the SIMD lanes are a page's 16

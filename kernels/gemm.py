@@ -1,8 +1,7 @@
 """The model's linears and LM head on CPU: GEMMs through the OpenBLAS numpy ships with, batch-invariantly.
 
-Why numpy: this Paddle CPU build's GEMM is 2-2.5x slower than numpy's OpenBLAS at the sizes a decode step runs
-(the 56 GEMMs of the ``small`` model at 8-64 rows, weights out of cache, conversions included). Tensors cross
-by DLPack, so no weight is copied.
+Why numpy: at the sizes a decode step runs (8-64 rows, weights out of cache), numpy's OpenBLAS is faster than this
+Paddle CPU build's GEMM (``bench/model_bench.py``). Tensors cross by DLPack, so no weight is copied.
 
 Why ``min_rows``: a BLAS computes a row differently when few rows come with it (OpenBLAS: a GEMV for one row, a
 small-matrix kernel while M*N*K is small), and a served token must get the bits the trainer's full forward
@@ -10,7 +9,7 @@ gives it. Above a threshold that depends on the shape and the CPU's kernels, eve
 whatever the row count, so each GEMM runs on at least ``min_rows`` rows, measured once per shape on the
 machine itself, in blocks of at most ``MAX_ROWS``.
 
-Why ``blas_order``: padding one row to the threshold costs a single stream ~4x the GEMV's time (OpenBLAS's
+Why ``blas_order``: padding one row to the threshold costs a single stream several GEMVs' time (OpenBLAS's
 GEMM kernel at 2-8 rows, weights packed on every call). OpenBLAS's GEMM kernel sums each output over K in
 order with fused multiply-adds, K cut into blocks whose sums are then added in order. A compiled loop doing the
 same gives those rows' bits at about GEMV speed; it is used only for shapes where it reproduced the BLAS bit for
@@ -38,9 +37,9 @@ PROBE_COLUMNS = 2048
 
 def use_every_core() -> None:
     """Paddle sets ``OMP_NUM_THREADS=1`` when it is imported and the variable is unset, and OpenBLAS takes its
-    thread count from it when numpy loads it: ``baton serve`` got one BLAS thread that way, and about 0.85x the
-    tokens/s over HTTP. So every core this process may use, unless ``OPENBLAS_NUM_THREADS`` says otherwise. A
-    row's bits do not depend on the thread count (checked in ``tests/test_kernels.py``)."""
+    thread count from it when numpy loads it, which would leave a server on one BLAS thread. So every core this
+    process may use, unless ``OPENBLAS_NUM_THREADS`` says otherwise; called by whoever runs the model (the engine,
+    a trainer), never on import. A row's bits do not depend on the thread count (``tests/test_kernels.py``)."""
     if "OPENBLAS_NUM_THREADS" not in os.environ:
         threadpool_limits(len(os.sched_getaffinity(0)), user_api="blas")
 
@@ -83,8 +82,7 @@ def _fma(typingctx, a, b, c):
 def _in_blas_order(x, w, splits, out):  # pragma: no cover - compiled
     """``out = x @ w`` for a few rows: per output, a chain of fused multiply-adds over each K block in order,
     the blocks' sums added in order (OpenBLAS's GEMM kernel). Weight rows are read once, in order, and the
-    column loop is the SIMD one; one thread runs it at about the two-thread GEMV's speed (split over column
-    ranges as sliced views, the loop did not vectorize and ran 2-3x slower)."""
+    column loop is the SIMD one, over whole rows: sliced views of column ranges would not vectorize."""
     rows, cols = x.shape[0], w.shape[1]
     acc = np.empty((rows, cols), np.float32)
     for b in range(splits.shape[0] - 1):
@@ -107,8 +105,7 @@ _LANES = 16  # outputs a transposed weight's loop computes together (a gather pe
 def _in_blas_order_t(x, w, splits, out):  # pragma: no cover - compiled
     """``out = x @ w.T`` for a few rows and a ``[n_out, n_in]`` weight (a tied head): the same sums as
     ``_in_blas_order``, 16 outputs at a time, their weight rows read side by side. Parallel over column ranges,
-    which this loop (indexed, unlike sliced views) vectorizes: the Qwen2.5-0.5B head (151,936 x 896) takes
-    30 ms for one row, 55 ms as two padded rows."""
+    which this loop (indexed, unlike sliced views) vectorizes."""
     rows, cols = x.shape[0], w.shape[0]
     tiles = (cols + _LANES - 1) // _LANES
     parts = min(tiles, 64)

@@ -12,7 +12,6 @@ import re
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _MANIFEST_RE = re.compile(r"model_state\.tp(\d+)\.([A-Za-z0-9][A-Za-z0-9_-]*)\.manifest\.json")
-_PART_INDEX_RE = re.compile(r"\.part(\d+)\.")
 # What a Paddle trainer saves per tensor-parallel rank (the input of publishing, not part of a snapshot).
 
 
@@ -79,12 +78,6 @@ def pending_name(rank: int, version_id: str) -> str:
 
 def part_regex(rank: int, version_id: str) -> re.Pattern[str]:
     return re.compile(re.escape(base_name(rank, version_id)) + r"\.part(\d+)\.pdparams")
-
-
-def part_index(file_name: str) -> int | None:
-    """The integer N of ``….part{N}.…``; parts are ordered by it, never by string sort."""
-    m = _PART_INDEX_RE.search(file_name)
-    return int(m.group(1)) if m else None
 
 
 def parse_manifest_name(file_name: str) -> tuple[int, str] | None:

@@ -89,8 +89,9 @@ def test_names_match_fastdeploy():
     assert layout.full_name(3, "12") == "model_state.tp3.12.pdparams"
     assert layout.legacy_name("12") == "model_state.tp012.pdparams"
     assert layout.manifest_name(1, "step-9") == "model_state.tp1.step-9.manifest.json"
-    assert sorted(["x.part10.pdparams", "x.part2.pdparams", "x.part1.pdparams"], key=layout.part_index) == [
-        "x.part1.pdparams", "x.part2.pdparams", "x.part10.pdparams"]
+    names = ["model_state.tp0.v.part10.pdparams", "model_state.tp0.v.part2.pdparams", "model_state.tp0.v.part1.pdparams"]
+    index = {n: int(layout.part_regex(0, "v").fullmatch(n).group(1)) for n in names}  # ordered by number, not text
+    assert sorted(names, key=index.get) == names[::-1]
     assert layout.part_regex(1, "2").fullmatch("model_state.tp12.part0.pdparams") is None
 
 

@@ -72,10 +72,6 @@ class ChatReply(Reply):
         self.prompt, self.tokenizer = prompt, tokenizer
         self.choices = [ChatChoice(i, logprobs) for i in range(n)]
 
-    @property
-    def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.choices)
-
     def body(self) -> dict:
         return {"choices": [c.to_json() for c in self.choices], "usage": self.usage.to_json(),
                 "prompt_token_ids": self.prompt}

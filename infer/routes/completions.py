@@ -96,10 +96,6 @@ class CompletionReply(Reply):
         self.n, self.tokenizer = n, tokenizer
         self.choices = [Choice(i, logprobs) for i in range(choices)]
 
-    @property
-    def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.choices)
-
     def body(self) -> dict:
         return {"choices": [c.to_json() for c in self.choices], "usage": self.usage.to_json()}
 

@@ -103,6 +103,7 @@ class Reply:
     """How a route's reply is built from the engine's events; one per request."""
 
     object = chunk_object = id_prefix = ""  # the reply's "object", a streamed chunk's, and the id's prefix
+    choices: list  # each with a ``finish_reason``, None until it ends
 
     def __init__(self, prompt_tokens: int):
         self.usage = Usage(prompt_tokens)
@@ -117,7 +118,7 @@ class Reply:
 
     @property
     def finished(self) -> bool:
-        raise NotImplementedError
+        return all(c.finish_reason is not None for c in self.choices)
 
     def body(self) -> dict:
         """The whole reply's fields after the common head (``choices``, ``usage``, ...)."""
@@ -168,6 +169,10 @@ async def run(request: Request, ids: list[list[int]], params: SamplingParams, re
     return JSONResponse(head | reply.body(), headers=headers)
 
 
+# The engine says why a request failed; the HTTP status is chosen here, at the edge.
+FAILURE_STATUS = {"no_weights": 503, "engine_error": 500}
+
+
 def _refusal(event: Event | None, engine, job, metrics) -> Response | None:
     """The reply of a request that ends without a result: its client left (499) or the engine failed it (raised
     as ``ErrorReply``, which the app answers and counts)."""
@@ -176,7 +181,7 @@ def _refusal(event: Event | None, engine, job, metrics) -> Response | None:
         metrics.completion(499)
         return Response(status_code=499)
     if isinstance(event, Failed):
-        raise ErrorReply(event.status, event.message)
+        raise ErrorReply(FAILURE_STATUS[event.reason], event.message)
     return None
 
 
@@ -190,8 +195,8 @@ async def _sse(head: dict, reply: Reply, channel: Channel, request: Request, job
         while not reply.finished:
             event = await channel.next(None)  # Starlette cancels this generator when the client goes away
             if isinstance(event, Failed):
-                status = event.status
-                failure = {"message": event.message, "type": kind_of(event.status), "code": event.status}
+                status = FAILURE_STATUS[event.reason]
+                failure = {"message": event.message, "type": kind_of(status), "code": status}
                 yield f"data: {json.dumps({'error': failure})}\n\n"
                 return
             for choice in reply.apply(event):
