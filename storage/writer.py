@@ -211,11 +211,27 @@ def publish(
 
     start = time.perf_counter()
     plan = plan_parts(items, part_bytes)
-    total = sum(i.nbytes for i in items)
+    records, tensors = _write_parts(fs, root, plan, rank, version_id, durable, sha256, progress)
+    manifest = Manifest(version_id, rank, time.time(), records, tensors, dict(metadata or {}))
+    manifest_path = join(root, manifest_file)
+    if local:
+        _write_atomic_local(manifest_path, manifest.to_json(), durable)
+    else:
+        fs.pipe_file(manifest_path, manifest.to_json())
+    fs.rm_file(marker)
+    seconds = time.perf_counter() - start
+    return PublishReport(version_id, rank, len(plan), manifest.total_bytes, seconds, f"{root_url.rstrip('/')}/{manifest_file}")
+
+
+def _write_parts(fs, root: str, plan: list[list[_Item]], rank: int, version_id: str, durable: bool, sha256: bool,
+                 progress: bool) -> tuple[list[PartRecord], dict[str, TensorRecord]]:
+    """Every part of ``plan``, hashed as written: locally one writer and one hashing thread, remotely up to two
+    uploads in flight (memory: two parts). Returns the parts' and the tensors' records for the manifest."""
+    local = is_local(fs)
     records: list[PartRecord | None] = [None] * len(plan)
     tensors: dict[str, TensorRecord] = {}
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"publish {version_id} tp{rank}", disable=not progress)
-    # remote: up to two parts in flight (memory = 2 parts); local: one writer plus one hashing thread
+    bar = tqdm(total=sum(i.nbytes for part in plan for i in part), unit="B", unit_scale=True,
+               desc=f"publish {version_id} tp{rank}", disable=not progress)
     with ThreadPoolExecutor(2) as pool:
         pending: list[Future] = []
         for index, part in enumerate(plan):
@@ -227,8 +243,8 @@ def publish(
             for i in part:
                 tensors[i.name] = TensorRecord(i.code, i.shape, index)
             buffers = [header, *(_raw_bytes(i) for i in part)]
-            size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in buffers)
             if local:
+                size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in buffers)
                 sha, xx = _write_local(join(root, name), buffers, pool, durable, sha256)
                 records[index] = PartRecord(name, index, size, sha, xx, len(part))
                 bar.update(size - len(header))
@@ -240,15 +256,7 @@ def publish(
         for f in pending:
             f.result()
     bar.close()
-    manifest = Manifest(version_id, rank, time.time(), [r for r in records if r], tensors, dict(metadata or {}))
-    manifest_path = join(root, manifest_file)
-    if local:
-        _write_atomic_local(manifest_path, manifest.to_json(), durable)
-    else:
-        fs.pipe_file(manifest_path, manifest.to_json())
-    fs.rm_file(marker)
-    seconds = time.perf_counter() - start
-    return PublishReport(version_id, rank, len(plan), manifest.total_bytes, seconds, f"{root_url.rstrip('/')}/{manifest_file}")
+    return [r for r in records if r], tensors
 
 
 def _upload(fs, path: str, buffers: list, index: int, count: int, records: list, bar, sha256: bool) -> None:
