@@ -64,6 +64,8 @@ class StepRecord:
     train_s: float
     mismatch: float | None  # max |server - trainer| logprob over tokens sampled with the trainer's weights
     is_ratio: float  # mean importance ratio p_trainer / p_server over the step's tokens (1.0 on-policy)
+    machine: dict  # the trainer's CPU fingerprint (kernels.fingerprint): what bit-identical rows rest on
+    parity: str  # whether every server's fingerprint matches it, so that a zero mismatch means what it says
 
 
 class Trainer:
@@ -200,11 +202,11 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
             batch = rollouts(http, urls, PROMPTS, group, max_tokens, seed * 1000 + step, trainer.tokenizer)
             bar.set_postfix(reward=f"{np.mean([r.reward for r in batch]):.3f}")
             if step == steps:
-                samples.append((batch, 0.0, None, 1.0))
+                samples.append((batch, 0.0, None, 1.0, *parity(http, urls)))
                 break
             start = time.perf_counter()
             mismatch, ratio = trainer.step(batch, group, f"step_{step}", tis=async_mode)
-            samples.append((batch, time.perf_counter() - start, mismatch, ratio))
+            samples.append((batch, time.perf_counter() - start, mismatch, ratio, *parity(http, urls)))
             if in_flight is not None:
                 in_flight.join()  # at most one sync in flight: the staleness bound of 1
             version = f"step_{step + 1}"
@@ -217,17 +219,29 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
         if in_flight is not None:
             in_flight.join()
     records = []
-    for step, (batch, train_s, mismatch, ratio) in enumerate(samples):
+    for step, (batch, train_s, mismatch, ratio, machine, same) in enumerate(samples):
         published = f"step_{step + 1}" if step < steps else ""
         sync = syncs.get(published, {"publish_s": 0.0, "sync_s": 0.0, "bytes": 0})
         records.append(StepRecord(step, published, float(np.mean([r.reward for r in batch])),
                                   sorted({r.version for r in batch}),
                                   max(step - _version_number(r.version) for r in batch), sync["publish_s"],
-                                  sync["sync_s"], sync["bytes"], train_s, mismatch, ratio))
+                                  sync["sync_s"], sync["bytes"], train_s, mismatch, ratio, machine, same))
     unknown = {v for rec in records for v in rec.rollout_versions} - set(syncs)
     if unknown:
         raise AssertionError(f"rollouts reported versions that were never published: {sorted(unknown)}")
     return records
+
+
+def parity(http, urls: list[str]) -> tuple[dict, str]:
+    """The trainer's CPU fingerprint, and whether every server's (``GET /v1/weights``) matches it: train/infer
+    parity is bit-identical only between processes that compute a row alike, and is not claimed otherwise."""
+    import kernels
+
+    mine = kernels.fingerprint()
+    theirs = [http.get(f"{url}/v1/weights", timeout=30).json().get("machine") or {} for url in urls]
+    if all(kernels.same_machine(mine, t) for t in theirs):
+        return mine, "same machine fingerprint"
+    return mine, "fingerprints differ: train/infer parity not claimed"
 
 
 def _version_number(version: str) -> int:

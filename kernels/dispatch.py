@@ -17,7 +17,7 @@ import numpy as np
 import paddle
 
 from kernels import cpu_attention, gemm, reference
-from kernels.gemm import use_every_core  # noqa: F401  (re-exported: the server calls it once at start)
+from kernels.gemm import fingerprint, same_machine, use_every_core  # noqa: F401  (re-exported)
 from kernels.reference import MAX_ROWS, PAGE, Plan  # noqa: F401  (re-exported for callers)
 
 

@@ -18,6 +18,7 @@ bit on probe rows (checked once per shape here), and rows are padded as before e
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -52,10 +53,45 @@ def _tracked(*xs: paddle.Tensor) -> bool:
     return paddle.is_grad_enabled() and not all(x.stop_gradient for x in xs)
 
 
+MEASURED: dict[str, int] = {}  # "n_in x n_out[ T]" -> the row threshold measured on this machine
+
+
+def shape_key(n_in: int, n_out: int, transpose_y: bool) -> str:
+    return f"{n_in}x{n_out}{' T' if transpose_y else ''}"
+
+
+def fingerprint() -> dict:
+    """What a CPU row's bits rest on: the BLAS build numpy runs (library, version, the core type it picked) and
+    the row thresholds measured so far. Two processes whose fingerprints agree (``same_machine``) compute a row
+    the same way; the train/infer parity Baton shows holds between those, and is not claimed between others."""
+    from threadpoolctl import threadpool_info
+
+    blas = next((i for i in threadpool_info() if i.get("user_api") == "blas"), {})
+    cpu = ""
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                   "")
+    return {"blas": f"{blas.get('internal_api', '?')} {blas.get('version', '?')}",
+            "blas_core": blas.get("architecture"), "cpu": cpu, "row_thresholds": dict(MEASURED)}
+
+
+def same_machine(a: dict, b: dict) -> bool:
+    """Whether two fingerprints compute rows alike: one BLAS build, core type and CPU, and the same threshold for
+    every shape both measured."""
+    same = all(a.get(k) == b.get(k) for k in ("blas", "blas_core", "cpu"))
+    ta, tb = a.get("row_thresholds") or {}, b.get("row_thresholds") or {}
+    return same and all(ta[k] == tb[k] for k in ta.keys() & tb.keys())
+
+
 @functools.cache
 def min_rows(n_in: int, n_out: int, transpose_y: bool = False) -> int:
     """The fewest rows from which every row of ``[M, n_in] @ [n_in, n_out]`` equals the same row computed in a
     block of ``MAX_ROWS``, for every M up to ``MAX_ROWS``."""
+    MEASURED[shape_key(n_in, n_out, transpose_y)] = rows = _measure(n_in, n_out, transpose_y)
+    return rows
+
+
+def _measure(n_in: int, n_out: int, transpose_y: bool) -> int:
     rng = np.random.default_rng(0)
     cols = min(n_out, PROBE_COLUMNS)
     x = rng.standard_normal((MAX_ROWS, n_in), np.float32)

@@ -25,6 +25,8 @@ def test_the_policy_improves_as_weights_flow_to_two_servers(tmp_path):
     assert [s["rollout_versions"] for s in steps] == [[f"step_{i}"] for i in range(7)]  # on-policy
     # the servers' logprobs are the trainer's own, bit for bit: no train/infer mismatch, importance ratio 1
     assert [s["mismatch"] for s in steps[:-1]] == [0.0] * 6 and all(s["is_ratio"] == 1.0 for s in steps)
+    # ... which is claimed because trainer and servers compute rows alike: one BLAS build, core type, thresholds
+    assert all(s["parity"] == "same machine fingerprint" and s["machine"]["row_thresholds"] for s in steps)
     assert (tmp_path / "sync" / "reward.png").stat().st_size > 1000
 
 

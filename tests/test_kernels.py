@@ -482,3 +482,15 @@ def test_gpu_check_script_runs_under_the_interpreter():
     assert "oracle: Baton's Paddle reference" in out.stdout
     assert out.stdout.count(" yes ") == 5 and "tokens/s" in out.stdout
     assert "VERDICT: PASS" in out.stdout.splitlines()[-1] and "paddle: tp2_update: {'ok': True}" in out.stdout
+
+
+def test_the_machine_fingerprint_names_what_row_bits_rest_on():
+    from kernels import gemm
+
+    x = paddle.to_tensor(np.ones((3, 40), np.float32))
+    kernels.matmul(x, paddle.to_tensor(np.ones((40, 24), np.float32)))
+    mine = kernels.fingerprint()
+    assert mine["blas"].split()[0] in ("openblas", "mkl", "blis") and mine["row_thresholds"]["40x24"] >= 1
+    assert kernels.same_machine(mine, mine | {"row_thresholds": {}})  # shapes only one side measured do not count
+    assert not kernels.same_machine(mine, mine | {"blas_core": "another core"})
+    assert not kernels.same_machine(mine, mine | {"row_thresholds": {"40x24": gemm.MAX_ROWS + 1}})

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
+import kernels
 from infer.routes.common import ErrorReply, error
 from infer.weights import RestoreFailed, SnapshotRejected, StorageUnavailable, UpdateBusy, UpdateError
 
@@ -45,7 +46,8 @@ def weights(request: Request) -> dict:
     described = info.to_json() if info else {k: None for k in ("version", "snapshot_root", "rank", "source_level",
                                                                 "source", "loaded_at", "bytes", "seconds", "digest")}
     return described | {"mode": manager.mode, "tp_size": manager.tp_size, "model": request.app.state.model_name,
-                        "healthy": manager.healthy, "problem": manager.broken, "updating": manager.updating}
+                        "healthy": manager.healthy, "problem": manager.broken, "updating": manager.updating,
+                        "machine": kernels.fingerprint()}
 
 
 def refused(manager, status: int, message: str, kind: str | None = None, headers: dict | None = None) -> JSONResponse:
