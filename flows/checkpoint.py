@@ -15,10 +15,10 @@ STEP_DIR = re.compile(r"step_(\d+)")
 DONE_MARKER = "COMPLETE"
 
 
-def serving_shard(source: str, rank: int, serving_tp: int, storage_options: dict | None = None) -> dict[str, Any]:
+def serving_shard(source: str, rank: int, tp_size: int, storage_options: dict | None = None) -> dict[str, Any]:
     """Serving rank ``rank``'s state dict out of the checkpoint at ``source``, as lazy tensors each read (and
     merged, unfused and sliced for the rank) only when its part is written (``storage.checkpoint_tensors``)."""
-    return checkpoint_tensors(source, rank=rank, tp_size=serving_tp, storage_options=storage_options)
+    return checkpoint_tensors(source, rank=rank, tp_size=tp_size, storage_options=storage_options)
 
 
 @dataclass(frozen=True)

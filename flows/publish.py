@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Literal
 
 from prefect import get_run_logger, task
@@ -32,7 +33,7 @@ def is_published(snapshot_root: str, version: str, rank: int) -> bool:
 
 @task(name="publish-rank", retries=3, retry_delay_seconds=[1, 2, 4], retry_condition_fn=transient,
       cache_policy=NO_CACHE, task_run_name="publish {version} tp{rank}")
-def publish_rank(source: str, snapshot_root: str, version: str, rank: int, serving_tp: int,
+def publish_rank(source: str, snapshot_root: str, version: str, rank: int, tp_size: int,
                  part_bytes: int) -> dict:
     """Reads this rank's shard out of the checkpoint and publishes it. Each task reads for itself, so on Dask or
     Ray nothing model-sized travels between processes. A rank already committed under this id is left as is:
@@ -40,9 +41,9 @@ def publish_rank(source: str, snapshot_root: str, version: str, rank: int, servi
     if is_published(snapshot_root, version, rank):
         return {"rank": rank, "parts": None, "bytes": None, "seconds": 0.0, "GB/s": None, "note": "already published"}
     start = time.perf_counter()
-    shard = serving_shard(source, rank, serving_tp)
+    shard = serving_shard(source, rank, tp_size)
     report = storage.publish(shard, snapshot_root, version, rank, part_bytes=part_bytes,
-                             metadata={"source": source, "serving_tp": str(serving_tp)})
+                             metadata={"source": source, "tp_size": str(tp_size)})
     seconds = time.perf_counter() - start
     return {"rank": rank, "parts": report.parts, "bytes": report.bytes, "seconds": round(seconds, 3),
             "GB/s": round(report.bytes / 1e9 / seconds, 3) if seconds else None, "note": report.manifest_url}
@@ -67,26 +68,35 @@ def task_runner(runner: Runner):
         raise ValueError(f"runner={runner!r} needs the optional extra: pip install 'baton[{runner}]'") from exc
 
 
+def renamed_tp(tp_size: int, serving_tp: int | None) -> int:
+    """``serving_tp``, the old name of ``tp_size``, still works for one release, with a warning."""
+    if serving_tp is None:
+        return tp_size
+    warnings.warn("serving_tp is deprecated: call it tp_size (the number of serving ranks, everywhere)",
+                  DeprecationWarning, stacklevel=3)
+    return serving_tp
+
+
 def publish_ranks(source: str, snapshot_root: str, version: str, part_bytes: int = DEFAULT_PART_BYTES,
-                  serving_tp: int = 1, runner: Runner = "threads", artifact: bool = True) -> list[dict]:
+                  tp_size: int = 1, runner: Runner = "threads", artifact: bool = True) -> list[dict]:
     """The publishing itself, as tasks of whichever flow calls it (``publish-checkpoint``, or ``sync-weights``
     without a nested flow run, which would cost a flow run's bookkeeping). ``artifact``: leave the table of
     ranks (a caller that reports the publish in its own artifact saves an API call)."""
-    if serving_tp < 1:
-        raise ValueError(f"serving_tp must be at least 1, got {serving_tp}")
+    if tp_size < 1:
+        raise ValueError(f"tp_size must be at least 1, got {tp_size}")
     storage.check_id(version)
     # a progress bar for several ranks; for one it would only jump from 0 to 100 (two API calls per sync)
-    progress = create_progress_artifact(0.0, description=f"publishing {version}: ranks done out of {serving_tp}") \
-        if serving_tp > 1 else None
+    progress = create_progress_artifact(0.0, description=f"publishing {version}: ranks done out of {tp_size}") \
+        if tp_size > 1 else None
     rows = []
     with task_runner(runner) as pool:
         futures = [pool.submit(publish_rank, parameters={
             "source": source, "snapshot_root": snapshot_root, "version": version, "rank": r,
-            "serving_tp": serving_tp, "part_bytes": part_bytes}) for r in range(serving_tp)]
+            "tp_size": tp_size, "part_bytes": part_bytes}) for r in range(tp_size)]
         for done, future in enumerate(as_completed(futures), start=1):
             rows.append(future.result())
             if progress is not None:
-                update_progress_artifact(progress, 100.0 * done / serving_tp)
+                update_progress_artifact(progress, 100.0 * done / tp_size)
     rows.sort(key=lambda row: row["rank"])
     if artifact:
         create_table_artifact(rows, key=f"publish-{version.lower().replace('_', '-')}",
@@ -98,8 +108,8 @@ def publish_ranks(source: str, snapshot_root: str, version: str, part_bytes: int
 
 @flow(name="publish-checkpoint", log_prints=True)
 def publish_checkpoint(source: str, snapshot_root: str, version: str, part_bytes: int = DEFAULT_PART_BYTES,
-                       serving_tp: int = 1, runner: Runner = "threads") -> list[dict]:
+                       tp_size: int = 1, runner: Runner = "threads", serving_tp: int | None = None) -> list[dict]:
     """Shard the trainer checkpoint at ``source`` (a state dict file, a Paddle trainer's checkpoint directory at any
     tensor- and pipeline-parallel degree, or a Hugging Face directory: ``storage.checkpoint_tensors``) into
-    ``serving_tp`` ranks and publish each as version ``version`` under ``snapshot_root``. Returns one row per rank."""
-    return publish_ranks(source, snapshot_root, version, part_bytes, serving_tp, runner)
+    ``tp_size`` ranks and publish each as version ``version`` under ``snapshot_root``. Returns one row per rank."""
+    return publish_ranks(source, snapshot_root, version, part_bytes, renamed_tp(tp_size, serving_tp), runner)

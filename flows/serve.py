@@ -28,7 +28,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--snapshot-root", required=True, help="fsspec URL the versions are published under")
     s.add_argument("--server", action="append", required=True, metavar="SERVER", help=SERVER_HELP)
     s.add_argument("--source", help="a trainer checkpoint or Hugging Face directory to publish as VERSION first")
-    s.add_argument("--serving-tp", type=int, default=1, help="ranks to publish --source as (default 1)")
+    s.add_argument("--tp-size", type=int, default=1, help="serving ranks to publish --source as (default 1)")
+    s.add_argument("--serving-tp", dest="serving_tp", type=int, help=argparse.SUPPRESS)  # its old name, for a release
     s.add_argument("--on-failure", choices=["rollback", "keep"], default="rollback")
     s.add_argument("--verify", choices=["stream", "full", "none"], default="stream",
                    help="how Baton servers check the parts (default stream)")
@@ -62,7 +63,8 @@ def sync(args: argparse.Namespace) -> int:
 
     try:
         rows = sync_weights(args.version, args.snapshot_root, args.server, source=args.source,
-                            serving_tp=args.serving_tp, on_failure=args.on_failure, verify=args.verify,
+                            tp_size=args.tp_size, serving_tp=args.serving_tp, on_failure=args.on_failure,
+                            verify=args.verify,
                             admin_token_env=args.admin_token_env)
     except FleetSyncError as exc:
         print(f"baton sync: {exc}", file=sys.stderr)

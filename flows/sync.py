@@ -16,7 +16,7 @@ from prefect.events import emit_event
 from flows.kinds import adapter_for
 from flows.fleet import Outcome, Refused, Server, Unreachable, Untouched
 from flows.inprocess import flow
-from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks
+from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks, renamed_tp
 
 
 class FleetSyncError(RuntimeError):
@@ -89,21 +89,21 @@ def _roll_back(servers: list[Server], outcomes: list[Outcome], before: dict[str,
 
 @flow(name="sync-weights", log_prints=True)
 def sync_weights(version: str, snapshot_root: str, servers: list[Server | str], source: str | None = None,
-                 part_bytes: int = DEFAULT_PART_BYTES, serving_tp: int = 1, on_failure: Literal["rollback", "keep"] =
+                 part_bytes: int = DEFAULT_PART_BYTES, tp_size: int = 1, on_failure: Literal["rollback", "keep"] =
                  "rollback", verify: Literal["full", "stream", "none"] = "stream", admin_token_env: str | None = None,
-                 runner: Runner = "threads") -> list[dict]:
+                 runner: Runner = "threads", serving_tp: int | None = None) -> list[dict]:
     """Publish ``source`` as ``version`` (when given), load it on every server concurrently and confirm each
     serves it. A server is a URL (Baton's own) or ``{"url": ..., "kind": "baton" | "fastdeploy" | "sglang",
     ...}`` (``flows.fleet.Server`` lists each kind's fields). On partial failure ``on_failure="rollback"``
     returns the servers that took it to their previous version; ``"keep"`` leaves them; a FastDeploy server
     that failed half-way is returned either way. The run then fails with a line per server. Emits the event
     ``baton.weights.live`` when the version is live everywhere."""
-    return sync_fleet(version, snapshot_root, servers, source, part_bytes, serving_tp, on_failure, verify,
-                      admin_token_env, runner)
+    return sync_fleet(version, snapshot_root, servers, source, part_bytes, renamed_tp(tp_size, serving_tp),
+                      on_failure, verify, admin_token_env, runner)
 
 
 def sync_fleet(version: str, snapshot_root: str, servers: list[Server | str], source: str | None = None,
-               part_bytes: int = DEFAULT_PART_BYTES, serving_tp: int = 1, on_failure: str = "rollback",
+               part_bytes: int = DEFAULT_PART_BYTES, tp_size: int = 1, on_failure: str = "rollback",
                verify: str = "stream", admin_token_env: str | None = None, runner: Runner = "threads") -> list[dict]:
     """The body of ``sync-weights``, as tasks of the calling flow (the scheduled flow calls it too)."""
     log = get_run_logger()
@@ -115,7 +115,7 @@ def sync_fleet(version: str, snapshot_root: str, servers: list[Server | str], so
         before = {s.url: found for s, found in zip(fleet_servers, pool.map(read_server, fleet_servers))}
     published = None
     if source is not None:
-        published = publish_ranks(source, snapshot_root, version, part_bytes, serving_tp, runner, artifact=False)
+        published = publish_ranks(source, snapshot_root, version, part_bytes, tp_size, runner, artifact=False)
     publish_s = time.perf_counter() - start
     futures = [update_server.submit(s, version, snapshot_root, verify, admin_token_env) for s in fleet_servers]
     outcomes = _outcomes(fleet_servers, futures, version)

@@ -9,7 +9,7 @@ import storage
 from flows.checkpoint import DONE_MARKER, completed_steps
 from flows.fleet import Server
 from flows.inprocess import flow
-from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks
+from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks, renamed_tp
 from flows.sync import read_server, sync_fleet
 
 
@@ -21,12 +21,13 @@ def _serving(servers: list[Server]) -> dict[str, str | None]:
 @flow(name="publish-new-checkpoints", log_prints=True)
 def publish_new_checkpoints(trainer_dir: str, snapshot_root: str, servers: list[Server | str] | None = None,
                             keep_last: int = 3, marker: str = DONE_MARKER, part_bytes: int = DEFAULT_PART_BYTES,
-                            serving_tp: int = 1, runner: Runner = "threads") -> dict:
+                            tp_size: int = 1, runner: Runner = "threads", serving_tp: int | None = None) -> dict:
     """Publish and sync the newest ``step_{N}/`` under ``trainer_dir`` that holds ``marker`` (the trainer writes
     it last, so a directory still being written is never taken). Running it again, or two runs overlapping, does
     no work twice: a committed version is not republished and servers already serving it are not reloaded.
     Versions beyond ``keep_last`` are pruned, except what any server serves and what a rollback would need."""
     log = get_run_logger()
+    tp_size = renamed_tp(tp_size, serving_tp)
     fleet_servers = [Server.parse(s) for s in servers or []]
     steps = completed_steps(trainer_dir, marker)
     if not steps:
@@ -42,10 +43,10 @@ def publish_new_checkpoints(trainer_dir: str, snapshot_root: str, servers: list[
     elif fleet_servers:
         sync_fleet(newest.version, snapshot_root, fleet_servers,
                    source=None if newest.version in committed else newest.url, part_bytes=part_bytes,
-                   serving_tp=serving_tp, runner=runner)
+                   tp_size=tp_size, runner=runner)
         published, synced = newest.version not in committed, True
     else:
-        publish_ranks(newest.url, snapshot_root, newest.version, part_bytes, serving_tp, runner)
+        publish_ranks(newest.url, snapshot_root, newest.version, part_bytes, tp_size, runner)
         published = True
     keep = {v for v in (*before.values(), *_serving(fleet_servers).values(), newest.version) if v}
     pruned = storage.prune(snapshot_root, keep_last=keep_last, keep=sorted(keep))

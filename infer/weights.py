@@ -48,7 +48,7 @@ class WeightInfo:
     """What a model copy holds: which version, from where, and a digest of its live bytes."""
 
     version: str
-    root: str
+    snapshot_root: str
     rank: int
     level: int
     source: str
@@ -59,7 +59,8 @@ class WeightInfo:
 
     def to_json(self) -> dict[str, Any]:
         """The public names ``GET /v1/weights`` uses."""
-        return {"version": self.version, "snapshot_root": self.root, "rank": self.rank, "source_level": self.level,
+        return {"version": self.version, "snapshot_root": self.snapshot_root, "rank": self.rank,
+                "source_level": self.level,
                 "source": self.source, "loaded_at": datetime.fromtimestamp(self.loaded_at, timezone.utc).isoformat(),
                 "bytes": self.bytes, "seconds": self.seconds, "digest": self.digest}
 
@@ -116,14 +117,15 @@ def _cause(exc: Exception) -> str:
 
 
 class WeightManager:
-    def __init__(self, config: ModelConfig, root: str | None, *, rank: int = 0, tp_size: int = 1,
+    def __init__(self, config: ModelConfig, snapshot_root: str | None, *, rank: int = 0, tp_size: int = 1,
                  fallback_dir: str | None = None, mode: str = "in_place", verify: str = "stream",
                  storage_options: dict | None = None, metrics: Metrics | None = None, drain_timeout: float = 60.0):
         if mode not in MODES:
             raise ValueError(f"swap mode must be one of {MODES}, not {mode!r}")
         if tp_size > 1 and rank != 0:
             raise ValueError(f"with tp_size {tp_size} this server loads ranks 0..{tp_size - 1} itself: leave rank at 0")
-        self.config, self.root, self.rank, self.tp_size = config, root, layout.check_rank(rank), tp_size
+        self.config, self.snapshot_root = config, snapshot_root
+        self.rank, self.tp_size = layout.check_rank(rank), tp_size
         self.fallback_dir, self.mode, self.verify = fallback_dir, mode, verify
         self.storage_options = storage_options
         self.metrics = metrics or Metrics()
@@ -174,7 +176,7 @@ class WeightManager:
 
     # ---- updates -------------------------------------------------------------------------------------------
 
-    def update(self, version: str, root: str | None = None, rank: int | None = None,
+    def update(self, version: str, snapshot_root: str | None = None, rank: int | None = None,
                verify: str | None = None, startup: bool = False) -> WeightInfo:
         """Loads ``version`` and makes it live, or raises ``UpdateError`` with the old version still served.
         ``startup``: the server's first load, counted apart from updates in ``/metrics``."""
@@ -184,7 +186,7 @@ class WeightManager:
         self.updating = version
         start = time.perf_counter()
         try:
-            info = self._update(version, root or self.root, self.rank if rank is None else rank,
+            info = self._update(version, snapshot_root or self.snapshot_root, self.rank if rank is None else rank,
                                 verify or self.verify, start)
         except UpdateError as exc:
             self.metrics.update_done(exc.outcome, time.perf_counter() - start, 0, startup)
@@ -224,33 +226,35 @@ class WeightManager:
         state = slot.model.state_dict()
         return state if self.tp_size == 1 else shard_views(state, rank, self.tp_size)
 
-    def _update(self, version: str, root: str, rank: int, verify: str, start: float) -> WeightInfo:
+    def _update(self, version: str, snapshot_root: str, rank: int, verify: str, start: float) -> WeightInfo:
         target = self.live if self.mode == "in_place" else next(s for s in self.slots if s is not self.live)
-        if target is not self.live and target.info and (target.info.version, target.info.root) == (version, root):
+        if target is not self.live and target.info and \
+                (target.info.version, target.info.snapshot_root) == (version, snapshot_root):
             return self._switch(target)  # double_buffer: the spare already holds it (a rollback), switch back
-        sources = self._check(version, root, rank, verify, target)
+        sources = self._check(version, snapshot_root, rank, verify, target)
         previous = target.info
         with self._exclusive(target):
             try:
                 self._write(sources, target)
             except Exception as exc:  # noqa: BLE001 - whatever broke the write, undo it before reporting
                 self._recover(target, previous, exc)
-            target.info = self._describe(version, root, rank, sources, target, start)
-        log.info("loaded %s from %s (level %d) in %.2fs", version, root, target.info.level, target.info.seconds)
+            target.info = self._describe(version, snapshot_root, rank, sources, target, start)
+        log.info("loaded %s from %s (level %d) in %.2fs", version, snapshot_root, target.info.level,
+                 target.info.seconds)
         return self._switch(target)
 
-    def _check(self, version: str, root: str, rank: int, verify: str, target: Slot) -> list:
+    def _check(self, version: str, snapshot_root: str, rank: int, verify: str, target: Slot) -> list:
         """Every rank's source, resolved and checked against the target before anything is written."""
         if verify not in ("full", "stream", "none"):
             raise SnapshotRejected(f"verify must be 'full', 'stream' or 'none', not {verify!r}", "invalid_request")
-        if root is None:
+        if snapshot_root is None:
             raise SnapshotRejected(f"no snapshot_root for {version!r}: this server was started without "
                                    "--snapshot-root, so the request must name one", "invalid_request")
         try:
             layout.check_id(version)
             sources = []
             for r in self._ranks(rank):
-                src = storage.resolve(root, version, r, fallback_dir=self.fallback_dir,
+                src = storage.resolve(snapshot_root, version, r, fallback_dir=self.fallback_dir,
                                       storage_options=self.storage_options)
                 check_source(src, self._targets(target, r), verify=verify, cast=True)
                 sources.append((r, src, verify))
@@ -259,7 +263,7 @@ class WeightManager:
             raise SnapshotRejected(f"version {version!r} was not loaded, still serving {self._serving()}: {exc}") \
                 from exc
         except OSError as exc:
-            raise StorageUnavailable(f"storage error while checking {version!r} under {root} (still serving "
+            raise StorageUnavailable(f"storage error while checking {version!r} under {snapshot_root} (still serving "
                                      f"{self._serving()}): {exc}") from exc
 
     @contextlib.contextmanager
@@ -301,7 +305,7 @@ class WeightManager:
             if previous.level == 0 and self._base is not None:
                 load_state(slot.model, self._base())
             else:
-                self._write(self._check(previous.version, previous.root, previous.rank, "stream", slot), slot)
+                self._write(self._check(previous.version, previous.snapshot_root, previous.rank, "stream", slot), slot)
             slot.info = previous
             log.warning("update failed midway (%s); restored %s in %.2fs", exc, previous.version,
                         time.perf_counter() - restore_start)
@@ -313,10 +317,11 @@ class WeightManager:
         raise SnapshotRejected(f"update failed midway ({_cause(exc)}); restored {previous.version!r}: still serving "
                                f"{previous.version!r}", "restored") from exc
 
-    def _describe(self, version: str, root: str, rank: int, sources: list, slot: Slot, start: float) -> WeightInfo:
+    def _describe(self, version: str, snapshot_root: str, rank: int, sources: list, slot: Slot,
+                  start: float) -> WeightInfo:
         levels = sorted({int(src.level) for _, src, _ in sources})
         digest = state_digest(slot.model.state_dict())  # part of the update's cost, so inside its seconds
-        return WeightInfo(version, root, rank, levels[0], sources[0][1].level.label, time.time(),
+        return WeightInfo(version, snapshot_root, rank, levels[0], sources[0][1].level.label, time.time(),
                           sum(src.bytes for _, src, _ in sources), time.perf_counter() - start, digest)
 
     def _switch(self, slot: Slot) -> WeightInfo:

@@ -24,12 +24,12 @@ class LevelState:
 
 
 def inspect_snapshot(
-    root_url: str, version_id: str, rank: int = 0, *, fallback_dir: str | None = None, strict: bool = False,
+    snapshot_root: str, version: str, rank: int = 0, *, fallback_dir: str | None = None, strict: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> list[LevelState]:
     """Every level's state, in priority order; the first ``complete`` one is what ``load_snapshot`` takes."""
     out = []
-    for level, where, found in probe_levels(root_url, version_id, rank, fallback_dir=fallback_dir, strict=strict,
+    for level, where, found in probe_levels(snapshot_root, version, rank, fallback_dir=fallback_dir, strict=strict,
                                             storage_options=storage_options):
         if isinstance(found, Source):
             detail = "manifest + checksums" if found.manifest else "no manifest (sizes and headers checked)"
@@ -54,7 +54,7 @@ def _file_digests(fs, path: str, sha256: bool) -> tuple[str | None, str]:
 
 
 def verify_snapshot(
-    root_url: str, version_id: str, rank: int = 0, *, fallback_dir: str | None = None, strict: bool = False,
+    snapshot_root: str, version: str, rank: int = 0, *, fallback_dir: str | None = None, strict: bool = False,
     sha256: bool = False, storage_options: dict[str, Any] | None = None,
 ) -> tuple[Level, list[FileCheck]]:
     """Re-hash every file of the source ``load_snapshot`` would take against the manifest: xxh3_128, and with
@@ -63,7 +63,7 @@ def verify_snapshot(
     Sources without a manifest have no recorded checksums: their sizes and headers were checked by resolving,
     and the report says so rather than pretending more.
     """
-    src = resolve(root_url, version_id, rank, fallback_dir=fallback_dir, strict=strict, storage_options=storage_options)
+    src = resolve(snapshot_root, version, rank, fallback_dir=fallback_dir, strict=strict, storage_options=storage_options)
     if src.manifest is None:
         return src.level, [FileCheck(u, True, "structure valid; no manifest, so no checksums to compare") for u in src.urls()]
     checks = []

@@ -28,14 +28,14 @@ class Level(enum.IntEnum):
         return {1: "chunked parts", 2: "single full file", 3: "legacy name", 4: "shared fallback dir"}[self.value]
 
 
-def check_id(version_id: object) -> str:
+def check_id(version: object) -> str:
     """Refuse ids that could escape the root or collide with another file name."""
-    if not isinstance(version_id, str) or not ID_PATTERN.fullmatch(version_id):
+    if not isinstance(version, str) or not ID_PATTERN.fullmatch(version):
         raise ValueError(
-            f"invalid snapshot id {version_id!r}: use 1-128 characters from [A-Za-z0-9_-], starting with a "
+            f"invalid snapshot id {version!r}: use 1-128 characters from [A-Za-z0-9_-], starting with a "
             "letter or digit (no '/', '..', dots, spaces or other path syntax), e.g. 'step-120'"
         )
-    return version_id
+    return version
 
 
 def check_rank(rank: object) -> int:
@@ -46,38 +46,38 @@ def check_rank(rank: object) -> int:
     return rank
 
 
-def base_name(rank: int, version_id: str) -> str:
-    return f"model_state.tp{check_rank(rank)}.{check_id(version_id)}"
+def base_name(rank: int, version: str) -> str:
+    return f"model_state.tp{check_rank(rank)}.{check_id(version)}"
 
 
-def part_name(rank: int, version_id: str, index: int) -> str:
-    return f"{base_name(rank, version_id)}.part{index}.pdparams"
+def part_name(rank: int, version: str, index: int) -> str:
+    return f"{base_name(rank, version)}.part{index}.pdparams"
 
 
-def full_name(rank: int, version_id: str) -> str:
-    return f"{base_name(rank, version_id)}.pdparams"
+def full_name(rank: int, version: str) -> str:
+    return f"{base_name(rank, version)}.pdparams"
 
 
-def legacy_name(version_id: str) -> str:
+def legacy_name(version: str) -> str:
     """Old FastDeploy naming: rank 0 glued to the id, e.g. ``model_state.tp012.pdparams`` for id 12."""
-    return f"model_state.tp0{check_id(version_id)}.pdparams"
+    return f"model_state.tp0{check_id(version)}.pdparams"
 
 
-def manifest_name(rank: int, version_id: str) -> str:
-    return f"{base_name(rank, version_id)}.manifest.json"
+def manifest_name(rank: int, version: str) -> str:
+    return f"{base_name(rank, version)}.manifest.json"
 
 
-def pending_name(rank: int, version_id: str) -> str:
+def pending_name(rank: int, version: str) -> str:
     """Marker a publisher writes before its first part and removes after the manifest.
 
     It lets the compatibility mode (parts without a manifest, as FastDeploy's trainer writes them) tell a
     killed Baton publish apart from a finished foreign one.
     """
-    return f"{base_name(rank, version_id)}.publishing"
+    return f"{base_name(rank, version)}.publishing"
 
 
-def part_regex(rank: int, version_id: str) -> re.Pattern[str]:
-    return re.compile(re.escape(base_name(rank, version_id)) + r"\.part(\d+)\.pdparams")
+def part_regex(rank: int, version: str) -> re.Pattern[str]:
+    return re.compile(re.escape(base_name(rank, version)) + r"\.part(\d+)\.pdparams")
 
 
 def parse_manifest_name(file_name: str) -> tuple[int, str] | None:

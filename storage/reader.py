@@ -29,8 +29,8 @@ class LoadReport:
 
 
 def load_snapshot(
-    root_url: str,
-    version_id: str,
+    snapshot_root: str,
+    version: str,
     rank: int = 0,
     *,
     fallback_dir: str | None = None,
@@ -43,7 +43,7 @@ def load_snapshot(
     progress: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> LoadReport:
-    """Load version ``version_id`` of ``rank`` into ``into`` in place, trying levels 1-4 in order.
+    """Load version ``version`` of ``rank`` into ``into`` in place, trying levels 1-4 in order.
 
     ``verify``: ``"stream"`` (default) reads every byte once and checks each part's xxh3_128 as it is applied;
     a corrupt or torn part found after the first write raises ``PartialApplyError`` naming every tensor
@@ -61,9 +61,9 @@ def load_snapshot(
     if verify not in ("full", "stream", "none"):
         raise ValueError(f"verify must be 'full', 'stream' or 'none', not {verify!r}")
     start = time.perf_counter()
-    src = resolve(root_url, version_id, rank, fallback_dir=fallback_dir, strict=strict, storage_options=storage_options)
+    src = resolve(snapshot_root, version, rank, fallback_dir=fallback_dir, strict=strict, storage_options=storage_options)
     targets, verified = apply_source(src, into, verify=verify, cast=cast, copy_fn=copy_fn, prefetch=prefetch,
-                                     progress=progress, label=f"load {version_id} tp{rank}")
+                                     progress=progress, label=f"load {version} tp{rank}")
     return LoadReport(
-        version_id, rank, int(src.level), src.level.label, src.urls(), src.bytes, time.perf_counter() - start,
+        version, rank, int(src.level), src.level.label, src.urls(), src.bytes, time.perf_counter() - start,
         len(targets), verified, targets if into is None else None)

@@ -88,16 +88,16 @@ def read_headers(fs, paths: list[str], sizes: list[int]) -> list[Header]:
     return headers
 
 
-def _probe_parts(fs, root: str, names: Mapping[str, int], rank: int, version_id: str, strict: bool) -> Source | None:
-    found = {int(m.group(1)): n for n in names if (m := layout.part_regex(rank, version_id).fullmatch(n))}
-    manifest_file = layout.manifest_name(rank, version_id)
+def _probe_parts(fs, root: str, names: Mapping[str, int], rank: int, version: str, strict: bool) -> Source | None:
+    found = {int(m.group(1)): n for n in names if (m := layout.part_regex(rank, version).fullmatch(n))}
+    manifest_file = layout.manifest_name(rank, version)
     if manifest_file in names:
-        return _parts_with_manifest(fs, root, names, found, manifest_file, rank, version_id)
+        return _parts_with_manifest(fs, root, names, found, manifest_file, rank, version)
     if not found:
         return None
-    if layout.pending_name(rank, version_id) in names:
+    if layout.pending_name(rank, version) in names:
         raise TornSnapshotError(
-            url_of(fs, join(root, layout.pending_name(rank, version_id))),
+            url_of(fs, join(root, layout.pending_name(rank, version))),
             "a Baton publish of this version is in progress or was interrupted (parts present, no manifest yet)")
     if strict:
         raise TornSnapshotError(
@@ -108,7 +108,7 @@ def _probe_parts(fs, root: str, names: Mapping[str, int], rank: int, version_id:
     if order != list(range(order[0], order[0] + len(order))):
         gap = next(i for i in range(order[0], order[-1]) if i not in found)
         raise TornSnapshotError(
-            url_of(fs, join(root, layout.part_name(rank, version_id, gap))),
+            url_of(fs, join(root, layout.part_name(rank, version, gap))),
             f"part {gap} is missing but parts {order} exist (gap in the numbering)")
     paths = [join(root, found[i]) for i in order]
     headers = read_headers(fs, paths, [names[found[i]] for i in order])
@@ -133,14 +133,14 @@ def _read_manifest(fs, root: str, name: str, size: int) -> Manifest:
     return Manifest.from_json(raw, url_of(fs, path))
 
 
-def _parts_with_manifest(fs, root, names, found, manifest_file, rank, version_id) -> Source:
+def _parts_with_manifest(fs, root, names, found, manifest_file, rank, version) -> Source:
     m = _read_manifest(fs, root, manifest_file, names[manifest_file])
     where = url_of(fs, join(root, manifest_file))
-    if m.id != version_id or m.rank != rank:
+    if m.id != version or m.rank != rank:
         raise TornSnapshotError(where, f"manifest is for id {m.id!r} rank {m.rank}")
     paths = []
     for p in m.parts:
-        expected = layout.part_name(rank, version_id, p.index)
+        expected = layout.part_name(rank, version, p.index)
         path = join(root, expected)
         if p.file != expected:
             raise TornSnapshotError(where, f"manifest names {p.file!r} as part {p.index}; that part must be called "
@@ -175,9 +175,9 @@ def probe_file(fs, root: str, names: Mapping[str, int], name: str, level: Level)
     return Source(level, fs, [path], [names[name]], read_headers(fs, [path], [names[name]]), [None])
 
 
-def _probe_fallback(url: str, rank: int, version_id: str, storage_options) -> Source | None:
+def _probe_fallback(url: str, rank: int, version: str, storage_options) -> Source | None:
     fs, root = open_fs(url, storage_options)
-    name = layout.full_name(rank, version_id)
+    name = layout.full_name(rank, version)
     names = listing(fs, root)
     if name not in names:
         return None
@@ -194,25 +194,25 @@ def _probe_fallback(url: str, rank: int, version_id: str, storage_options) -> So
 
 
 def probe_levels(
-    root_url: str, version_id: str, rank: int = 0, *, fallback_dir: str | None = None, strict: bool = False,
+    snapshot_root: str, version: str, rank: int = 0, *, fallback_dir: str | None = None, strict: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> Iterator[tuple[Level, str, Source | None | TornSnapshotError]]:
     """Each level in priority order with what is there: a complete Source, None (absent) or why it is torn."""
-    layout.check_id(version_id)
+    layout.check_id(version)
     layout.check_rank(rank)
-    fs, root = open_fs(root_url, storage_options)
+    fs, root = open_fs(snapshot_root, storage_options)
     names = listing(fs, root)
-    base = join(root, layout.base_name(rank, version_id))
+    base = join(root, layout.base_name(rank, version))
     probes = [
-        (Level.PARTS, url_of(fs, base + ".part*.pdparams"), lambda: _probe_parts(fs, root, names, rank, version_id, strict)),
-        (Level.FULL, url_of(fs, join(root, layout.full_name(rank, version_id))),
-         lambda: probe_file(fs, root, names, layout.full_name(rank, version_id), Level.FULL)),
-        (Level.LEGACY, url_of(fs, join(root, layout.legacy_name(version_id))),
-         lambda: probe_file(fs, root, names, layout.legacy_name(version_id), Level.LEGACY)),
+        (Level.PARTS, url_of(fs, base + ".part*.pdparams"), lambda: _probe_parts(fs, root, names, rank, version, strict)),
+        (Level.FULL, url_of(fs, join(root, layout.full_name(rank, version))),
+         lambda: probe_file(fs, root, names, layout.full_name(rank, version), Level.FULL)),
+        (Level.LEGACY, url_of(fs, join(root, layout.legacy_name(version))),
+         lambda: probe_file(fs, root, names, layout.legacy_name(version), Level.LEGACY)),
     ]
     if fallback_dir:
-        where = f"{fallback_dir.rstrip('/')}/{layout.full_name(rank, version_id)}"
-        probes.append((Level.FALLBACK, where, lambda: _probe_fallback(fallback_dir, rank, version_id, storage_options)))
+        where = f"{fallback_dir.rstrip('/')}/{layout.full_name(rank, version)}"
+        probes.append((Level.FALLBACK, where, lambda: _probe_fallback(fallback_dir, rank, version, storage_options)))
     for level, where, probe in probes:
         try:
             yield level, where, probe()
@@ -222,17 +222,17 @@ def probe_levels(
 
 @storage_calls
 def resolve(
-    root_url: str, version_id: str, rank: int = 0, *, fallback_dir: str | None = None, strict: bool = False,
+    snapshot_root: str, version: str, rank: int = 0, *, fallback_dir: str | None = None, strict: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> Source:
     """The highest-priority complete source, or an error that lists every place checked and its state."""
     checked: list[str] = []
     torn: list[TornSnapshotError] = []
-    for level, where, found in probe_levels(root_url, version_id, rank, fallback_dir=fallback_dir, strict=strict,
+    for level, where, found in probe_levels(snapshot_root, version, rank, fallback_dir=fallback_dir, strict=strict,
                                             storage_options=storage_options):
         if isinstance(found, Source):
             if torn:
-                log.warning("loading %s from level %d (%s): a higher level is torn: %s", version_id, level,
+                log.warning("loading %s from level %d (%s): a higher level is torn: %s", version, level,
                             level.label, "; ".join(map(str, torn)))
             return found
         if found is None:
@@ -244,4 +244,4 @@ def resolve(
         checked.append(f"level 4 ({Level.FALLBACK.label}): not configured (fallback_dir=None)")
     if torn:
         raise TornSnapshotError(torn[0].path, torn[0].reason + "; nothing else loads. Checked:\n  - " + "\n  - ".join(checked))
-    raise SnapshotNotFoundError(layout.base_name(rank, version_id), checked)
+    raise SnapshotNotFoundError(layout.base_name(rank, version), checked)

@@ -154,22 +154,22 @@ def _write_atomic_local(path: str, data: bytes, durable: bool) -> None:
             os.close(fd)
 
 
-def _remove_version(fs, root: str, names: Mapping[str, int], rank: int, version_id: str) -> None:
+def _remove_version(fs, root: str, names: Mapping[str, int], rank: int, version: str) -> None:
     """Manifest first: from that instant the version no longer exists for any reader."""
-    manifest = layout.manifest_name(rank, version_id)
+    manifest = layout.manifest_name(rank, version)
     if manifest in names:
         fs.rm_file(join(root, manifest))
-    rx = layout.part_regex(rank, version_id)
+    rx = layout.part_regex(rank, version)
     for name in names:
-        if rx.fullmatch(name) or name == layout.pending_name(rank, version_id):
+        if rx.fullmatch(name) or name == layout.pending_name(rank, version):
             fs.rm_file(join(root, name))
 
 
 @storage_calls
 def publish(
     state_dict: Mapping[str, Any],
-    root_url: str,
-    version_id: str,
+    snapshot_root: str,
+    version: str,
     rank: int = 0,
     *,
     part_bytes: int = DEFAULT_PART_BYTES,
@@ -188,31 +188,31 @@ def publish(
     ``sha256`` also records each part's SHA-256 for audits (``baton verify --sha256``); loads check xxh3_128,
     and SHA-256 would cost about as much as the write itself.
     """
-    layout.check_id(version_id)
+    layout.check_id(version)
     layout.check_rank(rank)
     if part_bytes <= 0:
         raise ValueError(f"part_bytes must be positive, got {part_bytes}")
     if not state_dict:
         raise ValueError("state_dict is empty: nothing to publish")
     items = [_describe(str(k), v) for k, v in state_dict.items()]
-    fs, root = open_fs(root_url, storage_options)
+    fs, root = open_fs(snapshot_root, storage_options)
     local = is_local(fs)
     names = listing(fs, root)
-    manifest_file = layout.manifest_name(rank, version_id)
+    manifest_file = layout.manifest_name(rank, version)
     if manifest_file in names and not overwrite:
         raise SnapshotExistsError(
-            f"{root_url}/{manifest_file} already exists: version {version_id!r} rank {rank} is published. "
+            f"{snapshot_root}/{manifest_file} already exists: version {version!r} rank {rank} is published. "
             "Pick a new id, or pass overwrite=True (--overwrite) to replace it")
-    _remove_version(fs, root, names, rank, version_id)  # leftovers of an interrupted publish, or the overwrite
+    _remove_version(fs, root, names, rank, version)  # leftovers of an interrupted publish, or the overwrite
     if local:
         os.makedirs(root, exist_ok=True)
-    marker = join(root, layout.pending_name(rank, version_id))
+    marker = join(root, layout.pending_name(rank, version))
     fs.pipe_file(marker, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode())
 
     start = time.perf_counter()
     plan = plan_parts(items, part_bytes)
-    records, tensors = _write_parts(fs, root, plan, rank, version_id, durable, sha256, progress)
-    manifest = Manifest(version_id, rank, time.time(), records, tensors, dict(metadata or {}))
+    records, tensors = _write_parts(fs, root, plan, rank, version, durable, sha256, progress)
+    manifest = Manifest(version, rank, time.time(), records, tensors, dict(metadata or {}))
     manifest_path = join(root, manifest_file)
     if local:
         _write_atomic_local(manifest_path, manifest.to_json(), durable)
@@ -220,10 +220,10 @@ def publish(
         fs.pipe_file(manifest_path, manifest.to_json())
     fs.rm_file(marker)
     seconds = time.perf_counter() - start
-    return PublishReport(version_id, rank, len(plan), manifest.total_bytes, seconds, f"{root_url.rstrip('/')}/{manifest_file}")
+    return PublishReport(version, rank, len(plan), manifest.total_bytes, seconds, f"{snapshot_root.rstrip('/')}/{manifest_file}")
 
 
-def _write_parts(fs, root: str, plan: list[list[_Item]], rank: int, version_id: str, durable: bool, sha256: bool,
+def _write_parts(fs, root: str, plan: list[list[_Item]], rank: int, version: str, durable: bool, sha256: bool,
                  progress: bool) -> tuple[list[PartRecord], dict[str, TensorRecord]]:
     """Every part of ``plan``, hashed as written: locally one writer and one hashing thread, remotely up to two
     uploads in flight (memory: two parts). Returns the parts' and the tensors' records for the manifest."""
@@ -231,11 +231,11 @@ def _write_parts(fs, root: str, plan: list[list[_Item]], rank: int, version_id: 
     records: list[PartRecord | None] = [None] * len(plan)
     tensors: dict[str, TensorRecord] = {}
     bar = tqdm(total=sum(i.nbytes for part in plan for i in part), unit="B", unit_scale=True,
-               desc=f"publish {version_id} tp{rank}", disable=not progress)
+               desc=f"publish {version} tp{rank}", disable=not progress)
     with ThreadPoolExecutor(2) as pool:
         pending: list[Future] = []
         for index, part in enumerate(plan):
-            name = layout.part_name(rank, version_id, index)
+            name = layout.part_name(rank, version, index)
             align = PAGE if sum(i.nbytes for i in part) >= ALIGN_FROM_BYTES else 8
             if align == PAGE:  # whole-page tensors first, so every one of them starts on a page too
                 part = sorted(part, key=lambda i: i.nbytes % PAGE != 0)
@@ -276,9 +276,9 @@ class VersionInfo:
 
 
 @storage_calls
-def list_versions(root_url: str, *, storage_options: dict[str, Any] | None = None) -> list[VersionInfo]:
+def list_versions(snapshot_root: str, *, storage_options: dict[str, Any] | None = None) -> list[VersionInfo]:
     """Committed versions (those with a manifest), oldest first."""
-    fs, root = open_fs(root_url, storage_options)
+    fs, root = open_fs(snapshot_root, storage_options)
     found: dict[str, list[Manifest]] = {}
     for name in listing(fs, root):
         parsed = layout.parse_manifest_name(name)
@@ -297,7 +297,7 @@ def list_versions(root_url: str, *, storage_options: dict[str, Any] | None = Non
 
 @storage_calls
 def prune(
-    root_url: str,
+    snapshot_root: str,
     keep_last: int,
     *,
     keep: tuple[str, ...] | list[str] = (),
@@ -309,9 +309,9 @@ def prune(
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1 (got {keep_last}): pruning never deletes every version")
-    versions = list_versions(root_url, storage_options=storage_options)
+    versions = list_versions(snapshot_root, storage_options=storage_options)
     doomed = [v for v in versions[: max(0, len(versions) - keep_last)] if v.id not in set(keep)]
-    fs, root = open_fs(root_url, storage_options)
+    fs, root = open_fs(snapshot_root, storage_options)
     names = listing(fs, root)
     for v in doomed:
         for rank in v.ranks:

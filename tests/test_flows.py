@@ -67,7 +67,7 @@ def test_publish_reshards_to_the_serving_degree(tmp_path, trainer_tp, serving_tp
     state = random_state_dict(CONFIG, seed=trainer_tp * 10 + serving_tp)
     source = write_checkpoint(tmp_path / "ckpt", state, trainer_tp)
     assert Checkpoint(source).degrees == (trainer_tp, 1)
-    rows = publish_checkpoint(source, str(tmp_path / "snap"), "v1", part_bytes=PART, serving_tp=serving_tp)
+    rows = publish_checkpoint(source, str(tmp_path / "snap"), "v1", part_bytes=PART, tp_size=serving_tp)
     assert [r["rank"] for r in rows] == list(range(serving_tp)) and all(r["bytes"] > 0 for r in rows)
     merged = loaded_full_state(str(tmp_path / "snap"), "v1", serving_tp)
     for name, value in state.items():
@@ -92,7 +92,7 @@ def test_publish_leaves_a_table_artifact_and_is_idempotent(tmp_path):
 def test_publish_on_a_local_dask_cluster(tmp_path):
     state = random_state_dict(CONFIG, seed=3)
     source = write_checkpoint(tmp_path / "ckpt", state, 2)
-    publish_checkpoint(source, str(tmp_path / "snap"), "v1", part_bytes=PART, serving_tp=2, runner="dask")
+    publish_checkpoint(source, str(tmp_path / "snap"), "v1", part_bytes=PART, tp_size=2, runner="dask")
     merged = loaded_full_state(str(tmp_path / "snap"), "v1", 2)
     np.testing.assert_array_equal(merged["lm_head.weight"], state["lm_head.weight"])
 
@@ -195,3 +195,11 @@ def test_scheduled_flow_takes_the_newest_completed_checkpoint_once_and_prunes(tm
         fourth = publish_new_checkpoints(str(trainer), snap, [str(url)], keep_last=1, part_bytes=PART)
         assert fourth["pruned"] == ["step_2"]
         assert {v.id for v in storage.list_versions(snap)} == {"step_3", "step_4"}
+
+
+def test_serving_tp_is_tp_size_by_its_old_name_for_one_release(tmp_path):
+    from flows.publish import renamed_tp
+
+    assert renamed_tp(2, None) == 2
+    with pytest.warns(DeprecationWarning, match="serving_tp is deprecated: call it tp_size"):
+        assert renamed_tp(1, 4) == 4

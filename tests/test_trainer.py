@@ -290,7 +290,7 @@ def prefect_api():
 def test_publish_checkpoint_merges_stages_and_ranks(tmp_path):
     state = canonical(LLAMA, 7)
     src = write_trainer_checkpoint(tmp_path / "ckpt", state, LLAMA, 2, 2, fused=True)
-    rows = publish_checkpoint(src, str(tmp_path / "snap"), "v7", part_bytes=PART, serving_tp=2)
+    rows = publish_checkpoint(src, str(tmp_path / "snap"), "v7", part_bytes=PART, tp_size=2)
     assert [r["rank"] for r in rows] == [0, 1]
     for r in range(2):
         assert_bits(published(str(tmp_path / "snap"), "v7", r), expected(state, LLAMA, r, 2))
