@@ -47,7 +47,7 @@ import numpy as np
 from .errors import IncompatibleTargetError
 from .families import FAMILIES, canonical_shapes, check_fits
 from .fs import join, listing, open_fs
-from .hfdir import INDEX_FILE, PADDLE_PREFIXES, FusedTensorError, hf_tensors, is_hf_checkpoint, read_json
+from .hfdir import INDEX_FILE, PADDLE_PREFIXES, FusedTensorError, hf_tensors, is_hf_checkpoint, read_json, weight_files
 from .pickle_safe import Stored, load_state_pickle
 from .resolve import read_headers
 from .tensorfile import DTYPES, code_of_numpy
@@ -124,14 +124,7 @@ class Checkpoint:
 
 def _rank_files(fs, path: str, names: Mapping[str, int], source: str) -> dict[tuple[int, int], list[str]]:
     if INDEX_FILE in names:  # a unified checkpoint: tensors already merged, spread over the files it lists
-        weight_map = read_json(fs.cat_file(join(path, INDEX_FILE)), f"{source}/{INDEX_FILE}").get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{source}/{INDEX_FILE}: missing field 'weight_map'")
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if f not in names]
-        if missing:
-            raise FileNotFoundError(f"{source}: files listed in {INDEX_FILE} are missing: {missing[:5]}")
-        return {(0, 0): [join(path, f) for f in files]}
+        return {(0, 0): [join(path, f) for f in weight_files(fs, path, names, source)]}
     ranks: dict[tuple[int, int], list[str]] = {}
     shards: dict[tuple[int, int], dict[int, str]] = {}
     for name in sorted(names):
