@@ -16,7 +16,6 @@ from typing import Any
 
 from storage import SnapshotError
 
-from flows import fleet
 from flows.fleet import Refused, Server, Unreachable, Untouched
 
 

@@ -27,9 +27,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
-import paddle
-
 import kernels
 import storage
 from infer.config import ModelConfig
@@ -37,7 +34,7 @@ from infer.digest import state_digest
 from infer.engine import Busy
 from infer.metrics import Metrics
 from infer.model import Decoder, load_state
-from storage import apply_source, check_source, code_of_numpy, code_of_paddle, layout, shard_views
+from storage import apply_source, check_source, layout, shard_views
 
 log = logging.getLogger("baton.serve")
 MODES = ("in_place", "double_buffer")

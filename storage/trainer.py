@@ -48,7 +48,7 @@ from .errors import IncompatibleTargetError
 from .families import FAMILIES, canonical_shapes, check_fits
 from .fs import join, listing, open_fs
 from .hfdir import INDEX_FILE, PADDLE_PREFIXES, FusedTensorError, hf_tensors, is_hf_checkpoint, read_json, weight_files
-from .pickle_safe import Stored, load_state_pickle
+from .pickle_safe import load_state_pickle
 from .resolve import read_headers
 from .tensorfile import DTYPES, code_of_numpy
 from .tp import LLAMA_TP_RULES, Rules, split_axis
