@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of putting a version where FastDeploy and SGLang read it, against a plain copy of the same bytes.
 
-1. FastDeploy staging (``storage.fastdeploy.stage_fastdeploy``: read and check every part against its manifest,
+1. FastDeploy staging (``storage.fastdeploy.export_fastdeploy``: read and check every part against its manifest,
    fuse q|k|v and gate|up, split for each worker, write FastDeploy's parts, move them in) for one worker and for
    two, snapshot and model directory on one filesystem, vs ``shutil.copyfile`` of the version's part files (the
    kernel's copy, what ``cp`` does).
@@ -66,7 +66,7 @@ def main() -> int:
     from infer.hf import config_from_hf
     from infer.model import random_state_dict
     from storage.export import export_hf_dir
-    from storage.fastdeploy import stage_fastdeploy
+    from storage.fastdeploy import export_fastdeploy
 
     name, repeats = ("tiny", 1) if args.quick else ("medium", 3)
     c = get_config(name)
@@ -107,7 +107,7 @@ def main() -> int:
                 f.read_bytes()  # warm the page cache for both methods
             for ids in ([0], [0, 1]) if where == "disk" else ([0],):
                 row(f"FastDeploy staging, {len(ids)} worker{'s' * (len(ids) > 1)}, {where}", size,
-                    lambda t, ids=ids: stage_fastdeploy(str(root), "v1", str(t), ids), files)
+                    lambda t, ids=ids: export_fastdeploy(str(root), "v1", str(t), ids), files)
             if where == "disk":
                 row("SGLang export (transposed shards)", size,
                     lambda t: export_hf_dir(str(root), "v1", str(t / "exports"), config), files)

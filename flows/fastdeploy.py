@@ -3,7 +3,7 @@
 FastDeploy reloads whatever ``model_state.tp{rank}.{gpu}.part*.pdparams`` sit in its model directory, matched by
 name against its own inference model and skipping every other name silently, and keeps no version of its own
 beyond ``version.yaml``. So a version is staged there first in FastDeploy's inference layout, checked against the
-server's ``config.json`` before anything changes (``storage.fastdeploy.stage_fastdeploy``), and
+server's ``config.json`` before anything changes (``storage.fastdeploy.export_fastdeploy``), and
 ``baton-staged.gpu{ids}.json`` beside records what the server holds once it has loaded it.
 
 Two HTTP generations reload the model directory (``docs/features/weight_update.md``,
@@ -24,18 +24,58 @@ record says which version that is.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
-from storage.export import read_record
-from storage.fastdeploy import mark_live, stage_fastdeploy, stage_record
+from storage import join, layout, open_fs
+from storage.errors import TornSnapshotError
+from storage.export import read_record, write_json
+from storage.fastdeploy import export_fastdeploy
 
 from flows import fleet
 from flows.adapter import Adapter
 from flows.fleet import Refused, Unreachable
 
 RETRY_LATER = {400: "already updating", 403: "clearing its weights"}  # the legacy API's busy answers
+
+
+def stage_record(gpu_ids: Sequence[int]) -> str:
+    """The record of what one FastDeploy server's files in a model directory hold: one per set of GPUs, since
+    several servers (on different GPUs) may share a model directory."""
+    return f"baton-staged.gpu{'-'.join(str(layout.check_rank(g)) for g in gpu_ids)}.json"
+
+
+def stage_fastdeploy(snapshot_root: str, version: str, model_dir: str, gpu_ids: Sequence[int], *,
+                     config: str | None = None, storage_options: dict[str, Any] | None = None) -> dict:
+    """``storage.fastdeploy.export_fastdeploy``, recorded: ``stage_record(gpu_ids)`` says ``swapping`` while the
+    parts are swapped in (a set interrupted there is never taken for either version), then ``staged``. Returns
+    the record."""
+    fs, root = open_fs(model_dir)
+    path = join(root, stage_record(gpu_ids))
+    record = {"version": version, "snapshot_root": snapshot_root, "gpu_ids": list(gpu_ids)}
+
+    def swapping(placed: dict) -> None:
+        record.update(placed, state="swapping", staged_at=time.time())
+        write_json(fs, path, record)
+
+    export_fastdeploy(snapshot_root, version, model_dir, gpu_ids, config=config, before_swap=swapping,
+                      storage_options=storage_options)
+    record["state"] = "staged"
+    write_json(fs, path, record)
+    return record
+
+
+def mark_live(model_dir: str, gpu_ids: Sequence[int], version: str) -> None:
+    """Records that the FastDeploy server on ``gpu_ids`` over ``model_dir`` loaded the staged ``version``."""
+    fs, root = open_fs(model_dir)
+    name = stage_record(gpu_ids)
+    record = read_record(model_dir, name)
+    if not record or record.get("version") != version or record.get("state") not in ("staged", "live"):
+        raise TornSnapshotError(join(root, name), f"does not record {version} as staged; stage it again")
+    write_json(fs, join(root, name), record | {"state": "live", "live_at": time.time()})
 
 
 class FastDeploy(Adapter):

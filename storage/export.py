@@ -70,7 +70,7 @@ def write_json(fs, path: str, doc: dict) -> None:
 
 
 def read_record(url: str, name: str, storage_options: dict[str, Any] | None = None) -> dict | None:
-    """The JSON record ``name`` under ``url`` (``stage_record(...)`` or ``EXPORT_RECORD``), None when absent or
+    """The JSON record ``name`` under ``url`` (``flows.fastdeploy.stage_record(...)`` or ``EXPORT_RECORD``), None when absent or
     unreadable (a record half-written by hand is as good as none: the version is then unknown)."""
     fs, root = open_fs(url, storage_options)
     try:

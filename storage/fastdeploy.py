@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -54,8 +53,8 @@ from typing import Any
 import numpy as np
 
 from . import layout
-from .errors import IncompatibleTargetError, TornSnapshotError
-from .export import Scratch, WholeTensors, open_version, read_record, transpose, write_json
+from .errors import IncompatibleTargetError
+from .export import Scratch, WholeTensors, open_version, transpose
 from .families import DTYPE_CODES, Sizes, check_fits, sizes_of
 from .fs import join, listing, open_fs, storage_calls
 from .hfdir import CONFIG_FILE, read_json
@@ -214,30 +213,26 @@ def _write_part(fs, path: str, pieces: list[Piece], rank: int, held: Mapping[str
     return len(header) + sum(i[3] for i in items)
 
 
-def stage_record(gpu_ids: Sequence[int]) -> str:
-    """The record of what one FastDeploy server's files in a model directory hold: one per set of GPUs, since
-    several servers (on different GPUs) may share a model directory."""
-    return f"baton-staged.gpu{'-'.join(str(layout.check_rank(g)) for g in gpu_ids)}.json"
-
-
 def fastdeploy_glob(rank: int, gpu: int) -> str:
     """The files FastDeploy's first level loads for one worker (its ``{base}.part*.pdparams``)."""
     return f"model_state.tp{layout.check_rank(rank)}.{layout.check_rank(gpu)}.part*.pdparams"
 
 
 @storage_calls
-def stage_fastdeploy(snapshot_root: str, version: str, model_dir: str, gpu_ids: Sequence[int], *,
-                     config: str | None = None, storage_options: dict[str, Any] | None = None) -> dict:
-    """Stage ``version`` into a FastDeploy model directory for a server whose worker ``r`` runs on GPU
-    ``gpu_ids[r]``: each worker's tensors in FastDeploy's inference layout (the module's table) as
+def export_fastdeploy(snapshot_root: str, version: str, model_dir: str, gpu_ids: Sequence[int], *,
+                      config: str | None = None, before_swap: Callable[[dict], None] | None = None,
+                      storage_options: dict[str, Any] | None = None) -> dict:
+    """Put ``version`` in a FastDeploy model directory for a server whose worker ``r`` runs on GPU ``gpu_ids[r]``:
+    each worker's tensors in FastDeploy's inference layout (the module's table) as
     ``model_state.tp{r}.{gpu_ids[r]}.part{N}.pdparams``, N from 1, split from the canonical tensors whatever
     tensor-parallel degree the version was published with.
 
     Before anything in ``model_dir`` changes, the version must be exactly the model of the server's
     ``config.json`` (``config``, else ``model_dir``'s): every tensor, shape and dtype (``IncompatibleTargetError``
-    names what does not fit). The parts are written beside, checked against the layout, then moved in; parts of
-    those names the new set does not overwrite are removed (FastDeploy would load them too). Returns the record
-    written to ``stage_record(gpu_ids)`` (state ``staged``); ``version.yaml`` gets ``step: version``."""
+    names what does not fit). The parts are written beside, checked against the layout, then swapped in:
+    ``before_swap(placed)`` is called first (the caller records that a swap is under way), then the parts of
+    those names the new set does not overwrite are removed (FastDeploy would load them too), the new ones moved
+    in, and ``version.yaml`` gets ``step: version``. Returns ``placed``: ``{"files", "bytes", "config"}``."""
     layout.check_id(version)
     if not gpu_ids:
         raise ValueError("gpu_ids is empty: give the GPU number of each worker of the FastDeploy server")
@@ -256,8 +251,7 @@ def stage_fastdeploy(snapshot_root: str, version: str, model_dir: str, gpu_ids: 
     pieces = plan.pieces()
 
     fs, root = open_fs(model_dir)
-    record_name = stage_record(gpu_ids)
-    mine = f".baton-stage.{record_name}."
+    mine = f".baton-stage.gpu{'-'.join(str(layout.check_rank(g)) for g in gpu_ids)}."
     for name in fs.ls(root, detail=False):  # left by a stage of this server that was killed: never loaded
         if name.rstrip("/").rsplit("/", 1)[-1].startswith(mine):
             fs.rm(name, recursive=True)
@@ -265,9 +259,9 @@ def stage_fastdeploy(snapshot_root: str, version: str, model_dir: str, gpu_ids: 
     fs.makedirs(stage)
     try:
         new, total = _write_parts(fs, stage, reader, pieces, gpu_ids, version)
-        record = {"version": version, "snapshot_root": snapshot_root, "gpu_ids": list(gpu_ids), "files": new,
-                  "bytes": total, "config": config_url, "state": "swapping", "staged_at": time.time()}
-        write_json(fs, join(root, record_name), record)
+        placed = {"files": new, "bytes": total, "config": config_url}
+        if before_swap is not None:
+            before_swap(placed)
         globs = [fastdeploy_glob(rank, gpu) for rank, gpu in enumerate(gpu_ids)]
         for name in listing(fs, root):
             if name not in new and any(fnmatch.fnmatchcase(name, g) for g in globs):
@@ -275,9 +269,7 @@ def stage_fastdeploy(snapshot_root: str, version: str, model_dir: str, gpu_ids: 
         for name in new:
             fs.mv(join(stage, name), join(root, name))
         fs.pipe_file(join(root, VERSION_FILE), f"step: {json.dumps(version)}\n".encode())
-        record["state"] = "staged"
-        write_json(fs, join(root, record_name), record)
-        return record
+        return placed
     finally:
         if fs.exists(stage):
             fs.rm(stage, recursive=True)
@@ -312,13 +304,3 @@ def _write_parts(fs, stage: str, reader: WholeTensors, pieces: list[Piece], gpu_
                 if not uses[n]:
                     del held[n]
     return new, total
-
-
-def mark_live(model_dir: str, gpu_ids: Sequence[int], version: str) -> None:
-    """Records that the FastDeploy server on ``gpu_ids`` over ``model_dir`` loaded the staged ``version``."""
-    fs, root = open_fs(model_dir)
-    name = stage_record(gpu_ids)
-    record = read_record(model_dir, name)
-    if not record or record.get("version") != version or record.get("state") not in ("staged", "live"):
-        raise TornSnapshotError(join(root, name), f"does not record {version} as staged; stage it again")
-    write_json(fs, join(root, name), record | {"state": "live", "live_at": time.time()})

@@ -21,7 +21,7 @@ from infer.model import build_model, random_state_dict
 from infer.weights import state_digest
 from storage.errors import TornSnapshotError
 from storage.export import EXPORT_RECORD, export_hf_dir, read_record
-from storage.fastdeploy import stage_fastdeploy, stage_record
+from flows.fastdeploy import stage_fastdeploy, stage_record
 from tests.conftest import free_port
 from tests.engine_doubles import FastDeployDouble, SGLangDouble, digests
 from tests.test_fastdeploy import canonical, fd_expected, fd_parts, model_dir_for, publish, qwen

@@ -20,7 +20,8 @@ from infer.hf import config_from_hf
 from infer.model import parameter_shapes
 from storage.errors import IncompatibleTargetError, TornSnapshotError
 from storage.export import read_record
-from storage.fastdeploy import VERSION_FILE, stage_fastdeploy, stage_record
+from flows.fastdeploy import stage_fastdeploy, stage_record
+from storage.fastdeploy import VERSION_FILE
 from storage.tp import split_state_dict
 from tests.engine_doubles import FastDeployDouble, digests
 from tests.test_publish_hf import hf_layout
@@ -293,7 +294,7 @@ def test_a_load_that_fails_half_way_is_restored_to_the_previous_version(tmp_path
 
 _STAGE_CHILD = """
 import json, sys
-from storage.fastdeploy import stage_fastdeploy
+from storage.fastdeploy import export_fastdeploy as stage_fastdeploy
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
