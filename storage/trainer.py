@@ -57,7 +57,6 @@ from .writer import TensorRef
 WEIGHT_FILE = re.compile(r"model_state(?:\.(?P<a>[a-z0-9_]+))?\.pdparams|model(?:\.(?P<b>[a-z0-9_]+))?\.safetensors")
 SUFFIX = re.compile(r"(?:tp(?P<tp>\d+))?_?(?:pp(?P<pp>\d+))?(?:_?shard(?P<shard>\d+))?")
 SHARD_FILE = re.compile(r"_?shard\d+\.(pdparams|safetensors)$")
-UNIFIED_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 CONFIG_FILES = ("config.json", "model_config.json")  # the second in older PaddleNLP checkpoints
 FUSED_QKV = re.compile(r"\.self_attn\.qkv_proj\.(weight|bias)$")
 FUSED_FFN = re.compile(r"\.mlp\.(gate_up_fused_proj|up_gate_proj)\.(weight|bias)$")
