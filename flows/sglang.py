@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from storage import join, open_fs
+from storage import SnapshotError, join, open_fs
 from storage.export import EXPORT_RECORD, export_hf_dir, open_version, prune_exports, read_record
 from storage.families import check_fits
 
@@ -74,12 +74,17 @@ class SGLang(Adapter):
     def stage(self, version: str, snapshot_root: str) -> None:
         self.before = self.held()
         raw, url = self._config(self.before)
-        doc = json.loads(raw)
-        running = (self.before or {}).get("architectures")
-        if running and running != doc.get("architectures"):
-            raise Refused(f"{self.server.url} runs {running}, {url} describes {doc.get('architectures')}: set the "
-                          "server's config to the config.json of the model it serves")
-        check_fits(open_version(snapshot_root, version).index(), doc, url, f"{snapshot_root} {version}")
+        try:
+            doc = json.loads(raw)
+            running = (self.before or {}).get("architectures")
+            if running and running != doc.get("architectures"):
+                raise Refused(f"{self.server.url} runs {running}, {url} describes {doc.get('architectures')}: set "
+                              "the server's config to the config.json of the model it serves")
+            check_fits(open_version(snapshot_root, version).index(), doc, url, f"{snapshot_root} {version}")
+        except ValueError as exc:  # not JSON, or a model Baton does not know: the server is not called
+            if isinstance(exc, SnapshotError):
+                raise
+            raise Refused(f"{self.server.url}: {url}: {exc}") from exc
         self.path = export_hf_dir(snapshot_root, version, self.export_root, raw)
 
     def _load_path(self, path: str, weight_version: str | None, admin_token_env: str | None) -> dict[str, Any]:
