@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
     snapshots = args.storage or run_dir / "snapshots"
     print(f"reward {first:.3f} -> {last:.3f} in {args.steps} steps ({time.perf_counter() - start:.0f}s). "
           f"Plot: {run_dir / 'reward.png'}; steps: {run_dir / 'steps.json'}; "
-          f"snapshots: `baton versions {snapshots}`, `baton inspect {snapshots} --id step_{args.steps}`; "
+          f"snapshots: `baton versions {snapshots}`, `baton inspect {snapshots} --version step_{args.steps}`; "
           f"Prefect records: {run_dir / 'prefect'}")
     if last <= first:
         print("the reward did not improve: try more --steps (a few steps in --async mode mostly train on "

@@ -35,7 +35,7 @@ def publish_new_checkpoints(trainer_dir: str, snapshot_root: str, servers: list[
         return {"version": None, "published": False, "synced": False, "pruned": []}
     newest = steps[-1]
     before = _serving(fleet_servers)
-    committed = {v.id for v in storage.list_versions(snapshot_root)}
+    committed = {v.version for v in storage.list_versions(snapshot_root)}
     already_live = bool(fleet_servers) and all(v == newest.version for v in before.values())
     published = synced = False
     if newest.version in committed and (already_live or not fleet_servers):

@@ -161,7 +161,7 @@ def _load_newest(manager, versions: list):
 
     for v in reversed(versions):
         try:
-            return manager.update(v.id, startup=True)
+            return manager.update(v.version, startup=True)
         except UpdateError as exc:
-            log.warning("newest version %s does not load, trying an older one: %s", v.id, exc)
+            log.warning("newest version %s does not load, trying an older one: %s", v.version, exc)
     return None

@@ -39,10 +39,24 @@ def _states(src: str, rank: int, tp_size: int | None):
         yield r, trainer.checkpoint_tensors(src, rank=r, tp_size=tp_size)
 
 
+class _OldName(argparse.Action):
+    """``--id``, the old name of ``--version``: still taken for one release, with a warning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"baton: {option_string} is deprecated: use --version", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def version_flag(p: argparse.ArgumentParser) -> None:
+    names = p.add_mutually_exclusive_group(required=True)
+    names.add_argument("--version", help="the version ([A-Za-z0-9_-], e.g. step-120)")
+    names.add_argument("--id", dest="version", action=_OldName, help=argparse.SUPPRESS)
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
-    layout.check_id(args.id)  # before reading a possibly huge source
+    layout.check_id(args.version)  # before reading a possibly huge source
     for rank, state in _states(args.src, args.rank, args.tp_size):
-        r = writer.publish(state, args.to, args.id, rank, part_bytes=args.part_size, overwrite=args.overwrite,
+        r = writer.publish(state, args.to, args.version, rank, part_bytes=args.part_size, overwrite=args.overwrite,
                            sha256=args.sha256, progress=True)
         print(f"published {r.version} rank {r.rank}: {r.parts} parts, {human(r.bytes)} in {r.seconds:.2f} s "
               f"({r.gbps:.2f} GB/s) -> {r.manifest_url}")
@@ -51,7 +65,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    states = audit.inspect_snapshot(args.url, args.id, args.rank, fallback_dir=args.fallback_dir, strict=args.strict)
+    states = audit.inspect_snapshot(args.url, args.version, args.rank, fallback_dir=args.fallback_dir, strict=args.strict)
     print(f"{'level':<6}{'source':<21}{'state':<10}{'files':>6}{'bytes':>12}  where / detail")
     for s in states:
         print(f"{int(s.level):<6}{s.level.label:<21}{s.state:<10}{s.files:>6}{human(s.bytes):>12}  {s.where}")
@@ -63,7 +77,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    level, checks = audit.verify_snapshot(args.url, args.id, args.rank, fallback_dir=args.fallback_dir,
+    level, checks = audit.verify_snapshot(args.url, args.version, args.rank, fallback_dir=args.fallback_dir,
                                           strict=args.strict, sha256=args.sha256)
     for c in checks:
         print(f"{'ok ' if c.ok else 'BAD'} {c.url}: {c.detail}")
@@ -77,7 +91,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
     for v in writer.list_versions(args.url):
         when = datetime.datetime.fromtimestamp(v.published_at).isoformat(timespec="seconds")
-        print(f"{v.id:<24} ranks {','.join(map(str, v.ranks)):<10} {human(v.bytes):>12}  {when}")
+        print(f"{v.version:<24} ranks {','.join(map(str, v.ranks)):<10} {human(v.bytes):>12}  {when}")
     return 0
 
 
@@ -90,7 +104,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     def where(p: argparse.ArgumentParser) -> None:
         p.add_argument("url", help="snapshot root: a directory or fsspec URL (file://, s3://bucket/prefix, memory://)")
-        p.add_argument("--id", required=True, help="version id ([A-Za-z0-9_-], e.g. step-120)")
+        version_flag(p)
         p.add_argument("--rank", type=int, default=0, help="tensor-parallel rank (default 0)")
         p.add_argument("--fallback-dir", help="shared fallback directory (level 4) holding model_state.tp{r}.{id}.pdparams")
         p.add_argument("--strict", action="store_true", help="refuse parts that have no manifest")
@@ -102,7 +116,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "Paddle trainer's checkpoint directory (model_state[.tpNN][_ppNN].pdparams files, fused "
                    "projections too, or a unified checkpoint), or a Hugging Face model directory (any fsspec URL)")
     p.add_argument("--to", required=True, help="snapshot root URL to publish into")
-    p.add_argument("--id", required=True, help="version id ([A-Za-z0-9_-], e.g. step-120)")
+    version_flag(p)
     p.add_argument("--rank", type=int, default=0, help="rank to publish a single file as (default 0)")
     p.add_argument("--tp-size", type=int, default=None,
                    help="serving tensor-parallel degree to merge or split the checkpoint into (default: the degree "

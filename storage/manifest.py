@@ -38,7 +38,7 @@ class TensorRecord:
 
 @dataclass
 class Manifest:
-    id: str
+    version: str
     rank: int
     published_at: float  # unix seconds; orders versions for `prune` and "newest"
     parts: list[PartRecord]
@@ -53,7 +53,8 @@ class Manifest:
         doc = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "id": self.id,
+            "version": self.version,
+            "id": self.version,  # the field's old name, for readers of the previous release: dropped in the next
             "rank": self.rank,
             "published_at": self.published_at,
             "parts": [asdict(p) for p in self.parts],
@@ -103,7 +104,8 @@ class Manifest:
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise TornSnapshotError(path, "manifest field metadata must map strings to strings")
         published_at = fields.get(doc, "published_at", (int, float))
-        m = cls(fields.get(doc, "id", str), fields.count(doc, "rank"), float(published_at), parts, tensors, metadata)
+        named = fields.get(doc, "version" if "version" in doc else "id", str)  # "id" in manifests before 2026-12
+        m = cls(named, fields.count(doc, "rank"), float(published_at), parts, tensors, metadata)
         if [p.index for p in parts] != list(range(len(parts))):
             raise TornSnapshotError(path, "manifest parts are not numbered 0..N-1")
         for name, t in tensors.items():

@@ -136,8 +136,8 @@ def _read_manifest(fs, root: str, name: str, size: int) -> Manifest:
 def _parts_with_manifest(fs, root, names, found, manifest_file, rank, version) -> Source:
     m = _read_manifest(fs, root, manifest_file, names[manifest_file])
     where = url_of(fs, join(root, manifest_file))
-    if m.id != version or m.rank != rank:
-        raise TornSnapshotError(where, f"manifest is for id {m.id!r} rank {m.rank}")
+    if m.version != version or m.rank != rank:
+        raise TornSnapshotError(where, f"manifest is for version {m.version!r} rank {m.rank}")
     paths = []
     for p in m.parts:
         expected = layout.part_name(rank, version, p.index)

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -269,10 +270,16 @@ def _upload(fs, path: str, buffers: list, index: int, count: int, records: list,
 
 @dataclass(frozen=True)
 class VersionInfo:
-    id: str
+    version: str
     ranks: tuple[int, ...]
     published_at: float
     bytes: int
+
+    @property
+    def id(self) -> str:
+        """The old name of ``version``, for one release."""
+        warnings.warn("VersionInfo.id is deprecated: use .version", DeprecationWarning, stacklevel=2)
+        return self.version
 
 
 @storage_calls
@@ -292,7 +299,7 @@ def list_versions(snapshot_root: str, *, storage_options: dict[str, Any] | None 
         VersionInfo(vid, tuple(sorted(m.rank for m in ms)), max(m.published_at for m in ms), sum(m.total_bytes for m in ms))
         for vid, ms in found.items()
     ]
-    return sorted(infos, key=lambda v: (v.published_at, v.id))
+    return sorted(infos, key=lambda v: (v.published_at, v.version))
 
 
 @storage_calls
@@ -310,10 +317,10 @@ def prune(
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1 (got {keep_last}): pruning never deletes every version")
     versions = list_versions(snapshot_root, storage_options=storage_options)
-    doomed = [v for v in versions[: max(0, len(versions) - keep_last)] if v.id not in set(keep)]
+    doomed = [v for v in versions[: max(0, len(versions) - keep_last)] if v.version not in set(keep)]
     fs, root = open_fs(snapshot_root, storage_options)
     names = listing(fs, root)
     for v in doomed:
         for rank in v.ranks:
-            _remove_version(fs, root, names, rank, v.id)
-    return [v.id for v in doomed]
+            _remove_version(fs, root, names, rank, v.version)
+    return [v.version for v in doomed]

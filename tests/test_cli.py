@@ -23,28 +23,28 @@ def test_publish_inspect_verify_from_a_paddle_save_file(tmp_path):
     src = tmp_path / "trainer.pdparams"
     paddle.save(state, str(src))
     root = str(tmp_path / "snap")
-    out = baton("publish", str(src), "--to", root, "--id", "step-3", "--part-size", "4KiB")
+    out = baton("publish", str(src), "--to", root, "--version", "step-3", "--part-size", "4KiB")
     assert out.returncode == 0, out.stderr
     assert "published step-3 rank 0" in out.stdout
     target = zeros_like(state)
     storage.load_snapshot(root, "step-3", into=target)
     assert_same(target, state)
 
-    out = baton("inspect", root, "--id", "step-3")
+    out = baton("inspect", root, "--version", "step-3")
     assert out.returncode == 0 and "would load: level 1 (chunked parts)" in out.stdout and "complete" in out.stdout
-    out = baton("verify", root, "--id", "step-3")
+    out = baton("verify", root, "--version", "step-3")
     assert out.returncode == 0 and "files verified" in out.stdout
-    out = baton("verify", root, "--id", "step-3", "--sha256")  # none recorded: the audit says so, and fails
+    out = baton("verify", root, "--version", "step-3", "--sha256")  # none recorded: the audit says so, and fails
     assert out.returncode == 1 and "published without --sha256" in out.stdout
-    out = baton("publish", str(src), "--to", root, "--id", "audited", "--part-size", "4KiB", "--sha256")
+    out = baton("publish", str(src), "--to", root, "--version", "audited", "--part-size", "4KiB", "--sha256")
     assert out.returncode == 0, out.stderr
-    out = baton("verify", root, "--id", "audited", "--sha256")
+    out = baton("verify", root, "--version", "audited", "--sha256")
     assert out.returncode == 0 and "sha256" in out.stdout and "BAD" not in out.stdout
 
     part = Path(root) / "model_state.tp0.step-3.part1.pdparams"
     data = part.read_bytes()
     part.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
-    out = baton("verify", root, "--id", "step-3")
+    out = baton("verify", root, "--version", "step-3")
     assert out.returncode == 1 and "BAD" in out.stdout and "part1" in out.stdout
 
 
@@ -55,7 +55,7 @@ def test_publish_a_directory_of_rank_files(tmp_path):
     for r, s in enumerate(states):
         paddle.save(s, str(trainer / f"model_state.tp{r}.pdparams"))
     root = str(tmp_path / "snap")
-    out = baton("publish", str(trainer), "--to", root, "--id", "v9")
+    out = baton("publish", str(trainer), "--to", root, "--version", "v9")
     assert out.returncode == 0, out.stderr
     for r, s in enumerate(states):
         t = zeros_like(s)
@@ -66,9 +66,10 @@ def test_publish_a_directory_of_rank_files(tmp_path):
 
 
 def test_errors_are_one_clear_line(tmp_path):
-    out = baton("inspect", str(tmp_path), "--id", "missing")
+    out = baton("inspect", str(tmp_path), "--version", "missing")
     assert out.returncode == 1 and "would load: nothing" in out.stdout
-    out = baton("publish", str(tmp_path / "none.pdparams"), "--to", str(tmp_path), "--id", "../x")
+    out = baton("publish", str(tmp_path / "none.pdparams"), "--to", str(tmp_path), "--id", "../x")  # its old name
     assert out.returncode == 2 and "invalid snapshot id" in out.stderr and "Traceback" not in out.stderr
+    assert "--id is deprecated: use --version" in out.stderr
     out = baton("publish", "--help")
     assert out.returncode == 0 and "--part-size" in out.stdout

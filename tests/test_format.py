@@ -106,3 +106,19 @@ def test_plan_parts_bounds_and_keeps_order():
     parts = plan_parts(items, 100)
     assert [[i.name for i in p] for p in parts] == [["t0"], ["t1"], ["t2"], ["t3", "t4"], ["t5"]]
     assert all(sum(i.nbytes for i in p) <= 100 or len(p) == 1 for p in parts)
+
+
+def test_a_manifest_names_its_version_and_still_reads_the_old_field(tmp_path):
+    import json
+
+    import storage
+    from storage.manifest import Manifest
+
+    storage.publish({"w": np.ones(4, np.float32)}, str(tmp_path), "step-7")
+    raw = (tmp_path / layout.manifest_name(0, "step-7")).read_bytes()
+    doc = json.loads(raw)
+    assert doc["version"] == doc["id"] == "step-7"  # the old name too, for readers of the previous release
+    del doc["version"]  # a manifest written before the rename
+    assert Manifest.from_json(json.dumps(doc).encode(), "m").version == "step-7"
+    with pytest.warns(DeprecationWarning, match="use .version"):
+        assert storage.list_versions(str(tmp_path))[0].id == "step-7"

@@ -118,7 +118,7 @@ def test_the_server_s_reader_and_the_publisher_agree(tmp_path):
 def test_baton_publish_takes_a_hugging_face_directory(tmp_path, state):
     source = write_hf_dir(tmp_path / "hf", state)
     root = str(tmp_path / "snap")
-    out = baton("publish", source, "--to", root, "--id", "v2", "--tp-size", "2", "--part-size", "64KiB")
+    out = baton("publish", source, "--to", root, "--version", "v2", "--tp-size", "2", "--part-size", "64KiB")
     assert out.returncode == 0, out.stderr
     assert "published v2 rank 0" in out.stdout and "published v2 rank 1" in out.stdout
     assert_same(loaded(root, "v2", 2), state)

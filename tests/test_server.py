@@ -229,7 +229,7 @@ def test_starts_on_the_newest_loadable_version_and_reports_metrics(tmp_path):
     corrupt_later_part(tmp_path, "v3-corrupt")
     with baton_serve(str(tmp_path)) as url:
         newest = "v2"
-        assert storage.list_versions(str(tmp_path))[-1].id == "v3-corrupt"
+        assert storage.list_versions(str(tmp_path))[-1].version == "v3-corrupt"
         assert serving(url)["version"] == newest
         update(url, "missing")
         completion(url, max_tokens=3)

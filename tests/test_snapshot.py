@@ -341,7 +341,7 @@ def test_stream_verify_reports_partial_apply(root):
     write(root, part, data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(storage.PartialApplyError) as err:
         storage.load_snapshot(root, "p", into=zeros_like(state), verify="stream")
-    assert err.value.applied and part in str(err.value) and last.id == "p"
+    assert err.value.applied and part in str(err.value) and last.version == "p"
 
 
 def test_large_parts_put_tensor_bytes_on_page_boundaries(tmp_path):

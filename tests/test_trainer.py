@@ -175,7 +175,7 @@ def test_baton_publish_reads_what_the_trainers_write_bit_for_bit(tmp_path, case)
     state = canonical(doc, 3, bf16)
     src = write_trainer_checkpoint(tmp_path / "checkpoint-30", state, doc, tp, pp, fused, prefix, ffn, fmt, bf16)
     root = str(tmp_path / "snap")
-    out = baton("publish", src, "--to", root, "--id", "step-30", "--tp-size", str(serving), "--part-size", "32KiB")
+    out = baton("publish", src, "--to", root, "--version", "step-30", "--tp-size", str(serving), "--part-size", "32KiB")
     assert out.returncode == 0, out.stderr
     for r in range(serving):
         assert_bits(published(root, "step-30", r), expected(state, doc, r, serving))
@@ -211,7 +211,7 @@ def test_what_does_not_add_up_is_refused_before_anything_is_written(tmp_path):
     state, root = canonical(LLAMA, 5), tmp_path / "snap"
 
     def refused(src: str, *match: str) -> None:
-        out = baton("publish", src, "--to", str(root), "--id", "v")
+        out = baton("publish", src, "--to", str(root), "--version", "v")
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         for m in match:
             assert m in out.stderr, out.stderr
