@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from harness.launch import free_port, log, wait_until  # noqa: E402,F401  (the benchmarks' helpers too)
+
 RESULTS_DIR = REPO / "bench" / "results"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def proc_status_bytes(key: str, pid: int | str = "self") -> int:
@@ -60,23 +57,6 @@ def machine_info() -> dict:
         "python": platform.python_version(), "paddle": paddle.__version__, "numpy": np.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
     }
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released), for servers that must come back at the same address."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if check():
-                return
-        time.sleep(interval)
-    raise RuntimeError(f"{what} not ready after {timeout:.0f}s")
 
 
 def parser(doc: str, quick_help: str) -> argparse.ArgumentParser:

@@ -201,7 +201,7 @@ def main() -> int:
     from infer.config import get_config
     from infer.engine import Engine, EngineConfig
     from infer.generate import Fixed
-    from infer.launch import baton_serve
+    from harness.launch import baton_serve
     from infer.model import build_model, random_state_dict
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))

@@ -34,7 +34,7 @@ import httpx  # noqa: E402
 import storage  # noqa: E402
 from common import log, machine_info, parser, proc_status_bytes, results_path, write_results  # noqa: E402
 from infer.config import get_config  # noqa: E402
-from infer.launch import baton_serve  # noqa: E402
+from harness.launch import baton_serve  # noqa: E402
 from infer.model import Decoder, random_state_dict  # noqa: E402
 
 MODES = ("in_place", "double_buffer")

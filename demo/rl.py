@@ -175,7 +175,7 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
     from tqdm import tqdm
 
     from flows.sync import sync_weights
-    from infer.launch import baton_serve
+    from harness.launch import baton_serve
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     snapshots = storage_url or str(run_dir / "snapshots")

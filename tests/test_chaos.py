@@ -1,4 +1,4 @@
-"""Fault injection, the fast cases of ``bench/chaos.py``: real SIGKILLs of publishers, servers and the S3 server,
+"""Fault injection, the fast cases of ``harness/chaos.py``: real SIGKILLs of publishers, servers and the S3 server,
 real byte flips, real races. Each asserts that nothing was lost or corrupted (0 BAD); the full counts are the
 benchmark's (``python bench/chaos.py``, figures in bench/REPORT.md)."""
 
@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import chaos  # noqa: E402
+from harness import chaos
 
 logging.getLogger("httpx").setLevel(logging.WARNING)
 

@@ -16,7 +16,7 @@ import httpx
 import paddle
 
 from infer.config import get_config
-from infer.launch import baton_serve, logged_process as process
+from harness.launch import baton_serve, logged_process as process
 from infer.model import random_state_dict
 from tests.conftest import free_port
 

@@ -16,7 +16,7 @@ from flows.fleet import Server
 from flows.sync import FleetSyncError, sync_weights
 from infer.config import get_config
 from infer.hf import config_from_hf
-from infer.launch import baton_serve
+from harness.launch import baton_serve
 from infer.model import build_model, random_state_dict
 from infer.weights import state_digest
 from storage.errors import TornSnapshotError

@@ -19,7 +19,7 @@ from flows.publish import publish_checkpoint
 from flows.sync import FleetSyncError, sync_weights
 from flows.watch import publish_new_checkpoints
 from infer.config import get_config
-from infer.launch import baton_serve
+from harness.launch import baton_serve
 from infer.model import build_model, random_state_dict
 from infer.weights import state_digest
 from storage.tp import merge_state_dicts, split_state_dict

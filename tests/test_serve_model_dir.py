@@ -13,7 +13,7 @@ import pytest
 
 import storage
 from infer.hf import read_model_dir
-from infer.launch import baton_serve
+from harness.launch import baton_serve
 from tests.test_tokenizer import qwen_style
 
 torch = pytest.importorskip("torch")

@@ -22,7 +22,7 @@ from infer.model import build_model, random_state_dict
 from infer.tokenizer import encode
 from infer.weights import state_digest
 from storage.tp import split_state_dict
-from infer.launch import baton_serve
+from harness.launch import baton_serve
 
 CONFIG = get_config("tiny")
 SEEDS = {"v1": 1, "v2": 2}

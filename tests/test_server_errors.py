@@ -15,7 +15,7 @@ import openai
 import pytest
 import uvicorn
 
-from infer.launch import baton_serve
+from harness.launch import baton_serve
 from tests.test_server import CONFIG, PROMPT, corrupt_later_part, publish_versions
 
 TOKEN = {"Authorization": "Bearer s3cret"}

@@ -7,13 +7,14 @@ import contextlib
 import os
 import queue
 import re
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,3 +103,24 @@ def _wait_healthy(url: str, timeout: float) -> None:
                     return
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not become healthy in {timeout}s")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released), for servers that must come back at the same address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(interval)
+    raise RuntimeError(f"{what} not ready after {timeout:.0f}s")
