@@ -31,10 +31,14 @@ def _states(src: str, rank: int, tp_size: int | None):
     """(rank, state dict) to publish, one rank at a time, as lazy tensors: a checkpoint at ``tp_size`` serving
     ranks (by default the tensor-parallel degree it was saved with; a single file as ``rank``)."""
     if tp_size is None:
-        if not hfdir.is_hf_checkpoint(src) and trainer.Checkpoint(src).degrees == (1, 1):
-            yield rank, trainer.checkpoint_tensors(src)
-            return
-        tp_size = 1 if hfdir.is_hf_checkpoint(src) else trainer.Checkpoint(src).degrees[0]
+        if hfdir.is_hf_checkpoint(src):
+            tp_size = 1
+        else:
+            degrees = trainer.Checkpoint(src).degrees
+            if degrees == (1, 1):
+                yield rank, trainer.checkpoint_tensors(src)
+                return
+            tp_size = degrees[0]
     for r in range(tp_size):
         yield r, trainer.checkpoint_tensors(src, rank=r, tp_size=tp_size)
 

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import IncompatibleTargetError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -130,8 +132,6 @@ def check_fits(tensors: Mapping[str, tuple[str, tuple[int, ...]]], doc: Mapping[
     not exactly the model ``doc`` describes: every tensor missing, extra or of another shape is named, and with
     ``dtype`` (a code such as ``BF16``) every tensor of another dtype. ``what`` names the version in the message,
     ``target`` the model and ``advice`` the fix. Returns the model's sizes."""
-    from .errors import IncompatibleTargetError
-
     sizes = sizes_of(doc, source)
     want = canonical_shapes(doc, source)
     problems = []
