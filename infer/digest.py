@@ -1,7 +1,8 @@
 """The digest of a model's live weights, reported by ``GET /v1/weights`` after every update: equal digests, equal
 weights, so a trainer (or a test) can check what a server holds without reading it back.
 
-On the host the digest is xxh3_128 over every tensor's name, dtype code, shape and bytes, in name order. On a GPU
+On the host the digest is ``storage.digest``'s (xxh3_128 of every tensor's name, dtype code, shape and bytes,
+combined in name order), the one manifests record, so a server's digest can be compared with a version's. On a GPU
 that would copy the whole model to the host after every sync, so there each tensor is reduced on the device to one
 64-bit number, ``sum64`` (its bytes read as unsigned 16- or 32-bit words ``w_i``, then ``sum(w_i * (i * MUL + ADD))
 mod 2**64``: an integer sum, so the same in any order on any device), and the digest is ``sum64-`` followed by
@@ -19,6 +20,7 @@ import paddle
 import xxhash
 
 from storage import code_of_numpy, code_of_paddle
+from storage.digest import combine, tensor_digest
 
 MUL, ADD = 0x9E3779B97F4A7C15, 0x632BE59BD9B4E019  # odd constants: every position weighs differently
 CHUNK = 1 << 24  # words reduced at a time on the device: the int64 temporaries stay at 128 MiB each
@@ -86,21 +88,22 @@ def state_digest(state: Mapping[str, Any], scheme: str | None = None) -> str:
     scheme = scheme or ("sum64" if any(_on_device(t) for t in state.values()) else "xxh3")
     if scheme not in ("xxh3", "sum64"):
         raise ValueError(f"scheme {scheme!r}: use 'xxh3' or 'sum64'")
-    h = xxhash.xxh3_128()
     names = sorted(state)
-    sums: dict[str, Any] = {}
-    if scheme == "sum64":
-        on_device = [n for n in names if _on_device(state[n]) and state[n].element_size() in _SIGNED]
-        if on_device:  # one transfer of len(on_device) numbers, not of the model
-            values = paddle.stack([device_sum64(state[n]).cpu() for n in on_device]).numpy()
-            sums = {n: int(v) & _MASK for n, v in zip(on_device, values)}
+    if scheme == "xxh3":
+        return combine({n: tensor_digest(n, _code(state[n]), state[n].shape, np.ascontiguousarray(host_array(state[n])))
+                        for n in names})
+    h, sums = xxhash.xxh3_128(), {}
+    on_device = [n for n in names if _on_device(state[n]) and state[n].element_size() in _SIGNED]
+    if on_device:  # one transfer of len(on_device) numbers, not of the model
+        values = paddle.stack([device_sum64(state[n]).cpu() for n in on_device]).numpy()
+        sums = {n: int(v) & _MASK for n, v in zip(on_device, values)}
     for name in names:
         t = state[name]
-        code = code_of_numpy(t.dtype) if isinstance(t, np.ndarray) else code_of_paddle(t.dtype)
-        h.update(f"{name}|{code}|{list(t.shape)};".encode())
-        if scheme == "xxh3":
-            h.update(memoryview(np.ascontiguousarray(host_array(t))).cast("B"))
-        else:
-            value = sums[name] if name in sums else sum64(_words(t))
-            h.update(value.to_bytes(8, "little"))
-    return ("sum64-" if scheme == "sum64" else "") + h.hexdigest()
+        h.update(f"{name}|{_code(t)}|{list(t.shape)};".encode())
+        value = sums[name] if name in sums else sum64(_words(t))
+        h.update(value.to_bytes(8, "little"))
+    return "sum64-" + h.hexdigest()
+
+
+def _code(t: Any) -> str:
+    return code_of_numpy(t.dtype) if isinstance(t, np.ndarray) else code_of_paddle(t.dtype)

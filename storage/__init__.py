@@ -14,6 +14,8 @@ from .errors import (
 )
 from .apply import apply_source, check_source
 from .checkpoint import read_state_file
+from .chain import load_plan, resolve_chain
+from .delta import LastPublished
 from .fs import join, listing, open_fs
 from .hfdir import hf_tensors, is_hf_checkpoint
 from .layout import Level, check_id, manifest_name
@@ -28,7 +30,7 @@ __all__ = [
     "IncompatibleTargetError", "PartialApplyError", "SnapshotError", "SnapshotExistsError", "SnapshotNotFoundError",
     "TornSnapshotError", "UnsafeCheckpointError", "Level", "LoadReport", "load_snapshot", "probe_levels", "resolve",
     "Source", "apply_source", "check_source", "checkpoint_tensors", "trainer_tensors", "read_state_file",
-    "PublishReport", "TensorRef", "VersionInfo", "hf_tensors", "is_hf_checkpoint", "list_versions", "prune", "publish",
+    "LastPublished", "load_plan", "resolve_chain", "PublishReport", "TensorRef", "VersionInfo", "hf_tensors", "is_hf_checkpoint", "list_versions", "prune", "publish",
     "LLAMA_TP_RULES", "merge_state_dicts", "reshard", "shard_views", "split_state_dict",
     "open_fs", "join", "listing", "check_id", "manifest_name", "code_of_numpy", "code_of_paddle",
 ]

@@ -54,6 +54,17 @@ def part_name(rank: int, version: str, index: int) -> str:
     return f"{base_name(rank, version)}.part{index}.pdparams"
 
 
+def delta_name(rank: int, version: str, index: int) -> str:
+    """A delta version's file N. Not ``.part{N}.pdparams``: FastDeploy's loader globs
+    ``model_state.tp{R}.{G}.part*.pdparams`` (``fastdeploy/rl/dynamic_weight_manager.py``) and would take a
+    delta's changed elements for whole tensors."""
+    return f"{base_name(rank, version)}.delta{index}.safetensors"
+
+
+def delta_regex(rank: int, version: str) -> re.Pattern[str]:
+    return re.compile(re.escape(base_name(rank, version)) + r"\.delta(\d+)\.safetensors")
+
+
 def full_name(rank: int, version: str) -> str:
     return f"{base_name(rank, version)}.pdparams"
 

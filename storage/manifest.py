@@ -3,7 +3,9 @@
 Written last by the publisher; it pins every part's size and digests (``xxh3_128``, the fast check on every
 load, and ``sha256`` for audits when the publisher was asked for it: it runs at ~1.4 GiB/s here, about the speed
 of the write itself, so it is null unless requested) and every
-tensor's dtype, shape and part, so a reader can refuse a torn snapshot before it writes a byte.
+tensor's dtype, shape and part, so a reader can refuse a torn snapshot before it writes a byte. It also records the
+digest of the rank's whole state (``storage.digest``); a delta's (format version 2) names its base and the base's
+digest, so no loader applies it to anything else.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from .errors import TornSnapshotError
 from .tensorfile import DTYPES, MAX_DIMS, parse_json
 
 FORMAT = "baton.snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reader knows; full versions are still written as 1, deltas as 2
+FULL_FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 64 << 20  # ~500k tensors; refused before it is downloaded
 
 
@@ -33,7 +36,15 @@ class PartRecord:
 class TensorRecord:
     dtype: str
     shape: tuple[int, ...]
-    part: int
+    part: int | None  # None only in a delta: the tensor is bit-identical to the base's
+
+
+@dataclass(frozen=True)
+class Base:
+    """What a delta applies to: the base version and the digest of the base's rank state."""
+
+    version: str
+    digest: str
 
 
 @dataclass
@@ -44,6 +55,13 @@ class Manifest:
     parts: list[PartRecord]
     tensors: dict[str, TensorRecord]
     metadata: dict[str, str] = field(default_factory=dict)
+    digest: str | None = None  # the rank state's ``storage.digest``; None in manifests before deltas existed
+    base: Base | None = None  # set for a delta
+    depth: int = 0  # deltas since the nearest full version (0: this is one)
+
+    @property
+    def is_delta(self) -> bool:
+        return self.base is not None
 
     @property
     def total_bytes(self) -> int:
@@ -52,7 +70,7 @@ class Manifest:
     def to_json(self) -> bytes:
         doc = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.is_delta else FULL_FORMAT_VERSION,
             "version": self.version,
             "id": self.version,  # the field's old name, for readers of the previous release: dropped in the next
             "rank": self.rank,
@@ -62,7 +80,10 @@ class Manifest:
             "total_bytes": self.total_bytes,
             "total_tensors": len(self.tensors),
             "metadata": self.metadata,
+            "digest": self.digest,
         }
+        if self.is_delta:
+            doc.update(kind="delta", base={"version": self.base.version, "digest": self.base.digest}, depth=self.depth)
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @classmethod
@@ -99,17 +120,28 @@ class Manifest:
             dtype = fields.get(t, "dtype", str, where)
             if dtype not in DTYPES:
                 raise TornSnapshotError(path, f"manifest field {where}.dtype {dtype[:20]!r} is not a safetensors dtype")
-            tensors[name] = TensorRecord(dtype, tuple(shape), fields.count(t, "part", where))
+            part = None if t.get("part", 0) is None and doc.get("kind") == "delta" else fields.count(t, "part", where)
+            tensors[name] = TensorRecord(dtype, tuple(shape), part)
         metadata = doc.get("metadata") or {}
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise TornSnapshotError(path, "manifest field metadata must map strings to strings")
         published_at = fields.get(doc, "published_at", (int, float))
         named = fields.get(doc, "version" if "version" in doc else "id", str)  # "id" in manifests before 2026-12
-        m = cls(named, fields.count(doc, "rank"), float(published_at), parts, tensors, metadata)
+        digest = fields.digest(doc, "digest", 32, "", optional=True) if "digest" in doc else None
+        base, depth = None, 0
+        if doc.get("kind", "full") != "full":
+            if doc.get("kind") != "delta":
+                raise TornSnapshotError(path, f"manifest kind {str(doc.get('kind'))[:20]!r} is not 'full' or 'delta'")
+            b = fields.get(doc, "base", dict)
+            base = Base(fields.get(b, "version", str, "base"), fields.digest(b, "digest", 32, "base"))
+            depth = fields.count(doc, "depth")
+            if digest is None or depth < 1:
+                raise TornSnapshotError(path, "a delta manifest needs its own digest and a depth of at least 1")
+        m = cls(named, fields.count(doc, "rank"), float(published_at), parts, tensors, metadata, digest, base, depth)
         if [p.index for p in parts] != list(range(len(parts))):
             raise TornSnapshotError(path, "manifest parts are not numbered 0..N-1")
         for name, t in tensors.items():
-            if t.part >= len(parts):
+            if t.part is not None and t.part >= len(parts):
                 raise TornSnapshotError(path, f"manifest puts tensor {name[:80]!r} in part {t.part}, which it does not list")
         return m
 

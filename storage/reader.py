@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .apply import CopyFn, Target, apply_source
-from .resolve import resolve
+from .apply import CopyFn, Target, target_table
+from .chain import apply_plan, describe, load_plan
 
 
 @dataclass
@@ -21,6 +21,7 @@ class LoadReport:
     seconds: float
     tensors: int
     verified: str  # "xxh3_128 before apply", "xxh3_128 while applying" or what could not be checked
+    path: str = "full"  # "full", "delta" (into its base) or "chain of N deltas from V"
     state_dict: dict[str, Any] | None = field(default=None, repr=False)  # filled when into=None
 
     @property
@@ -42,6 +43,7 @@ def load_snapshot(
     prefetch: int = 8,
     progress: bool = False,
     storage_options: dict[str, Any] | None = None,
+    base_digest: str | None = None,
 ) -> LoadReport:
     """Load version ``version`` of ``rank`` into ``into`` in place, trying levels 1-4 in order.
 
@@ -55,15 +57,23 @@ def load_snapshot(
     ``copy_fn(live, loaded)`` replaces the in-place copy (e.g. a GPU cast kernel). With ``into=None`` fresh
     Paddle tensors are allocated and returned in ``report.state_dict``. Storage trouble before the first write
     raises ``OSError``; anything wrong with the snapshot a ``SnapshotError`` naming the file.
+
+    A delta version loads into a target that holds its base by reading only the delta's files (``report.path``
+    ``"delta"``); the target's digest proves it holds the base (``base_digest``: the caller's record of it, which
+    saves a hashing pass). Anything else (a fresh target too) is loaded through the chain from the nearest full
+    version. After a delta the target's digest must equal the version's: a mismatch is a ``PartialApplyError``.
     """
     if verify is True or verify is False:
         verify = "stream" if verify else "none"
     if verify not in ("full", "stream", "none"):
         raise ValueError(f"verify must be 'full', 'stream' or 'none', not {verify!r}")
     start = time.perf_counter()
-    src = resolve(snapshot_root, version, rank, fallback_dir=fallback_dir, strict=strict, storage_options=storage_options)
-    targets, verified = apply_source(src, into, verify=verify, cast=cast, copy_fn=copy_fn, prefetch=prefetch,
-                                     progress=progress, label=f"load {version} tp{rank}")
+    plan = load_plan(snapshot_root, version, rank, None if into is None else target_table(into),
+                     base_digest=base_digest, fallback_dir=fallback_dir, strict=strict, storage_options=storage_options)
+    targets, verified, _ = apply_plan(plan, into, verify=verify, cast=cast, copy_fn=copy_fn, prefetch=prefetch,
+                                      progress=progress, label=f"load {version} tp{rank}")
+    src = plan[-1]
     return LoadReport(
-        version, rank, int(src.level), src.level.label, src.urls(), src.bytes, time.perf_counter() - start,
-        len(targets), verified, targets if into is None else None)
+        version, rank, int(src.level), src.level.label, [u for s in plan for u in s.urls()],
+        sum(s.bytes for s in plan), time.perf_counter() - start, len(targets), verified, describe(plan),
+        targets if into is None else None)

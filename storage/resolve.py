@@ -43,6 +43,11 @@ class Source:
     def bytes(self) -> int:
         return sum(self.sizes)
 
+    @property
+    def is_delta(self) -> bool:
+        """Files of changed elements against ``manifest.base``, not whole tensors (``storage.delta``)."""
+        return self.manifest is not None and self.manifest.is_delta
+
     def urls(self) -> list[str]:
         return self.origin or [self.fs.unstrip_protocol(f) for f in self.files]
 
@@ -51,6 +56,8 @@ class Source:
         if self.arrays is not None:
             # paddle.save stores bfloat16 as uint16 arrays; Paddle reads them back as bfloat16, so do we
             return {n: ("BF16" if a.dtype == np.uint16 else code_of_numpy(a.dtype), tuple(a.shape)) for n, a in self.arrays.items()}
+        if self.is_delta:  # the files hold encoded changes; the manifest has every tensor's own dtype and shape
+            return {n: (t.dtype, t.shape) for n, t in self.manifest.tensors.items()}
         return {e.name: (e.dtype, e.shape) for h in self.headers if h for e in h.entries}
 
 
@@ -139,8 +146,9 @@ def _parts_with_manifest(fs, root, names, found, manifest_file, rank, version) -
     if m.version != version or m.rank != rank:
         raise TornSnapshotError(where, f"manifest is for version {m.version!r} rank {m.rank}")
     paths = []
+    name_of = layout.delta_name if m.is_delta else layout.part_name
     for p in m.parts:
-        expected = layout.part_name(rank, version, p.index)
+        expected = name_of(rank, version, p.index)
         path = join(root, expected)
         if p.file != expected:
             raise TornSnapshotError(where, f"manifest names {p.file!r} as part {p.index}; that part must be called "
@@ -151,6 +159,9 @@ def _parts_with_manifest(fs, root, names, found, manifest_file, rank, version) -
             raise TornSnapshotError(
                 url_of(fs, path), f"size {names[p.file]} bytes, manifest says {p.bytes} (truncated or replaced)")
         paths.append(path)
+    if m.is_delta:
+        found = {int(x.group(1)): n for n in names if (x := layout.delta_regex(rank, version).fullmatch(n))} | \
+            {-1 - i: n for i, n in found.items()}  # whole-tensor parts have no place in a delta
     extra = sorted(set(found) - {p.index for p in m.parts})
     if extra:
         raise TornSnapshotError(
@@ -160,11 +171,16 @@ def _parts_with_manifest(fs, root, names, found, manifest_file, rank, version) -
     for index, (path, h) in enumerate(zip(paths, headers)):
         for e in h.entries:
             rec = m.tensors.get(e.name)
-            if rec is None or (rec.dtype, rec.shape, rec.part) != (e.dtype, e.shape, index):
+            if m.is_delta:  # a delta file holds each changed tensor's blob as bytes
+                ok = rec is not None and rec.part == index and (e.dtype, len(e.shape)) == ("U8", 1)
+            else:
+                ok = rec is not None and (rec.dtype, rec.shape, rec.part) == (e.dtype, e.shape, index)
+            if not ok:
                 raise TornSnapshotError(url_of(fs, path), f"tensor {e.name!r} disagrees with the manifest")
             count += 1
-    if count != len(m.tensors):
-        raise TornSnapshotError(where, f"manifest lists {len(m.tensors)} tensors, parts hold {count}")
+    stored = sum(t.part is not None for t in m.tensors.values())
+    if count != stored:
+        raise TornSnapshotError(where, f"manifest lists {stored} tensors in its files, the files hold {count}")
     return Source(Level.PARTS, fs, paths, [p.bytes for p in m.parts], headers, [p.xxh3_128 for p in m.parts], manifest=m)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -18,6 +19,8 @@ import xxhash
 from tqdm.auto import tqdm
 
 from . import layout
+from .delta import MAX_CHAIN, MAX_RATIO, BaseValues, LastPublished, TooLarge, _Held, base_record, why_full, write_delta
+from .digest import combine, tensor_digest
 from .errors import SnapshotExistsError
 from .fs import is_local, join, listing, open_fs, storage_calls
 from .manifest import Manifest, PartRecord, TensorRecord
@@ -35,9 +38,13 @@ class PublishReport:
     version: str
     rank: int
     parts: int
-    bytes: int
+    bytes: int  # written: the parts, or a delta's files
     seconds: float
     manifest_url: str
+    kind: str = "full"  # or "delta"
+    base: str | None = None  # a delta's base version
+    full_bytes: int = 0  # the tensors' bytes: what a full version of the rank holds
+    note: str = ""  # why a publish asked for as a delta was written in full
 
     @property
     def gbps(self) -> float:
@@ -160,9 +167,9 @@ def _remove_version(fs, root: str, names: Mapping[str, int], rank: int, version:
     manifest = layout.manifest_name(rank, version)
     if manifest in names:
         fs.rm_file(join(root, manifest))
-    rx = layout.part_regex(rank, version)
+    parts, deltas = layout.part_regex(rank, version), layout.delta_regex(rank, version)
     for name in names:
-        if rx.fullmatch(name) or name == layout.pending_name(rank, version):
+        if parts.fullmatch(name) or deltas.fullmatch(name) or name == layout.pending_name(rank, version):
             fs.rm_file(join(root, name))
 
 
@@ -180,8 +187,18 @@ def publish(
     sha256: bool = False,
     progress: bool = False,
     storage_options: dict[str, Any] | None = None,
+    base: str | None = None,
+    cache: LastPublished | None = None,
+    max_chain: int = MAX_CHAIN,
+    max_ratio: float = MAX_RATIO,
 ) -> PublishReport:
     """Write ``state_dict`` as ``model_state.tp{rank}.{id}.part{N}.pdparams`` files plus the manifest.
+
+    With ``base`` (a committed version), only what changed since it is written, as a delta (``storage.delta``),
+    unless the base does not fit, is ``max_chain - 1`` deltas from a full version, or the delta would pass
+    ``max_ratio`` of the full bytes: then the version is written in full and ``report.note`` says why.
+    ``cache`` (a ``LastPublished`` passed to every call) keeps what was published in memory, so the base is
+    compared there instead of read back from storage.
 
     Until the manifest lands the version does not exist for Baton readers, and a ``.publishing`` marker keeps
     FastDeploy-compatible (manifest-less) readers from taking the half-written parts either. ``durable``
@@ -191,6 +208,8 @@ def publish(
     """
     layout.check_id(version)
     layout.check_rank(rank)
+    if base is not None and layout.check_id(base) == version:
+        raise ValueError(f"base {base!r} is the version being published: a delta needs an earlier version")
     if part_bytes <= 0:
         raise ValueError(f"part_bytes must be positive, got {part_bytes}")
     if not state_dict:
@@ -211,26 +230,98 @@ def publish(
     fs.pipe_file(marker, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode())
 
     start = time.perf_counter()
-    plan = plan_parts(items, part_bytes)
-    records, tensors = _write_parts(fs, root, plan, rank, version, durable, sha256, progress)
-    manifest = Manifest(version, rank, time.time(), records, tensors, dict(metadata or {}))
+    held = cache._get(rank, base) if cache is not None and base is not None else None
+    buffers = cache._begin(rank) if cache is not None else None
+    kept: dict[str, np.ndarray] = {}
+
+    def keep(item: _Item, raw: np.ndarray) -> None:
+        if buffers is not None:
+            old = buffers.get(item.name)
+            if old is None or old.nbytes != raw.nbytes:
+                old = np.empty(raw.nbytes, np.uint8)
+            if old is not raw:
+                np.copyto(old, raw)
+            kept[item.name] = old
+
+    manifest, note = None, ""
+    if base is not None:
+        manifest, note = _try_delta(fs, root, items, rank, version, base, held, part_bytes, max_chain, max_ratio,
+                                    durable, sha256, keep, snapshot_root, storage_options)
+        if manifest is not None and held is not None:
+            kept = held.values
+    if manifest is None:
+        plan = plan_parts(items, part_bytes)
+        records, tensors, digest = _write_parts(fs, root, plan, rank, version, durable, sha256, progress, keep)
+        manifest = Manifest(version, rank, time.time(), records, tensors, dict(metadata or {}), digest)
+    manifest.metadata = dict(metadata or {})
     manifest_path = join(root, manifest_file)
     if local:
         _write_atomic_local(manifest_path, manifest.to_json(), durable)
     else:
         fs.pipe_file(manifest_path, manifest.to_json())
     fs.rm_file(marker)
+    if cache is not None:
+        index = {i.name: (i.code, i.shape) for i in items}
+        cache._commit(rank, _Held(version, manifest.digest, manifest.depth, index, kept))
     seconds = time.perf_counter() - start
-    return PublishReport(version, rank, len(plan), manifest.total_bytes, seconds, f"{snapshot_root.rstrip('/')}/{manifest_file}")
+    return PublishReport(version, rank, len(manifest.parts), manifest.total_bytes, seconds,
+                         f"{snapshot_root.rstrip('/')}/{manifest_file}", "delta" if manifest.is_delta else "full",
+                         manifest.base.version if manifest.is_delta else None, sum(i.nbytes for i in items), note)
+
+
+def _try_delta(fs, root: str, items: list[_Item], rank: int, version: str, base: str, held: _Held | None,
+               part_bytes: int, max_chain: int, max_ratio: float, durable: bool, sha256: bool,
+               keep, snapshot_root: str, storage_options) -> tuple[Manifest | None, str]:
+    """The delta's manifest once its files are written, or (None, why) when the version goes out in full."""
+    values = BaseValues.from_cache(held) if held is not None else \
+        BaseValues.from_root(snapshot_root, base, rank, storage_options)
+    why = why_full(items, values, max_chain)
+    if why:
+        return None, why
+    limit = int(max_ratio * sum(i.nbytes for i in items))
+    with ThreadPoolExecutor(1) as hasher:
+        put = functools.partial(_put, fs, root, hasher, durable, sha256)
+        try:
+            # the cache's own buffers take the new values as they are compared: nothing to keep separately
+            records, tensors, digest = write_delta(items, _raw_bytes, values, rank, version, part_bytes, limit, put,
+                                                   (lambda item, raw: None) if values.in_place else keep)
+        except TooLarge:
+            deltas = layout.delta_regex(rank, version)
+            for name in listing(fs, root):
+                if deltas.fullmatch(name):
+                    fs.rm_file(join(root, name))
+            return None, f"the delta passed {max_ratio:.0%} of the full bytes: publishing in full"
+    manifest = Manifest(version, rank, time.time(), records, tensors, {}, digest, base_record(values), values.depth + 1)
+    return manifest, ""
+
+
+def _put(fs, root: str, hasher: ThreadPoolExecutor, durable: bool, sha256: bool, name: str, index: int,
+         buffers: list, count: int) -> PartRecord:
+    """Writes one file whole and returns its record."""
+    if is_local(fs):
+        size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in buffers)
+        sha, xx = _write_local(join(root, name), buffers, hasher, durable, sha256)
+        return PartRecord(name, index, size, sha, xx, count)
+    data = b"".join(buffers)
+    sha, xx = digests([data], sha256)
+    fs.pipe_file(join(root, name), data)
+    return PartRecord(name, index, len(data), sha, xx, count)
+
+
+def _tensor_digests(items: list[_Item], raws: list[np.ndarray], into: dict[str, bytes]) -> None:
+    for i, raw in zip(items, raws):
+        into[i.name] = tensor_digest(i.name, i.code, i.shape, raw)
 
 
 def _write_parts(fs, root: str, plan: list[list[_Item]], rank: int, version: str, durable: bool, sha256: bool,
-                 progress: bool) -> tuple[list[PartRecord], dict[str, TensorRecord]]:
+                 progress: bool, keep) -> tuple[list[PartRecord], dict[str, TensorRecord], str]:
     """Every part of ``plan``, hashed as written: locally one writer and one hashing thread, remotely up to two
-    uploads in flight (memory: two parts). Returns the parts' and the tensors' records for the manifest."""
+    uploads in flight (memory: two parts). Returns the parts' and the tensors' records for the manifest, and the
+    state's digest (each tensor hashed beside the write); ``keep(item, raw)`` sees every tensor's bytes."""
     local = is_local(fs)
     records: list[PartRecord | None] = [None] * len(plan)
     tensors: dict[str, TensorRecord] = {}
+    state: dict[str, bytes] = {}
     bar = tqdm(total=sum(i.nbytes for part in plan for i in part), unit="B", unit_scale=True,
                desc=f"publish {version} tp{rank}", disable=not progress)
     with ThreadPoolExecutor(2) as pool:
@@ -244,6 +335,9 @@ def _write_parts(fs, root: str, plan: list[list[_Item]], rank: int, version: str
             for i in part:
                 tensors[i.name] = TensorRecord(i.code, i.shape, index)
             buffers = [header, *(_raw_bytes(i) for i in part)]
+            hashed = pool.submit(_tensor_digests, part, buffers[1:], state)
+            for i, raw in zip(part, buffers[1:]):
+                keep(i, raw)
             if local:
                 size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in buffers)
                 sha, xx = _write_local(join(root, name), buffers, pool, durable, sha256)
@@ -254,10 +348,11 @@ def _write_parts(fs, root: str, plan: list[list[_Item]], rank: int, version: str
                     pending.pop(0).result()
                 pending.append(pool.submit(_upload, fs, join(root, name), buffers, index, len(part), records, bar,
                                            sha256))
+            hashed.result()
         for f in pending:
             f.result()
     bar.close()
-    return [r for r in records if r], tensors
+    return [r for r in records if r], tensors, combine(state)
 
 
 def _upload(fs, path: str, buffers: list, index: int, count: int, records: list, bar, sha256: bool) -> None:
@@ -274,6 +369,7 @@ class VersionInfo:
     ranks: tuple[int, ...]
     published_at: float
     bytes: int
+    base: str | None = None  # a delta's base version: it must stay while this one is kept
 
     @property
     def id(self) -> str:
@@ -296,7 +392,8 @@ def list_versions(snapshot_root: str, *, storage_options: dict[str, Any] | None 
                 continue
             found.setdefault(parsed[1], []).append(Manifest.from_json(raw, join(root, name)))
     infos = [
-        VersionInfo(vid, tuple(sorted(m.rank for m in ms)), max(m.published_at for m in ms), sum(m.total_bytes for m in ms))
+        VersionInfo(vid, tuple(sorted(m.rank for m in ms)), max(m.published_at for m in ms), sum(m.total_bytes for m in ms),
+                    next((m.base.version for m in ms if m.is_delta), None))
         for vid, ms in found.items()
     ]
     return sorted(infos, key=lambda v: (v.published_at, v.version))
@@ -312,12 +409,19 @@ def prune(
 ) -> list[str]:
     """Delete all but the newest ``keep_last`` versions (and any id in ``keep``); returns the ids removed.
 
-    Each version's manifests go first, so a reader either sees the whole version or none of it.
+    A version a kept delta is built on (its base, the base's base, down to a full version) is kept too. Each
+    version's manifests go first, so a reader either sees the whole version or none of it.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1 (got {keep_last}): pruning never deletes every version")
     versions = list_versions(snapshot_root, storage_options=storage_options)
-    doomed = [v for v in versions[: max(0, len(versions) - keep_last)] if v.version not in set(keep)]
+    bases = {v.version: v.base for v in versions}
+    kept = {v.version for v in versions[max(0, len(versions) - keep_last):]} | set(keep)
+    for version in list(kept):
+        while bases.get(version) and bases[version] not in kept:
+            version = bases[version]
+            kept.add(version)
+    doomed = [v for v in versions if v.version not in kept]
     fs, root = open_fs(snapshot_root, storage_options)
     names = listing(fs, root)
     for v in doomed:

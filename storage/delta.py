@@ -1,0 +1,139 @@
+"""Publishing a delta version: only the elements whose bits changed since a committed base (``deltacodec``).
+
+The base's values come from the trainer's own memory when it kept what it last published (``LastPublished``:
+one comparison pass, no read of storage) or else from the snapshot root, read through the base's own chain.
+A delta is written only when it pays: a state whose names, dtypes or shapes differ from the base's, a base
+``max_chain - 1`` deltas from its full version, or changes that encode to more than ``max_ratio`` of the full
+bytes are published as a full version instead, and the report says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import deltacodec, layout
+from .chain import RankReader, resolve_chain
+from .digest import combine, tensor_digest
+from .manifest import Base, PartRecord, TensorRecord
+from .tensorfile import encode_header, itemsize
+
+MAX_CHAIN = 8  # a full version at least every 8: a server that missed versions reads at most 7 deltas past it
+MAX_RATIO = 0.5  # above half the full bytes, a delta saves too little to be worth a chain link
+
+
+@dataclass
+class _Held:
+    version: str
+    digest: str
+    depth: int
+    index: dict[str, tuple[str, tuple[int, ...]]]
+    values: dict[str, np.ndarray] = field(repr=False)  # name -> flat uint8 copy of the published bytes
+
+
+class LastPublished:
+    """What this process published last, per rank, in host memory: pass the same object to every
+    ``publish(..., cache=...)`` and a delta costs one comparison pass over the new state instead of a read of
+    the base from storage. It holds one copy of each rank's state; a publish that fails forgets the rank."""
+
+    def __init__(self) -> None:
+        self._ranks: dict[int, _Held] = {}
+
+    def version(self, rank: int = 0) -> str | None:
+        held = self._ranks.get(rank)
+        return held.version if held else None
+
+    def _get(self, rank: int, version: str) -> _Held | None:
+        held = self._ranks.get(rank)
+        return held if held is not None and held.version == version else None
+
+    def _begin(self, rank: int) -> dict[str, np.ndarray]:
+        """The rank's buffers, to be overwritten by the publish under way (reused when shapes allow)."""
+        held = self._ranks.pop(rank, None)
+        return held.values if held else {}
+
+    def _commit(self, rank: int, held: _Held) -> None:
+        self._ranks[rank] = held
+
+
+class BaseValues:
+    """The base's bytes tensor by tensor, from the cache (updated in place as the delta is encoded) or storage."""
+
+    def __init__(self, version: str, digest: str | None, depth: int, index: dict, raw: Callable[[str], np.ndarray],
+                 in_place: bool):
+        self.version, self.digest, self.depth, self.index = version, digest, depth, index
+        self.raw, self.in_place = raw, in_place
+
+    @classmethod
+    def from_cache(cls, held: _Held) -> BaseValues:
+        return cls(held.version, held.digest, held.depth, held.index, held.values.__getitem__, True)
+
+    @classmethod
+    def from_root(cls, snapshot_root: str, version: str, rank: int, storage_options) -> BaseValues:
+        chain = resolve_chain(snapshot_root, version, rank, strict=True, storage_options=storage_options)
+        reader, last = RankReader(chain), chain[-1].manifest
+        return cls(version, last.digest, last.depth, reader.index, reader.raw, False)
+
+
+def why_full(items: list, base: BaseValues, max_chain: int) -> str | None:
+    """Why a delta on ``base`` cannot be written, or None."""
+    if base.digest is None:
+        return f"base {base.version} has no digest in its manifest (published before deltas): publishing in full"
+    if base.depth + 1 >= max_chain:
+        return f"base {base.version} is {base.depth} deltas from a full version (max_chain={max_chain}): publishing in full"
+    mine = {i.name: (i.code, i.shape) for i in items}
+    if mine != base.index:
+        diff = sorted(set(mine) ^ set(base.index)) or sorted(n for n in mine if mine[n] != base.index[n])
+        return f"the state differs from base {base.version} in names, dtypes or shapes ({diff[:3]}): publishing in full"
+    return None
+
+
+class TooLarge(Exception):
+    """The delta grew past its limit: the version is published in full instead."""
+
+
+def write_delta(items: list, raw_of: Callable, base: BaseValues, rank: int, version: str, part_bytes: int,
+                limit: int, put: Callable[[str, int, list, int], PartRecord],
+                keep: Callable[[Any, np.ndarray], None]) -> tuple[list[PartRecord], dict[str, TensorRecord], str]:
+    """Encodes each tensor against the base and writes the blobs as ``delta{N}`` files of about ``part_bytes``
+    (``put(name, index, buffers, count)`` writes one and returns its record). Returns the files' and tensors'
+    records and the new state's digest; raises ``TooLarge`` once the files pass ``limit`` bytes."""
+    records: list[PartRecord] = []
+    tensors: dict[str, TensorRecord] = {}
+    digests: dict[str, bytes] = {}
+    pending: list[tuple[str, bytes]] = []
+    written = 0
+
+    def flush() -> None:
+        nonlocal pending
+        index = len(records)
+        header = encode_header([(n, "U8", (len(b),), len(b)) for n, b in pending], {"format": "baton.delta"})
+        records.append(put(layout.delta_name(rank, version, index), index, [header, *(b for _, b in pending)],
+                           len(pending)))
+        pending = []
+
+    for item in items:
+        new = raw_of(item)
+        digests[item.name] = tensor_digest(item.name, item.code, item.shape, new)
+        blob = deltacodec.encode(base.raw(item.name), new, itemsize(item.code), update=base.in_place)
+        keep(item, new)
+        if blob is None:
+            tensors[item.name] = TensorRecord(item.code, item.shape, None)
+            continue
+        written += len(blob)
+        if written > limit:
+            raise TooLarge(f"the delta passed {limit} bytes")
+        if pending and sum(len(b) for _, b in pending) + len(blob) > part_bytes:
+            flush()
+        tensors[item.name] = TensorRecord(item.code, item.shape, len(records))
+        pending.append((item.name, blob))
+    if pending or not records:  # a version with nothing changed still has its (empty) file 0
+        flush()
+    return records, tensors, combine(digests)
+
+
+def base_record(base: BaseValues) -> Base:
+    return Base(base.version, base.digest)

@@ -1,0 +1,136 @@
+"""The bytes of one tensor's delta: which elements changed bits since the base, and by which bits.
+
+Chosen by measurement (``bench/delta_bench.py``; a bf16 Adam step at lr 1e-6 changes ~4% of the elements,
+almost all by their last mantissa bits): per window of ``WINDOW`` elements, the gaps between changed elements
+(uint32) and each changed element's XOR with its base, every value split into byte planes (all low bytes, then
+all second bytes, ...), compressed as one zstd frame. Sparse planes cut the XOR-of-everything encoding's size by
+half at lr 1e-6 (2.5% of the full bytes vs 4.4%, both zstd level 1), and applying touches only the changed
+elements instead of decompressing a full-size XOR stream (1.2 GB/s here). Values are compared and applied as
+raw words, never as floats, so every dtype (NaNs, -0.0, ints) comes back bit-exact.
+
+A tensor's blob: ``u64 frame length`` per window (0: nothing changed there), then the frames. A frame
+decompresses to ``u32 k`` then ``4*k`` gap bytes then ``w*k`` XOR bytes (``w`` the element width). Decoding
+checks every length and keeps every position inside its window, so hostile bytes cannot write outside the
+tensor or inflate past one window.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import zstandard
+
+WINDOW = 1 << 22  # elements per frame: a window's planes stay at (4 + w) * 4 Mi bytes at most
+LEVEL = 1  # zstd level: 3 gained <1% size here at 20% more time
+_WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+class DeltaFormatError(ValueError):
+    """A delta blob that does not decode to its own windows (corrupt, truncated or forged)."""
+
+
+def words(raw: np.ndarray, width: int) -> np.ndarray:
+    """A flat byte array as unsigned words of ``width`` bytes (the element's raw bits)."""
+    return raw.view(_WORDS[width])
+
+
+@numba.njit(cache=True, nogil=True)
+def _count(base, new, lo, hi):  # pragma: no cover - compiled
+    k = 0
+    for i in range(lo, hi):
+        if base[i] != new[i]:
+            k += 1
+    return k
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill(base, new, lo, hi, out, k, width, update):  # pragma: no cover - compiled
+    """Gap and XOR byte planes of window [lo, hi) into ``out``; with ``update`` the base takes the new values."""
+    out[0], out[1], out[2], out[3] = k & 255, (k >> 8) & 255, (k >> 16) & 255, (k >> 24) & 255
+    j, last = 0, lo - 1
+    xor_at = 4 + 4 * k
+    for i in range(lo, hi):
+        if base[i] != new[i]:
+            gap = i - last - 1
+            last = i
+            for b in range(4):
+                out[4 + b * k + j] = (gap >> (8 * b)) & 255
+            x = np.uint64(base[i] ^ new[i])
+            for b in range(width):
+                out[xor_at + b * k + j] = (x >> np.uint64(8 * b)) & np.uint64(255)
+            if update:
+                base[i] = new[i]
+            j += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _apply(target, lo, hi, plane, k, width):  # pragma: no cover - compiled
+    """XORs a window's changes into ``target`` (bytes); -1 when a position leaves the window."""
+    pos = lo - 1
+    xor_at = 4 + 4 * k
+    for j in range(k):
+        gap = 0
+        for b in range(4):
+            gap |= np.int64(plane[4 + b * k + j]) << (8 * b)
+        pos += gap + 1
+        if pos >= hi:
+            return -1
+        for b in range(width):
+            target[pos * width + b] ^= plane[xor_at + b * k + j]
+    return 0
+
+
+def encode(base: np.ndarray, new: np.ndarray, width: int, update: bool = False) -> bytes | None:
+    """The delta blob taking ``base``'s bytes to ``new``'s (flat uint8 arrays of one tensor), or None when they
+    are equal. With ``update``, ``base`` (writable) ends holding ``new``: a trainer's cache costs no second pass."""
+    b, n = words(base, width), words(new, width)
+    lengths, frames = [], []
+    compressor = zstandard.ZstdCompressor(level=LEVEL)
+    for lo in range(0, n.size, WINDOW):
+        hi = min(lo + WINDOW, n.size)
+        k = _count(b, n, lo, hi)
+        if k == 0:
+            lengths.append(0)
+            continue
+        plane = np.empty(4 + (4 + width) * k, np.uint8)
+        _fill(b, n, lo, hi, plane, k, width, update)
+        frame = compressor.compress(plane)
+        lengths.append(len(frame))
+        frames.append(frame)
+    if not frames:
+        return None
+    return np.asarray(lengths, "<u8").tobytes() + b"".join(frames)
+
+
+def apply(target: np.ndarray, blob: bytes | memoryview, width: int) -> None:
+    """XORs ``blob`` (from ``encode``) into ``target``, a writable flat uint8 array holding the base's bytes."""
+    elements = target.size // width
+    windows = -(-elements // WINDOW)
+    view = memoryview(blob).cast("B")
+    if len(view) < 8 * windows:
+        raise DeltaFormatError(f"blob of {len(view)} bytes is shorter than its table of {windows} windows")
+    lengths = np.frombuffer(view, "<u8", windows).astype(np.int64)
+    if lengths.min(initial=0) < 0 or 8 * windows + int(lengths.sum()) != len(view):
+        raise DeltaFormatError(f"window lengths add up to {8 * windows + int(lengths.sum())} bytes, the blob is {len(view)}")
+    decompressor = zstandard.ZstdDecompressor()
+    at = 8 * windows
+    for w, size in enumerate(lengths.tolist()):
+        if not size:
+            continue
+        lo, hi = w * WINDOW, min((w + 1) * WINDOW, elements)
+        limit, frame = 4 + (4 + width) * (hi - lo), view[at:at + size]
+        try:  # the declared size is checked first: decompress() would allocate whatever a frame declares
+            declared = zstandard.frame_content_size(frame)
+            if not 0 < declared <= limit:
+                raise DeltaFormatError(f"window {w}: a frame declaring {declared} bytes, over the window's {limit}")
+            plane = np.frombuffer(decompressor.decompress(frame), np.uint8)
+        except zstandard.ZstdError as exc:
+            raise DeltaFormatError(f"window {w}: {exc}") from None
+        at += size
+        if plane.size < 4:
+            raise DeltaFormatError(f"window {w}: {plane.size} bytes, too short for its count")
+        k = int(plane[:4].view("<u4")[0])
+        if k == 0 or k > hi - lo or plane.size != 4 + (4 + width) * k:
+            raise DeltaFormatError(f"window {w}: {plane.size} bytes for {k} changes of {width}-byte elements")
+        if _apply(target, lo, hi, plane, k, width) < 0:
+            raise DeltaFormatError(f"window {w}: a change falls outside the window")
