@@ -34,19 +34,21 @@ def is_published(snapshot_root: str, version: str, rank: int) -> bool:
 @task(name="publish-rank", retries=3, retry_delay_seconds=[1, 2, 4], retry_condition_fn=transient,
       cache_policy=NO_CACHE, task_run_name="publish {version} tp{rank}")
 def publish_rank(source: str, snapshot_root: str, version: str, rank: int, tp_size: int,
-                 part_bytes: int) -> dict:
+                 part_bytes: int, base: str | None = None) -> dict:
     """Reads this rank's shard out of the checkpoint and publishes it. Each task reads for itself, so on Dask or
     Ray nothing model-sized travels between processes. A rank already committed under this id is left as is:
-    a rerun or an overlapping run does not publish twice."""
+    a rerun or an overlapping run does not publish twice. With ``base``, only what changed since that version is
+    written (its values read back from ``snapshot_root``), unless a delta would not pay."""
     if is_published(snapshot_root, version, rank):
         return {"rank": rank, "parts": None, "bytes": None, "seconds": 0.0, "GB/s": None, "note": "already published"}
     start = time.perf_counter()
     shard = serving_shard(source, rank, tp_size)
     report = storage.publish(shard, snapshot_root, version, rank, part_bytes=part_bytes,
-                             metadata={"source": source, "tp_size": str(tp_size)})
+                             metadata={"source": source, "tp_size": str(tp_size)}, base=base)
     seconds = time.perf_counter() - start
     return {"rank": rank, "parts": report.parts, "bytes": report.bytes, "seconds": round(seconds, 3),
-            "GB/s": round(report.bytes / 1e9 / seconds, 3) if seconds else None, "note": report.manifest_url}
+            "GB/s": round(report.bytes / 1e9 / seconds, 3) if seconds else None, "note": report.note or report.manifest_url,
+            "kind": report.kind, "base": report.base, "full_bytes": report.full_bytes}
 
 
 def task_runner(runner: Runner):
@@ -78,7 +80,8 @@ def renamed_tp(tp_size: int, serving_tp: int | None) -> int:
 
 
 def publish_ranks(source: str, snapshot_root: str, version: str, part_bytes: int = DEFAULT_PART_BYTES,
-                  tp_size: int = 1, runner: Runner = "threads", artifact: bool = True) -> list[dict]:
+                  tp_size: int = 1, runner: Runner = "threads", artifact: bool = True,
+                  base: str | None = None) -> list[dict]:
     """The publishing itself, as tasks of whichever flow calls it (``publish-checkpoint``, or ``sync-weights``
     without a nested flow run, which would cost a flow run's bookkeeping). ``artifact``: leave the table of
     ranks (a caller that reports the publish in its own artifact saves an API call)."""
@@ -92,7 +95,7 @@ def publish_ranks(source: str, snapshot_root: str, version: str, part_bytes: int
     with task_runner(runner) as pool:
         futures = [pool.submit(publish_rank, parameters={
             "source": source, "snapshot_root": snapshot_root, "version": version, "rank": r,
-            "tp_size": tp_size, "part_bytes": part_bytes}) for r in range(tp_size)]
+            "tp_size": tp_size, "part_bytes": part_bytes, "base": base}) for r in range(tp_size)]
         for done, future in enumerate(as_completed(futures), start=1):
             rows.append(future.result())
             if progress is not None:
@@ -108,8 +111,11 @@ def publish_ranks(source: str, snapshot_root: str, version: str, part_bytes: int
 
 @flow(name="publish-checkpoint", log_prints=True)
 def publish_checkpoint(source: str, snapshot_root: str, version: str, part_bytes: int = DEFAULT_PART_BYTES,
-                       tp_size: int = 1, runner: Runner = "threads", serving_tp: int | None = None) -> list[dict]:
+                       tp_size: int = 1, runner: Runner = "threads", serving_tp: int | None = None,
+                       base: str | None = None) -> list[dict]:
     """Shard the trainer checkpoint at ``source`` (a state dict file, a Paddle trainer's checkpoint directory at any
     tensor- and pipeline-parallel degree, or a Hugging Face directory: ``storage.checkpoint_tensors``) into
-    ``tp_size`` ranks and publish each as version ``version`` under ``snapshot_root``. Returns one row per rank."""
-    return publish_ranks(source, snapshot_root, version, part_bytes, renamed_tp(tp_size, serving_tp), runner)
+    ``tp_size`` ranks and publish each as version ``version`` under ``snapshot_root``; with ``base``, as a delta
+    on that version where it pays. Returns one row per rank."""
+    return publish_ranks(source, snapshot_root, version, part_bytes, renamed_tp(tp_size, serving_tp), runner,
+                         base=base)

@@ -91,20 +91,22 @@ def _roll_back(servers: list[Server], outcomes: list[Outcome], before: dict[str,
 def sync_weights(version: str, snapshot_root: str, servers: list[Server | str], source: str | None = None,
                  part_bytes: int = DEFAULT_PART_BYTES, tp_size: int = 1, on_failure: Literal["rollback", "keep"] =
                  "rollback", verify: Literal["full", "stream", "none"] = "stream", admin_token_env: str | None = None,
-                 runner: Runner = "threads", serving_tp: int | None = None) -> list[dict]:
+                 runner: Runner = "threads", serving_tp: int | None = None, base: str | None = None) -> list[dict]:
     """Publish ``source`` as ``version`` (when given), load it on every server concurrently and confirm each
     serves it. A server is a URL (Baton's own) or ``{"url": ..., "kind": "baton" | "fastdeploy" | "sglang",
     ...}`` (``flows.fleet.Server`` lists each kind's fields). On partial failure ``on_failure="rollback"``
     returns the servers that took it to their previous version; ``"keep"`` leaves them; a FastDeploy server
     that failed half-way is returned either way. The run then fails with a line per server. Emits the event
-    ``baton.weights.live`` when the version is live everywhere."""
+    ``baton.weights.live`` when the version is live everywhere. ``base``: publish ``source`` as a delta on that
+    version (Baton servers holding it read only the delta; FastDeploy and SGLang are staged full files)."""
     return sync_fleet(version, snapshot_root, servers, source, part_bytes, renamed_tp(tp_size, serving_tp),
-                      on_failure, verify, admin_token_env, runner)
+                      on_failure, verify, admin_token_env, runner, base)
 
 
 def sync_fleet(version: str, snapshot_root: str, servers: list[Server | str], source: str | None = None,
                part_bytes: int = DEFAULT_PART_BYTES, tp_size: int = 1, on_failure: str = "rollback",
-               verify: str = "stream", admin_token_env: str | None = None, runner: Runner = "threads") -> list[dict]:
+               verify: str = "stream", admin_token_env: str | None = None, runner: Runner = "threads",
+               base: str | None = None) -> list[dict]:
     """The body of ``sync-weights``, as tasks of the calling flow (the scheduled flow calls it too)."""
     log = get_run_logger()
     fleet_servers = [Server.parse(s) for s in servers]
@@ -115,7 +117,8 @@ def sync_fleet(version: str, snapshot_root: str, servers: list[Server | str], so
         before = {s.url: found for s, found in zip(fleet_servers, pool.map(read_server, fleet_servers))}
     published = None
     if source is not None:
-        published = publish_ranks(source, snapshot_root, version, part_bytes, tp_size, runner, artifact=False)
+        published = publish_ranks(source, snapshot_root, version, part_bytes, tp_size, runner, artifact=False,
+                                  base=base)
     publish_s = time.perf_counter() - start
     futures = [update_server.submit(s, version, snapshot_root, verify, admin_token_env) for s in fleet_servers]
     outcomes = _outcomes(fleet_servers, futures, version)

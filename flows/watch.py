@@ -21,11 +21,13 @@ def _serving(servers: list[Server]) -> dict[str, str | None]:
 @flow(name="publish-new-checkpoints", log_prints=True)
 def publish_new_checkpoints(trainer_dir: str, snapshot_root: str, servers: list[Server | str] | None = None,
                             keep_last: int = 3, marker: str = DONE_MARKER, part_bytes: int = DEFAULT_PART_BYTES,
-                            tp_size: int = 1, runner: Runner = "threads", serving_tp: int | None = None) -> dict:
+                            tp_size: int = 1, runner: Runner = "threads", serving_tp: int | None = None,
+                            deltas: bool = False) -> dict:
     """Publish and sync the newest ``step_{N}/`` under ``trainer_dir`` that holds ``marker`` (the trainer writes
     it last, so a directory still being written is never taken). Running it again, or two runs overlapping, does
     no work twice: a committed version is not republished and servers already serving it are not reloaded.
-    Versions beyond ``keep_last`` are pruned, except what any server serves and what a rollback would need."""
+    Versions beyond ``keep_last`` are pruned, except what any server serves, what a rollback would need and the
+    bases of the deltas kept. ``deltas``: publish each checkpoint as a delta on the newest committed version."""
     log = get_run_logger()
     tp_size = renamed_tp(tp_size, serving_tp)
     fleet_servers = [Server.parse(s) for s in servers or []]
@@ -35,7 +37,9 @@ def publish_new_checkpoints(trainer_dir: str, snapshot_root: str, servers: list[
         return {"version": None, "published": False, "synced": False, "pruned": []}
     newest = steps[-1]
     before = _serving(fleet_servers)
-    committed = {v.version for v in storage.list_versions(snapshot_root)}
+    versions = storage.list_versions(snapshot_root)
+    committed = {v.version for v in versions}
+    base = versions[-1].version if deltas and versions and versions[-1].version != newest.version else None
     already_live = bool(fleet_servers) and all(v == newest.version for v in before.values())
     published = synced = False
     if newest.version in committed and (already_live or not fleet_servers):
@@ -43,10 +47,10 @@ def publish_new_checkpoints(trainer_dir: str, snapshot_root: str, servers: list[
     elif fleet_servers:
         sync_fleet(newest.version, snapshot_root, fleet_servers,
                    source=None if newest.version in committed else newest.url, part_bytes=part_bytes,
-                   tp_size=tp_size, runner=runner)
+                   tp_size=tp_size, runner=runner, base=base)
         published, synced = newest.version not in committed, True
     else:
-        publish_ranks(newest.url, snapshot_root, newest.version, part_bytes, tp_size, runner)
+        publish_ranks(newest.url, snapshot_root, newest.version, part_bytes, tp_size, runner, base=base)
         published = True
     keep = {v for v in (*before.values(), *_serving(fleet_servers).values(), newest.version) if v}
     pruned = storage.prune(snapshot_root, keep_last=keep_last, keep=sorted(keep))

@@ -15,6 +15,9 @@ class Metrics:
                                      ["outcome"], registry=r)
         self.update_seconds = Histogram("baton_weight_update_seconds", "Seconds per successful weight update",
                                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
+        self.update_paths = Counter("baton_weight_update_paths", "Successful updates by how the version was loaded: "
+                                    "full, delta (onto the base it held) or chain (from the nearest full version)",
+                                    ["path"], registry=r)
         self.bytes_loaded = Counter("baton_weight_bytes_loaded", "Snapshot bytes loaded into live weights", registry=r)
         self.version = Gauge("baton_weight_version", "1 for the weight version being served", ["version"], registry=r)
         self.requests = Counter("baton_completion_requests", "Completion requests by HTTP status", ["status"],
@@ -31,12 +34,14 @@ class Metrics:
         self.inter_token = Histogram("baton:inter_token_latency_seconds", "Between consecutive tokens of a sample",
                                      buckets=latency, registry=r)
 
-    def update_done(self, outcome: str, seconds: float, nbytes: int, startup: bool = False) -> None:
-        """An update (or, with ``startup``, the load at start, which is not an update) ended with ``outcome``."""
+    def update_done(self, outcome: str, seconds: float, nbytes: int, startup: bool = False, path: str = "full") -> None:
+        """An update (or, with ``startup``, the load at start, which is not an update) ended with ``outcome``;
+        ``path``: how a successful one loaded (``WeightInfo.path``)."""
         (self.startup_loads if startup else self.updates).labels(outcome).inc()
         if outcome == "success":
             if not startup:
                 self.update_seconds.observe(seconds)
+                self.update_paths.labels(path.split(" ")[0]).inc()
             self.bytes_loaded.inc(nbytes)
 
     def set_version(self, version: str) -> None:

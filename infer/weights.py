@@ -34,7 +34,8 @@ from infer.digest import state_digest
 from infer.engine import Busy
 from infer.metrics import Metrics
 from infer.model import Decoder, load_state
-from storage import apply_source, check_source, layout, shard_views
+from storage import check_source, layout, shard_views
+from storage.chain import apply_plan, describe, load_plan
 
 log = logging.getLogger("baton.serve")
 MODES = ("in_place", "double_buffer")
@@ -53,13 +54,14 @@ class WeightInfo:
     bytes: int
     seconds: float
     digest: str
+    path: str = "full"  # how it was loaded: "full", "delta" (onto the base it held) or "chain of N deltas from V"
 
     def to_json(self) -> dict[str, Any]:
         """The public names ``GET /v1/weights`` uses."""
         return {"version": self.version, "snapshot_root": self.snapshot_root, "rank": self.rank,
                 "source_level": self.level,
                 "source": self.source, "loaded_at": datetime.fromtimestamp(self.loaded_at, timezone.utc).isoformat(),
-                "bytes": self.bytes, "seconds": self.seconds, "digest": self.digest}
+                "bytes": self.bytes, "seconds": self.seconds, "digest": self.digest, "load_path": self.path}
 
 
 class UpdateError(Exception):
@@ -191,7 +193,7 @@ class WeightManager:
         finally:
             self.updating = None
             self._update_lock.release()
-        self.metrics.update_done("success", info.seconds, info.bytes, startup)
+        self.metrics.update_done("success", info.seconds, info.bytes, startup, path=info.path)
         self.metrics.set_version(info.version)
         return info
 
@@ -232,10 +234,10 @@ class WeightManager:
         previous = target.info
         with self._exclusive(target):
             try:
-                self._write(sources, target)
+                digests = self._write(sources, target)
             except Exception as exc:  # noqa: BLE001 - whatever broke the write, undo it before reporting
                 self._recover(target, previous, exc)
-            target.info = self._describe(version, snapshot_root, rank, sources, target, start)
+            target.info = self._describe(version, snapshot_root, rank, sources, target, start, digests)
         log.info("loaded %s from %s (level %d) in %.2fs", version, snapshot_root, target.info.level,
                  target.info.seconds)
         return self._switch(target)
@@ -251,10 +253,16 @@ class WeightManager:
             layout.check_id(version)
             sources = []
             for r in self._ranks(rank):
-                src = storage.resolve(snapshot_root, version, r, fallback_dir=self.fallback_dir,
-                                      storage_options=self.storage_options)
-                check_source(src, self._targets(target, r), verify=verify, cast=True)
-                sources.append((r, src, verify))
+                targets = self._targets(target, r)
+                plan = load_plan(snapshot_root, version, r, targets, base_digest=self._digest_of(target),
+                                 fallback_dir=self.fallback_dir, storage_options=self.storage_options)
+                from_live = len(plan) > 1 and target is not self.live and \
+                    self._digest_of(self.live) == plan[-1].manifest.base.digest
+                if from_live:
+                    plan = plan[-1:]  # the live copy holds the base: the spare starts as a copy of it (_write)
+                for src in plan:
+                    check_source(src, targets, verify=verify, cast=True)
+                sources.append((r, plan, verify, from_live))
             return sources
         except (storage.SnapshotError, FileNotFoundError, ValueError, TypeError) as exc:
             raise SnapshotRejected(f"version {version!r} was not loaded, still serving {self._serving()}: {exc}") \
@@ -282,12 +290,37 @@ class WeightManager:
                 self._paused = False
                 self._cond.notify_all()
 
-    def _write(self, sources: list, slot: Slot) -> None:
+    def _digest_of(self, slot: Slot) -> str | None:
+        """The digest ``storage`` would compute for ``slot``'s rank state, when its record already says it: one
+        rank, hashed on the host (a device's ``sum64`` is another digest)."""
+        info = slot.info
+        if info is None or self.tp_size != 1 or info.digest.startswith("sum64-"):
+            return None
+        return info.digest
+
+    def _write(self, sources: list, slot: Slot) -> list[str | None]:
+        """Applies every rank's plan; returns each rank's digest where a delta's check computed it."""
         on_gpu = slot.model.on_gpu
+        if any(from_live for *_, from_live in sources):
+            self._copy_live(slot)
         slot.info = None  # from the first byte written until success, this copy holds no version
-        for r, src, verify in sources:
-            apply_source(src, self._targets(slot, r), verify="none" if verify == "none" else "stream", cast=True,
-                         copy_fn=kernels.cast_copy_ if on_gpu else None)
+        digests = []
+        for r, plan, verify, _ in sources:
+            _, _, digest = apply_plan(plan, self._targets(slot, r), verify="none" if verify == "none" else "stream",
+                                      cast=True, copy_fn=kernels.cast_copy_ if on_gpu else None)
+            digests.append(digest)
+        return digests
+
+    def _copy_live(self, spare: Slot) -> None:
+        """double_buffer: the spare becomes a copy of the live weights, the base a delta applies to (a memory copy,
+        not the read of a chain from storage). The live copy is only read; requests keep using it."""
+        import paddle
+
+        live = self.live.model.state_dict()
+        with paddle.no_grad():
+            for name, p in spare.model.state_dict().items():
+                paddle.assign(live[name], output=p)
+
 
     def _recover(self, slot: Slot, previous: WeightInfo | None, exc: Exception) -> None:
         """Called with the write half done: put the previous version back, then raise what happened."""
@@ -315,11 +348,16 @@ class WeightManager:
                                f"{previous.version!r}", "restored") from exc
 
     def _describe(self, version: str, snapshot_root: str, rank: int, sources: list, slot: Slot,
-                  start: float) -> WeightInfo:
-        levels = sorted({int(src.level) for _, src, _ in sources})
-        digest = state_digest(slot.model.state_dict())  # part of the update's cost, so inside its seconds
-        return WeightInfo(version, snapshot_root, rank, levels[0], sources[0][1].level.label, time.time(),
-                          sum(src.bytes for _, src, _ in sources), time.perf_counter() - start, digest)
+                  start: float, digests: list[str | None]) -> WeightInfo:
+        levels = sorted({int(plan[-1].level) for _, plan, *_ in sources})
+        if self.tp_size == 1 and digests[0] is not None and not slot.model.on_gpu:
+            digest = digests[0]  # the delta's check hashed this very state already
+        else:
+            digest = state_digest(slot.model.state_dict())  # part of the update's cost, so inside its seconds
+        last = sources[0][1][-1]
+        return WeightInfo(version, snapshot_root, rank, levels[0], last.level.label, time.time(),
+                          sum(src.bytes for _, plan, *_ in sources for src in plan), time.perf_counter() - start,
+                          digest, describe(sources[0][1]))
 
     def _switch(self, slot: Slot) -> WeightInfo:
         with self._cond:

@@ -61,9 +61,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
     layout.check_id(args.version)  # before reading a possibly huge source
     for rank, state in _states(args.src, args.rank, args.tp_size):
         r = writer.publish(state, args.to, args.version, rank, part_bytes=args.part_size, overwrite=args.overwrite,
-                           sha256=args.sha256, progress=True)
-        print(f"published {r.version} rank {r.rank}: {r.parts} parts, {human(r.bytes)} in {r.seconds:.2f} s "
+                           sha256=args.sha256, progress=True, base=args.base, max_chain=args.max_chain)
+        what = f"a delta on {r.base} ({r.bytes / max(r.full_bytes, 1):.1%} of the full bytes)" if r.kind == "delta" \
+            else f"{r.parts} parts"
+        print(f"published {r.version} rank {r.rank}: {what}, {human(r.bytes)} in {r.seconds:.2f} s "
               f"({r.gbps:.2f} GB/s) -> {r.manifest_url}")
+        if r.note:
+            print(f"  {r.note}")
         del state
     return 0
 
@@ -95,7 +99,8 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
     for v in writer.list_versions(args.url):
         when = datetime.datetime.fromtimestamp(v.published_at).isoformat(timespec="seconds")
-        print(f"{v.version:<24} ranks {','.join(map(str, v.ranks)):<10} {human(v.bytes):>12}  {when}")
+        kind = f"delta on {v.base}" if v.base else "full"
+        print(f"{v.version:<24} ranks {','.join(map(str, v.ranks)):<10} {human(v.bytes):>12}  {when}  {kind}")
     return 0
 
 
@@ -130,6 +135,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a version that already exists")
     p.add_argument("--sha256", action="store_true",
                    help="also record each part's SHA-256 for audits (costs about as much as the write)")
+    p.add_argument("--base", help="publish only what changed since this committed version (a delta); written in full "
+                   "when that would not pay")
+    p.add_argument("--max-chain", type=int, default=writer.MAX_CHAIN,
+                   help=f"a full version at least every this many versions (default {writer.MAX_CHAIN})")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("inspect", help="show what exists at each loading level and which would load")

@@ -24,6 +24,7 @@ import xxhash
 
 from . import layout
 from .apply import digest_mismatch, verify_parts
+from .chain import RankReader, resolve_chain
 from .errors import SnapshotNotFoundError, TornSnapshotError
 from .fs import is_local, join, listing, open_fs, storage_calls
 from .resolve import Source, resolve
@@ -135,12 +136,31 @@ class WholeTensors:
         return slices[0] if axis is None else np.concatenate(slices, axis=axis)
 
 
+class ChainTensors(WholeTensors):
+    """A delta version's whole tensors: each rank's read through its chain (``storage.chain.RankReader``), so an
+    engine that loads only full files gets them materialised, bit for bit, one tensor at a time."""
+
+    def __init__(self, readers: list[RankReader], rules: Rules = LLAMA_TP_RULES):
+        super().__init__([r.chain[0] for r in readers], rules)  # the full version's layout: the same tensors
+        self.readers = readers
+
+    def tensor(self, part: int, name: str) -> np.ndarray:
+        slices = [r.tensor(name) for r in self.readers]
+        axis = split_axis(name, self.rules) if len(slices) > 1 else None
+        return slices[0] if axis is None else np.concatenate(slices, axis=axis)
+
+
 def open_version(snapshot_root: str, version: str, storage_options: dict[str, Any] | None = None,
                  rules: Rules = LLAMA_TP_RULES) -> WholeTensors:
     """The whole tensors of a version Baton published (every rank's parts and manifest found and checked for
-    structure; no tensor data read yet)."""
+    structure; no tensor data read yet); a delta's through its chain."""
     ranks = version_ranks(snapshot_root, version, storage_options)
-    return WholeTensors([checked_parts(snapshot_root, version, r, storage_options) for r in range(ranks)], rules)
+    sources = [checked_parts(snapshot_root, version, r, storage_options) for r in range(ranks)]
+    if any(s.is_delta for s in sources):
+        return ChainTensors([RankReader(resolve_chain(snapshot_root, version, r, strict=True,
+                                                      storage_options=storage_options, first=s))
+                             for r, s in enumerate(sources)], rules)
+    return WholeTensors(sources, rules)
 
 
 def transpose(a: np.ndarray, out: np.ndarray | None = None, block: int = 256) -> np.ndarray:

@@ -44,7 +44,8 @@ def weights(request: Request) -> dict:
     manager = request.app.state.manager
     info = manager.info
     described = info.to_json() if info else {k: None for k in ("version", "snapshot_root", "rank", "source_level",
-                                                                "source", "loaded_at", "bytes", "seconds", "digest")}
+                                                                "source", "loaded_at", "bytes", "seconds", "digest",
+                                                                "load_path")}
     return described | {"mode": manager.mode, "tp_size": manager.tp_size, "model": request.app.state.model_name,
                         "healthy": manager.healthy, "problem": manager.broken, "updating": manager.updating,
                         "machine": kernels.fingerprint()}
@@ -71,6 +72,7 @@ def update_weights(body: UpdateRequest, request: Request) -> JSONResponse:
         info = manager.update(body.version, body.snapshot_root, body.rank, body.verify)
     except UpdateError as exc:  # the manager counted it under its outcome
         return failure(manager, STATUS.get(type(exc), 500), str(exc))
-    return JSONResponse({"success": True, "message": f"serving {info.version} from level {info.level} ({info.source})",
+    return JSONResponse({"success": True, "message": f"serving {info.version} from level {info.level} ({info.source}, "
+                                                     f"{info.path})",
                          "version": info.version, "source_level": info.level, "seconds": info.seconds,
-                         "bytes": info.bytes})
+                         "bytes": info.bytes, "load_path": info.path, "digest": info.digest})

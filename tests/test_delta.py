@@ -1,0 +1,407 @@
+"""Delta versions: only the changed elements are written and read, and every load comes out bit-exact.
+
+Every expected tensor is the numpy array the test built; every expected digest comes from another path (the full
+version of the same step, loaded the ordinary way).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import storage
+from conftest import BUCKET
+from harness.launch import baton_serve
+from infer.config import get_config
+from infer.model import random_state_dict
+from storage import deltacodec, layout
+
+CONFIG = get_config("tiny")
+
+
+def nudged(state: dict, seed: int, fraction: float = 0.02) -> dict:
+    """``state`` with ``fraction`` of each float tensor's elements moved by one unit in the last place and a few
+    integers changed: what a low-learning-rate step does to bf16 weights."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, a in state.items():
+        a = a.copy()
+        flat = a.reshape(-1)
+        pick = rng.random(flat.size) < fraction
+        pick[rng.integers(flat.size)] = True  # at least one element of every tensor
+        if a.dtype.kind == "f":
+            flat[pick] = np.nextafter(flat[pick], np.inf, dtype=a.dtype)
+        elif a.dtype == np.bool_:
+            flat[pick] = ~flat[pick]
+        else:
+            flat[pick] += 1
+        out[name] = a
+    return out
+
+
+def every_dtype(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "f32": rng.standard_normal((96, 64)).astype(np.float32),
+        "bf16": rng.integers(0, 1 << 16, (128, 40), dtype=np.uint16),  # published as raw bf16 bits below
+        "f16": rng.standard_normal((33, 7)).astype(np.float16),
+        "f64": rng.standard_normal((50,)),
+        "i64": rng.integers(-5, 5, (17, 3)),
+        "i32": rng.integers(-5, 5, (64,), dtype=np.int32),
+        "u8": rng.integers(0, 255, (300,), dtype=np.uint8),
+        "bool": rng.random((41,)) < 0.5,
+        "nan": np.array([np.nan, -0.0, 0.0, np.inf], np.float32),
+    }
+
+
+def as_published(state: dict) -> dict:
+    """The bf16 entry as a ``TensorRef`` of BF16 bits (numpy has no bfloat16)."""
+    out = dict(state)
+    bits = state["bf16"]
+    out["bf16"] = storage.TensorRef("BF16", bits.shape, lambda: bits)
+    return out
+
+
+def host_targets(state: dict) -> dict:
+    """Writable copies; the bf16 entry as a Paddle bfloat16 tensor holding those bits."""
+    import paddle
+
+    out = {n: a.copy() for n, a in state.items()}
+    if "bf16" in out:
+        out["bf16"] = paddle.to_tensor(out["bf16"]).view(paddle.bfloat16)
+    return out
+
+
+def same_bytes(target: dict, expected: dict) -> None:
+    import paddle
+
+    for name, a in expected.items():
+        got = target[name]
+        if not isinstance(got, np.ndarray):
+            got = (got.view(paddle.uint16) if got.dtype == paddle.bfloat16 else got).numpy()
+        assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(a).tobytes(), name
+
+
+def files(root: str) -> list[str]:
+    fs, path = storage.open_fs(root)
+    return sorted(storage.listing(fs, path))
+
+
+def test_every_dtype_round_trips_bit_exact_through_a_delta(root):
+    v0 = every_dtype(0)
+    v1 = nudged(v0, 1)
+    v1["nan"] = np.array([np.nan, 0.0, -0.0, -np.inf], np.float32)  # sign bits and NaN payloads, not values
+    storage.publish(as_published(v0), root, "v0")
+    report = storage.publish(as_published(v1), root, "v1", base="v0")
+    assert report.kind == "delta" and report.base == "v0"
+    assert report.bytes < report.full_bytes / 2
+    assert not any(layout.part_regex(0, "v1").fullmatch(f) for f in files(root))
+    target = host_targets(v0)
+    loaded = storage.load_snapshot(root, "v1", into=target)
+    assert loaded.path == "delta" and loaded.bytes == report.bytes  # only the delta's files were read
+    same_bytes(target, v1)
+    fresh = host_targets({n: np.zeros_like(a) for n, a in v0.items()})
+    assert storage.load_snapshot(root, "v1", into=fresh).path == "chain of 1 deltas from v0"
+    same_bytes(fresh, v1)
+
+
+def test_a_delta_with_nothing_changed_is_a_valid_empty_version(tmp_path):
+    v0 = every_dtype(3)
+    storage.publish(as_published(v0), str(tmp_path), "a")
+    report = storage.publish(as_published(v0), str(tmp_path), "b", base="a")
+    assert report.kind == "delta" and report.parts == 1
+    target = host_targets(v0)
+    assert storage.load_snapshot(str(tmp_path), "b", into=target).path == "delta"
+    same_bytes(target, v0)
+
+
+def test_the_trainer_cache_needs_no_read_of_the_base(tmp_path):
+    """With ``LastPublished`` the base is compared in memory: the publish works with the base's parts gone."""
+    root = str(tmp_path)
+    cache = storage.LastPublished()
+    v0 = every_dtype(4)
+    storage.publish(as_published(v0), root, "v0", cache=cache)
+    (tmp_path / "model_state.tp0.v0.part0.pdparams").unlink()
+    v1 = nudged(v0, 5)
+    report = storage.publish(as_published(v1), root, "v1", base="v0", cache=cache)
+    assert report.kind == "delta" and cache.version() == "v1"
+    v2 = nudged(v1, 6)
+    with pytest.raises(storage.SnapshotError):  # without the cache the base (v1 -> v0) must be read: v0 is torn
+        storage.publish(as_published(v2), root, "v2", base="v1")
+    target = host_targets(v1)
+    storage.publish(as_published(v2), root, "v2b", base="v1", cache=cache)
+    storage.load_snapshot(root, "v2b", into=target)
+    same_bytes(target, v2)
+
+
+def test_a_chain_then_a_full_version_and_prune_keeps_every_base(tmp_path):
+    root = str(tmp_path)
+    states = [random_state_dict(CONFIG, 0)]
+    for i in range(1, 6):
+        states.append(nudged(states[-1], i))
+    kinds = [storage.publish(states[0], root, "s0", max_chain=3).kind]
+    for i in range(1, 6):
+        kinds.append(storage.publish(states[i], root, f"s{i}", base=f"s{i - 1}", max_chain=3).kind)
+    assert kinds == ["full", "delta", "delta", "full", "delta", "delta"]
+    by_name = {v.version: v.base for v in storage.list_versions(root)}
+    assert by_name == {"s0": None, "s1": "s0", "s2": "s1", "s3": None, "s4": "s3", "s5": "s4"}
+    # keep only the newest: its chain (s4, s3) stays, everything before the full s3 goes
+    assert storage.prune(root, keep_last=1) == ["s0", "s1", "s2"]
+    fresh = host_targets({n: np.zeros_like(a) for n, a in states[0].items()})
+    assert storage.load_snapshot(root, "s5", into=fresh).path == "chain of 2 deltas from s3"
+    same_bytes(fresh, states[5])
+
+
+def test_a_large_change_is_published_in_full(tmp_path):
+    v0 = random_state_dict(CONFIG, 0)
+    v1 = random_state_dict(CONFIG, 1)  # every element differs
+    storage.publish(v0, str(tmp_path), "a")
+    report = storage.publish(v1, str(tmp_path), "b", base="a")
+    assert report.kind == "full" and "50%" in report.note
+    assert not [f for f in files(str(tmp_path)) if ".delta" in f]
+    renamed = {**v1, "extra": np.zeros(3, np.float32)}
+    report = storage.publish(renamed, str(tmp_path), "c", base="b")
+    assert report.kind == "full" and "extra" in report.note
+
+
+def test_a_pruned_base_is_named_in_the_error(tmp_path):
+    root = str(tmp_path)
+    v0 = random_state_dict(CONFIG, 0)
+    storage.publish(v0, root, "base-7")
+    storage.publish(nudged(v0, 1), root, "step-8", base="base-7")
+    for f in tmp_path.glob("model_state.tp0.base-7.*"):
+        f.unlink()
+    with pytest.raises(storage.SnapshotNotFoundError, match=r"delta on 'base-7'.*pruned"):
+        storage.load_snapshot(root, "step-8", into=host_targets({n: np.zeros_like(a) for n, a in v0.items()}))
+    # a target that holds the base needs nothing else
+    target = host_targets(v0)
+    assert storage.load_snapshot(root, "step-8", into=target).path == "delta"
+
+
+def test_a_republished_base_is_not_taken_for_the_one_the_delta_was_built_on(tmp_path):
+    root = str(tmp_path)
+    v0 = random_state_dict(CONFIG, 0)
+    storage.publish(v0, root, "a")
+    storage.publish(nudged(v0, 1), root, "b", base="a")
+    storage.publish(random_state_dict(CONFIG, 9), root, "a", overwrite=True)
+    with pytest.raises(storage.TornSnapshotError, match="not the base b was published on"):
+        storage.load_snapshot(root, "b")
+
+
+def test_a_target_that_does_not_hold_the_base_is_never_patched(tmp_path):
+    """A target one element away from the base takes the chain, not the delta: the digest decides."""
+    root = str(tmp_path)
+    v0 = random_state_dict(CONFIG, 0)
+    v1 = nudged(v0, 1)
+    storage.publish(v0, root, "a")
+    storage.publish(v1, root, "b", base="a")
+    almost = host_targets(v0)
+    almost["model.norm.weight"][0] = 2.0
+    assert storage.load_snapshot(root, "b", into=almost).path == "chain of 1 deltas from a"
+    same_bytes(almost, v1)
+
+
+def delta_file(root: Path, version: str, index: int = 0) -> Path:
+    return root / layout.delta_name(0, version, index)
+
+
+@pytest.mark.parametrize("verify", ["full", "stream", "none"])
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_corrupt_or_truncated_delta_is_refused_before_it_touches_the_target(tmp_path, verify, damage):
+    root = str(tmp_path)
+    v0 = random_state_dict(CONFIG, 0)
+    storage.publish(v0, root, "a")
+    storage.publish(nudged(v0, 1), root, "b", base="a")
+    path = delta_file(tmp_path, "b")
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[-20] ^= 0x55
+    else:
+        raw = raw[:-20]
+    path.write_bytes(bytes(raw))
+    target = host_targets(v0)
+    with pytest.raises((storage.TornSnapshotError, storage.PartialApplyError)) as err:
+        storage.load_snapshot(root, "b", into=target, verify=verify)
+    assert "delta0" in str(err.value)
+    if verify != "none":  # a delta file is read whole and checked before any of it is applied
+        assert isinstance(err.value, storage.TornSnapshotError)
+        same_bytes(target, v0)
+
+
+def test_forged_frames_cannot_write_outside_the_tensor_or_inflate():
+    import zstandard
+
+    target = np.zeros(1000, np.uint8)
+    width = 4
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 << 20))
+    with pytest.raises(deltacodec.DeltaFormatError, match="declaring"):
+        deltacodec.apply(target, np.array([len(bomb)], "<u8").tobytes() + bomb, width)
+    k = 1
+    plane = np.zeros(4 + (4 + width) * k, np.uint8)
+    plane[:4] = np.array([k], "<u4").view(np.uint8)
+    plane[4:8] = np.array([10_000], "<u4").view(np.uint8)  # a gap that jumps past the tensor
+    frame = zstandard.ZstdCompressor().compress(plane.tobytes())
+    with pytest.raises(deltacodec.DeltaFormatError, match="outside"):
+        deltacodec.apply(target, np.array([len(frame)], "<u8").tobytes() + frame, width)
+    assert not target.any()
+    with pytest.raises(deltacodec.DeltaFormatError, match="shorter"):
+        deltacodec.apply(target, b"\1", width)
+
+
+def test_delta_files_are_not_parts_to_fastdeploy(tmp_path):
+    """FastDeploy globs ``model_state.tp{R}.{G}.part*.pdparams`` (``fastdeploy/rl/dynamic_weight_manager.py``)."""
+    v0 = random_state_dict(CONFIG, 0)
+    storage.publish(v0, str(tmp_path), "7")
+    storage.publish(nudged(v0, 1), str(tmp_path), "8", base="7")
+    assert glob.glob(str(tmp_path / "model_state.tp0.8.part*.pdparams")) == []
+    assert not (tmp_path / "model_state.tp0.8.pdparams").exists() and not (tmp_path / "model_state.tp08.pdparams").exists()
+    assert glob.glob(str(tmp_path / "model_state.tp0.8.delta*"))
+
+
+def test_delta_on_s3_reads_only_the_delta(s3_endpoint, monkeypatch):
+    import s3fs
+
+    root = f"s3://{BUCKET}/delta"
+    v0 = random_state_dict(get_config("small"), 0)
+    v1 = nudged(v0, 1, fraction=0.01)
+    storage.publish(v0, root, "a", part_bytes=4 << 20)
+    report = storage.publish(v1, root, "b", base="a", part_bytes=4 << 20)
+    assert report.kind == "delta" and report.bytes < report.full_bytes * 0.15
+    manifest = len(storage.open_fs(root)[0].cat_file(f"{BUCKET}/delta/model_state.tp0.b.manifest.json"))
+    fetched = []
+    real = s3fs.S3FileSystem._call_s3
+
+    async def counting(self, method, *args, **kwargs):
+        out = await real(self, method, *args, **kwargs)
+        if method == "get_object":
+            fetched.append(out["ContentLength"])
+        return out
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    target = host_targets(v0)
+    assert storage.load_snapshot(root, "b", into=target).path == "delta"
+    same_bytes(target, v1)
+    assert sum(fetched) - manifest <= report.bytes + report.parts * (64 << 10)  # the files and their header probes
+    assert sum(fetched) < report.full_bytes * 0.15
+
+
+def test_tp2_deltas_per_rank(tmp_path):
+    root = str(tmp_path)
+    v0 = random_state_dict(CONFIG, 0)
+    v1 = nudged(v0, 1)
+    for rank, (s0, s1) in enumerate(zip(storage.split_state_dict(v0, 2), storage.split_state_dict(v1, 2))):
+        storage.publish(s0, root, "a", rank)
+        assert storage.publish(s1, root, "b", rank, base="a").kind == "delta"
+    for rank, (s0, s1) in enumerate(zip(storage.split_state_dict(v0, 2), storage.split_state_dict(v1, 2))):
+        target = host_targets(s0)
+        assert storage.load_snapshot(root, "b", rank, into=target).path == "delta"
+        same_bytes(target, s1)
+    from storage.export import open_version
+
+    whole = open_version(root, "b")
+    for name, a in v1.items():
+        assert whole.tensor(0, name).tobytes() == a.tobytes(), name
+
+
+def test_fastdeploy_and_sglang_get_the_delta_materialised(tmp_path):
+    """Staging a delta version writes exactly what staging the same state published in full writes."""
+    from storage.export import export_hf_dir
+
+    doc = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": CONFIG.hidden,
+           "num_hidden_layers": CONFIG.layers, "num_attention_heads": CONFIG.heads,
+           "num_key_value_heads": CONFIG.kv_heads, "intermediate_size": CONFIG.intermediate,
+           "vocab_size": CONFIG.vocab_size, "max_position_embeddings": CONFIG.max_seq_len, "rms_norm_eps": 1e-6,
+           "torch_dtype": "float32", "tie_word_embeddings": False}
+    root = str(tmp_path / "snap")
+    v0 = random_state_dict(CONFIG, 0)
+    v1 = nudged(v0, 1)
+    storage.publish(v0, root, "a")
+    storage.publish(v1, root, "b", base="a")
+    storage.publish(v1, root, "b-full")
+    config = json.dumps(doc).encode()
+    delta_dir = Path(export_hf_dir(root, "b", str(tmp_path / "exp"), config))
+    full_dir = Path(export_hf_dir(root, "b-full", str(tmp_path / "exp"), config))
+    shards = sorted(p.name for p in full_dir.glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in delta_dir.glob("*.safetensors"))
+    for name in shards:
+        assert (delta_dir / name).read_bytes() == (full_dir / name).read_bytes(), name
+
+
+def digest(url: str) -> str:
+    return httpx.get(f"{url}/v1/weights", timeout=30).json()["digest"]
+
+
+def update(url: str, version: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/update_weights", json={"version": version, **body}, timeout=120)
+
+
+def test_server_takes_deltas_catches_up_through_the_chain_and_matches_full_versions(tmp_path):
+    root = str(tmp_path)
+    states = [random_state_dict(CONFIG, 0)]
+    for i in range(1, 5):
+        states.append(nudged(states[-1], i))
+    cache = storage.LastPublished()
+    storage.publish(states[0], root, "d0", cache=cache)
+    for i in range(1, 5):
+        assert storage.publish(states[i], root, f"d{i}", base=f"d{i - 1}", cache=cache).kind == "delta"
+        storage.publish(states[i], root, f"f{i}")  # the same step in full: the digest each delta must reach
+    with baton_serve(root, "--version", "d0") as url, baton_serve(root, "--version", "d0") as other:
+        for i in (1, 2):
+            reply = update(url, f"d{i}").json()
+            assert reply["success"] and reply["load_path"] == "delta", reply
+            assert update(other, f"f{i}").json()["load_path"] == "full"
+            assert digest(url) == digest(other)
+        # the other server missed d3: from f2 (the same bytes as d2, so the same digest) d3 is a delta again
+        assert update(other, "d3").json()["load_path"] == "delta"
+        # a server that missed versions catches up through the chain from the full d0
+        with baton_serve(root, "--version", "d0") as late:
+            reply = update(late, "d4").json()
+            assert reply["load_path"] == "chain of 4 deltas from d0", reply
+            assert update(url, "f4").json()["success"]
+            assert digest(late) == digest(url)
+            weights = httpx.get(f"{late}/v1/weights").json()
+            assert weights["version"] == "d4" and weights["load_path"].startswith("chain")
+        metrics = httpx.get(f"{url}/metrics").text
+        assert re.search(r'baton_weight_update_paths_total\{path="delta"\} 2\.0', metrics), metrics
+
+
+@pytest.mark.parametrize("verify", ["stream", "none"])
+def test_server_refuses_a_corrupt_delta_and_keeps_serving(tmp_path, verify):
+    root = str(tmp_path)
+    v0 = random_state_dict(CONFIG, 0)
+    storage.publish(v0, root, "a")
+    storage.publish(nudged(v0, 1), root, "b", base="a", part_bytes=1_000)
+    assert len(list(tmp_path.glob("model_state.tp0.b.delta*"))) > 2
+    path = delta_file(tmp_path, "b", 2)  # a later file: under "none" the earlier ones are applied first
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with baton_serve(root, "--version", "a") as url:
+        before = digest(url)
+        reply = update(url, "b", verify=verify)
+        assert reply.status_code == 400 and "delta2" in reply.json()["message"], reply.text
+        assert digest(url) == before
+        assert httpx.get(f"{url}/v1/weights").json()["version"] == "a"
+
+
+def test_double_buffer_starts_the_spare_from_the_live_copy(tmp_path):
+    root = str(tmp_path)
+    states = [random_state_dict(CONFIG, 0)]
+    for i in range(1, 4):
+        states.append(nudged(states[-1], i))
+        storage.publish(states[-1], root, f"f{i}")
+    storage.publish(states[0], root, "d0")
+    for i in range(1, 4):
+        storage.publish(states[i], root, f"d{i}", base=f"d{i - 1}")
+    with baton_serve(root, "--version", "d0", "--swap", "double_buffer") as url, \
+            baton_serve(root, "--version", "f3") as full:
+        for i in range(1, 4):
+            reply = update(url, f"d{i}").json()
+            assert reply["load_path"] == "delta" and reply["bytes"] < 0.2 * 4 * CONFIG.num_parameters(), reply
+        assert digest(url) == digest(full)
