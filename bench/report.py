@@ -20,7 +20,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 BENCHMARKS = ("storage_bench.py", "model_bench.py", "server_bench.py", "engine_bench.py", "flow_bench.py",
-              "engines_bench.py", "hf_bench.py", "chaos.py")
+              "engines_bench.py", "hf_bench.py", "delta_bench.py", "chaos.py")
 GiB, MiB = 1 << 30, 1 << 20
 
 
@@ -155,6 +155,29 @@ def hf_section(d: dict) -> list[str]:
                   "concurrency", "Baton tok/s", "transformers tok/s", "ratio", "same greedy tokens"], rows)
 
 
+def delta_rows(d: dict) -> list[list[str]]:
+    """One row per learning rate (medians over the steps): also the README's table."""
+    return [[f"{s['lr']:g}", f"{s['changed_elements']:.2%}", f"{s['deltas']}/{s['steps']}",
+             f"{s['bytes_ratio']:.1%}", f"{s['server_read_ratio']:.1%}",
+             f"{s['publish_full_s']:.2f} / {s['publish_delta_s']:.2f}", f"{s['update_full_s']:.2f} / {s['update_delta_s']:.2f}",
+             f"{s['sync_full_s']:.2f} / {s['sync_delta_s']:.2f}", f"{s['sync_ratio']:.2f}×"] for s in d["summary"]]
+
+
+DELTA_HEADER = ["Adam lr", "bf16 elements changed", "deltas", "delta / full bytes", "server reads", "publish s full / delta",
+                "server update s full / delta", "sync s full / delta", "delta / full sync"]
+
+
+def delta_section(d: dict) -> list[str]:
+    targets = [f"{k}: {v['value']:.3f} (≤ {v['target']}) {verdict(v['met'])}" for k, v in d["targets"].items()]
+    return [f"`{d['command']}`: the demo's trainer on a Qwen2 of the {d['model']} sizes, float32 master weights "
+            f"and Adam, publishing bf16 to {d['servers']} `baton serve` servers; {d['summary'][0]['steps']} real "
+            "policy-gradient steps per learning rate. Every step is published in full (the baseline) and as a delta "
+            "on the previous step in the same run, each synced to both servers by the `sync-weights` flow; every "
+            "server's digest after each delta equals the full version's. Medians over the steps; sync = publish + "
+            "the flow until both servers serve it.", ""] + md_table(DELTA_HEADER, delta_rows(d)) + \
+        ["", "Targets: " + "; ".join(targets) + "."]
+
+
 CHAOS_KINDS = ("succeeded", "refused_clean", "harmless", "partial", "bad")
 
 
@@ -197,7 +220,8 @@ def machine_line(docs: list[dict]) -> str:
 
 
 def report() -> str:
-    docs = {name: load(name) for name in ("storage", "model", "gpu", "server", "engine", "flow", "engines", "hf", "chaos")}
+    docs = {name: load(name) for name in ("storage", "model", "gpu", "server", "engine", "flow", "engines", "hf", "delta",
+                                           "chaos")}
     out = ["# Baton benchmark report", "", machine_line([d for d in docs.values() if d]),
            "Every figure is from a real run on that 2-core machine; each ratio's baseline ran in the same run.",
            "Regenerate with `python bench/report.py` (collect) or `--run` (measure again).", ""]
@@ -209,6 +233,7 @@ def report() -> str:
                 ("Flow end to end (`bench/flow_bench.py`)", "flow", flow_section),
                 ("Versions for FastDeploy and SGLang (`bench/engines_bench.py`)", "engines", engines_section),
                 ("Real model families (`bench/hf_bench.py`)", "hf", hf_section),
+                ("Delta versions on an RL trajectory (`bench/delta_bench.py`)", "delta", delta_section),
                 ("Fault injection (`bench/chaos.py`)", "chaos", chaos_section)]
     for title, name, render in sections:
         out += [f"## {title}", ""]

@@ -27,6 +27,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
                    help="sample the next step while the previous sync is in flight (staleness at most 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the policy and the sampling (default 0)")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    p.add_argument("--delta", action="store_true",
+                   help="publish each step as a delta on the previous one: only the changed elements are written and "
+                        "read (a step that changes most of them is published in full; the table's bytes say which)")
     p.set_defaults(func=main)
 
 
@@ -48,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
           f"sync-weights flow ({'async' if args.async_mode else 'sync'} mode). Run directory: {run_dir}", flush=True)
     start = time.perf_counter()
     records = rl.run(run_dir, steps=args.steps, model=args.model, storage_url=args.storage, servers=args.servers,
-                     async_mode=args.async_mode, lr=args.lr, seed=args.seed, model_dir=model_dir)
+                     async_mode=args.async_mode, lr=args.lr, seed=args.seed, model_dir=model_dir, delta=args.delta)
     rl.write_outputs(records, run_dir)
     print(rl.table(records))
     first, last = records[0].reward_mean, records[-1].reward_mean

@@ -69,7 +69,9 @@ class StepRecord:
 
 
 class Trainer:
-    """The learner: the policy's weights, an optimiser, and the policy-gradient step."""
+    """The learner: the policy's weights, an optimiser, and the policy-gradient step. The weights train in float32
+    (master weights, as mixed-precision trainers keep them: a bf16 weight would not move at a small learning rate)
+    and go out in the model directory's dtype (``state``)."""
 
     def __init__(self, model_name: str, seed: int, lr: float, model_dir: str | None = None):
         import paddle
@@ -84,11 +86,15 @@ class Trainer:
         if model_dir:  # the directory's architecture, weights and tokenizer
             from infer.hf import load_model_dir
 
-            self.model = trainable(load_model_dir(model_dir))
+            from infer.hf import read_model_dir
+
+            self.served_dtype = read_model_dir(model_dir)[0].dtype
+            self.model = trainable(load_model_dir(model_dir, dtype="float32"))
             self.config, self.tokenizer = self.model.config, HFTokenizer.from_dir(model_dir)
         else:
             self.config, self.tokenizer = get_config(model_name), BYTES
             self.model = trainable(build_model(self.config, seed=seed))
+            self.served_dtype = self.config.dtype
         self.optimizer = paddle.optimizer.Adam(learning_rate=lr, parameters=self.model.parameters())
 
     def step(self, rollouts: list[Rollout], group: int, version: str, tis: bool) -> tuple[float | None, float]:
@@ -125,12 +131,19 @@ class Trainer:
             self.optimizer.clear_grad()
         return (max(mismatch) if mismatch else None), float(np.mean(ratios)) if ratios else 1.0
 
+    def state(self) -> dict:
+        """The weights as the servers take them: the master weights cast to the served dtype."""
+        params = self.model.state_dict()
+        if self.served_dtype == "float32":
+            return {k: v.detach() for k, v in params.items()}
+        return {k: v.detach().astype(self.served_dtype) for k, v in params.items()}
+
     def save(self, directory: Path) -> str:
         """The checkpoint a Paddle trainer writes: one ``paddle.save`` state dict, then the completion marker."""
         import paddle
 
         directory.mkdir(parents=True, exist_ok=True)
-        paddle.save({k: v.detach() for k, v in self.model.state_dict().items()}, str(directory / "model_state.pdparams"))
+        paddle.save(self.state(), str(directory / "model_state.pdparams"))
         (directory / "COMPLETE").write_text("")
         return str(directory)
 
@@ -162,11 +175,12 @@ def rollouts(http, servers: list[str], prompts: tuple[str, ...], group: int, max
 
 def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | None = None, servers: int = 1,
         async_mode: bool = False, group: int = 8, max_tokens: int = 12, lr: float = 3e-3, seed: int = 0,
-        progress: bool = True, model_dir: str | None = None) -> list[StepRecord]:
+        progress: bool = True, model_dir: str | None = None, delta: bool = False) -> list[StepRecord]:
     """The loop; one record per step. Step ``s`` samples with whatever the servers serve (``step_s``, or in async
     mode possibly ``step_{s-1}`` while ``step_s`` is still syncing: staleness at most 1), then trains and
     publishes ``step_{s+1}``. The last step only samples, to measure the final policy. ``model_dir``: a Hugging
-    Face directory the trainer starts from and the servers take architecture and tokenizer from."""
+    Face directory the trainer starts from and the servers take architecture and tokenizer from. ``delta``: publish
+    each step as a delta on the one before (the servers then read only what changed)."""
     use_temporary_prefect(run_dir / "prefect")  # the flow records stay with the run
     import contextlib
     import logging
@@ -185,7 +199,8 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
 
     def publish_and_sync(version: str, source: str, urls: list[str]) -> None:
         start = time.perf_counter()
-        rows = sync_weights(version, snapshots, urls, source=source, part_bytes=64 << 20)
+        previous = f"step_{_version_number(version) - 1}" if delta and version != "step_0" else None
+        rows = sync_weights(version, snapshots, urls, source=source, part_bytes=64 << 20, base=previous)
         syncs[version] = {"publish_s": rows[0]["publish_work_s"], "sync_s": time.perf_counter() - start,
                           "bytes": rows[0]["bytes"]}
 

@@ -37,8 +37,9 @@ def train_tokenizer(vocab_size: int = 400):
     return tok
 
 
-def write_tiny_qwen2(path: Path, seed: int = 0) -> Path:
-    """Writes the directory (weights in PaddleFormers' ``[in, out]`` layout, which Baton reads as it is)."""
+def write_tiny_qwen2(path: Path, seed: int = 0, sizes: dict | None = None, dtype: str = "float32") -> Path:
+    """Writes the directory (weights in PaddleFormers' ``[in, out]`` layout, which Baton reads as it is);
+    ``sizes`` replaces ``SIZES`` (e.g. a larger model of the same family), ``dtype`` ``"bfloat16"`` stores it so."""
     from infer.hf import config_from_hf
     from infer.model import random_state_dict
     from storage.tensorfile import encode_header
@@ -46,12 +47,16 @@ def write_tiny_qwen2(path: Path, seed: int = 0) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer()
     eos = tok.token_to_id(EOS)
-    doc = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **SIZES,
+    doc = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **(sizes or SIZES),
            "vocab_size": -(-tok.get_vocab_size() // 8) * 8, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-           "tie_word_embeddings": False, "torch_dtype": "float32", "hidden_act": "silu", "bos_token_id": None,
+           "tie_word_embeddings": False, "torch_dtype": dtype, "hidden_act": "silu", "bos_token_id": None,
            "eos_token_id": eos}
-    state = random_state_dict(config_from_hf(doc), seed)
-    header = encode_header([(n, "F32", v.shape, v.nbytes) for n, v in state.items()], {"format": "pd"})
+    state = random_state_dict(config_from_hf(doc, dtype="float32"), seed)
+    if dtype == "bfloat16":  # rounded to nearest even, as a cast does
+        state = {n: ((v.view(np.uint32) + 0x7FFF + ((v.view(np.uint32) >> 16) & 1)) >> 16).astype(np.uint16)
+                 for n, v in state.items()}
+    code = {"float32": "F32", "bfloat16": "BF16"}[dtype]
+    header = encode_header([(n, code, v.shape, v.nbytes) for n, v in state.items()], {"format": "pd"})
     with open(path / "model.safetensors", "wb") as f:
         f.write(header)
         for value in state.values():

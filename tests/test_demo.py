@@ -46,3 +46,15 @@ def test_a_real_family_learns_through_its_own_tokenizer(tmp_path):
     assert config["architectures"] == ["Qwen2ForCausalLM"] and (model_dir / "tokenizer.json").exists()
     assert steps[-1]["reward_mean"] > 1.5 * steps[0]["reward_mean"]
     assert [s["mismatch"] for s in steps[:-1]] == [0.0] * 6
+
+
+def test_delta_steps_reach_the_servers_bit_exact(tmp_path):
+    """``--delta`` at a small learning rate: each step after the first is published as a delta on the one before,
+    and the servers' logprobs stay the trainer's own, bit for bit, so every delta applied was exact."""
+    steps = demo(tmp_path / "delta", "--steps", "3", "--delta", "--lr", "1e-5")
+    manifests = {p.name.split(".")[2]: json.loads(p.read_text())
+                 for p in (tmp_path / "delta" / "snapshots").glob("model_state.tp0.*.manifest.json")}
+    assert manifests["step_0"].get("kind") is None
+    assert [manifests[f"step_{i}"]["base"]["version"] for i in (1, 2, 3)] == ["step_0", "step_1", "step_2"]
+    assert all(0 < s["bytes"] < manifests["step_0"]["total_bytes"] / 2 for s in steps[:3])  # what the server read
+    assert [s["mismatch"] for s in steps[:-1]] == [0.0] * 3

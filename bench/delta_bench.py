@@ -1,0 +1,153 @@
+"""Delta versions on a real RL trajectory: bytes, publish and sync time against full versions of the same steps.
+
+The demo's trainer (``demo.rl.Trainer``) trains a Qwen2-shaped model from a model directory in float32 master
+weights with Adam and publishes them cast to bfloat16, the dtype the two inference servers (``baton serve
+--model-dir``) serve. Each step samples rollouts from the servers, takes a real policy-gradient step, then, in the
+same run, publishes the step twice: in full (the baseline) and as a delta on the previous step with the trainer's
+``LastPublished`` cache; each is synced to both servers through the ``sync-weights`` flow, the delta first (the
+servers then hold its base). After every sync each server's weight digest is checked against the version's
+manifest; after the full one against the delta's, so every delta applied is bit-exact. Sizes: ``medium`` (hidden
+2048, 6 layers; 1b-shaped layers, 0.57 GiB in bf16): a trainer of the ``1b`` shape (16.6 GB of float32 weights,
+gradients and Adam moments) plus two bf16 servers does not fit this 24 GiB machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import log, machine_info, parser, results_path, write_results
+
+TARGETS = {"delta bytes / full at lr 1e-6": 0.15, "delta sync / full at lr 1e-6": 0.35, "delta sync / full at lr 1e-5": 1.0}
+
+
+def bits(state: dict) -> dict:
+    import numpy as np
+    import paddle
+
+    return {n: np.array((t.view(paddle.uint16) if t.dtype == paddle.bfloat16 else t).numpy()) for n, t in state.items()}
+
+
+def run_lr(lr: float, sizes: dict, steps: int, work: Path, seed: int = 0) -> list[dict]:
+    import httpx
+    import numpy as np
+
+    import storage
+    from demo.rl import PROMPTS, Trainer, rollouts
+    from demo.tiny_model import write_tiny_qwen2
+    from flows.sync import sync_weights
+    from harness.launch import baton_serve
+
+    model_dir = write_tiny_qwen2(work / "model", seed, sizes, "bfloat16")
+    root = str(work / "snapshots")
+    trainer = Trainer("tiny", seed, lr, str(model_dir))
+    cache = storage.LastPublished()
+    rows = []
+    with baton_serve(root, "--model-dir", str(model_dir), timeout=600) as a, \
+            baton_serve(root, "--model-dir", str(model_dir), timeout=600) as b, httpx.Client(timeout=600) as http:
+        urls = [str(a), str(b)]
+        state = trainer.state()
+        before = bits(state)
+        storage.publish(state, root, "d_0", cache=cache)
+        sync_weights("d_0", root, urls)
+        for step in range(1, steps + 1):
+            batch = rollouts(http, urls, PROMPTS[:2], 4, 8, seed * 1000 + step, trainer.tokenizer)
+            trainer.step(batch, 4, f"d_{step - 1}", tis=False)
+            state = trainer.state()
+            now = bits(state)
+            changed = sum(int(np.count_nonzero(now[n] != before[n])) for n in now) / sum(a.size for a in now.values())
+            before = now
+            t = time.perf_counter()
+            full = storage.publish(state, root, f"f_{step}")
+            full_publish = time.perf_counter() - t
+            t = time.perf_counter()
+            delta = storage.publish(state, root, f"d_{step}", base=f"d_{step - 1}", cache=cache)
+            delta_publish = time.perf_counter() - t
+            t = time.perf_counter()
+            delta_rows = sync_weights(f"d_{step}", root, urls)
+            delta_sync = time.perf_counter() - t
+            served = [http.get(f"{u}/v1/weights").json() for u in urls]
+            expected = storage.resolve(root, f"d_{step}").manifest.digest
+            assert all(s["digest"] == expected for s in served), (served, expected)
+            t = time.perf_counter()
+            full_rows = sync_weights(f"f_{step}", root, urls)
+            full_sync = time.perf_counter() - t
+            assert all(http.get(f"{u}/v1/weights").json()["digest"] == expected for u in urls)
+            storage.prune(root, keep_last=4)  # keeps every base a kept delta needs
+            row = {"lr": lr, "step": step, "changed_elements": round(changed, 5), "kind": delta.kind,
+                   "full_bytes": full.bytes, "delta_bytes": delta.bytes,
+                   "bytes_ratio": round(delta.bytes / full.bytes, 4),
+                   "server_read_full": full_rows[0]["bytes"], "server_read_delta": delta_rows[0]["bytes"],
+                   "load_path": served[0]["load_path"],
+                   "publish_full_s": round(full_publish, 3), "publish_delta_s": round(delta_publish, 3),
+                   "update_full_s": round(max(r["seconds"] for r in full_rows), 3),
+                   "update_delta_s": round(max(r["seconds"] for r in delta_rows), 3),
+                   "sync_full_s": round(full_publish + full_sync, 3), "sync_delta_s": round(delta_publish + delta_sync, 3)}
+            row["sync_ratio"] = round(row["sync_delta_s"] / row["sync_full_s"], 3)
+            rows.append(row)
+            log(f"lr {lr:g} step {step}: {changed:.2%} of elements changed, delta {row['bytes_ratio']:.1%} of the "
+                f"bytes ({delta.kind}, {row['load_path']}), sync {row['sync_delta_s']:.2f} s vs {row['sync_full_s']:.2f} s")
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    out = []
+    for lr in sorted({r["lr"] for r in rows}):
+        mine = [r for r in rows if r["lr"] == lr]
+        med = {k: statistics.median(r[k] for r in mine) for k in
+               ("changed_elements", "bytes_ratio", "publish_full_s", "publish_delta_s", "update_full_s",
+                "update_delta_s", "sync_full_s", "sync_delta_s")}
+        out.append({"lr": lr, "steps": len(mine), "deltas": sum(r["kind"] == "delta" for r in mine), **med,
+                    "sync_ratio": round(med["sync_delta_s"] / med["sync_full_s"], 3),
+                    "server_read_ratio": round(statistics.median(r["server_read_delta"] / r["server_read_full"]
+                                                                 for r in mine), 4)})
+    return out
+
+
+def main() -> int:
+    p = parser(__doc__, "the tiny model, 3 steps at one learning rate: a smoke test")
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args()
+    from flows.local import use_temporary_prefect
+
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        use_temporary_prefect(Path(tmp) / "prefect")
+        from infer.config import get_config
+
+        c = get_config("tiny" if args.quick else "medium")
+        sizes = {"hidden_size": c.hidden, "num_hidden_layers": c.layers, "num_attention_heads": c.heads,
+                 "num_key_value_heads": c.kv_heads, "intermediate_size": c.intermediate,
+                 "max_position_embeddings": c.max_seq_len}
+        lrs, steps = ((1e-6,), 3) if args.quick else ((1e-6, 3e-6, 1e-5), args.steps)
+        rows = []
+        for lr in lrs:
+            rows += run_lr(lr, sizes, steps, Path(tmp) / f"lr{lr:g}")
+    summary = summarise(rows)
+    print(f"\n{'lr':>7}{'changed':>9}{'delta/full bytes':>18}{'publish s (full/delta)':>24}"
+          f"{'update s (full/delta)':>23}{'sync s (full/delta)':>21}{'sync ratio':>12}")
+    for s in summary:
+        print(f"{s['lr']:>7g}{s['changed_elements']:>9.2%}{s['bytes_ratio']:>18.1%}"
+              f"{s['publish_full_s']:>12.2f}/{s['publish_delta_s']:<11.2f}{s['update_full_s']:>11.2f}/"
+              f"{s['update_delta_s']:<11.2f}{s['sync_full_s']:>10.2f}/{s['sync_delta_s']:<10.2f}{s['sync_ratio']:>12.2f}")
+    by_lr = {s["lr"]: s for s in summary}
+    checks = {}
+    if 1e-6 in by_lr:
+        checks["delta bytes / full at lr 1e-6"] = by_lr[1e-6]["bytes_ratio"]
+        checks["delta sync / full at lr 1e-6"] = by_lr[1e-6]["sync_ratio"]
+    if 1e-5 in by_lr:
+        checks["delta sync / full at lr 1e-5"] = by_lr[1e-5]["sync_ratio"]
+    verdicts = {k: {"value": v, "target": TARGETS[k], "met": v <= TARGETS[k]} for k, v in checks.items()}
+    for k, v in verdicts.items():
+        print(f"{k}: {v['value']:.3f} (target <= {v['target']}) {'met' if v['met'] else 'NOT met'}")
+    write_results(results_path(args, "delta"), {
+        "benchmark": "delta", "model": "tiny" if args.quick else "medium", "dtype": "bfloat16", "servers": 2,
+        "command": "python bench/delta_bench.py" + (" --quick" if args.quick else ""),
+        "machine": machine_info(), "summary": summary, "targets": verdicts, "steps": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
