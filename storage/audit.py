@@ -33,6 +33,12 @@ def inspect_snapshot(
                                             storage_options=storage_options):
         if isinstance(found, Source):
             detail = "manifest + checksums" if found.manifest else "no manifest (sizes and headers checked)"
+            if found.is_delta:
+                m = found.manifest
+                changed = sum(t.part is not None for t in m.tensors.values())
+                where = found.urls()[0].rsplit(".delta", 1)[0] + ".delta*.safetensors"
+                detail = (f"a delta on {m.base.version} ({m.depth} from a full version), {changed} tensors changed; "
+                          f"loads onto a holder of {m.base.version}, else through the chain")
             out.append(LevelState(level, where, "complete", len(found.files), found.bytes, f"{len(found.index())} tensors, {detail}"))
         elif isinstance(found, TornSnapshotError):
             out.append(LevelState(level, where, "torn", 0, 0, str(found)))

@@ -46,17 +46,34 @@ class LastPublished:
         held = self._ranks.get(rank)
         return held.version if held else None
 
-    def _get(self, rank: int, version: str) -> _Held | None:
-        held = self._ranks.get(rank)
-        return held if held is not None and held.version == version else None
-
-    def _begin(self, rank: int) -> dict[str, np.ndarray]:
-        """The rank's buffers, to be overwritten by the publish under way (reused when shapes allow)."""
+    def _record(self, rank: int, base: str | None) -> _Recording:
+        """A publish of ``rank`` begins: the rank is forgotten until it commits."""
         held = self._ranks.pop(rank, None)
-        return held.values if held else {}
+        return _Recording(self, rank, held if held is not None and held.version == base else None,
+                          held.values if held else {})
 
-    def _commit(self, rank: int, held: _Held) -> None:
-        self._ranks[rank] = held
+
+class _Recording:
+    """One publish's copy of the state it writes, into the buffers of the last (reused when sizes allow)."""
+
+    def __init__(self, cache: LastPublished, rank: int, base: _Held | None, buffers: dict[str, np.ndarray]):
+        self.cache, self.rank, self.base, self.buffers = cache, rank, base, buffers
+        self.values: dict[str, np.ndarray] = {}
+
+    def keep(self, item, raw: np.ndarray) -> None:
+        old = self.buffers.get(item.name)
+        if old is None or old.nbytes != raw.nbytes:
+            old = np.empty(raw.nbytes, np.uint8)
+        np.copyto(old, raw)
+        self.values[item.name] = old
+
+    def compared_in_place(self) -> None:
+        """The delta was encoded against the base's own buffers, which took the new values as they went."""
+        self.values = self.base.values
+
+    def commit(self, version: str, digest: str, depth: int, items: list) -> None:
+        index = {i.name: (i.code, i.shape) for i in items}
+        self.cache._ranks[self.rank] = _Held(version, digest, depth, index, self.values)
 
 
 class BaseValues:

@@ -19,7 +19,7 @@ import xxhash
 from tqdm.auto import tqdm
 
 from . import layout
-from .delta import MAX_CHAIN, MAX_RATIO, BaseValues, LastPublished, TooLarge, _Held, base_record, why_full, write_delta
+from .delta import MAX_CHAIN, MAX_RATIO, BaseValues, LastPublished, TooLarge, base_record, why_full, write_delta
 from .digest import combine, tensor_digest
 from .errors import SnapshotExistsError
 from .fs import is_local, join, listing, open_fs, storage_calls
@@ -230,29 +230,16 @@ def publish(
     fs.pipe_file(marker, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode())
 
     start = time.perf_counter()
-    held = cache._get(rank, base) if cache is not None and base is not None else None
-    buffers = cache._begin(rank) if cache is not None else None
-    kept: dict[str, np.ndarray] = {}
-
-    def keep(item: _Item, raw: np.ndarray) -> None:
-        if buffers is not None:
-            old = buffers.get(item.name)
-            if old is None or old.nbytes != raw.nbytes:
-                old = np.empty(raw.nbytes, np.uint8)
-            if old is not raw:
-                np.copyto(old, raw)
-            kept[item.name] = old
-
+    recording = cache._record(rank, base) if cache is not None else None
+    keep = recording.keep if recording is not None else (lambda item, raw: None)
     manifest, note = None, ""
     if base is not None:
-        manifest, note = _try_delta(fs, root, items, rank, version, base, held, part_bytes, max_chain, max_ratio,
-                                    durable, sha256, keep, snapshot_root, storage_options)
-        if manifest is not None and held is not None:
-            kept = held.values
+        manifest, note = _try_delta(fs, root, items, rank, version, base, recording, part_bytes, max_chain,
+                                    max_ratio, durable, sha256, keep, snapshot_root, storage_options)
     if manifest is None:
         plan = plan_parts(items, part_bytes)
         records, tensors, digest = _write_parts(fs, root, plan, rank, version, durable, sha256, progress, keep)
-        manifest = Manifest(version, rank, time.time(), records, tensors, dict(metadata or {}), digest)
+        manifest = Manifest(version, rank, time.time(), records, tensors, {}, digest)
     manifest.metadata = dict(metadata or {})
     manifest_path = join(root, manifest_file)
     if local:
@@ -260,21 +247,22 @@ def publish(
     else:
         fs.pipe_file(manifest_path, manifest.to_json())
     fs.rm_file(marker)
-    if cache is not None:
-        index = {i.name: (i.code, i.shape) for i in items}
-        cache._commit(rank, _Held(version, manifest.digest, manifest.depth, index, kept))
+    if recording is not None:
+        recording.commit(version, manifest.digest, manifest.depth, items)
     seconds = time.perf_counter() - start
     return PublishReport(version, rank, len(manifest.parts), manifest.total_bytes, seconds,
                          f"{snapshot_root.rstrip('/')}/{manifest_file}", "delta" if manifest.is_delta else "full",
                          manifest.base.version if manifest.is_delta else None, sum(i.nbytes for i in items), note)
 
 
-def _try_delta(fs, root: str, items: list[_Item], rank: int, version: str, base: str, held: _Held | None,
-               part_bytes: int, max_chain: int, max_ratio: float, durable: bool, sha256: bool,
-               keep, snapshot_root: str, storage_options) -> tuple[Manifest | None, str]:
+def _try_delta(fs, root: str, items: list[_Item], rank: int, version: str, base: str, recording, part_bytes: int,
+               max_chain: int, max_ratio: float, durable: bool, sha256: bool, keep, snapshot_root: str,
+               storage_options) -> tuple[Manifest | None, str]:
     """The delta's manifest once its files are written, or (None, why) when the version goes out in full."""
-    values = BaseValues.from_cache(held) if held is not None else \
-        BaseValues.from_root(snapshot_root, base, rank, storage_options)
+    if recording is not None and recording.base is not None:
+        values = BaseValues.from_cache(recording.base)
+    else:
+        values = BaseValues.from_root(snapshot_root, base, rank, storage_options)
     why = why_full(items, values, max_chain)
     if why:
         return None, why
@@ -291,6 +279,8 @@ def _try_delta(fs, root: str, items: list[_Item], rank: int, version: str, base:
                 if deltas.fullmatch(name):
                     fs.rm_file(join(root, name))
             return None, f"the delta passed {max_ratio:.0%} of the full bytes: publishing in full"
+    if values.in_place:
+        recording.compared_in_place()
     manifest = Manifest(version, rank, time.time(), records, tensors, {}, digest, base_record(values), values.depth + 1)
     return manifest, ""
 

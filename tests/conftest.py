@@ -37,6 +37,27 @@ def s3_endpoint():
             os.environ[k] = v
 
 
+@pytest.fixture
+def s3_fetched(monkeypatch):
+    """A list that, once a test calls ``start()`` on it, receives the size of every object body the S3 server sends."""
+    import s3fs
+
+    class Fetched(list):
+        def start(self) -> None:
+            real = s3fs.S3FileSystem._call_s3
+            fetched = self
+
+            async def counting(fs, method, *args, **kwargs):
+                out = await real(fs, method, *args, **kwargs)
+                if method == "get_object":
+                    fetched.append(out["ContentLength"])
+                return out
+
+            monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+
+    return Fetched()
+
+
 @pytest.fixture(params=["file", "memory", "s3"])
 def root(request, tmp_path):
     """A fresh, empty snapshot root on each backend."""

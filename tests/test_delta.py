@@ -264,9 +264,7 @@ def test_delta_files_are_not_parts_to_fastdeploy(tmp_path):
     assert glob.glob(str(tmp_path / "model_state.tp0.8.delta*"))
 
 
-def test_delta_on_s3_reads_only_the_delta(s3_endpoint, monkeypatch):
-    import s3fs
-
+def test_delta_on_s3_reads_only_the_delta(s3_endpoint, s3_fetched):
     root = f"s3://{BUCKET}/delta"
     v0 = random_state_dict(get_config("small"), 0)
     v1 = nudged(v0, 1, fraction=0.01)
@@ -274,16 +272,8 @@ def test_delta_on_s3_reads_only_the_delta(s3_endpoint, monkeypatch):
     report = storage.publish(v1, root, "b", base="a", part_bytes=4 << 20)
     assert report.kind == "delta" and report.bytes < report.full_bytes * 0.15
     manifest = len(storage.open_fs(root)[0].cat_file(f"{BUCKET}/delta/model_state.tp0.b.manifest.json"))
-    fetched = []
-    real = s3fs.S3FileSystem._call_s3
-
-    async def counting(self, method, *args, **kwargs):
-        out = await real(self, method, *args, **kwargs)
-        if method == "get_object":
-            fetched.append(out["ContentLength"])
-        return out
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    fetched = s3_fetched
+    fetched.start()
     target = host_targets(v0)
     assert storage.load_snapshot(root, "b", into=target).path == "delta"
     same_bytes(target, v1)

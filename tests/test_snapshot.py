@@ -210,26 +210,16 @@ def test_a_corrupt_part_under_the_default_is_caught_before_it_is_used(root):
 
 
 @pytest.mark.parametrize("verify", ["stream", "full"])
-def test_s3_loads_download_every_byte_once(s3_endpoint, verify, monkeypatch):
+def test_s3_loads_download_every_byte_once(s3_endpoint, verify, s3_fetched):
     """Bytes fetched from the S3 server per load, counted from its replies: the snapshot plus its headers and
     manifest, in either checksum mode (``full`` spools the parts locally instead of fetching them twice)."""
-    import s3fs
-
     root = f"s3://{BUCKET}/once-{verify}"
     # parts above s3fs's 50 MiB block size, which it would download in ranges after an abandoned full GET
     state = {"big": paddle.rand([56, 1 << 18]), **{f"w{i}": paddle.rand([256, 1024]) for i in range(3)}}
     report = storage.publish(state, root, "v", part_bytes=1 << 20)
     manifest = len(read(root, "model_state.tp0.v.manifest.json"))
-    fetched = []
-    real = s3fs.S3FileSystem._call_s3
-
-    async def counting(self, method, *args, **kwargs):
-        out = await real(self, method, *args, **kwargs)
-        if method == "get_object":
-            fetched.append(out["ContentLength"])
-        return out
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    fetched = s3_fetched
+    fetched.start()
     target = zeros_like(state)
     storage.load_snapshot(root, "v", into=target, verify=verify)
     assert_same(target, state)
