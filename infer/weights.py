@@ -13,6 +13,9 @@ part as it goes (the default ``"stream"``: every byte read once):
 If writing fails midway (a corrupt part, storage dies, a part changed after it was checked), the previous version
 is put back: reloaded from storage in ``in_place`` (the slot is unusable until then), untouched in ``double_buffer``.
 A server started from a model directory (``adopt``) serves its weights as level 0 and reloads them the same way.
+A delta version (``storage.delta``) is applied onto the copy being written when that copy's digest is the delta's
+base (``double_buffer`` first copies the live weights into the spare when those are the base), else loaded through
+its chain; either way the result's digest must be the version's, or the update is undone as above.
 If even the reload fails, the server reports itself unhealthy instead of serving a torn model.
 """
 
@@ -320,7 +323,6 @@ class WeightManager:
         with paddle.no_grad():
             for name, p in spare.model.state_dict().items():
                 paddle.assign(live[name], output=p)
-
 
     def _recover(self, slot: Slot, previous: WeightInfo | None, exc: Exception) -> None:
         """Called with the write half done: put the previous version back, then raise what happened."""

@@ -16,9 +16,10 @@ import numpy as np
 import xxhash
 
 from . import deltacodec
-from .apply import _copy_converted, _host_view, digest_mismatch
+from .apply import _copy_converted, _host_view, apply_source, check_source, digest_mismatch, target_table
 from .digest import combine, tensor_digest
 from .errors import PartialApplyError, SnapshotNotFoundError, TornSnapshotError
+from .fs import read_whole
 from .resolve import Source, resolve
 from .tensorfile import DTYPES, itemsize
 
@@ -153,8 +154,6 @@ class RankReader:
         if self.held[link] is None or self.held[link][0] != i:
             src = self.chain[link]
             if link == 0:
-                from .export import read_whole
-
                 data = read_whole(src.fs, src.files[i])
                 if src.digests[i]:
                     got = xxhash.xxh3_128(data).hexdigest()
@@ -212,8 +211,6 @@ def apply_plan(plan: list[Source], into: Any, *, verify: str = "stream", cast: b
                prefetch: int = 8, progress: bool = False, label: str = "load") -> tuple[dict[str, Any], str, str | None]:
     """Applies each source of ``plan`` in order; returns the targets, what was verified and, after a delta, the
     targets' digest (checked equal to the version's unless ``verify="none"``)."""
-    from .apply import apply_source, check_source, target_table
-
     targets, verified, touched = None, "", []
     for src in plan:
         if not src.is_delta:
@@ -228,9 +225,6 @@ def apply_plan(plan: list[Source], into: Any, *, verify: str = "stream", cast: b
         check_source(src, targets, verify=verify, cast=cast, prefetch=prefetch)
         apply_delta(src, targets, verify=verify, copy_fn=copy_fn, touched=touched)
         verified = "sizes and headers only" if verify == "none" else "xxh3_128 and the version's digest"
-    last = plan[-1]
-    if not last.is_delta:
+    if not plan[-1].is_delta or verify == "none":
         return targets, verified, None
-    if verify == "none":
-        return targets, verified, None
-    return targets, verified, check_result(last, targets, touched)
+    return targets, verified, check_result(plan[-1], targets, touched)

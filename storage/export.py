@@ -12,7 +12,6 @@ for most, silently wrong for the square ones).
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import time
 import uuid
@@ -26,7 +25,7 @@ from . import layout
 from .apply import digest_mismatch, verify_parts
 from .chain import RankReader, resolve_chain
 from .errors import SnapshotNotFoundError, TornSnapshotError
-from .fs import is_local, join, listing, open_fs, storage_calls
+from .fs import is_local, join, listing, open_fs, read_whole, storage_calls
 from .resolve import Source, resolve
 from .tensorfile import DTYPES, encode_header, itemsize
 from .tp import LLAMA_TP_RULES, Rules, split_axis
@@ -52,15 +51,6 @@ def checked_parts(snapshot_root: str, version: str, rank: int, storage_options) 
                                 "checksums: only versions published by Baton (parts and a manifest) are staged for "
                                 "another engine; publish it with `baton publish`")
     return src
-
-
-def read_whole(fs, path: str) -> bytes | mmap.mmap:
-    """A part's bytes: mapped when local, so the page cache serves them without a copy into this process (parts are
-    never rewritten in place: a pruned one stays readable through the mapping); read whole otherwise."""
-    if not is_local(fs):
-        return fs.cat_file(path)
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
 
 
 def write_json(fs, path: str, doc: dict) -> None:

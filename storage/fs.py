@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -106,3 +107,12 @@ def listing(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
         if e.get("type") == "file":
             out[e["name"].rstrip("/").rsplit("/", 1)[-1]] = int(e.get("size") or 0)
     return out
+
+
+def read_whole(fs, path: str) -> bytes | mmap.mmap:
+    """A part's bytes: mapped when local, so the page cache serves them without a copy into this process (parts are
+    never rewritten in place: a pruned one stays readable through the mapping); read whole otherwise."""
+    if not is_local(fs):
+        return fs.cat_file(path)
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
