@@ -13,7 +13,10 @@ gradients and Adam moments) plus two bf16 servers does not fit this 24 GiB machi
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -107,24 +110,39 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main() -> int:
-    p = parser(__doc__, "the tiny model, 3 steps at one learning rate: a smoke test")
-    p.add_argument("--steps", type=int, default=20)
-    args = p.parse_args()
+def child(lr: float, model: str, steps: int, out: Path) -> None:
+    """One learning rate in a process of its own: a trainer's memory is not handed back to the system when it ends."""
     from flows.local import use_temporary_prefect
 
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         use_temporary_prefect(Path(tmp) / "prefect")
         from infer.config import get_config
 
-        c = get_config("tiny" if args.quick else "medium")
+        c = get_config(model)
         sizes = {"hidden_size": c.hidden, "num_hidden_layers": c.layers, "num_attention_heads": c.heads,
                  "num_key_value_heads": c.kv_heads, "intermediate_size": c.intermediate,
                  "max_position_embeddings": c.max_seq_len}
-        lrs, steps = ((1e-6,), 3) if args.quick else ((1e-6, 3e-6, 1e-5), args.steps)
-        rows = []
+        out.write_text(json.dumps(run_lr(lr, sizes, steps, Path(tmp) / "run")))
+
+
+def main() -> int:
+    p = parser(__doc__, "the tiny model, 3 steps at one learning rate: a smoke test")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--child-lr", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    model = "tiny" if args.quick else "medium"
+    if args.child_lr is not None:
+        child(args.child_lr, model, args.steps, args.child_out)
+        return 0
+    lrs, steps = ((1e-6,), 3) if args.quick else ((1e-6, 3e-6, 1e-5), args.steps)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
         for lr in lrs:
-            rows += run_lr(lr, sizes, steps, Path(tmp) / f"lr{lr:g}")
+            out = Path(tmp) / f"lr{lr:g}.json"
+            subprocess.run([sys.executable, __file__, "--child-lr", str(lr), "--child-out", str(out), "--steps",
+                            str(steps), *(["--quick"] if args.quick else [])], check=True)
+            rows += json.loads(out.read_text())
     summary = summarise(rows)
     print(f"\n{'lr':>7}{'changed':>9}{'delta/full bytes':>18}{'publish s (full/delta)':>24}"
           f"{'update s (full/delta)':>23}{'sync s (full/delta)':>21}{'sync ratio':>12}")
@@ -143,7 +161,7 @@ def main() -> int:
     for k, v in verdicts.items():
         print(f"{k}: {v['value']:.3f} (target <= {v['target']}) {'met' if v['met'] else 'NOT met'}")
     write_results(results_path(args, "delta"), {
-        "benchmark": "delta", "model": "tiny" if args.quick else "medium", "dtype": "bfloat16", "servers": 2,
+        "benchmark": "delta", "model": model, "dtype": "bfloat16", "servers": 2,
         "command": "python bench/delta_bench.py" + (" --quick" if args.quick else ""),
         "machine": machine_info(), "summary": summary, "targets": verdicts, "steps": rows})
     return 0

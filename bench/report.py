@@ -20,7 +20,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 BENCHMARKS = ("storage_bench.py", "model_bench.py", "server_bench.py", "engine_bench.py", "flow_bench.py",
-              "engines_bench.py", "hf_bench.py", "delta_bench.py", "chaos.py")
+              "engines_bench.py", "hf_bench.py", "delta_bench.py", "sync_tail.py", "chaos.py")
 GiB, MiB = 1 << 30, 1 << 20
 
 
@@ -178,6 +178,20 @@ def delta_section(d: dict) -> list[str]:
         ["", "Targets: " + "; ".join(targets) + "."]
 
 
+def sync_tail_section(d: dict) -> list[str]:
+    rows = []
+    for what, table in (("demo, 100 steps", d["demo"]), (f"back to back, {d['stress']['events_per_s_beside']} events/s "
+                                                          "beside", d["stress"])):
+        for r in table["rows"]:
+            rows.append([what, r["what"], str(r["n"]), f"{r['median_s']:.3f}", f"{r['p90_s']:.3f}", f"{r['max_s']:.3f}",
+                         f"{r['max_over_median']:.2f}×", str(r["over_1s"]), str(r["client_503_retries"])])
+    return [f"`{d['command']}`: the seconds of each `sync-weights` call, in the same run with Baton's temporary "
+            "Prefect server (`flows/local.py`: start-up heap frozen, SQLite's busy 503 retried inside the server) and "
+            "with Prefect's own. Target: the slowest demo sync under 2× the median.", ""] + \
+        md_table(["run", "server", "syncs", "median s", "p90 s", "max s", "max / median", "over 1 s", "client 503 retries"],
+                 rows)
+
+
 CHAOS_KINDS = ("succeeded", "refused_clean", "harmless", "partial", "bad")
 
 
@@ -221,7 +235,7 @@ def machine_line(docs: list[dict]) -> str:
 
 def report() -> str:
     docs = {name: load(name) for name in ("storage", "model", "gpu", "server", "engine", "flow", "engines", "hf", "delta",
-                                           "chaos")}
+                                           "sync_tail", "chaos")}
     out = ["# Baton benchmark report", "", machine_line([d for d in docs.values() if d]),
            "Every figure is from a real run on that 2-core machine; each ratio's baseline ran in the same run.",
            "Regenerate with `python bench/report.py` (collect) or `--run` (measure again).", ""]
@@ -234,13 +248,14 @@ def report() -> str:
                 ("Versions for FastDeploy and SGLang (`bench/engines_bench.py`)", "engines", engines_section),
                 ("Real model families (`bench/hf_bench.py`)", "hf", hf_section),
                 ("Delta versions on an RL trajectory (`bench/delta_bench.py`)", "delta", delta_section),
+                ("Sync latency tail (`bench/sync_tail.py`)", "sync_tail", sync_tail_section),
                 ("Fault injection (`bench/chaos.py`)", "chaos", chaos_section)]
     for title, name, render in sections:
         out += [f"## {title}", ""]
         if name == "gpu":
             out += render(docs[name])
         elif docs[name] is None:
-            script = "chaos.py" if name == "chaos" else f"{name}_bench.py"
+            script = {"chaos": "chaos.py", "sync_tail": "sync_tail.py"}.get(name, f"{name}_bench.py")
             out += [f"No results yet: run `python bench/{script}`."]
         else:
             out += render(docs[name])

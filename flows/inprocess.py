@@ -16,6 +16,8 @@ from typing import Any
 from prefect import Flow
 from prefect.context import SettingsContext, get_settings_context
 
+from flows.local import wait_until_up
+
 _HEARTBEAT_ENV = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
 _quiet: tuple[Any, Any] = (None, None)  # (settings, the same without heartbeats): a copy costs ~30 ms
 
@@ -33,6 +35,7 @@ class InProcessFlow(Flow):
     """A ``prefect.Flow`` whose direct calls run without the heartbeat thread (see the module docstring)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        wait_until_up()  # Baton's temporary Prefect server, when ``flows.local`` started one
         if any(k in os.environ for k in _HEARTBEAT_ENV):
             return super().__call__(*args, **kwargs)
         with without_heartbeat():
