@@ -57,7 +57,7 @@ def run_lr(lr: float, sizes: dict, steps: int, work: Path, seed: int = 0) -> lis
         storage.publish(state, root, "d_0", cache=cache)
         sync_weights("d_0", root, urls)
         for step in range(1, steps + 1):
-            batch = rollouts(http, urls, PROMPTS[:2], 4, 8, seed * 1000 + step, trainer.tokenizer)
+            batch = rollouts(http, urls, PROMPTS[:2], 4, 4, seed * 1000 + step, trainer.tokenizer)
             trainer.step(batch, 4, f"d_{step - 1}", tis=False)
             state = trainer.state()
             now = bits(state)

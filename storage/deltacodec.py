@@ -72,18 +72,20 @@ def _planes(k: int, width: int, gaps: np.ndarray, xors: np.ndarray) -> np.ndarra
 
 @numba.njit(cache=True, nogil=True)
 def _apply(target, lo, hi, plane, k, width):  # pragma: no cover - compiled
-    """XORs a window's changes into ``target`` (bytes); -1 when a position leaves the window."""
+    """XORs a window's changes into ``target`` (its elements as unsigned words); -1 when a position leaves the
+    window."""
     pos = lo - 1
-    xor_at = 4 + 4 * k
+    g0, g1, g2, g3, xor_at = 4, 4 + k, 4 + 2 * k, 4 + 3 * k, 4 + 4 * k
     for j in range(k):
-        gap = 0
-        for b in range(4):
-            gap |= np.int64(plane[4 + b * k + j]) << (8 * b)
+        gap = np.int64(plane[g0 + j]) | (np.int64(plane[g1 + j]) << 8) | (np.int64(plane[g2 + j]) << 16) | \
+            (np.int64(plane[g3 + j]) << 24)
         pos += gap + 1
         if pos >= hi:
             return -1
+        x = np.uint64(0)
         for b in range(width):
-            target[pos * width + b] ^= plane[xor_at + b * k + j]
+            x |= np.uint64(plane[xor_at + b * k + j]) << np.uint64(8 * b)
+        target[pos] = target[pos] ^ x
     return 0
 
 
@@ -137,25 +139,29 @@ def apply(target: np.ndarray, blob: bytes | memoryview, width: int) -> None:
     lengths = np.frombuffer(view, "<u8", windows).astype(np.int64)
     if lengths.min(initial=0) < 0 or 8 * windows + int(lengths.sum()) != len(view):
         raise DeltaFormatError(f"window lengths add up to {8 * windows + int(lengths.sum())} bytes, the blob is {len(view)}")
-    decompressor = zstandard.ZstdDecompressor()
-    at = 8 * windows
-    for w, size in enumerate(lengths.tolist()):
-        if not size:
-            continue
+    starts = (8 * windows + np.concatenate([[0], np.cumsum(lengths)[:-1]])).tolist()
+    elements_of = words(target, width)
+
+    def one(job: tuple[int, int, int]) -> None:
+        w, start, size = job
         lo, hi = w * WINDOW, min((w + 1) * WINDOW, elements)
-        limit, frame = 4 + (4 + width) * (hi - lo), view[at:at + size]
+        limit, frame = 4 + (4 + width) * (hi - lo), view[start:start + size]
         try:  # the declared size is checked first: decompress() would allocate whatever a frame declares
             declared = zstandard.frame_content_size(frame)
             if not 0 < declared <= limit:
                 raise DeltaFormatError(f"window {w}: a frame declaring {declared} bytes, over the window's {limit}")
-            plane = np.frombuffer(decompressor.decompress(frame), np.uint8)
+            plane = np.frombuffer(zstandard.ZstdDecompressor().decompress(frame), np.uint8)
         except zstandard.ZstdError as exc:
             raise DeltaFormatError(f"window {w}: {exc}") from None
-        at += size
         if plane.size < 4:
             raise DeltaFormatError(f"window {w}: {plane.size} bytes, too short for its count")
         k = int(plane[:4].view("<u4")[0])
         if k == 0 or k > hi - lo or plane.size != 4 + (4 + width) * k:
             raise DeltaFormatError(f"window {w}: {plane.size} bytes for {k} changes of {width}-byte elements")
-        if _apply(target, lo, hi, plane, k, width) < 0:
+        if _apply(elements_of, lo, hi, plane, k, width) < 0:
             raise DeltaFormatError(f"window {w}: a change falls outside the window")
+
+    jobs = [(w, start, size) for w, (start, size) in enumerate(zip(starts, lengths.tolist())) if size]
+    # windows are disjoint ranges of the target: two at a time (decompression and the loop release the GIL)
+    for _ in (_POOL.map(one, jobs) if len(jobs) > 1 else map(one, jobs)):
+        pass
