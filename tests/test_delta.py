@@ -308,8 +308,10 @@ def test_fastdeploy_and_sglang_get_the_delta_materialised(tmp_path):
            "num_key_value_heads": CONFIG.kv_heads, "intermediate_size": CONFIG.intermediate,
            "vocab_size": CONFIG.vocab_size, "max_position_embeddings": CONFIG.max_seq_len, "rms_norm_eps": 1e-6,
            "torch_dtype": "float32", "tie_word_embeddings": False}
+    from infer.hf import config_from_hf
+
     root = str(tmp_path / "snap")
-    v0 = random_state_dict(CONFIG, 0)
+    v0 = random_state_dict(config_from_hf(doc), 0)  # Qwen2: with q/k/v biases
     v1 = nudged(v0, 1)
     storage.publish(v0, root, "a")
     storage.publish(v1, root, "b", base="a")
@@ -321,6 +323,19 @@ def test_fastdeploy_and_sglang_get_the_delta_materialised(tmp_path):
     assert shards and shards == sorted(p.name for p in delta_dir.glob("*.safetensors"))
     for name in shards:
         assert (delta_dir / name).read_bytes() == (full_dir / name).read_bytes(), name
+    from safetensors.numpy import load_file
+
+    from storage.fastdeploy import export_fastdeploy
+
+    staged = {}
+    for version in ("b", "b-full"):  # FastDeploy's inference layout, two workers
+        model_dir = tmp_path / f"fd-{version}"
+        model_dir.mkdir()
+        (model_dir / "config.json").write_bytes(config)
+        export_fastdeploy(root, version, str(model_dir), [0, 1])
+        staged[version] = {(p.name, n): a.tobytes() for p in sorted(model_dir.glob("*.pdparams"))
+                           for n, a in load_file(str(p)).items()}  # the headers name the version: tensors compared
+    assert staged["b"] and staged["b"] == staged["b-full"]
 
 
 def digest(url: str) -> str:
