@@ -103,8 +103,15 @@ def summarise(rows: list[dict]) -> list[dict]:
         med = {k: statistics.median(r[k] for r in mine) for k in
                ("changed_elements", "bytes_ratio", "publish_full_s", "publish_delta_s", "update_full_s",
                 "update_delta_s", "sync_full_s", "sync_delta_s")}
-        out.append({"lr": lr, "steps": len(mine), "deltas": sum(r["kind"] == "delta" for r in mine), **med,
-                    "sync_ratio": round(med["sync_delta_s"] / med["sync_full_s"], 3),
+        deltas = [r for r in mine if r["kind"] == "delta"]
+        out.append({"lr": lr, "steps": len(mine), "deltas": len(deltas), **med,
+                    # each step's delta sync over the same step's full sync, the median; then over the steps that
+                    # were deltas only; then the whole trajectory's time (the periodic full versions included)
+                    "sync_ratio": round(statistics.median(r["sync_ratio"] for r in mine), 3),
+                    "sync_ratio_delta_steps": round(statistics.median(r["sync_ratio"] for r in deltas), 3)
+                    if deltas else None,
+                    "sync_ratio_total": round(sum(r["sync_delta_s"] for r in mine) / sum(r["sync_full_s"] for r in mine),
+                                              3),
                     "server_read_ratio": round(statistics.median(r["server_read_delta"] / r["server_read_full"]
                                                                  for r in mine), 4)})
     return out

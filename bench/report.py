@@ -160,11 +160,13 @@ def delta_rows(d: dict) -> list[list[str]]:
     return [[f"{s['lr']:g}", f"{s['changed_elements']:.2%}", f"{s['deltas']}/{s['steps']}",
              f"{s['bytes_ratio']:.1%}", f"{s['server_read_ratio']:.1%}",
              f"{s['publish_full_s']:.2f} / {s['publish_delta_s']:.2f}", f"{s['update_full_s']:.2f} / {s['update_delta_s']:.2f}",
-             f"{s['sync_full_s']:.2f} / {s['sync_delta_s']:.2f}", f"{s['sync_ratio']:.2f}×"] for s in d["summary"]]
+             f"{s['sync_full_s']:.2f} / {s['sync_delta_s']:.2f}", f"{s['sync_ratio']:.2f}×",
+             f"{s['sync_ratio_total']:.2f}×"] for s in d["summary"]]
 
 
 DELTA_HEADER = ["Adam lr", "bf16 elements changed", "deltas", "delta / full bytes", "server reads", "publish s full / delta",
-                "server update s full / delta", "sync s full / delta", "delta / full sync"]
+                "server update s full / delta", "sync s full / delta", "delta / full sync (median step)",
+                "over the trajectory"]
 
 
 def delta_section(d: dict) -> list[str]:
@@ -174,7 +176,8 @@ def delta_section(d: dict) -> list[str]:
             "policy-gradient steps per learning rate. Every step is published in full (the baseline) and as a delta "
             "on the previous step in the same run, each synced to both servers by the `sync-weights` flow; every "
             "server's digest after each delta equals the full version's. Medians over the steps; sync = publish + "
-            "the flow until both servers serve it.", ""] + md_table(DELTA_HEADER, delta_rows(d)) + \
+            "the flow until both servers serve it. Ratios: the median over the steps of each step's delta sync over "
+            "its full sync, and the trajectory's total time (its full versions, one every 8 by design, included).", ""] + md_table(DELTA_HEADER, delta_rows(d)) + \
         ["", "Targets: " + "; ".join(targets) + "."]
 
 
