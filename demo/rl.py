@@ -86,9 +86,9 @@ class Trainer:
         if model_dir:  # the directory's architecture, weights and tokenizer
             from infer.hf import load_model_dir
 
-            from infer.hf import read_model_dir
+            from infer.hf import read_config
 
-            self.served_dtype = read_model_dir(model_dir)[0].dtype
+            self.served_dtype = read_config(model_dir).dtype
             self.model = trainable(load_model_dir(model_dir, dtype="float32"))
             self.config, self.tokenizer = self.model.config, HFTokenizer.from_dir(model_dir)
         else:

@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import warnings
+from unittest import mock
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -262,16 +263,11 @@ class MotoS3(Child):
 def moto_s3() -> Iterator[MotoS3]:
     """The server, with the environment that points storage at it put back as it was afterwards."""
     s3 = MotoS3()
-    saved = {k: os.environ.get(k) for k in s3.env()}
-    try:
-        yield s3.start()
-    finally:
-        s3.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with mock.patch.dict(os.environ):  # start() points the environment at it
+        try:
+            yield s3.start()
+        finally:
+            s3.stop()
 
 
 # ---- 1. publishers killed at random moments ---------------------------------------------------------------------

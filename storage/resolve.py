@@ -159,13 +159,14 @@ def _parts_with_manifest(fs, root, names, found, manifest_file, rank, version) -
             raise TornSnapshotError(
                 url_of(fs, path), f"size {names[p.file]} bytes, manifest says {p.bytes} (truncated or replaced)")
         paths.append(path)
-    if m.is_delta:
-        found = {int(x.group(1)): n for n in names if (x := layout.delta_regex(rank, version).fullmatch(n))} | \
-            {-1 - i: n for i, n in found.items()}  # whole-tensor parts have no place in a delta
-    extra = sorted(set(found) - {p.index for p in m.parts})
-    if extra:
+    strays = []
+    if m.is_delta:  # its files are delta{N}; whole-tensor parts have no place beside them
+        strays = [found[i] for i in sorted(found)]
+        found = {int(x.group(1)): n for n in names if (x := layout.delta_regex(rank, version).fullmatch(n))}
+    strays += [found[i] for i in sorted(set(found) - {p.index for p in m.parts})]
+    if strays:
         raise TornSnapshotError(
-            url_of(fs, join(root, found[extra[0]])), "part file not listed in the manifest (left from another publish?)")
+            url_of(fs, join(root, strays[0])), "part file not listed in the manifest (left from another publish?)")
     headers = read_headers(fs, paths, [p.bytes for p in m.parts])
     count = 0
     for index, (path, h) in enumerate(zip(paths, headers)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -21,20 +22,15 @@ def s3_endpoint():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "BATON_S3_ENDPOINT")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                      BATON_S3_ENDPOINT=endpoint)
-    import fsspec
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "BATON_S3_ENDPOINT": endpoint}
+    with mock.patch.dict(os.environ, env):  # put back as it was afterwards
+        import fsspec
 
-    fs = fsspec.filesystem("s3", endpoint_url=endpoint, skip_instance_cache=True)
-    fs.mkdir(BUCKET)
-    yield endpoint
+        fs = fsspec.filesystem("s3", endpoint_url=endpoint, skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        yield endpoint
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture
