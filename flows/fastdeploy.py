@@ -96,6 +96,17 @@ class FastDeploy(Adapter):
         self.staged = stage_fastdeploy(snapshot_root, version, self.model_dir, self.server.gpu_ids,
                                        config=self.server.config)
 
+    def abort(self, version: str, admin_token_env: str | None = None) -> None:
+        """The server still holds what it held, but its model directory holds ``version``: the previous version
+        is staged back and recorded live, so a restart or a later sync finds what the server holds. With nothing
+        known before, the record keeps saying ``staged``, which no later sync takes for what it serves."""
+        previous = self.before
+        if self.staged is None or not previous or not previous.get("version"):
+            return
+        stage_fastdeploy(previous["snapshot_root"], previous["version"], self.model_dir, self.server.gpu_ids,
+                         config=self.server.config)
+        mark_live(self.model_dir, self.server.gpu_ids, previous["version"])
+
     def _send(self, method: str, path: str, headers: dict, timeout: float = 1800) -> httpx.Response:
         return fleet.call(method, f"{self.server.url}{path}", headers=headers, timeout=timeout)
 

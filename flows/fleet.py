@@ -85,12 +85,13 @@ class Unreachable(Exception):
 class Outcome:
     url: str
     ok: bool
-    status: str  # "live", "refused", "unreachable", "rolled back", "rollback failed", "kept"
+    status: str  # "live", "refused", "unreachable", "aborted", "rolled back", "rollback failed", "kept"
     version: str | None
     message: str
     seconds: float | None = None
     bytes: int | None = None
     touched: bool = True  # False when it was refused before anything reached the server
+    prepared: str | None = None  # how it held the version before the commit: "spare", "staged", "checked", ...
 
 
 @functools.cache
@@ -134,12 +135,18 @@ def update(server: Server, version: str, snapshot_root: str, verify: str = "stre
            admin_token_env: str | None = None, timeout: float = 1800) -> dict[str, Any]:
     """``POST /v1/update_weights`` of a Baton server; returns its success reply, raises Refused or Unreachable."""
     body = {"version": version, "snapshot_root": snapshot_root, "rank": server.rank, "verify": verify}
-    r = call("POST", f"{server.url}/v1/update_weights", json=body, headers=auth_headers(admin_token_env),
-             timeout=timeout)
+    return admin_call(server, "/v1/update_weights", body, admin_token_env, timeout)
+
+
+def admin_call(server: Server, path: str, body: dict[str, Any], admin_token_env: str | None,
+               timeout: float = 1800) -> dict[str, Any]:
+    """One of a Baton server's weight calls (update, prepare, commit, abort): its success reply, else ``Refused``
+    (a 4xx: the same call will not succeed) or ``Unreachable`` (busy, or storage or server trouble: it may)."""
+    r = call("POST", f"{server.url}{path}", json=body, headers=auth_headers(admin_token_env), timeout=timeout)
     reply = reply_of(r)
     message = f"{server.url} answered {r.status_code}: {reply.get('message', reply)}"
     if r.status_code == 200 and reply.get("success"):
         return reply
-    if r.status_code in (409,) or r.status_code >= 500:
-        raise Unreachable(message)  # busy, or storage/server trouble: another try may succeed
+    if r.status_code == 409 and path != "/v1/weights/commit" or r.status_code >= 500:
+        raise Unreachable(message)
     raise Refused(message)

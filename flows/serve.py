@@ -72,6 +72,7 @@ def sync(args: argparse.Namespace) -> int:
         return 1
     for row in rows:
         print(f"{row['url']}: {row['status']} {row['version']} in {row['seconds'] or 0:.2f} s")
+    print(f"guarantee: {rows[0]['guarantee']}")
     return 0
 
 

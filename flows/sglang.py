@@ -34,11 +34,11 @@ from flows.fleet import Refused, Unreachable
 
 class SGLang(Adapter):
     restores_itself = False  # a failed disk load leaves a partial model (see the module's docstring)
+    holds_unserved = "exported"  # a directory it has not been told to load
 
     def __init__(self, server):
         super().__init__(server)
         self.export_root: str = server.model_dir
-        self.before: dict[str, Any] | None = None
         self.path: str | None = None  # the export of the version being taken
 
     def info(self) -> dict[str, Any]:
@@ -72,7 +72,8 @@ class SGLang(Adapter):
                           "the config.json of the model it serves") from None
 
     def stage(self, version: str, snapshot_root: str) -> None:
-        self.before = self.held()
+        if self.before is None:  # not read at the start of this sync (a rollback's own take)
+            self.before = self.held()
         raw, url = self._config(self.before)
         try:
             doc = json.loads(raw)
@@ -80,12 +81,13 @@ class SGLang(Adapter):
             if running and running != doc.get("architectures"):
                 raise Refused(f"{self.server.url} runs {running}, {url} describes {doc.get('architectures')}: set "
                               "the server's config to the config.json of the model it serves")
-            check_fits(open_version(snapshot_root, version).index(), doc, url, f"{snapshot_root} {version}")
+            reader = open_version(snapshot_root, version)
+            check_fits(reader.index(), doc, url, f"{snapshot_root} {version}")
         except ValueError as exc:  # not JSON, or a model Baton does not know: the server is not called
             if isinstance(exc, SnapshotError):
                 raise
             raise Refused(f"{self.server.url}: {url}: {exc}") from exc
-        self.path = export_hf_dir(snapshot_root, version, self.export_root, raw)
+        self.path = export_hf_dir(snapshot_root, version, self.export_root, raw, reader=reader)
 
     def _load_path(self, path: str, weight_version: str | None, admin_token_env: str | None) -> dict[str, Any]:
         body = {"model_path": path, "load_format": "auto", "abort_all_requests": False}
@@ -117,6 +119,12 @@ class SGLang(Adapter):
         keep = {version, (self.before or {}).get("version")}  # the new one, and what a rollback returns to
         prune_exports(self.export_root, sorted(v for v in keep if v))
         return {}
+
+    def abort(self, version: str, admin_token_env: str | None = None) -> None:
+        """The export of ``version`` was never loaded: removed, with any but the one the server serves."""
+        served = (self.before or {}).get("version")
+        if self.path is not None and served:
+            prune_exports(self.export_root, [served])
 
     def roll_back(self, previous: dict[str, Any], verify: str, admin_token_env: str | None) -> None:
         if previous.get("version") and previous.get("snapshot_root"):

@@ -13,11 +13,6 @@ from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks, renamed_tp
 from flows.sync import read_server, sync_fleet
 
 
-def _serving(servers: list[Server]) -> dict[str, str | None]:
-    """Version each server serves now (None when it is down, empty or cannot say)."""
-    return {s.url: (read_server(s) or {}).get("version") for s in servers}
-
-
 @flow(name="publish-new-checkpoints", log_prints=True)
 def publish_new_checkpoints(trainer_dir: str, snapshot_root: str, servers: list[Server | str] | None = None,
                             keep_last: int = 3, marker: str = DONE_MARKER, part_bytes: int = DEFAULT_PART_BYTES,
@@ -36,7 +31,8 @@ def publish_new_checkpoints(trainer_dir: str, snapshot_root: str, servers: list[
         log.info("no completed checkpoint under %s yet (looking for step_N/%s)", trainer_dir, marker)
         return {"version": None, "published": False, "synced": False, "pruned": []}
     newest = steps[-1]
-    before = _serving(fleet_servers)
+    held = {s.url: read_server(s) for s in fleet_servers}  # each server read once per run
+    before = {url: (found or {}).get("version") for url, found in held.items()}
     versions = storage.list_versions(snapshot_root)
     committed = {v.version for v in versions}
     base = versions[-1].version if deltas and versions and versions[-1].version != newest.version else None
@@ -47,12 +43,12 @@ def publish_new_checkpoints(trainer_dir: str, snapshot_root: str, servers: list[
     elif fleet_servers:
         sync_fleet(newest.version, snapshot_root, fleet_servers,
                    source=None if newest.version in committed else newest.url, part_bytes=part_bytes,
-                   tp_size=tp_size, runner=runner, base=base)
+                   tp_size=tp_size, runner=runner, base=base, held=held)
         published, synced = newest.version not in committed, True
     else:
         publish_ranks(newest.url, snapshot_root, newest.version, part_bytes, tp_size, runner, base=base)
         published = True
-    keep = {v for v in (*before.values(), *_serving(fleet_servers).values(), newest.version) if v}
+    keep = {v for v in (*before.values(), newest.version) if v}  # a failed sync raised: they serve newest now
     pruned = storage.prune(snapshot_root, keep_last=keep_last, keep=sorted(keep))
     if pruned:
         log.info("pruned %s (kept the newest %d and %s)", pruned, keep_last, sorted(keep))

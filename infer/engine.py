@@ -43,11 +43,16 @@ class Busy(Exception):
     """No model copy may take new requests now (an in-place update is writing): try again shortly."""
 
 
-class ModelSource(Protocol):
-    """Lends model copies: ``acquire`` returns a copy (``.model``, ``.info.version``) or raises ``Busy``, or any
-    other exception to fail the request (e.g. no weights loaded)."""
+class VersionUnavailable(Exception):
+    """A request named a weight version that no model copy here holds: it fails with this message, never waits."""
 
-    def acquire(self) -> Any: ...
+
+class ModelSource(Protocol):
+    """Lends model copies: ``acquire`` returns a copy (``.model``, ``.info.version``), the one holding ``version``
+    when one is named, or raises ``Busy``, ``VersionUnavailable``, or any other exception to fail the request (e.g.
+    no weights loaded)."""
+
+    def acquire(self, version: str | None = None) -> Any: ...
 
     def release(self, slot: Any) -> None: ...
 
@@ -75,6 +80,7 @@ class Request:
     slot: Any = None
     pages: list[int] = field(default_factory=list)  # reserved at admission, handed to sequences at fork
     live: int = 0  # sequences not finished
+    version: str | None = None  # the weight version the request must be answered from, when it names one
 
     @property
     def sequences(self) -> int:
@@ -141,8 +147,10 @@ class Engine:
 
     # ---- the client side (any thread) ------------------------------------------------------------------------
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, sink: Callable[[Event], None]) -> Request:
-        """Queues a request; its events go to ``sink``. Raises ``ValueError`` for one that could never run."""
+    def submit(self, prompts: list[list[int]], params: SamplingParams, sink: Callable[[Event], None],
+               version: str | None = None) -> Request:
+        """Queues a request; its events go to ``sink``; ``version``: only that weight version may answer it. Raises
+        ``ValueError`` for one that could never run."""
         params = params.with_seed()
         for ids in prompts:
             if not ids:
@@ -152,7 +160,7 @@ class Engine:
                                  f"{self.config.max_seq_len}")
             if len(ids) > self.config.max_seq_len:
                 raise ValueError(f"prompt of {len(ids)} tokens exceeds the context of {self.config.max_seq_len}")
-        request = Request(prompts, params, sink)
+        request = Request(prompts, params, sink, version=version)
         if request.sequences > self.settings.max_num_seqs:
             raise ValueError(f"{request.sequences} sequences (prompts x n) exceed --max-num-seqs "
                              f"{self.settings.max_num_seqs}")
@@ -279,9 +287,13 @@ class Engine:
             if seqs + request.sequences > self.settings.max_num_seqs or need > self.pool.free:
                 return  # first come, first served: later requests wait behind this one
             try:
-                slot = self.source.acquire()
+                slot = self.source.acquire(request.version) if request.version else self.source.acquire()
             except Busy:
                 return
+            except VersionUnavailable as exc:
+                self._waiting.popleft()
+                request.sink(Failed("version_unavailable", str(exc)))
+                continue
             except Exception as exc:  # noqa: BLE001 - no weights to serve: tell the client why
                 self._waiting.popleft()
                 request.sink(Failed("no_weights", str(exc)))

@@ -42,7 +42,8 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    reason: str  # "no_weights" (nothing to serve yet, or a restore failed) or "engine_error" (a bug; see the log)
+    reason: str  # "no_weights" (nothing to serve yet, or a restore failed), "version_unavailable" (the version the
+    # request named is not held here) or "engine_error" (a bug; see the log)
     message: str
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from infer.engine import Engine, EngineConfig
+from infer.engine import Engine, EngineConfig, VersionUnavailable
 from infer.events import Event, Failed, Finished, Logprob, Scored, Token
 from infer.model import Decoder
 from infer.sampling import SamplingParams, sample  # noqa: F401  (re-exported: the public names of generation)
@@ -31,7 +31,10 @@ class Fixed:
     def __init__(self, model: Decoder, version: str = "offline"):
         self.slot = SimpleNamespace(model=model, info=SimpleNamespace(version=version))
 
-    def acquire(self):
+    def acquire(self, version: str | None = None):
+        if version is not None and version != self.slot.info.version:
+            raise VersionUnavailable(f"weight version {version!r} is not held here: it serves "
+                                     f"{self.slot.info.version!r}")
         return self.slot
 
     def release(self, slot) -> None:

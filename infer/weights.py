@@ -17,6 +17,17 @@ A delta version (``storage.delta``) is applied onto the copy being written when 
 base (``double_buffer`` first copies the live weights into the spare when those are the base), else loaded through
 its chain; either way the result's digest must be the version's, or the update is undone as above.
 If even the reload fails, the server reports itself unhealthy instead of serving a torn model.
+
+A fleet flips as one in two phases (``flows.sync``): ``prepare`` makes a version ready without serving it and
+``commit`` serves it. In ``double_buffer`` the spare copy is loaded and proven by digest, so the commit is a pointer
+flip and a rollback after it a flip back. ``in_place`` has one copy, so it cannot hold a version without serving
+it: its prepare checks what it can without writing (manifests, sizes, headers, fit) and its commit is the update.
+Prepared state expires (``prepare``'s ``ttl``) and a second prepare replaces the first. An ``in_place`` server that
+took a delta goes back to its base by applying the same delta again (XOR undoes itself), proven by the base's
+digest, instead of reloading the base from storage.
+
+A request may name the version that must answer it (``acquire(version)``): the live copy when it holds it, the
+spare of ``double_buffer`` when that does (just prepared, or the version just replaced), else it is refused.
 """
 
 from __future__ import annotations
@@ -34,14 +45,15 @@ import kernels
 import storage
 from infer.config import ModelConfig
 from infer.digest import state_digest
-from infer.engine import Busy
+from infer.engine import Busy, VersionUnavailable
 from infer.metrics import Metrics
 from infer.model import Decoder, load_state
 from storage import check_source, layout, shard_views
-from storage.chain import apply_plan, describe, load_plan
+from storage.chain import apply_delta, apply_plan, describe, load_plan, rank_digest
 
 log = logging.getLogger("baton.serve")
 MODES = ("in_place", "double_buffer")
+PREPARE_TTL = 300.0  # seconds a prepared version waits for its commit: a flow that died must not pin a spare
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,12 @@ class RestoreFailed(UpdateError):
     outcome = "broken"
 
 
+class NotPrepared(UpdateError):
+    """A commit with no prepared version to serve (never prepared, replaced by another prepare, aborted, expired)."""
+
+    outcome = "not_prepared"
+
+
 class NotReady(Exception):
     """No weights to serve: none loaded yet, or a failed update could not be undone."""
 
@@ -109,6 +127,30 @@ class Slot:
     model: Decoder
     info: WeightInfo | None = None
     readers: int = 0
+    writing: bool = False  # an update is writing it: no request may start on it
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A version ``prepare`` made ready and ``commit`` has not served yet."""
+
+    info: WeightInfo  # double_buffer: what the spare holds; in_place: what was checked (no bytes written)
+    verify: str
+    expires: float  # time.monotonic() after which it is dropped
+    slot: Slot | None  # the spare holding it; None for in_place, whose commit loads it
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.info.version, "snapshot_root": self.info.snapshot_root,
+                "held": "spare" if self.slot else "checked", "expires_in_s": round(self.expires - time.monotonic(), 1)}
+
+
+@dataclass(frozen=True)
+class _Undo:
+    """How to take an ``in_place`` server back from a delta it just applied: the same delta again."""
+
+    version: str  # what the delta made live
+    previous: WeightInfo  # the base it was applied onto
+    sources: list  # the update's per-rank plans (one delta each)
 
 
 def _cause(exc: Exception) -> str:
@@ -141,6 +183,8 @@ class WeightManager:
         self._update_lock = threading.Lock()
         self.updating: str | None = None  # the version an update in progress is loading (others get 409)
         self._base: Callable[[], Mapping[str, Any]] | None = None  # reads a model directory's weights again
+        self._prepared: Prepared | None = None
+        self._undo: _Undo | None = None
 
     def _new_model(self) -> Decoder:
         model = Decoder(self.config)
@@ -151,17 +195,31 @@ class WeightManager:
 
     # ---- requests ------------------------------------------------------------------------------------------
 
-    def acquire(self) -> Slot:
-        """The live model copy for one request, held until ``release``: the version it holds answers the whole
-        request. Raises ``Busy`` while an in-place update writes, ``NotReady`` when nothing can be served."""
+    def acquire(self, version: str | None = None) -> Slot:
+        """The model copy for one request, held until ``release``: the version it holds answers the whole request.
+        The live copy, or with ``version`` the copy holding that version. Raises ``Busy`` while an in-place update
+        writes, ``NotReady`` when nothing can be served, ``VersionUnavailable`` when no copy holds ``version``."""
         with self._cond:
+            self._expire()
             if self._paused:
                 raise Busy("a weight update is writing the model")
             slot = self.live
             if slot.info is None or self.broken:
                 raise NotReady(self.broken or "no weights loaded yet: POST /v1/update_weights first")
+            if version is not None and version != slot.info.version:
+                slot = next((s for s in self.slots if s.info and s.info.version == version and not s.writing), None)
+                if slot is None:
+                    raise VersionUnavailable(f"weight version {version!r} is not held by this server: it serves "
+                                             f"{self.live.info.version!r}" + self._spare_note())
             slot.readers += 1
             return slot
+
+    def _spare_note(self) -> str:
+        spare = next((s for s in self.slots if s is not self.live), None)
+        if spare is None:
+            return " (in_place: one copy, so only the version it serves)"
+        held = spare.info.version if spare.info and not spare.writing else None
+        return f", its spare holds {held!r}" if held else " and its spare holds none"
 
     def release(self, slot: Slot) -> None:
         with self._cond:
@@ -173,6 +231,20 @@ class WeightManager:
         return None if self.broken else self.live.info
 
     @property
+    def prepared(self) -> Prepared | None:
+        with self._cond:
+            self._expire()
+            return self._prepared
+
+    @property
+    def spare(self) -> WeightInfo | None:
+        """What the spare copy of ``double_buffer`` holds (and a request naming it may be answered from)."""
+        with self._cond:
+            self._expire()
+            spare = next((s for s in self.slots if s is not self.live), None)
+            return spare.info if spare is not None and not spare.writing else None
+
+    @property
     def healthy(self) -> bool:
         return self.info is not None
 
@@ -182,23 +254,104 @@ class WeightManager:
                verify: str | None = None, startup: bool = False) -> WeightInfo:
         """Loads ``version`` and makes it live, or raises ``UpdateError`` with the old version still served.
         ``startup``: the server's first load, counted apart from updates in ``/metrics``."""
+        with self._updating(version, startup) as start:
+            info = self._update(version, snapshot_root or self.snapshot_root, self.rank if rank is None else rank,
+                                verify or self.verify, start)
+        self.metrics.update_done("success", info.seconds, info.bytes, startup, path=info.path)
+        self.metrics.set_version(info.version)
+        return info
+
+    def prepare(self, version: str, snapshot_root: str | None = None, rank: int | None = None,
+                verify: str | None = None, ttl: float = PREPARE_TTL) -> Prepared:
+        """Phase one of a fleet's flip: makes ``version`` ready to serve without serving it, or raises
+        ``UpdateError`` with nothing served changed. ``double_buffer`` loads the spare and proves it by digest;
+        ``in_place`` checks everything but the bytes (it holds one copy). Replaces an earlier prepare; expires
+        after ``ttl`` seconds without a commit."""
+        if not 0 < ttl <= 86400:
+            raise SnapshotRejected(f"ttl must be between 0 and 86400 seconds, not {ttl}", "invalid_request")
+        root, rank = snapshot_root or self.snapshot_root, self.rank if rank is None else rank
+        verify = verify or self.verify
+        with self._updating(version, False) as start:
+            self._drop_prepared()
+            if self.mode == "in_place":
+                self._check(version, root, rank, verify, self.live)
+                info, slot = WeightInfo(version, root, rank, -1, "checked, not loaded", time.time(), 0,
+                                        time.perf_counter() - start, ""), None
+            else:
+                slot = self._spare()
+                if not (slot.info and (slot.info.version, slot.info.snapshot_root) == (version, root)):
+                    self._prove(slot, self._load(slot, version, root, rank, verify, start))
+                info = slot.info
+            prepared = Prepared(info, verify, time.monotonic() + ttl, slot)
+            with self._cond:
+                self._prepared = prepared
+        if slot is not None:
+            self.metrics.update_done("success", info.seconds, info.bytes, path=info.path)
+        return prepared
+
+    def commit(self, version: str) -> WeightInfo:
+        """Phase two: serves the prepared ``version`` (``double_buffer``: a pointer flip; ``in_place``: the update
+        itself). A commit of the version already live, prepared or not, answers what is live (a retried commit)."""
+        with self._updating(version, False) as start:
+            with self._cond:
+                self._expire()
+                prepared, live = self._prepared, self.live.info
+                if prepared is None or prepared.info.version != version:
+                    if live is not None and live.version == version and not self.broken:
+                        return live
+                    held = f"{prepared.info.version!r} is prepared" if prepared else "nothing is prepared"
+                    raise NotPrepared(f"cannot commit {version!r}: {held} (never prepared, replaced, aborted or "
+                                      f"expired); still serving {self._serving()}: prepare it first")
+                self._prepared = None
+            if prepared.slot is None:
+                info = self._update(version, prepared.info.snapshot_root, prepared.info.rank, prepared.verify, start)
+                self.metrics.update_done("success", info.seconds, info.bytes, path=info.path)
+            else:
+                info = self._switch(prepared.slot)
+        self.metrics.set_version(info.version)
+        return info
+
+    def abort(self, version: str | None = None) -> Prepared | None:
+        """Drops what ``prepare`` made ready (only if it is ``version``, when given); returns it. The spare stops
+        answering requests that name it. Nothing served changes."""
+        with self._cond:
+            self._expire()
+            prepared = self._prepared
+            if prepared is None or (version is not None and prepared.info.version != version):
+                return None
+            self._drop_prepared()
+            return prepared
+
+    def _drop_prepared(self) -> None:
+        with self._cond:
+            prepared, self._prepared = self._prepared, None
+            if prepared is not None and prepared.slot is not None and prepared.slot is not self.live:
+                prepared.slot.info = None  # no request may name a version the fleet did not commit
+
+    def _expire(self) -> None:
+        """Called with the condition held, wherever prepared state is read: a prepare whose commit never came
+        is dropped once its time is up."""
+        if self._prepared is not None and time.monotonic() >= self._prepared.expires:
+            log.warning("prepared %s expired without a commit: dropped", self._prepared.info.version)
+            self._drop_prepared()
+
+    @contextlib.contextmanager
+    def _updating(self, version: str, startup: bool) -> Iterator[float]:
+        """One update, prepare or commit at a time: others are refused at once (``UpdateBusy``). Yields the start
+        time; a failure is counted under its outcome."""
         if not self._update_lock.acquire(blocking=False):
             self.metrics.update_done("busy", 0.0, 0, startup)
             raise UpdateBusy(f"another weight update (to {self.updating!r}) is in progress; retry when it finishes")
         self.updating = version
         start = time.perf_counter()
         try:
-            info = self._update(version, snapshot_root or self.snapshot_root, self.rank if rank is None else rank,
-                                verify or self.verify, start)
+            yield start
         except UpdateError as exc:
             self.metrics.update_done(exc.outcome, time.perf_counter() - start, 0, startup)
             raise
         finally:
             self.updating = None
             self._update_lock.release()
-        self.metrics.update_done("success", info.seconds, info.bytes, startup, path=info.path)
-        self.metrics.set_version(info.version)
-        return info
 
     def adopt(self, version: str, where: str, weights: Callable[[], Mapping[str, Any]]) -> WeightInfo:
         """Serves ``weights()`` (a model directory's, e.g. ``infer.hf.read_model_dir``) as ``version`` before any
@@ -212,7 +365,7 @@ class WeightManager:
         except (OSError, ValueError) as exc:
             self.metrics.update_done("bad_snapshot", time.perf_counter() - start, 0, True)
             raise SnapshotRejected(f"{where}: could not load its weights: {exc}") from exc
-        self._base = weights
+        self._base, self._undo = weights, None
         params = slot.model.state_dict()
         slot.info = WeightInfo(version, where, 0, 0, "model directory", time.time(),
                                sum(int(t.numel()) * t.element_size() for t in params.values()),
@@ -228,11 +381,33 @@ class WeightManager:
         state = slot.model.state_dict()
         return state if self.tp_size == 1 else shard_views(state, rank, self.tp_size)
 
+    def _spare(self) -> Slot:
+        return next(s for s in self.slots if s is not self.live)
+
     def _update(self, version: str, snapshot_root: str, rank: int, verify: str, start: float) -> WeightInfo:
-        target = self.live if self.mode == "in_place" else next(s for s in self.slots if s is not self.live)
+        prepared = self.prepared
+        if prepared is not None and prepared.info.version != version:
+            self._drop_prepared()  # the spare is about to be written: what was prepared there is gone
+        target = self.live if self.mode == "in_place" else self._spare()
         if target is not self.live and target.info and \
                 (target.info.version, target.info.snapshot_root) == (version, snapshot_root):
+            self._drop_prepared()
             return self._switch(target)  # double_buffer: the spare already holds it (a rollback), switch back
+        undo, self._undo = self._undo, None
+        if undo is not None and target.info and target.info.version == undo.version and \
+                (undo.previous.version, undo.previous.snapshot_root) == (version, snapshot_root):
+            info = self._reverse(undo, target, start)
+            if info is not None:
+                return self._switch(target)
+        previous = target.info
+        sources = self._load(target, version, snapshot_root, rank, verify, start)
+        if target is self.live and previous is not None and all(len(plan) == 1 and plan[0].is_delta
+                                                                for _, plan, *_ in sources):
+            self._undo = _Undo(version, previous, sources)
+        return self._switch(target)
+
+    def _load(self, target: Slot, version: str, snapshot_root: str, rank: int, verify: str, start: float) -> list:
+        """Writes ``version`` into ``target`` and records it there; returns the sources it applied."""
         sources = self._check(version, snapshot_root, rank, verify, target)
         previous = target.info
         with self._exclusive(target):
@@ -243,7 +418,45 @@ class WeightManager:
             target.info = self._describe(version, snapshot_root, rank, sources, target, start, digests)
         log.info("loaded %s from %s (level %d) in %.2fs", version, snapshot_root, target.info.level,
                  target.info.seconds)
-        return self._switch(target)
+        return sources
+
+    def _prove(self, slot: Slot, sources: list) -> None:
+        """The spare holds exactly what each rank's manifest says (its digest), or it is dropped and the prepare
+        refused. A device's weights are not copied to the host for it: there the parts' checksums stand."""
+        if slot.model.on_gpu:
+            return
+        for r, plan, *_ in sources:
+            expected = plan[-1].manifest.digest if plan[-1].manifest else None
+            if expected is None or (self.tp_size == 1 and slot.info.digest == expected):
+                continue  # a level without a manifest has no digest to prove; an equal server digest proves it
+            got = rank_digest(self._targets(slot, r), plan[-1].index())
+            if got != expected:
+                version, slot.info = slot.info.version, None
+                raise SnapshotRejected(f"{version} rank {r}: the prepared copy digests to "
+                                       f"{got}, its manifest says {expected}: not served; publish it again")
+
+    def _reverse(self, undo: _Undo, slot: Slot, start: float) -> WeightInfo | None:
+        """Takes ``slot`` from the delta it holds back to that delta's base by applying the delta again, proven by
+        the base's digest; None (the slot's record cleared, so the caller loads the base in full) when that fails."""
+        on_gpu = slot.model.on_gpu
+        try:
+            with self._exclusive(slot):
+                slot.info = None
+                for r, plan, verify, _ in undo.sources:
+                    targets = self._targets(slot, r)
+                    apply_delta(plan[0], targets, verify=verify, copy_fn=kernels.cast_copy_ if on_gpu else None)
+                    got = rank_digest(targets, plan[0].index())
+                    if got != plan[0].manifest.base.digest:
+                        raise ValueError(f"digest {got} after reversing, the base's is {plan[0].manifest.base.digest}")
+                slot.info = WeightInfo(**{**undo.previous.__dict__, "loaded_at": time.time(),
+                                          "bytes": sum(src.bytes for _, plan, *_ in undo.sources for src in plan),
+                                          "seconds": time.perf_counter() - start, "path": "delta reversed"})
+        except Exception as exc:  # noqa: BLE001 - the full load that follows rewrites every byte
+            log.warning("reversing %s to %s failed (%s): loading %s in full", undo.version, undo.previous.version,
+                        exc, undo.previous.version)
+            return None
+        log.info("reversed %s to %s in %.3fs", undo.version, undo.previous.version, slot.info.seconds)
+        return slot.info
 
     def _check(self, version: str, snapshot_root: str, rank: int, verify: str, target: Slot) -> list:
         """Every rank's source, resolved and checked against the target before anything is written."""
@@ -281,6 +494,7 @@ class WeightManager:
         ``drain_timeout`` seconds are ended (``finish_reason: "abort"``)."""
         with self._cond:
             self._paused = slot is self.live
+            slot.writing = True
             if not self._cond.wait_for(lambda: slot.readers == 0, self.drain_timeout):
                 log.warning("%d requests still running after the %.0fs drain timeout: aborting them", slot.readers,
                             self.drain_timeout)
@@ -290,7 +504,7 @@ class WeightManager:
             yield
         finally:
             with self._cond:
-                self._paused = False
+                self._paused = slot.writing = False
                 self._cond.notify_all()
 
     def _digest_of(self, slot: Slot) -> str | None:

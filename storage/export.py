@@ -206,19 +206,20 @@ def _write_shard(fs, path: str, reader: WholeTensors, part: int, scratch: Scratc
 
 @storage_calls
 def export_hf_dir(snapshot_root: str, version: str, export_root: str, config: bytes, *, rules: Rules = LLAMA_TP_RULES,
-                  storage_options: dict[str, Any] | None = None) -> str:
+                  storage_options: dict[str, Any] | None = None, reader: WholeTensors | None = None) -> str:
     """``{export_root}/{version}``, a Hugging Face directory of the whole model (ranks joined) in
     ``transformers``' layout with ``config`` as its ``config.json``, for engines that load those (SGLang's
     ``update_weights_from_disk``). One shard per part of rank 0, written tensor by tensor, so about one part is
     in memory at a time.
-    Returns its path; a version already exported there is returned as it is."""
+    Returns its path; a version already exported there is returned as it is. ``reader``: the version as
+    ``open_version`` gave it, when the caller opened it already."""
     layout.check_id(version)
     fs, root = open_fs(export_root)
     final = join(root, version)
     if fs.exists(join(final, EXPORT_RECORD)):
         return final
     json.loads(config)  # a config that is not JSON would only fail later, inside the engine
-    reader = open_version(snapshot_root, version, storage_options, rules)
+    reader = reader or open_version(snapshot_root, version, storage_options, rules)
     tmp = join(root, f".{version}.tmp-{uuid.uuid4().hex[:8]}")
     fs.makedirs(tmp)
     try:

@@ -173,12 +173,15 @@ def test_a_mixed_fleet_takes_each_version_and_rolls_back_together(mixed):
     assert len(fd_parts(mixed["root"] / "fd")) < len(many)  # v1's extra parts are gone: FastDeploy would load them
 
     down = f"http://127.0.0.1:{free_port()}"
+    fd_calls, sgl_calls = len(mixed["fd"].calls), len(mixed["sgl"].calls)
     with pytest.raises(FleetSyncError) as err:
         sync_weights("v3", mixed["snap"], [*mixed["servers"], down])
     message = str(err.value)
-    assert f"{down}: unreachable" in message and message.count(": rolled back: ") == 3, message
+    assert f"{down}: unreachable" in message and message.count(": aborted: ") == 3, message
+    # prepared (staged, exported) but never told to load: no engine served v3 at any moment
+    assert (len(mixed["fd"].calls), len(mixed["sgl"].calls)) == (fd_calls, sgl_calls)
     assert_fleet_serves(mixed, "v2", 2)
-    assert sorted(p.name for p in (mixed["root"] / "sgl").iterdir()) == ["v2", "v3"]  # v1's export pruned
+    assert sorted(p.name for p in (mixed["root"] / "sgl").iterdir()) == ["v2"]  # v3's never served, v1's old
 
 
 def test_a_fastdeploy_load_that_fails_half_way_is_restored_with_the_fleet(mixed):

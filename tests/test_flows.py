@@ -145,8 +145,8 @@ def test_a_bad_snapshot_is_not_retried_and_leaves_the_fleet_unchanged(fleet):
         assert "bad_snapshot" not in metrics
 
 
-def test_partial_failure_rolls_the_fleet_back(fleet, tmp_path):
-    """One server takes the new version, one is down: the first is returned to its previous version."""
+def test_a_server_down_at_prepare_commits_nothing(fleet, tmp_path):
+    """One server prepares the new version, one is down: nothing is committed, the first never serves it."""
     root, servers = fleet
     sync_weights("s1", str(root / "snap"), servers)
     source = write_checkpoint(root / "ckpt-3", random_state_dict(CONFIG, 3), 1)
@@ -154,7 +154,7 @@ def test_partial_failure_rolls_the_fleet_back(fleet, tmp_path):
     with pytest.raises(FleetSyncError) as err:
         sync_weights("s3", str(root / "snap"), [servers[0], down], source=source, part_bytes=PART)
     message = str(err.value)
-    assert f"{down}: unreachable" in message and f"{servers[0]}: rolled back" in message
+    assert f"{down}: unreachable" in message and f"{servers[0]}: aborted" in message
     assert weights(servers[0])["version"] == "s1" and weights(servers[0])["digest"] == digest_of(1)
     sync_weights("s3", str(root / "snap"), servers)  # the version itself was fine
     assert {weights(url)["version"] for url in servers} == {"s3"}

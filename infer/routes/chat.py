@@ -128,7 +128,7 @@ async def chat(body: ChatRequest, request: Request) -> Response:
     params = body.params(_max_tokens(body, len(ids), request.app.state.engine.config.max_seq_len),
                          (body.top_logprobs or 0) if body.logprobs else None)
     return await run(request, [ids], params, ChatReply(ids, body.n, body.logprobs, tokenizer), body.stream,
-                     body.model)
+                     body.model, body.weight_version)
 
 
 def _max_tokens(body: ChatRequest, prompt: int, limit: int) -> int:

@@ -143,4 +143,5 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         raise ErrorReply(400, f"prompt is not valid Unicode text: {exc.reason}") from None
     params = body.params(body.max_tokens, body.logprobs, body.echo)
     reply = CompletionReply(sum(map(len, ids)), len(ids) * body.n, body.n, body.logprobs is not None, tokenizer)
-    return await run(request, ids, params, reply, body.stream, body.model)
+    return await run(request, ids, params, reply, body.stream, body.model,
+                     body.weight_version)

@@ -49,6 +49,9 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     stream_options: dict[str, bool] | None = None
+    # Baton's: answer only from this weight version (the name replies carry), else 409. An RL rollout pins the
+    # policy it samples from; OpenAI clients send it in ``extra_body``.
+    weight_version: str | None = Field(None, min_length=1, max_length=256)
 
     _nothing = field_validator("presence_penalty", "frequency_penalty", "logit_bias", "stream_options")(
         asks_for_nothing)
@@ -141,14 +144,15 @@ def check_prompts(ids: list[list[int]], max_tokens: int, config) -> None:
 
 
 async def run(request: Request, ids: list[list[int]], params: SamplingParams, reply: Reply, stream: bool,
-              model: str | None) -> Response:
-    """Runs the request in the engine and answers with ``reply``'s body, or its chunks as server-sent events."""
+              model: str | None, weight_version: str | None = None) -> Response:
+    """Runs the request in the engine and answers with ``reply``'s body, or its chunks as server-sent events;
+    with ``weight_version``, only from a model copy holding that version (409 when none does)."""
     app = request.app.state
     metrics = app.manager.metrics
     check_prompts(ids, params.max_tokens, app.engine.config)
     channel = Channel()
     try:
-        job = app.engine.submit(ids, params, channel)
+        job = app.engine.submit(ids, params, channel, version=weight_version)
     except ValueError as exc:
         raise ErrorReply(400, str(exc)) from None
     first = await channel.next(None if stream else request)  # a stream learns of a disconnect from Starlette
@@ -170,7 +174,7 @@ async def run(request: Request, ids: list[list[int]], params: SamplingParams, re
 
 
 # The engine says why a request failed; the HTTP status is chosen here, at the edge.
-FAILURE_STATUS = {"no_weights": 503, "engine_error": 500}
+FAILURE_STATUS = {"no_weights": 503, "version_unavailable": 409, "engine_error": 500}
 
 
 def _refusal(event: Event | None, engine, job, metrics) -> Response | None:
