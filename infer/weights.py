@@ -391,7 +391,8 @@ class WeightManager:
         target = self.live if self.mode == "in_place" else self._spare()
         if target is not self.live and target.info and \
                 (target.info.version, target.info.snapshot_root) == (version, snapshot_root):
-            self._drop_prepared()
+            with self._cond:
+                self._prepared = None  # prepared or not, it is served now
             return self._switch(target)  # double_buffer: the spare already holds it (a rollback), switch back
         undo, self._undo = self._undo, None
         if undo is not None and target.info and target.info.version == undo.version and \

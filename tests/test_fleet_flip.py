@@ -208,6 +208,11 @@ def test_prepared_state_expires_is_replaced_and_is_freed_by_an_abort(at_v1):
     assert committed.status_code == 409 and "prepare it first" in committed.json()["message"]
     assert weights(url)["version"] == "v1"
 
+    post(url, "/v1/weights/prepare", version="v2")
+    assert post(url, "/v1/update_weights", version="v2").json()["digest"] == digest_of(state(2))  # takes the spare
+    assert (weights(url)["version"], weights(url)["prepared"], weights(url)["spare"]) == ("v2", None, "v1")
+    assert ask(url).json()["choices"][0]["text"] == offline_text(2)
+
 
 def test_an_in_place_server_goes_back_from_a_delta_by_reapplying_it(tmp_path):
     """The delta's XOR applied again gives the base's exact bytes (its manifest digest), read from the delta's

@@ -130,7 +130,7 @@ class BrokenEngine:
 
     config = CONFIG
 
-    def submit(self, prompts, params, sink):
+    def submit(self, prompts, params, sink, version=None):
         raise RuntimeError("secret internal detail at /srv/engine.py line 12")
 
 
