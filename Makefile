@@ -21,4 +21,5 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/server_bench.py
 	$(BIN)/python bench/engine_bench.py
 	$(BIN)/python bench/flow_bench.py
+	$(BIN)/python bench/sync_cli_bench.py
 	$(BIN)/python bench/hf_bench.py

@@ -1,37 +1,22 @@
-"""Running the flows on one machine without a Prefect server: Baton's temporary local Prefect API.
+"""Prefect's API app, served by Baton on this machine: for one process (``use_temporary_prefect``, what the demo,
+the tests and the benchmarks use) or kept for later commands (``flows.home``, what ``baton sync`` uses).
 
-Prefect, given no ``PREFECT_API_URL``, starts a temporary API server of its own on first use
-(``prefect/server/api/server.py:1179`` ``SubprocessASGIServer._run_uvicorn_command``: uvicorn serving
-``prefect.server.api.server:create_app`` with SQLite under ``PREFECT_HOME``). A trainer that syncs after every step
-measured ~0.2 s a sync with it, and two kinds of stall on top (``bench/sync_tail.py`` runs the demo and measures
-them):
+It is the app Prefect's own temporary server runs (``prefect/server/api/server.py``
+``SubprocessASGIServer._run_uvicorn_command``: uvicorn serving ``create_app`` with SQLite under ``PREFECT_HOME``),
+wrapped in ``_Steady`` for two stalls that no Prefect setting reaches:
 
-1. ~2 s, now and then: Prefect's client waiting out a 503 that SQLite's "database is locked" became. Each sync
-   creates a flow run; ``POST /api/flow_runs/`` opens a deferred transaction (``prefect/server/api/flow_runs.py:153``
-   ``session_context(begin_transaction=True)``, ``BEGIN DEFERRED`` at ``prefect/server/database/configurations.py:610``)
-   that reads before it writes (``prefect/server/models/flow_runs.py:83`` -> ``:730`` reads the flow's labels,
-   ``:103`` inserts the run). SQLite cannot upgrade a transaction that has read to a write while another connection
-   is writing or has committed since, so it fails at once without using the 60 s ``busy_timeout``
-   (``configurations.py:576``). The other writer is the same server's event persister, which writes the events it
-   queued every 5 s (``prefect/server/events/services/event_persister.py:151``; the task-run recorder writes on each
-   task-run event). ``prefect/server/api/server.py:320`` counts the error as retryable and answers 503 (``:410``)
-   with no ``Retry-After``, so ``prefect/client/base.py:344`` waits ``2**1`` s (with jitter) before asking again.
-   Measured with a flow run every 0.15 s: the 503 came back 5.0 s apart, each on ``INSERT INTO flow_run``. Prefect
-   fixed the same pattern elsewhere by starting such transactions ``BEGIN IMMEDIATE``
-   (``prefect/server/models/deployments.py:1299``, ``prefect/server/events/triggers.py:618``); no setting reaches
-   this one. ``PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE=1`` (write each event when it arrives) made it
-   worse: 27 stalls in 300 back-to-back runs against 2.
-2. ~0.35 s, about once a minute: a full garbage collection in the server process, whose ~590,000 objects after
-   start-up are all scanned each time (a gen-2 collection measured 0.18-0.38 s, and the request waiting on it
-   took that much longer). No Prefect setting reaches the server's collector.
+- SQLite refuses ``POST /api/flow_runs/`` when another writer (the server's event persister,
+  ``prefect/server/events/services/event_persister.py``) committed since the request's deferred transaction read
+  (``prefect/server/api/flow_runs.py`` ``session_context(begin_transaction=True)``;
+  ``prefect/server/database/configurations.py`` ``BEGIN DEFERRED``). The server counts "database is locked" as
+  retryable and answers 503 without ``Retry-After`` (``prefect/server/api/server.py``), and Prefect's client waits
+  two seconds before asking again (``prefect/client/base.py``). ``_Steady`` runs such a request again in the server
+  after a few milliseconds, as the client's retry would run it: the failed transaction rolled back.
+- A full garbage collection in the server scans every object built at start-up; ``_Steady`` freezes them
+  (``gc.freeze``) once the app is up.
 
-So Baton starts the same server itself, with two changes made outside Prefect's code, in an ASGI wrapper
-(``_Steady``): the objects alive after start-up are frozen (``gc.freeze``), so a full collection scans only what
-came after (measured 3-50 ms); and a request that gets the retryable 503 is run again in the server after 10 ms,
-then 20, 40, ... 640 ms, before the 503 goes to the client and Prefect's own retries. The request runs again
-exactly as the client's retry would run it: the failed transaction rolled back. Flow runs, task runs, states,
-artifacts, events and logs are Prefect's, recorded in ``PREFECT_HOME`` as before. ``BATON_TEMPORARY_PREFECT=prefect``
-(or ``server="prefect"``) gives Prefect's own temporary server back.
+Flow runs, task runs, states, artifacts, events and logs are Prefect's, recorded in ``PREFECT_HOME``.
+``BATON_TEMPORARY_PREFECT=prefect`` (or ``server="prefect"``) gives Prefect's own temporary server back.
 """
 
 from __future__ import annotations
@@ -39,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import gc
+import json
 import os
 import signal
 import socket
@@ -108,17 +94,33 @@ def _start(home: str) -> str:
     """Starts the server process on a free port of 127.0.0.1, as Prefect's own (same app and environment flags),
     and returns its API URL; it stops when this process exits."""
     global _server, _url, _home, _up
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    env.pop("PREFECT_API_URL", None)
-    code = f"import sys; sys.path.insert(0, {str(_REPO)!r}); from flows.local import serve; serve({port})"
-    _server, _url, _home, _up = (subprocess.Popen([sys.executable, "-c", code], env=env),
+    port = free_port()
+    _server, _url, _home, _up = (subprocess.Popen(server_command(port), env=server_env(home)),
                                  f"http://127.0.0.1:{port}/api", home, False)
     atexit.unregister(_stop)
     atexit.register(_stop)
     return _url
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_env(home: str | Path) -> dict[str, str]:
+    """The environment of a server process for ``home``: Prefect's flags for its temporary server (no UI)."""
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1"}
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def server_command(port: int, idle_s: float | None = None) -> list[str]:
+    """The command line of a server process (``serve(port, idle_s)``), importing this checkout's ``flows``."""
+    code = f"import sys; sys.path.insert(0, {str(_REPO)!r}); from flows.local import serve; serve({port}, {idle_s!r})"
+    return [sys.executable, "-c", code]
 
 
 def _stop() -> None:
@@ -133,31 +135,45 @@ def _stop() -> None:
     _server, _url, _home, _up = None, None, None, False
 
 
-def serve(port: int) -> None:
+def serve(port: int, idle_s: float | None = None) -> None:
     """The server process: Prefect's API app (``create_app`` as uvicorn's factory calls it for Prefect's temporary
-    server), wrapped in ``_Steady``."""
+    server), wrapped in ``_Steady``. Without ``idle_s`` it is a temporary server: it stops when its parent exits
+    (a trainer killed before it could stop it). With ``idle_s`` it outlives the command that started it and stops
+    after ``idle_s`` seconds without a request (``flows.home``)."""
     import uvicorn
     from prefect.server.api.server import create_app
 
+    app = _Steady(create_app(), identity={"pid": os.getpid(), "home": str(Path(os.environ["PREFECT_HOME"]).resolve())})
     parent = os.getppid()
 
-    def stop_when_orphaned() -> None:  # the trainer was killed before it could stop us
-        while os.getppid() == parent:
-            time.sleep(1)
-        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
+    def done() -> bool:
+        return os.getppid() != parent if idle_s is None else app.idle_for() > idle_s
 
-    threading.Thread(target=stop_when_orphaned, daemon=True).start()
-    uvicorn.run(_Steady(create_app()), host="127.0.0.1", port=port, log_level="error", lifespan="on")
+    def stop_when_done() -> None:
+        while not done():
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown: the services write what they hold
+
+    threading.Thread(target=stop_when_done, daemon=True).start()
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", lifespan="on")
 
 
 class _Steady:
     """ASGI wrapper of Prefect's API app: freezes the start-up heap, and runs a request that got a retryable 503
-    again after a short wait (see the module docstring)."""
+    again after a short wait (see the module docstring). It also answers ``GET /baton/server`` with ``identity``
+    (its pid and home, so that ``flows.home`` signals only a server it started) and counts open connections, so
+    that an idle server can stop itself."""
 
     RETRY_S = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64)  # 1.27 s in all; then the 503 goes to the client
+    IDENTITY_PATH = "/baton/server"
 
-    def __init__(self, app: Any):
-        self.app = app
+    def __init__(self, app: Any, identity: dict[str, Any] | None = None):
+        self.app, self.identity = app, identity
+        self._in_flight, self._last = 0, None  # no idle time counts before the app has started
+
+    def idle_for(self) -> float:
+        """Seconds since the last request ended (or the app started); 0 while one is in flight."""
+        return 0.0 if self._in_flight or self._last is None else time.monotonic() - self._last
 
     async def __call__(self, scope: dict, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -165,11 +181,22 @@ class _Steady:
                 if message["type"] == "lifespan.startup.complete":
                     gc.collect()
                     gc.freeze()  # what start-up built is never scanned again
+                    self._last = time.monotonic()
                 await send(message)
 
             return await self.app(scope, receive, send_frozen)
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+        self._in_flight += 1  # a request, or a websocket (Prefect's events client) while it is open
+        try:
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+            if self.identity is not None and scope.get("path") == self.IDENTITY_PATH:
+                return await _answer_json(send, self.identity)
+            return await self._retrying(scope, receive, send)
+        finally:
+            self._in_flight -= 1
+            self._last = time.monotonic()
+
+    async def _retrying(self, scope: dict, receive, send) -> None:
         request = []  # the request's messages, to give the app again
         while True:
             message = await receive()
@@ -199,3 +226,10 @@ class _Steady:
             if status != 503:
                 return
             await asyncio.sleep(delay)
+
+
+async def _answer_json(send, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})

@@ -36,7 +36,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--verify", choices=["stream", "full", "none"], default="stream",
                    help="how Baton servers check the parts (default stream)")
     s.add_argument("--admin-token-env", metavar="VAR", help="environment variable holding the servers' admin token")
+    s.add_argument("--temporary-prefect", action="store_true",
+                   help="record the run in a Prefect server started for this command only (seconds of start-up), "
+                        "instead of PREFECT_API_URL or Baton's local server (see `baton prefect`)")
     s.set_defaults(func=sync)
+    pf = sub.add_parser("prefect", help="Baton's local Prefect server, which `baton sync` starts once and reuses",
+                        description=home_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    pf.add_argument("action", choices=["status", "start", "stop"])
+    pf.add_argument("--url", action="store_true", help="status and start: print only the API URL")
+    pf.set_defaults(func=lambda a: prefect_server(a.action, a.url))
     p = sub.add_parser("deploy", help="serve the Prefect deployments (publish-checkpoint, sync-weights, "
                                       "publish-new-checkpoints)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +68,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "deployment run` starts within about this plus a process start (default 0.5; Prefect's is 10)")
 
 
+def home_doc() -> str:
+    from flows import home
+
+    return home.__doc__ or ""
+
+
+def prefect_server(action: str, url_only: bool) -> int:
+    from flows.home import main
+
+    return main(action, url_only=url_only)
+
+
 def sync(args: argparse.Namespace) -> int:
+    if not args.temporary_prefect:
+        from flows.home import describe, use_local_prefect
+
+        _, server = use_local_prefect()
+        if server is not None and server.started:
+            print(f"baton sync: started {describe(server)}", file=sys.stderr)
     from flows.sync import FleetSyncError, sync_weights
 
     try:

@@ -4,7 +4,9 @@ The base's values come from the trainer's own memory when it kept what it last p
 one comparison pass, no read of storage) or else from the snapshot root, read through the base's own chain.
 A delta is written only when it pays: a state whose names, dtypes or shapes differ from the base's, a base
 ``max_chain - 1`` deltas from its full version, or changes that encode to more than ``max_ratio`` of the full
-bytes are published as a full version instead, and the report says why.
+bytes are published as a full version instead, and the report says why. So is a base that cannot be read
+(pruned, a manifest or a file of its chain missing or corrupt, a base republished under the delta's feet): the
+trainer's step must not fail because an older version is damaged, and a full version ends the damaged chain.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from . import deltacodec, layout
 from .chain import RankReader, resolve_chain
 from .digest import combine, tensor_digest
+from .errors import SnapshotError
 from .manifest import Base, PartRecord, TensorRecord
 from .tensorfile import encode_header, itemsize
 
@@ -90,9 +93,35 @@ class BaseValues:
 
     @classmethod
     def from_root(cls, snapshot_root: str, version: str, rank: int, storage_options) -> BaseValues:
-        chain = resolve_chain(snapshot_root, version, rank, strict=True, storage_options=storage_options)
+        """The base read through its chain under ``snapshot_root``; any failure to read it, now or tensor by tensor
+        later, raises ``BaseUnreadable``."""
+        try:
+            chain = resolve_chain(snapshot_root, version, rank, strict=True, storage_options=storage_options)
+        except UNREADABLE as exc:
+            raise BaseUnreadable(version, exc) from exc
         reader, last = RankReader(chain), chain[-1].manifest
-        return cls(version, last.digest, last.depth, reader.index, reader.raw, False)
+
+        def raw(name: str) -> np.ndarray:
+            try:
+                return reader.raw(name)
+            except UNREADABLE as exc:
+                raise BaseUnreadable(version, exc) from exc
+
+        return cls(version, last.digest, last.depth, reader.index, raw, False)
+
+
+# What reading a base can raise when the base, not the caller, is at fault: a version or file that is missing
+# (SnapshotNotFoundError, FileNotFoundError), corrupt (TornSnapshotError, a checksum or digest mismatch, a delta
+# that does not decode), or storage that would not give it (OSError).
+UNREADABLE = (SnapshotError, OSError, ValueError)
+
+
+class BaseUnreadable(Exception):
+    """The base could not be read: the version is published in full instead, and the note says why."""
+
+    def __init__(self, version: str, cause: BaseException):
+        reason = " ".join(str(cause).split()) or type(cause).__name__
+        super().__init__(f"base {version} cannot be read ({reason[:600]}): publishing in full")
 
 
 def why_full(items: list, base: BaseValues, max_chain: int) -> str | None:

@@ -16,10 +16,12 @@ tensor or inflate past one window.
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-import numba
 import numpy as np
 import zstandard
 
@@ -37,7 +39,24 @@ def words(raw: np.ndarray, width: int) -> np.ndarray:
     return raw.view(_WORDS[width])
 
 
-@numba.njit(cache=True, nogil=True)
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``numba.njit(cache=True, nogil=True)(fn)``, done at the first call: importing numba is a large share of
+    importing ``storage``, which a process that never encodes or applies a delta (``baton sync`` of full versions,
+    ``baton serve``) should not pay."""
+    jitted: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        if not jitted:
+            import numba
+
+            jitted.append(numba.njit(cache=True, nogil=True)(fn))  # two threads racing here compile one each
+        return jitted[0](*args)
+
+    return call
+
+
+@_compiled
 def _scan(base, new, lo, hi, lanes, bits, gaps, xors, update):  # pragma: no cover - compiled
     """Changed elements of window [lo, hi) (element indices) into ``gaps``/``xors``; returns how many. ``base`` and
     ``new`` are 64-bit words of ``lanes`` elements each (``bits`` wide): equal words, the common case, cost one
@@ -70,7 +89,7 @@ def _planes(k: int, width: int, gaps: np.ndarray, xors: np.ndarray) -> np.ndarra
     return plane
 
 
-@numba.njit(cache=True, nogil=True)
+@_compiled
 def _apply(target, lo, hi, plane, k, width):  # pragma: no cover - compiled
     """XORs a window's changes into ``target`` (its elements as unsigned words); -1 when a position leaves the
     window."""

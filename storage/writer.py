@@ -19,7 +19,8 @@ import xxhash
 from tqdm.auto import tqdm
 
 from . import layout
-from .delta import MAX_CHAIN, MAX_RATIO, BaseValues, LastPublished, TooLarge, base_record, why_full, write_delta
+from .delta import (MAX_CHAIN, MAX_RATIO, BaseUnreadable, BaseValues, LastPublished, TooLarge, base_record, why_full,
+                    write_delta)
 from .digest import combine, tensor_digest
 from .errors import SnapshotExistsError
 from .fs import is_local, join, listing, open_fs, storage_calls
@@ -258,11 +259,16 @@ def publish(
 def _try_delta(fs, root: str, items: list[_Item], rank: int, version: str, base: str, recording, part_bytes: int,
                max_chain: int, max_ratio: float, durable: bool, sha256: bool, keep, snapshot_root: str,
                storage_options) -> tuple[Manifest | None, str]:
-    """The delta's manifest once its files are written, or (None, why) when the version goes out in full."""
-    if recording is not None and recording.base is not None:
-        values = BaseValues.from_cache(recording.base)
-    else:
-        values = BaseValues.from_root(snapshot_root, base, rank, storage_options)
+    """The delta's manifest once its files are written, or (None, why) when the version goes out in full: the
+    base does not fit, cannot be read (``BaseUnreadable``), or the delta would not pay. Failures to write the
+    delta's own files raise."""
+    try:
+        if recording is not None and recording.base is not None:
+            values = BaseValues.from_cache(recording.base)
+        else:
+            values = BaseValues.from_root(snapshot_root, base, rank, storage_options)
+    except BaseUnreadable as exc:
+        return None, str(exc)
     why = why_full(items, values, max_chain)
     if why:
         return None, why
@@ -273,11 +279,13 @@ def _try_delta(fs, root: str, items: list[_Item], rank: int, version: str, base:
             # the cache's own buffers take the new values as they are compared: nothing to keep separately
             records, tensors, digest = write_delta(items, _raw_bytes, values, rank, version, part_bytes, limit, put,
                                                    (lambda item, raw: None) if values.in_place else keep)
-        except TooLarge:
+        except (TooLarge, BaseUnreadable) as exc:
             deltas = layout.delta_regex(rank, version)
             for name in listing(fs, root):
                 if deltas.fullmatch(name):
                     fs.rm_file(join(root, name))
+            if isinstance(exc, BaseUnreadable):
+                return None, str(exc)
             return None, f"the delta passed {max_ratio:.0%} of the full bytes: publishing in full"
     if values.in_place:
         recording.compared_in_place()

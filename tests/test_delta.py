@@ -132,8 +132,9 @@ def test_the_trainer_cache_needs_no_read_of_the_base(tmp_path):
     report = storage.publish(as_published(v1), root, "v1", base="v0", cache=cache)
     assert report.kind == "delta" and cache.version() == "v1"
     v2 = nudged(v1, 6)
-    with pytest.raises(storage.SnapshotError):  # without the cache the base (v1 -> v0) must be read: v0 is torn
-        storage.publish(as_published(v2), root, "v2", base="v1")
+    # without the cache the base (v1 -> v0) must be read: v0 is torn, so v2 goes out in full
+    report = storage.publish(as_published(v2), root, "v2", base="v1")
+    assert report.kind == "full" and "base v1 cannot be read" in report.note and "v0.part0" in report.note
     target = host_targets(v1)
     storage.publish(as_published(v2), root, "v2b", base="v1", cache=cache)
     storage.load_snapshot(root, "v2b", into=target)
@@ -182,6 +183,88 @@ def test_a_pruned_base_is_named_in_the_error(tmp_path):
     # a target that holds the base needs nothing else
     target = host_targets(v0)
     assert storage.load_snapshot(root, "step-8", into=target).path == "delta"
+
+
+def damage_the_chain(tmp_path: Path, how: str) -> str:
+    """Publishes a (full) <- b <- c (deltas) and damages the chain of c as ``how`` says; returns what the note
+    must name."""
+    if how == "pruned":
+        for f in tmp_path.glob("model_state.tp0.c.*"):
+            f.unlink()
+        return "No snapshot found for model_state.tp0.c"
+    if how == "manifest missing":
+        (tmp_path / layout.manifest_name(0, "b")).unlink()
+        return "a delta on 'b', which is not under"
+    if how == "byte flipped in an older delta":
+        path = delta_file(tmp_path, "b")
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        path.write_bytes(bytes(raw))
+        return f"{layout.delta_name(0, 'b', 0)}: xxh3_128"
+    if how == "base republished":
+        storage.publish(random_state_dict(CONFIG, 9), str(tmp_path), "a", overwrite=True)
+        return "is not the base b was published on"
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["pruned", "manifest missing", "byte flipped in an older delta", "base republished"])
+def test_a_base_that_cannot_be_read_gives_a_full_version_that_says_why(tmp_path, how):
+    root = str(tmp_path)
+    states = [random_state_dict(CONFIG, 0)]
+    for i in (1, 2, 3):
+        states.append(nudged(states[-1], i))
+    storage.publish(states[0], root, "a")
+    storage.publish(states[1], root, "b", base="a")
+    storage.publish(states[2], root, "c", base="b")
+    reason = damage_the_chain(tmp_path, how)
+    report = storage.publish(states[3], root, "d", base="c")
+    assert report.kind == "full" and report.base is None
+    assert report.note.startswith("base c cannot be read (") and reason in report.note, report.note
+    assert not [f for f in files(root) if layout.delta_regex(0, "d").fullmatch(f)]
+    fresh = host_targets({n: np.zeros_like(a) for n, a in states[0].items()})
+    assert storage.load_snapshot(root, "d", into=fresh).path == "full"
+    same_bytes(fresh, states[3])
+
+
+def test_a_base_that_fails_half_way_leaves_no_delta_file_behind(tmp_path, monkeypatch):
+    """The base's chain resolves, but a tensor of it cannot be read after some of the delta is written."""
+    root = str(tmp_path)
+    v0 = random_state_dict(CONFIG, 0)
+    storage.publish(v0, root, "a")
+    v1 = nudged(v0, 1)
+    reads = []
+    real = storage.chain.RankReader.raw
+
+    def fails_late(self, name):
+        reads.append(name)
+        if len(reads) > len(v0) // 2:
+            raise FileNotFoundError(f"{root}/model_state.tp0.a.part0.pdparams")
+        return real(self, name)
+
+    monkeypatch.setattr(storage.chain.RankReader, "raw", fails_late)
+    report = storage.publish(v1, root, "b", base="a", part_bytes=4096)  # small files: some written before it fails
+    assert report.kind == "full" and "base a cannot be read" in report.note and "part0" in report.note
+    assert not [f for f in files(root) if layout.delta_regex(0, "b").fullmatch(f)]
+    monkeypatch.undo()
+    fresh = host_targets({n: np.zeros_like(a) for n, a in v0.items()})
+    storage.load_snapshot(root, "b", into=fresh)
+    same_bytes(fresh, v1)
+
+
+@pytest.mark.parametrize("base_readable", [True, False])
+def test_a_target_that_cannot_be_written_still_fails_the_publish(tmp_path, monkeypatch, base_readable):
+    root = str(tmp_path)
+    v0 = random_state_dict(CONFIG, 0)
+    storage.publish(v0, root, "a")
+    if not base_readable:
+        (tmp_path / layout.manifest_name(0, "a")).unlink()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage.writer, "_write_local", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        storage.publish(nudged(v0, 1), root, "b", base="a")
 
 
 def test_a_republished_base_is_not_taken_for_the_one_the_delta_was_built_on(tmp_path):
