@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fault injection, every scenario of ``harness/chaos.py`` with its tally of outcomes (the goal: 0 bad).
+"""Fault injection, every scenario of ``harness/chaos/`` with its tally of outcomes (the goal: 0 bad).
 
     python bench/chaos.py             # every scenario, about 6 minutes on 2 cores; writes bench/results/chaos.json
     python bench/chaos.py --quick     # a few faults of each kind; writes to a temp file
@@ -11,9 +11,11 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+warnings.filterwarnings("ignore", category=UserWarning)  # Paddle's warnings would interleave with the report
 
 from bench.common import log, machine_info, parser, results_path, write_results  # noqa: E402
 from harness.chaos import (BUCKET, KINDS, Tally, byte_flips, header_name_duplicate, moto_s3,  # noqa: E402

@@ -19,6 +19,14 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def parse_rank_argument(text: str) -> int:
+    """``--rank``: ``layout.parse_rank``, its refusal as argparse's usage error."""
+    try:
+        return layout.parse_rank(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -114,7 +122,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     def where(p: argparse.ArgumentParser) -> None:
         p.add_argument("url", help="snapshot root: a directory or fsspec URL (file://, s3://bucket/prefix, memory://)")
         version_flag(p)
-        p.add_argument("--rank", type=int, default=0, help="tensor-parallel rank (default 0)")
+        p.add_argument("--rank", type=parse_rank_argument, default=0, help="tensor-parallel rank (default 0)")
         p.add_argument("--fallback-dir", help="shared fallback directory (level 4) holding model_state.tp{r}.{id}.pdparams")
         p.add_argument("--strict", action="store_true", help="refuse parts that have no manifest")
 
@@ -126,7 +134,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "projections too, or a unified checkpoint), or a Hugging Face model directory (any fsspec URL)")
     p.add_argument("--to", required=True, help="snapshot root URL to publish into")
     version_flag(p)
-    p.add_argument("--rank", type=int, default=0, help="rank to publish a single file as (default 0)")
+    p.add_argument("--rank", type=parse_rank_argument, default=0, help="rank to publish a single file as (default 0)")
     p.add_argument("--tp-size", type=int, default=None,
                    help="serving tensor-parallel degree to merge or split the checkpoint into (default: the degree "
                    "it was saved with; 1 for a Hugging Face directory)")

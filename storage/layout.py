@@ -10,9 +10,11 @@ from __future__ import annotations
 import enum
 import re
 
+# Six digits, as ``flows.fleet`` reads '#rank=': far more ranks than any tensor-parallel group has, and few
+# enough that a rank given as text is checked by its length before it becomes an int.
+MAX_RANK = 999_999
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _MANIFEST_RE = re.compile(r"model_state\.tp(\d+)\.([A-Za-z0-9][A-Za-z0-9_-]*)\.manifest\.json")
-# What a Paddle trainer saves per tensor-parallel rank (the input of publishing, not part of a snapshot).
 
 
 class Level(enum.IntEnum):
@@ -39,11 +41,34 @@ def check_id(version: object) -> str:
 
 
 def check_rank(rank: object) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        shown = repr(rank)
-        shown = shown if len(shown) <= 40 else f"{shown[:30]}… ({len(shown)} characters)"
-        raise ValueError(f"invalid rank {shown}: a rank is a non-negative integer (0 for a single server)")
+    """``rank`` if it is an int from 0 to ``MAX_RANK``; otherwise a ValueError that shows at most ~40 characters
+    of it (an int too long for ``str`` is shown by its last digits and its length)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= MAX_RANK:
+        raise _invalid_rank(rank)
     return rank
+
+
+def parse_rank(text: str) -> int:
+    """A rank written in decimal (a command-line argument), checked as ``check_rank`` does before it becomes an
+    int, so that no length of digits reaches Python's own limit on converting text to int."""
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_RANK)):
+        raise _invalid_rank(text)
+    return check_rank(int(text))
+
+
+def _invalid_rank(value: object) -> ValueError:
+    return ValueError(f"invalid rank {_shown(value)}: a rank is an integer from 0 to {MAX_RANK} "
+                      "(0 for a single server)")
+
+
+def _shown(value: object) -> str:
+    """``value`` for an error message, cut to about 40 characters. A large int is never converted whole: Python
+    refuses ``str`` of an int longer than 4300 digits, and converting one takes time quadratic in its length."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        digits = int(value.bit_length() * 0.30103) + 1  # log10(2): within one of the true count
+        return f"{'-' if value < 0 else ''}…{abs(value) % 10**20:020d} (an integer of about {digits} digits)"
+    shown = repr(value)
+    return shown if len(shown) <= 40 else f"{shown[:30]}… ({len(shown)} characters)"
 
 
 def base_name(rank: int, version: str) -> str:

@@ -5,8 +5,8 @@ bytes even when the only callables it may reach are numpy's. A dict key nested a
 the process while it is hashed; a key made of 64 levels of shared tuples (each level a pair of the last, from
 the memo) hashes for 2**64 steps; one ``LONG_BINPUT 2**25`` grows its array-shaped memo by half a GiB; a
 pickled ``numpy.dtype('O')`` whose state zeroes the flags yields an array of raw pointers that
-``dtype.hasobject`` calls safe; and unsupported dtypes such as complex64 got through to fail later, far from
-the file.
+``dtype.hasobject`` calls safe; and unsupported dtypes such as complex64 would get through, to fail later and
+far from the file.
 
 So this module interprets only the opcodes ``paddle.save`` writes at protocols 2 to 4, calls nothing the file
 names, and keeps every cost proportional to the file:
@@ -28,22 +28,27 @@ Worst case for a hostile file: one opcode per ``BYTES_PER_OP`` bytes of file (at
 ``MAX_OPS``), each leaving at most ~70 bytes of Python objects (about 4x the file, or 10 MiB for a small one)
 and a few microseconds of work. Anything refused raises
 ``UnsafeCheckpointError`` naming the file and what to do; nothing in it was run.
+
+This module is the opcode interpreter and its limits; ``pickle_input`` reads the bytes within those checks, and
+``pickle_objects`` holds what the interpreter builds in place of globals, dtypes and arrays, and ``Stored``.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import struct
 import sys
-import warnings
 from pickletools import code2op
 from typing import Any, BinaryIO, NoReturn
 
 import numpy as np
 
 from .errors import UnsafeCheckpointError
+from .pickle_input import PickleInput
+from .pickle_objects import ArrayRef, DtypeRef, FileSpan, GlobalRef, Stored, dtype_label, object_kind
 from .tensorfile import DTYPES
+
+__all__ = ["LAZY_BYTES", "Stored", "load_state_pickle"]
 
 PADDLE_NAME_TABLE = "StructuredToParameterName@@"
 MAX_DEPTH = 32  # containers inside containers; a paddle.save state dict needs 4
@@ -52,8 +57,6 @@ MIN_OPS = 1 << 17  # any file may use this many: ~4k tensors
 BYTES_PER_OP = 16  # beyond that, a real state dict holds far more bytes per opcode (names and tensor data)
 MAX_CONTAINERS = 1 << 20  # tuples, lists and dicts made: ~5 per tensor
 MAX_NDIM = 32
-_AHEAD = 1 << 20  # opcodes are read from a file this much at a time
-_RAW_STEP = 8 << 20  # tensor bytes are read straight into their buffer this much at a time
 LAZY_BYTES = 1 << 12  # with lazy=True, bytes values this long or longer are left in the file
 _ADVICE = ("Only flat state dicts of tensors are read from pickles, and nothing in the file was run; "
            "re-save trusted weights as safetensors (`baton publish`)")
@@ -69,191 +72,12 @@ _GLOBALS = {  # (module, name) -> what it rebuilds; nothing is imported or calle
 }
 
 
-class _Global:
-    """A recognised global: a name to dispatch on, never the real callable."""
-
-    __slots__ = ("kind", "name")
-
-    def __init__(self, kind: str, name: str):
-        self.kind, self.name = kind, name
-
-
-class _Dtype:
-    """``numpy.dtype(code)`` as pickled; resolved through the allow-list when an array uses it."""
-
-    __slots__ = ("code", "order")
-
-    def __init__(self, code: str):
-        self.code, self.order = code, None  # order comes with BUILD
-
-
-class _Array:
-    """``_reconstruct(ndarray, ...)``: empty until its BUILD brings shape, dtype and bytes."""
-
-    __slots__ = ("array",)
-
-    def __init__(self):
-        self.array: np.ndarray | None = None
-
-
-class _Span:
-    """Bytes of the file left where they are (``lazy``): where they start and how many."""
-
-    __slots__ = ("offset", "n")
-
-    def __init__(self, offset: int, n: int):
-        self.offset, self.n = offset, n
-
-
-class Stored:
-    """An array whose bytes were left in the file (``load_state_pickle(..., lazy=True)``): read them with
-    ``read(f)`` (a binary file over the same bytes) when needed."""
-
-    __slots__ = ("shape", "dtype", "fortran", "offset", "nbytes")
-
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, fortran: bool, offset: int, nbytes: int):
-        self.shape, self.dtype, self.fortran, self.offset, self.nbytes = shape, dtype, fortran, offset, nbytes
-
-    def array(self, raw: bytes | bytearray | memoryview) -> np.ndarray:
-        """The array over ``raw``, this array's bytes (``nbytes`` of them, read from ``offset``)."""
-        if len(raw) != self.nbytes:
-            raise UnsafeCheckpointError(f"expected {self.nbytes} bytes at offset {self.offset}, read {len(raw)} "
-                                        "(did the file change since it was indexed?)")
-        flat = np.frombuffer(raw, self.dtype, math.prod(self.shape))
-        return flat.reshape(self.shape[::-1]).T if self.fortran else flat.reshape(self.shape)
-
-
-def _kind(obj: Any) -> str:
-    """What an object is, for messages: by type only, so describing it can never recurse or run long."""
-    if isinstance(obj, _Global):
-        return f"reference to {obj.name}"
-    if isinstance(obj, _Dtype):
-        return "numpy dtype"
-    if isinstance(obj, _Array):
-        return "ndarray" if obj.array is not None else "ndarray without data"
-    if isinstance(obj, (bytearray, memoryview, _Span)):
-        return "bytes"
-    return type(obj).__name__
-
-
-def _dtype_name(code: str, order: str | None) -> str:
-    shown = repr((order if order in ("<", ">", "|", "=") else "") + code[:24])
-    if re.fullmatch(r"[A-Za-z?]\d{0,2}", code):  # a plain type code: numpy can name it cheaply
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                shown += f" ({np.dtype(code).name}{', big-endian' if order == '>' else ''})"
-        except Exception:  # not a code numpy knows either
-            pass
-    return shown
-
-
-class _Input:
-    """The pickle's bytes (in memory, or a binary file read ahead in chunks), with every length checked
-    against what is left before anything is read or allocated."""
-
-    def __init__(self, data: bytes | BinaryIO, size: int | None, fail):
-        self.fail = fail
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            self.file, self.buf = None, memoryview(data).cast("B")
-            self.size = len(self.buf)
-        else:
-            self.file, self.buf = data, memoryview(b"")
-            self.origin = data.tell()  # where the pickle starts in the file
-            if size is None:
-                data.seek(0, 2)
-                size = data.tell() - self.origin
-                data.seek(self.origin)
-            self.size = size
-        self.base = 0  # offset in the pickle of buf[0]
-        self.at = 0  # index in buf of the next byte
-
-    @property
-    def pos(self) -> int:
-        return self.base + self.at
-
-    def need(self, n: int, what: str) -> None:
-        if n > self.size - self.pos:
-            self.fail(f"{what} of {n} bytes at offset {self.pos} runs past the end of the file ({self.size} bytes)")
-
-    def byte(self) -> int:
-        at = self.at
-        if at >= len(self.buf):  # buf never holds bytes past the end of the file: only then is a check due
-            self.need(1, "an opcode")
-            self._refill(1)
-            at = 0
-        self.at = at + 1
-        return self.buf[at]
-
-    def take(self, n: int, what: str = "a field") -> memoryview:
-        at = self.at
-        if at + n > len(self.buf):
-            self.need(n, what)
-            self._refill(n)
-            at = 0
-        self.at = at + n
-        return self.buf[at:at + n]
-
-    def _refill(self, n: int) -> None:
-        """Read ahead from the file so that buf holds at least the next ``n`` bytes (``need`` passed)."""
-        parts = [bytes(self.buf[self.at:])]
-        have, want = len(parts[0]), min(max(n, _AHEAD), self.size - self.pos)
-        while have < want:
-            chunk = self.file.read(want - have)
-            if not chunk:
-                self._short(self.pos + have)
-            parts.append(chunk)
-            have += len(chunk)
-        self.base, self.buf, self.at = self.pos, memoryview(b"".join(parts)), 0
-
-    def payload(self, n: int, what: str) -> memoryview | bytearray:
-        """Tensor bytes: a view of in-memory input, or a fresh buffer the file is read straight into."""
-        if self.file is None:
-            return self.take(n, what)
-        self.need(n, what)
-        start, out = self.pos, bytearray(n)
-        view = memoryview(out)
-        have = min(n, len(self.buf) - self.at)
-        view[:have] = self.buf[self.at:self.at + have]
-        self.at += have
-        if have == n:
-            return out
-        readinto = getattr(self.file, "readinto", None)
-        while have < n:  # buf is used up: the rest comes straight from the file
-            part = view[have:have + _RAW_STEP]
-            if readinto is not None:
-                got = readinto(part) or 0
-            else:
-                chunk = self.file.read(len(part))
-                got = len(chunk)
-                part[:got] = chunk
-            if not got:
-                self._short(start + have)
-            have += got
-        self.base, self.buf, self.at = start + n, memoryview(b""), 0
-        return out
-
-    def skip(self, n: int, what: str) -> _Span:
-        """Passes over ``n`` bytes of a file without reading them; where they are in the file."""
-        self.need(n, what)
-        span = _Span(self.origin + self.pos, n)
-        if self.at + n <= len(self.buf):
-            self.at += n
-        else:
-            self.base, self.buf, self.at = self.pos + n, memoryview(b""), 0
-            self.file.seek(self.origin + self.base)
-        return span
-
-    def _short(self, offset: int) -> NoReturn:
-        self.fail(f"the file ends at offset {offset}, short of its {self.size} bytes (did it change while read?)")
-
-
 class _Loader:
     """A stack machine for the opcodes in ``_OPS``; ``run`` returns the one object the pickle describes."""
 
     def __init__(self, data: bytes | BinaryIO, path: str, size: int | None, lazy: bool = False):
         self.path = path
-        self.inp = _Input(data, size, self.fail)
+        self.inp = PickleInput(data, size, self.fail)
         self.lazy = lazy and self.inp.file is not None
         self.stack: list[Any] = []
         self.marks: list[int] = []  # stack lengths at each open MARK
@@ -335,7 +159,7 @@ class _Loader:
     def grow(self, target: Any, kind: type, values: list[Any]) -> None:
         """Check that ``values`` may go into ``target`` (a list or dict still being built)."""
         if type(target) is not kind:
-            self.fail(f"an opcode at offset {self.op_at} adds items to a {_kind(target)}")
+            self.fail(f"an opcode at offset {self.op_at} adds items to a {object_kind(target)}")
         d = 1 + max(map(self.inner, values), default=0)
         old = self.depth[id(target)]  # read after inner(): a container put inside itself is sealed by now
         if old < 0:
@@ -357,26 +181,26 @@ class _Loader:
             self.fail(f"SETITEMS at offset {self.op_at} has a key without a value")
         for key in items[0::2]:
             if type(key) is not str:  # checked before anything is hashed
-                self.fail(f"a dict key is a {_kind(key)}; only str keys are read")
+                self.fail(f"a dict key is a {object_kind(key)}; only str keys are read")
         self.grow(target, dict, items[1::2])
         for i in range(0, len(items), 2):
             target[items[i]] = items[i + 1]
 
     # -- recognised globals
-    def global_(self, module: Any, name: Any) -> _Global:
+    def global_(self, module: Any, name: Any) -> GlobalRef:
         if type(module) is not str or type(name) is not str:
-            self.fail(f"a global is named by a {_kind(module)} and a {_kind(name)}")
+            self.fail(f"a global is named by a {object_kind(module)} and a {object_kind(name)}")
         kind = _GLOBALS.get((module, name))
         if kind is None:
             self.fail(f"the pickle asks for {module[:100]}.{name[:100]}, which could run code")
-        return _Global(kind, f"{module}.{name}")
+        return GlobalRef(kind, f"{module}.{name}")
 
-    def call(self, fn: _Global, args: tuple) -> Any:
+    def call(self, fn: GlobalRef, args: tuple) -> Any:
         kind, n = fn.kind, len(args)
-        if kind == "reconstruct" and n == 3 and isinstance(args[0], _Global) and args[0].kind == "ndarray":
-            return _Array()
+        if kind == "reconstruct" and n == 3 and isinstance(args[0], GlobalRef) and args[0].kind == "ndarray":
+            return ArrayRef()
         if kind == "dtype" and 1 <= n <= 3 and type(args[0]) is str:
-            return _Dtype(args[0])
+            return DtypeRef(args[0])
         if kind == "scalar" and n == 2 and isinstance(args[1], (bytes, bytearray, memoryview)):
             dtype = self.dtype(args[0])
             if len(args[1]) != dtype.itemsize:
@@ -400,12 +224,12 @@ class _Loader:
         self.fail(f"{fn.name} is called with {n} arguments it does not take in a paddle.save pickle")
 
     def dtype(self, d: Any) -> np.dtype:
-        if not isinstance(d, _Dtype):
-            self.fail(f"an array's dtype is a {_kind(d)}")
+        if not isinstance(d, DtypeRef):
+            self.fail(f"an array's dtype is a {object_kind(d)}")
         dtype, order = _DTYPES.get(d.code), d.order or "="
         if dtype is None or order not in _LITTLE or (order == "|" and dtype.itemsize > 1):
             supported = ", ".join(sorted({dt.name for dt in _DTYPES.values()}))
-            self.fail(f"tensor dtype {_dtype_name(d.code, d.order)} is not supported (supported: {supported}, "
+            self.fail(f"tensor dtype {dtype_label(d.code, d.order)} is not supported (supported: {supported}, "
                       f"little-endian)")
         return dtype
 
@@ -416,7 +240,7 @@ class _Loader:
 
     def array(self, state: Any) -> np.ndarray | Stored:
         if type(state) is not tuple or len(state) not in (4, 5) or (len(state) == 5 and type(state[0]) is not int):
-            self.fail(f"an array's state is a {_kind(state)}, not numpy's (version, shape, dtype, fortran, data)")
+            self.fail(f"an array's state is a {object_kind(state)}, not numpy's (version, shape, dtype, fortran, data)")
         shape, dtype, fortran, raw = state[-4:]
         if type(shape) is not tuple or len(shape) > MAX_NDIM or any(
                 type(n) is not int or not 0 <= n <= self.inp.size for n in shape) or math.prod(
@@ -424,15 +248,15 @@ class _Loader:
             self.fail(f"an array's shape is not up to {MAX_NDIM} sizes that fit in the file")
         dtype = self.dtype(dtype)
         if type(fortran) is not bool:
-            self.fail(f"an array's order flag is a {_kind(fortran)}")
-        if not isinstance(raw, (bytes, bytearray, memoryview, _Span)):
-            self.fail(f"an array's data is a {_kind(raw)}, not bytes")
-        count, n = math.prod(shape), raw.n if isinstance(raw, _Span) else len(raw)
+            self.fail(f"an array's order flag is a {object_kind(fortran)}")
+        if not isinstance(raw, (bytes, bytearray, memoryview, FileSpan)):
+            self.fail(f"an array's data is a {object_kind(raw)}, not bytes")
+        count, n = math.prod(shape), raw.n if isinstance(raw, FileSpan) else len(raw)
         if count * dtype.itemsize != n:
             self.fail(f"an array of shape {shape} and dtype {dtype} needs {count * dtype.itemsize} bytes, "
                       f"its data has {n}")
         self.count_array(n)
-        if isinstance(raw, _Span):
+        if isinstance(raw, FileSpan):
             return Stored(shape, dtype, fortran, raw.offset, raw.n)
         if count == 0:
             return np.empty(shape, dtype)
@@ -525,23 +349,23 @@ class _Loader:
 
     def op_reduce(self):
         fn, args = self.pop(2)
-        if not isinstance(fn, _Global):
-            self.fail(f"the pickle calls a {_kind(fn)}")
+        if not isinstance(fn, GlobalRef):
+            self.fail(f"the pickle calls a {object_kind(fn)}")
         if type(args) is not tuple:
-            self.fail(f"{fn.name} is called with a {_kind(args)} for arguments")
+            self.fail(f"{fn.name} is called with a {object_kind(args)} for arguments")
         self.stack.append(self.call(fn, args))
 
     def op_build(self):
         state = self.pop()[0]
         target = self.top()
-        if isinstance(target, _Dtype) and target.order is None:
+        if isinstance(target, DtypeRef) and target.order is None:
             if type(state) is not tuple or len(state) < 2 or type(state[1]) is not str:
-                self.fail(f"a dtype's state is a {_kind(state)}, not numpy's")
+                self.fail(f"a dtype's state is a {object_kind(state)}, not numpy's")
             target.order = state[1]  # the byte order; flags and the rest are never looked at
-        elif isinstance(target, _Array) and target.array is None:
+        elif isinstance(target, ArrayRef) and target.array is None:
             target.array = self.array(state)
         else:
-            self.fail(f"BUILD at offset {self.op_at} sets the state of a {_kind(target)}")
+            self.fail(f"BUILD at offset {self.op_at} sets the state of a {object_kind(target)}")
 
 
 _OPS = {op[0]: handler for op, handler in {
@@ -605,16 +429,16 @@ def load_state_pickle(data: bytes | BinaryIO, path: str, *, size: int | None = N
     except Exception as exc:  # a gap in the checks above: still refuse rather than let anything through
         raise loader.error(f"the pickle could not be read ({type(exc).__name__} at offset {loader.op_at})") from None
     if type(obj) is not dict:
-        loader.fail(f"expected a state dict, found a {_kind(obj)}")
+        loader.fail(f"expected a state dict, found a {object_kind(obj)}")
     out: dict[str, np.ndarray] = {}
     for key, value in obj.items():  # keys are all str: nothing else got into a dict
         if key == PADDLE_NAME_TABLE:
             continue
-        if type(value) is tuple and len(value) == 2 and isinstance(value[1], _Array):
+        if type(value) is tuple and len(value) == 2 and isinstance(value[1], ArrayRef):
             value = value[1]
-        if isinstance(value, _Array) and value.array is not None:
+        if isinstance(value, ArrayRef) and value.array is not None:
             value = value.array
         if not isinstance(value, (np.ndarray, Stored)):
-            loader.fail(f"entry {key[:100]!r} is a {_kind(value)}, not a tensor")
+            loader.fail(f"entry {key[:100]!r} is a {object_kind(value)}, not a tensor")
         out[key] = value
     return out

@@ -1,4 +1,4 @@
-"""Fault injection, the fast cases of ``harness/chaos.py``: real SIGKILLs of publishers, servers and the S3 server,
+"""Fault injection, the fast cases of ``harness/chaos/``: real SIGKILLs of publishers, servers and the S3 server,
 real byte flips, real races. Each asserts that nothing was lost or corrupted (0 BAD); the full counts are the
 benchmark's (``python bench/chaos.py``, figures in bench/REPORT.md)."""
 
@@ -73,8 +73,8 @@ def test_prune_racing_loads(tmp_path):
 
 def test_server_sigkilled_mid_update_restarts_on_one_complete_version(tmp_path):
     """Killed while it writes the live weights, the server started again with the README's command line (no
-    --version) serves the newest committed version, bit-exact. The small model's update takes about 40 ms here,
-    so a kill that still lands after the reply is tried again (3 times at most)."""
+    --version) serves the newest committed version, bit-exact. The small model's update is short, so a kill
+    that still lands after the reply is tried again (3 times at most)."""
     tally = chaos.Tally("server kill")
     rng = random.Random(3)
     for attempt in range(3):

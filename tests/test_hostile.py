@@ -3,6 +3,7 @@ or a PartialApplyError that lists every tensor touched. Pickle attacks are in te
 
 from __future__ import annotations
 
+import argparse
 import json
 import struct
 import subprocess
@@ -254,3 +255,33 @@ def test_a_huge_rank_and_an_unreachable_root_are_named_in_their_errors():
         storage.load_snapshot("/nonexistent", "v", rank="9" * 5000)
     with pytest.raises(ConnectionError, match=r"ftp://127\.0\.0\.1:1/x: storage unreachable"):
         storage.load_snapshot("ftp://127.0.0.1:1/x", "v")
+
+
+@pytest.mark.parametrize("rank", [10**5000, -(10**5000), "9" * 5000], ids=["int", "negative int", "str"])
+def test_a_5000_digit_rank_is_refused_by_name_not_by_pythons_int_limit(tmp_path, rank):
+    """An int too long for ``str`` (Python refuses past 4300 digits) or a string of 5000 digits: each storage call
+    that takes a rank names it, cut short, and says what a rank is."""
+    root = str(tmp_path / "snap")
+    state = published(root)
+    calls = {"load_snapshot": lambda: storage.load_snapshot(root, "h", rank=rank),
+             "resolve": lambda: storage.resolve(root, "h", rank=rank),
+             "publish": lambda: storage.publish(state, root, "h2", rank=rank),
+             "part_name": lambda: layout.part_name(rank, "h", 0)}
+    refusal = r"invalid rank .*\b500[0-2]\b.*a rank is an integer from 0 to 999999"  # its length is named
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=refusal) as err:
+            call()
+        assert "4300" not in str(err.value) and len(str(err.value)) < 160, (name, str(err.value)[:300])
+    assert [v.version for v in storage.list_versions(root)] == ["h"]
+
+
+def test_a_rank_given_as_text_is_checked_before_it_becomes_an_int():
+    from storage.cli import parse_rank_argument
+
+    assert layout.parse_rank("12") == 12
+    for text in ("9" * 5000, "1000000", "-1", "１２", "1e3", ""):
+        with pytest.raises(ValueError, match="a rank is an integer from 0 to 999999") as err:
+            layout.parse_rank(text)
+        assert len(str(err.value)) < 160
+    with pytest.raises(argparse.ArgumentTypeError, match=r"invalid rank '9+… \(5002 characters\)"):
+        parse_rank_argument("9" * 5000)
