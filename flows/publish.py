@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Literal
 
 from prefect import get_run_logger, task
@@ -70,15 +69,6 @@ def task_runner(runner: Runner):
         raise ValueError(f"runner={runner!r} needs the optional extra: pip install 'baton[{runner}]'") from exc
 
 
-def renamed_tp(tp_size: int, serving_tp: int | None) -> int:
-    """``serving_tp``, the old name of ``tp_size``, still works for one release, with a warning."""
-    if serving_tp is None:
-        return tp_size
-    warnings.warn("serving_tp is deprecated: call it tp_size (the number of serving ranks, everywhere)",
-                  DeprecationWarning, stacklevel=3)
-    return serving_tp
-
-
 def publish_ranks(source: str, snapshot_root: str, version: str, part_bytes: int = DEFAULT_PART_BYTES,
                   tp_size: int = 1, runner: Runner = "threads", artifact: bool = True,
                   base: str | None = None) -> list[dict]:
@@ -111,11 +101,9 @@ def publish_ranks(source: str, snapshot_root: str, version: str, part_bytes: int
 
 @flow(name="publish-checkpoint", log_prints=True)
 def publish_checkpoint(source: str, snapshot_root: str, version: str, part_bytes: int = DEFAULT_PART_BYTES,
-                       tp_size: int = 1, runner: Runner = "threads", serving_tp: int | None = None,
-                       base: str | None = None) -> list[dict]:
+                       tp_size: int = 1, runner: Runner = "threads", base: str | None = None) -> list[dict]:
     """Shard the trainer checkpoint at ``source`` (a state dict file, a Paddle trainer's checkpoint directory at any
     tensor- and pipeline-parallel degree, or a Hugging Face directory: ``storage.checkpoint_tensors``) into
     ``tp_size`` ranks and publish each as version ``version`` under ``snapshot_root``; with ``base``, as a delta
     on that version where it pays. Returns one row per rank."""
-    return publish_ranks(source, snapshot_root, version, part_bytes, renamed_tp(tp_size, serving_tp), runner,
-                         base=base)
+    return publish_ranks(source, snapshot_root, version, part_bytes, tp_size, runner, base=base)

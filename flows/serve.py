@@ -31,7 +31,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--tp-size", type=int, default=1, help="serving ranks to publish --source as (default 1)")
     s.add_argument("--base", help="publish --source as a delta on this committed version (Baton servers holding it "
                                   "read only what changed)")
-    s.add_argument("--serving-tp", dest="serving_tp", type=int, help=argparse.SUPPRESS)  # its old name, for a release
     s.add_argument("--on-failure", choices=["rollback", "keep"], default="rollback")
     s.add_argument("--verify", choices=["stream", "full", "none"], default="stream",
                    help="how Baton servers check the parts (default stream)")
@@ -91,7 +90,7 @@ def sync(args: argparse.Namespace) -> int:
 
     try:
         rows = sync_weights(args.version, args.snapshot_root, args.server, source=args.source,
-                            tp_size=args.tp_size, serving_tp=args.serving_tp, on_failure=args.on_failure,
+                            tp_size=args.tp_size, on_failure=args.on_failure,
                             verify=args.verify, admin_token_env=args.admin_token_env, base=args.base)
     except FleetSyncError as exc:
         print(f"baton sync: {exc}", file=sys.stderr)

@@ -18,7 +18,7 @@ from flows.adapter import Adapter
 from flows.kinds import adapter_for
 from flows.fleet import Outcome, Refused, Server, Unreachable, Untouched
 from flows.inprocess import flow
-from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks, renamed_tp
+from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks
 
 
 RETRY_DELAYS = (1, 2, 4)  # seconds before each new try of a server that gave no usable answer
@@ -155,7 +155,7 @@ def guarantee(outcomes: list[Outcome]) -> str:
 def sync_weights(version: str, snapshot_root: str, servers: list[Server | str], source: str | None = None,
                  part_bytes: int = DEFAULT_PART_BYTES, tp_size: int = 1, on_failure: Literal["rollback", "keep"] =
                  "rollback", verify: Literal["full", "stream", "none"] = "stream", admin_token_env: str | None = None,
-                 runner: Runner = "threads", serving_tp: int | None = None, base: str | None = None) -> list[dict]:
+                 runner: Runner = "threads", base: str | None = None) -> list[dict]:
     """Publish ``source`` as ``version`` (when given), then flip every server to it in two phases: each prepares
     it (ready, not served) concurrently, and only when all have does each commit it, all at once. A prepare that
     fails aborts the others: no server ever served the version. A server is a URL (Baton's own) or ``{"url": ...,
@@ -166,7 +166,7 @@ def sync_weights(version: str, snapshot_root: str, servers: list[Server | str], 
     can only check at the prepare, was in it). Emits the event
     ``baton.weights.live`` when the version is live everywhere. ``base``: publish ``source`` as a delta on that
     version (Baton servers holding it read only the delta; FastDeploy and SGLang are staged full files)."""
-    return sync_fleet(version, snapshot_root, servers, source, part_bytes, renamed_tp(tp_size, serving_tp),
+    return sync_fleet(version, snapshot_root, servers, source, part_bytes, tp_size,
                       on_failure, verify, admin_token_env, runner, base)
 
 

@@ -9,22 +9,20 @@ import storage
 from flows.checkpoint import DONE_MARKER, completed_steps
 from flows.fleet import Server
 from flows.inprocess import flow
-from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks, renamed_tp
+from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks
 from flows.sync import read_server, sync_fleet
 
 
 @flow(name="publish-new-checkpoints", log_prints=True)
 def publish_new_checkpoints(trainer_dir: str, snapshot_root: str, servers: list[Server | str] | None = None,
                             keep_last: int = 3, marker: str = DONE_MARKER, part_bytes: int = DEFAULT_PART_BYTES,
-                            tp_size: int = 1, runner: Runner = "threads", serving_tp: int | None = None,
-                            deltas: bool = False) -> dict:
+                            tp_size: int = 1, runner: Runner = "threads", deltas: bool = False) -> dict:
     """Publish and sync the newest ``step_{N}/`` under ``trainer_dir`` that holds ``marker`` (the trainer writes
     it last, so a directory still being written is never taken). Running it again, or two runs overlapping, does
     no work twice: a committed version is not republished and servers already serving it are not reloaded.
     Versions beyond ``keep_last`` are pruned, except what any server serves, what a rollback would need and the
     bases of the deltas kept. ``deltas``: publish each checkpoint as a delta on the newest committed version."""
     log = get_run_logger()
-    tp_size = renamed_tp(tp_size, serving_tp)
     fleet_servers = [Server.parse(s) for s in servers or []]
     steps = completed_steps(trainer_dir, marker)
     if not steps:

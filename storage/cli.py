@@ -51,18 +51,8 @@ def _states(src: str, rank: int, tp_size: int | None):
         yield r, trainer.checkpoint_tensors(src, rank=r, tp_size=tp_size)
 
 
-class _OldName(argparse.Action):
-    """``--id``, the old name of ``--version``: still taken for one release, with a warning."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"baton: {option_string} is deprecated: use --version", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
 def version_flag(p: argparse.ArgumentParser) -> None:
-    names = p.add_mutually_exclusive_group(required=True)
-    names.add_argument("--version", help="the version ([A-Za-z0-9_-], e.g. step-120)")
-    names.add_argument("--id", dest="version", action=_OldName, help=argparse.SUPPRESS)
+    p.add_argument("--version", required=True, help="the version ([A-Za-z0-9_-], e.g. step-120)")
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

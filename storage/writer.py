@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -368,12 +367,6 @@ class VersionInfo:
     published_at: float
     bytes: int
     base: str | None = None  # a delta's base version: it must stay while this one is kept
-
-    @property
-    def id(self) -> str:
-        """The old name of ``version``, for one release."""
-        warnings.warn("VersionInfo.id is deprecated: use .version", DeprecationWarning, stacklevel=2)
-        return self.version
 
 
 @storage_calls

@@ -68,8 +68,9 @@ def test_publish_a_directory_of_rank_files(tmp_path):
 def test_errors_are_one_clear_line(tmp_path):
     out = baton("inspect", str(tmp_path), "--version", "missing")
     assert out.returncode == 1 and "would load: nothing" in out.stdout
-    out = baton("publish", str(tmp_path / "none.pdparams"), "--to", str(tmp_path), "--id", "../x")  # its old name
+    out = baton("publish", str(tmp_path / "none.pdparams"), "--to", str(tmp_path), "--version", "../x")
     assert out.returncode == 2 and "invalid snapshot id" in out.stderr and "Traceback" not in out.stderr
-    assert "--id is deprecated: use --version" in out.stderr
+    out = baton("publish", str(tmp_path / "none.pdparams"), "--to", str(tmp_path), "--id", "x")  # the old name, gone
+    assert out.returncode == 2 and "--version" in out.stderr and "Traceback" not in out.stderr
     out = baton("publish", "--help")
     assert out.returncode == 0 and "--part-size" in out.stdout

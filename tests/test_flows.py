@@ -190,16 +190,10 @@ def test_scheduled_flow_takes_the_newest_completed_checkpoint_once_and_prunes(tm
         third = publish_new_checkpoints(str(trainer), snap, [str(url)], keep_last=1, part_bytes=PART)
         assert third["version"] == "step_3" and weights(url)["digest"] == digest_of(13)
         # keep_last=1 keeps step_3 (served) and step_2 (what a rollback needs); nothing older existed
-        assert {v.id for v in storage.list_versions(snap)} == {"step_2", "step_3"}
+        assert {v.version for v in storage.list_versions(snap)} == {"step_2", "step_3"}
         make_step(trainer, 4, seed=14)
         fourth = publish_new_checkpoints(str(trainer), snap, [str(url)], keep_last=1, part_bytes=PART)
         assert fourth["pruned"] == ["step_2"]
-        assert {v.id for v in storage.list_versions(snap)} == {"step_3", "step_4"}
+        assert {v.version for v in storage.list_versions(snap)} == {"step_3", "step_4"}
 
 
-def test_serving_tp_is_tp_size_by_its_old_name_for_one_release(tmp_path):
-    from flows.publish import renamed_tp
-
-    assert renamed_tp(2, None) == 2
-    with pytest.warns(DeprecationWarning, match="serving_tp is deprecated: call it tp_size"):
-        assert renamed_tp(1, 4) == 4

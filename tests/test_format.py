@@ -120,5 +120,5 @@ def test_a_manifest_names_its_version_and_still_reads_the_old_field(tmp_path):
     assert doc["version"] == doc["id"] == "step-7"  # the old name too, for readers of the previous release
     del doc["version"]  # a manifest written before the rename
     assert Manifest.from_json(json.dumps(doc).encode(), "m").version == "step-7"
-    with pytest.warns(DeprecationWarning, match="use .version"):
-        assert storage.list_versions(str(tmp_path))[0].id == "step-7"
+    assert storage.list_versions(str(tmp_path))[0].version == "step-7"
+    assert not hasattr(storage.list_versions(str(tmp_path))[0], "id")  # the one-release alias is gone

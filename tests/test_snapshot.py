@@ -312,11 +312,11 @@ def test_list_and_prune_versions(root):
     for i in range(4):
         storage.publish({"w": paddle.full([8], float(i))}, root, f"s{i}")
         storage.publish({"w": paddle.full([8], float(i))}, root, f"s{i}", rank=1)
-    assert [v.id for v in storage.list_versions(root)] == ["s0", "s1", "s2", "s3"]
+    assert [v.version for v in storage.list_versions(root)] == ["s0", "s1", "s2", "s3"]
     assert storage.list_versions(root)[0].ranks == (0, 1)
     removed = storage.prune(root, keep_last=2, keep=["s0"])
     assert removed == ["s1"]
-    assert [v.id for v in storage.list_versions(root)] == ["s0", "s2", "s3"]
+    assert [v.version for v in storage.list_versions(root)] == ["s0", "s2", "s3"]
     assert not any(".s1." in n for n in files(root))
     with pytest.raises(ValueError):
         storage.prune(root, keep_last=0)
