@@ -33,23 +33,29 @@ _LAUNCH = threading.Lock()
 
 
 def stream_of(t) -> tuple[int, int]:
-    """``(device index, raw CUDA stream)`` the tensor's own framework runs its next op on: Paddle's current stream
-    for the tensor's place (``paddle.device.current_stream``), or torch's."""
+    """``(device index, raw CUDA stream)`` the tensor's own framework runs its next op on, so a launch is ordered
+    after the ops that wrote its inputs. A Paddle tensor's ``.place`` is a ``libpaddle.Place``, which
+    ``paddle.device.current_stream`` refuses (it takes only ``str``/``CUDAPlace``/``XPUPlace``/``CustomPlace``,
+    ``python/paddle/device/__init__.py``); the raw stream is read by device index the way Paddle itself does for
+    foreign frameworks (``Tensor.__tvm_ffi_env_stream__`` in ``python/paddle/base/dygraph/tensor_patch_methods.py``,
+    ``_cuda_getCurrentRawStream`` in ``python/paddle/_C.py``)."""
     place = getattr(t, "place", None)
     if place is not None and hasattr(place, "gpu_device_id"):
-        import paddle
+        from paddle.base import libpaddle
 
-        return place.gpu_device_id(), paddle.device.current_stream(place).stream_base.cuda_stream
+        device = place.gpu_device_id()
+        return device, libpaddle._get_current_raw_stream(device)
     import torch
 
     return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
 
 
 def launch(kernel, grid, *args, **meta) -> None:
-    """Every kernel starts here, on the device and stream of its first tensor argument. Triton asks its driver
-    for the current stream, which it knows only through torch; a Paddle tensor reached through Paddle's torch
-    proxy must not depend on that answer (a launch on another stream than Paddle's reads tensors before Paddle has
-    written them: wrong tokens, no error). The interpreter has no streams."""
+    """Every kernel starts here, on the device and stream of its first tensor argument.
+    Triton's ``JITFunction.run`` (``python/triton/runtime/jit.py``) asks its driver for the current device and
+    stream, which it knows only through torch; a Paddle tensor reached through Paddle's torch proxy must not depend
+    on that answer (a launch on another stream than Paddle's reads tensors before Paddle has written them: wrong
+    tokens, no error). The interpreter has no streams."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         kernel[grid](*args, **meta)
         return

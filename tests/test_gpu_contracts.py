@@ -74,47 +74,103 @@ def test_a_tensor_parallel_shard_view_is_written_by_the_reference_not_a_launcher
     assert np.array_equal(full["model.layers.0.self_attn.q_proj.weight"].numpy(), want)
 
 
-class Place:
+class GpuPlace(paddle.base.libpaddle.Place):
+    """Paddle's own place type, the one a GPU tensor's ``.place`` has, reporting a device index (this CPU build
+    cannot make a real CUDA place)."""
+
     def __init__(self, index: int):
+        super().__init__()
         self.index = index
 
     def gpu_device_id(self) -> int:
         return self.index
 
 
+def raw_streams(monkeypatch) -> list[int]:
+    """Replaces only the C call that needs CUDA (Paddle's raw stream of a device index, which segfaults on a CPU
+    build) and records the indices it is asked for; Paddle reports itself compiled with CUDA."""
+    asked: list[int] = []
+
+    def raw_stream(device: int) -> int:
+        asked.append(device)
+        return 0xBEEF + device
+
+    monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: True)
+    monkeypatch.setattr(paddle.base.libpaddle, "_get_current_raw_stream", raw_stream)
+    return asked
+
+
+def test_stream_of_takes_a_paddle_tensors_own_place(monkeypatch):
+    """The first launch on a Paddle tensor: its ``.place`` is a ``libpaddle.Place``, not a ``CUDAPlace``."""
+    from kernels import triton_ops
+
+    asked = raw_streams(monkeypatch)
+    assert triton_ops.stream_of(types.SimpleNamespace(place=GpuPlace(0))) == (0, 0xBEEF)
+    assert asked == [0]
+
+
+class FakeUtils:
+    """Triton's CUDA utils as far as the current device goes: which primary context is current on the thread."""
+
+    def __init__(self, current: int):
+        self.current = current
+
+    def get_current_device(self) -> int:
+        return self.current
+
+    def set_current_device(self, device: int) -> None:
+        self.current = device
+
+
 class FakeDriver:
+    def __init__(self, current: int = 0):
+        self.utils = FakeUtils(current)
+
     def get_current_device(self):
-        return 0
+        return self.utils.current
 
     def get_current_stream(self, device=None):
         return "torch's stream"
 
 
-def test_every_launch_runs_on_the_stream_paddle_reports_for_the_tensors_device(monkeypatch):
+class Kernel:
+    """Records what Triton's ``JITFunction.run`` would read at launch: the driver's device and stream, and which
+    device's context is current."""
+
+    def __init__(self, fail: bool = False):
+        self.seen, self.fail = [], fail
+
+    def __getitem__(self, grid):
+        import triton
+
+        def run(*args, **meta):
+            active = triton.runtime.driver.active
+            device = active.get_current_device()
+            self.seen.append((device, active.get_current_stream(device), active.utils.current))
+            if self.fail:
+                raise RuntimeError("the kernel failed")
+        return run
+
+
+@pytest.fixture
+def driver(monkeypatch) -> FakeDriver:
+    """Launches go through Triton's driver (not the interpreter), which is a stand-in whose current context is
+    gpu:0."""
     import triton
 
+    fake = FakeDriver(current=0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(triton.runtime.driver, "_active", fake)
+    return fake
+
+
+def test_every_launch_runs_on_the_stream_paddle_reports_for_the_tensors_device(monkeypatch, driver):
     from kernels import triton_ops
 
-    asked = []
-
-    def current_stream(place):
-        asked.append(place.gpu_device_id())
-        return types.SimpleNamespace(stream_base=types.SimpleNamespace(cuda_stream=0xBEEF + place.gpu_device_id()))
-
-    monkeypatch.setattr(paddle.device, "current_stream", current_stream)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    driver = FakeDriver()
-    monkeypatch.setattr(triton.runtime.driver, "_active", driver)
-    seen = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            active = triton.runtime.driver.active
-            return lambda *args, **meta: seen.append((active.get_current_device(),
-                                                      active.get_current_stream(active.get_current_device())))
-
-    triton_ops.launch(Kernel(), (1,), types.SimpleNamespace(place=Place(1)), 3, BLOCK=4)
-    assert asked == [1] and seen == [(1, 0xBEEF + 1)]
+    asked = raw_streams(monkeypatch)
+    kernel = Kernel()
+    triton_ops.launch(kernel, (1,), types.SimpleNamespace(place=GpuPlace(1)), 3, BLOCK=4)
+    assert asked == [1] and [seen[:2] for seen in kernel.seen] == [(1, 0xBEEF + 1)]
     assert driver.get_current_stream() == "torch's stream"  # restored after the launch
 
 
