@@ -8,9 +8,11 @@ Inputs must be contiguous: the launchers derive strides from shapes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
+from collections.abc import Iterator
 
 import triton
 import triton.language as tl
@@ -50,8 +52,26 @@ def stream_of(t) -> tuple[int, int]:
     return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
 
 
+@contextlib.contextmanager
+def current_device(utils, device: int) -> Iterator[None]:
+    """``device``'s primary CUDA context made current on this thread, the previous one put back after. Triton loads
+    a kernel's module into the current context and launches it there (``setCurrentDevice``/``getCurrentDevice`` and
+    ``cuLaunchKernelEx`` in ``third_party/nvidia/backend/driver.c``): a tensor on gpu:1 launched from a thread whose
+    context is gpu:0 would run in the wrong context. Paddle's runtime-API device switches use the same primary
+    contexts."""
+    previous = utils.get_current_device()
+    if previous == device:
+        yield
+        return
+    utils.set_current_device(device)
+    try:
+        yield
+    finally:
+        utils.set_current_device(previous)
+
+
 def launch(kernel, grid, *args, **meta) -> None:
-    """Every kernel starts here, on the device and stream of its first tensor argument.
+    """Every kernel starts here, on the device and stream of its first tensor argument, with that device current.
     Triton's ``JITFunction.run`` (``python/triton/runtime/jit.py``) asks its driver for the current device and
     stream, which it knows only through torch; a Paddle tensor reached through Paddle's torch proxy must not depend
     on that answer (a launch on another stream than Paddle's reads tensors before Paddle has written them: wrong
@@ -61,7 +81,7 @@ def launch(kernel, grid, *args, **meta) -> None:
         return
     device, stream = stream_of(args[0])
     driver = triton.runtime.driver.active
-    with _LAUNCH:
+    with _LAUNCH, current_device(driver.utils, device):
         saved = driver.get_current_device, driver.get_current_stream
         driver.get_current_device, driver.get_current_stream = (lambda: device), (lambda _device=None: stream)
         try:

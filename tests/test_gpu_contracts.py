@@ -174,6 +174,19 @@ def test_every_launch_runs_on_the_stream_paddle_reports_for_the_tensors_device(m
     assert driver.get_current_stream() == "torch's stream"  # restored after the launch
 
 
+def test_a_launch_makes_the_tensors_device_current_and_puts_the_previous_one_back(monkeypatch, driver):
+    from kernels import triton_ops
+
+    raw_streams(monkeypatch)
+    kernel = Kernel()
+    triton_ops.launch(kernel, (1,), types.SimpleNamespace(place=GpuPlace(1)), 3, BLOCK=4)
+    assert [seen[2] for seen in kernel.seen] == [1] and driver.utils.current == 0
+    failing = Kernel(fail=True)
+    with pytest.raises(RuntimeError, match="the kernel failed"):
+        triton_ops.launch(failing, (1,), types.SimpleNamespace(place=GpuPlace(1)), 3, BLOCK=4)
+    assert [seen[2] for seen in failing.seen] == [1] and driver.utils.current == 0
+
+
 def test_every_launcher_goes_through_the_stream_pinning_launch(monkeypatch):
     import torch
 
