@@ -113,13 +113,15 @@ def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:
     return out
 
 
-def new_kv_pages(kv_heads: int, pages: int, dim: int, dtype: str = "float32") -> tuple[paddle.Tensor, paddle.Tensor]:
-    """Zeroed key and value pages of a KV cache on the current device, laid out for its attention kernel: keys
-    ``[Hkv, N, D, PAGE]`` (transposed within a page) for the CPU kernel, ``[Hkv, N, PAGE, D]`` elsewhere; values
-    ``[Hkv, N, PAGE, D]``. Either way axis 1 is the page."""
-    if dtype == "float32" and paddle.get_device() == "cpu":
+def new_kv_pages(kv_heads: int, pages: int, dim: int, dtype: str = "float32",
+                 place=None) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Zeroed key and value pages of a KV cache on ``place`` (the model's; the CPU by default), laid out for its
+    attention kernel: keys ``[Hkv, N, D, PAGE]`` (transposed within a page) for the CPU kernel, ``[Hkv, N, PAGE, D]``
+    elsewhere; values ``[Hkv, N, PAGE, D]``. Either way axis 1 is the page."""
+    place = place if place is not None else paddle.CPUPlace()
+    if dtype == "float32" and place.is_cpu_place():
         return cpu_attention.new_pages(kv_heads, pages, dim)
-    return tuple(paddle.zeros([kv_heads, pages, PAGE, dim], dtype) for _ in range(2))
+    return tuple(paddle.zeros([kv_heads, pages, PAGE, dim], dtype, device=place) for _ in range(2))
 
 
 def store_kv(k_pages: paddle.Tensor, v_pages: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor,

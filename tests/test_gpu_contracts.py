@@ -207,20 +207,79 @@ def test_every_launcher_goes_through_the_stream_pinning_launch(monkeypatch):
                                             "_rotary_kernel", "_decode_attention_kernel"})
 
 
-def test_the_kv_cache_takes_the_models_dtype_on_a_gpu(monkeypatch):
-    assert kv_dtype("bfloat16", "gpu:0") == "bfloat16" and kv_dtype("float16", "gpu:1") == "float16"
-    assert kv_dtype("bfloat16", "cpu") == "float32"  # the compiled CPU attention reads float32 pages
+class GpuPlace0(GpuPlace):
+    """A GPU place as the dtype rule asks it: not the CPU."""
+
+    def is_cpu_place(self) -> bool:
+        return False
+
+    def is_gpu_place(self) -> bool:
+        return True
+
+
+def test_the_kv_cache_takes_the_models_dtype_on_a_gpu():
+    assert kv_dtype("bfloat16", GpuPlace0(0)) == "bfloat16" and kv_dtype("float16", GpuPlace0(1)) == "float16"
+    assert kv_dtype("bfloat16", paddle.CPUPlace()) == "float32"  # the compiled CPU attention reads float32 pages
     config = get_config("tiny", dtype="bfloat16")
     assert KVPool.page_bytes(config, "bfloat16") * 2 == KVPool.page_bytes(config, "float32")
 
-    from infer.engine import Engine
-    from infer.generate import Fixed
 
+def test_the_kv_cache_follows_the_models_place_not_paddles_default_device(monkeypatch):
+    """A model on the CPU while the process-wide default says gpu:0: its cache is the CPU kernel's float32 pages,
+    and a generation runs."""
+    from infer.engine import Engine
+    from infer.generate import Fixed, generate
+    from infer.sampling import SamplingParams
+
+    config = get_config("tiny", dtype="bfloat16")
     model = build_model(config)
-    assert Engine(Fixed(model), config).pool.dtype == "float32"
-    monkeypatch.setattr("infer.kvcache.paddle.get_device", lambda: "gpu:0")
+    want = generate(model, [[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.0))[0].tokens
+    monkeypatch.setattr(paddle, "get_device", lambda: "gpu:0")
+    monkeypatch.setattr(paddle.framework, "_current_expected_place", lambda: GpuPlace0(0))
     pool = Engine(Fixed(model), config).pool
-    assert pool.dtype == "bfloat16" and pool.k[0].dtype == paddle.bfloat16
+    assert pool.dtype == "float32" and pool.k[0].place.is_cpu_place()
+    assert generate(model, [[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.0))[0].tokens == want
+
+
+def test_a_gpu_models_kv_cache_is_made_on_its_place_in_its_dtype(monkeypatch):
+    """A source whose copies live on gpu:0 (no CUDA memory here: the page allocation is recorded instead)."""
+    from infer.engine import Engine
+
+    config = get_config("tiny", dtype="bfloat16")
+    made = []
+
+    def new_kv_pages(kv_heads, pages, dim, dtype, place):
+        made.append((dtype, place.gpu_device_id()))
+        return paddle.zeros([1]), paddle.zeros([1])
+
+    monkeypatch.setattr(kernels, "new_kv_pages", new_kv_pages)
+    source = types.SimpleNamespace(place=GpuPlace0(0), acquire=None, release=None)
+    assert Engine(source, config).pool.dtype == "bfloat16"
+    assert made == [("bfloat16", 0)] * config.layers
+
+
+def test_every_tensor_of_an_attention_plan_is_made_on_the_plans_place(monkeypatch):
+    """The masks and indices a step's plan makes go where its pages are, never to Paddle's default device."""
+    from infer.kvcache import Group, PagedStep
+
+    config = get_config("tiny")
+    pool = KVPool(config, 8, place=paddle.CPUPlace())
+    step = PagedStep(pool, np.arange(3), [Group(0, np.array([[1, 2]]), np.array([[0, 1, 2]]))], config.heads)
+    to_tensor, places = paddle.to_tensor, []
+
+    def recording(data, dtype=None, place=None, stop_gradient=True):
+        places.append(place)
+        return to_tensor(data, dtype, place, stop_gradient)
+
+    monkeypatch.setattr(paddle, "to_tensor", recording)
+    plan = step.groups[0][2]
+    for name in ("bias", "keep", "page_table", "lengths", "index"):
+        getattr(plan, name)
+    assert len(places) == 5 and all(p == pool.place for p in places)
+    causal = kernels.causal_attention(*(paddle.zeros([1, 3, config.heads, config.head_dim], "float16")
+                                        for _ in range(3)), 0.5)
+    assert causal.shape == [1, 3, config.heads, config.head_dim]
+    assert all(p is not None and p.is_cpu_place() for p in places)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

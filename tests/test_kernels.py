@@ -205,7 +205,7 @@ def test_cpu_paged_and_causal_attention_are_bit_identical_per_row(heads, kv_head
                                        0.25)
     np.testing.assert_array_equal(decoded.numpy(), full[np.arange(3), rows])
     plan = reference.Plan.build(np.arange(10, 21)[None], heads, kv_heads, table.shape[1] * reference.PAGE,
-                                table[2:3], 16)
+                                table[2:3], 16, place=paddle.CPUPlace())
     chunk = kernels.paged_attention(pd(q[2:3, 10:21], "float32"), kp, vp, plan, 0.25)
     np.testing.assert_array_equal(chunk.numpy()[0], full[2, 10:21])
 
