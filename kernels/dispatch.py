@@ -43,11 +43,16 @@ def _gpu(x: paddle.Tensor) -> ModuleType | None:
     return _triton_ops() if backend(x) == "triton" else None
 
 
+def _on(x: paddle.Tensor, place) -> paddle.Tensor:
+    """``x`` on ``place``: moved there once when it lives elsewhere (a host tensor read as a device pointer, or
+    written into device memory element by element, would be garbage or a host round trip per op)."""
+    return x if x.place == place else x.to(place)
+
+
 def _ready(x: paddle.Tensor, place) -> paddle.Tensor:
     """``x`` as a Triton launcher must get it: contiguous (the launchers derive strides from shapes) and on the
-    place of the op's first tensor (a host tensor would be read as a device pointer)."""
-    if x.place != place:
-        x = x.to(place)
+    place of the op's first tensor."""
+    x = _on(x, place)
     return x if x.is_contiguous() else x.contiguous()
 
 
@@ -66,9 +71,12 @@ def cast_copy_(dst: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:
     if list(dst.shape) != list(src.shape):
         raise ValueError(f"cast_copy_: a {list(src.shape)} tensor cannot be written into {list(dst.shape)}")
     ops = _gpu(dst)
-    if ops is None or not dst.is_contiguous():  # a strided view (a column shard) has no flat alias to write
+    if ops is None:
         return reference.cast_copy_(dst, src)
-    ops.cast_copy_(dst.detach(), _ready(src.detach(), dst.place))  # a host src crosses once, then is cast
+    src = _on(src.detach(), dst.place)  # a host src crosses once, then is cast on the device
+    if not dst.is_contiguous():  # a strided view (a column shard) has no flat alias for a launcher to write
+        return reference.cast_copy_(dst, src)
+    ops.cast_copy_(dst.detach(), _ready(src, dst.place))
     return dst
 
 

@@ -74,6 +74,27 @@ def test_a_tensor_parallel_shard_view_is_written_by_the_reference_not_a_launcher
     assert np.array_equal(full["model.layers.0.self_attn.q_proj.weight"].numpy(), want)
 
 
+def test_a_host_shard_is_moved_to_the_devices_place_before_its_strided_write(recorder, monkeypatch):
+    """The TP shard path: a host ``src`` written into a strided view of a GPU weight crosses to the GPU once, whole,
+    before the element-wise write (a host tensor assigned into device memory would cross op by op, or not at
+    all). No CUDA here: the view reports a GPU place and the host-to-device copy is recorded, not made."""
+    full = paddle.zeros([4, 6])
+    name = "model.layers.0.self_attn.q_proj.weight"
+    view = storage.shard_views({name: full}, 1, 2)[name]
+    gpu, real_place, moved = GpuPlace(0), paddle.Tensor.place, []
+    monkeypatch.setattr(paddle.Tensor, "place", property(lambda t: gpu if t is view else real_place.__get__(t)))
+
+    def to(t, place):
+        moved.append((t.shape, place))
+        return t
+
+    monkeypatch.setattr(paddle.Tensor, "to", to)
+    want = np.arange(12, dtype=np.float32).reshape(4, 3)
+    dispatch.cast_copy_(view, paddle.to_tensor(want))
+    assert moved == [([4, 3], gpu)] and recorder.calls == []
+    assert np.array_equal(full.numpy()[:, 3:], want) and not full.numpy()[:, :3].any()
+
+
 class GpuPlace(paddle.base.libpaddle.Place):
     """Paddle's own place type, the one a GPU tensor's ``.place`` has, reporting a device index (this CPU build
     cannot make a real CUDA place)."""
