@@ -23,11 +23,12 @@ ELEMENTWISE_BLOCK = 2048
 @triton.jit
 def _rounded(x, ty: tl.constexpr):
     """``x`` (float32) in dtype ``ty``, rounded to nearest even. bfloat16 is rounded on the bits so the result is
-    the same on a GPU and in Triton's interpreter (which truncates); NaN stays NaN."""
+    the same on a GPU and in Triton's interpreter (which truncates). A NaN keeps its sign and the top of its payload,
+    quieted (the payload's top bits may all be zero: without the quiet bit it would read as an infinity)."""
     if ty == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         half = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return tl.where(x != x, 0x7FC0, half).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, (bits >> 16) | 0x0040, half).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(ty)
 
 
@@ -109,11 +110,15 @@ def _cast_copy_kernel(dst_ptr, src_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(src_ptr + offs, mask=mask)
-    tl.store(dst_ptr + offs, _rounded(x.to(tl.float32), dst_ptr.dtype.element_ty), mask=mask)
+    if dst_ptr.dtype.element_ty == src_ptr.dtype.element_ty:  # a copy moves bits: NaN payloads are data too
+        tl.store(dst_ptr + offs, x, mask=mask)
+    else:
+        tl.store(dst_ptr + offs, _rounded(x.to(tl.float32), dst_ptr.dtype.element_ty), mask=mask)
 
 
 def cast_copy_(dst, src):
-    """In-place ``dst[...] = src`` with a dtype cast; one pass, no temporary."""
+    """In-place ``dst[...] = src`` with a dtype cast; one pass, no temporary. Between equal dtypes it is a bitwise
+    copy (a checkpoint's NaN payloads survive, so its digest does)."""
     _require(_numel(dst) == _numel(src), f"cast_copy_: {list(src.shape)} does not fit {list(dst.shape)}")
     _contiguous(dst, src)
     n = _numel(dst)

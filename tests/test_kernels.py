@@ -370,6 +370,53 @@ def test_triton_cast_copy_is_bit_identical_to_reference(src_dtype, dst_dtype, n)
     np.testing.assert_array_equal(f32(dst), f32(want))
 
 
+# NaNs with payloads (quiet and signalling, both signs) among ordinary values, as raw bits of each width.
+NAN_BITS = {
+    16: np.array([0x7FC1, 0xFFA5, 0x7F81, 0xFFFF, 0x7C01, 0xFE33, 0x3F80, 0x8001, 0x0000], np.uint16),
+    32: np.array([0x7FC00001, 0xFF812345, 0x7F800001, 0xFFC00000, 0x7FFFFFFF, 0x3F808000, 0x3F818000, 0x80000001,
+                  0x00000000], np.uint32),
+}
+TORCH_BITS = {"bfloat16": torch.int16, "float16": torch.int16, "float32": torch.int32}
+
+
+def from_bits(bits: np.ndarray, dtype: str) -> torch.Tensor:
+    signed = bits.view(np.int16 if bits.dtype == np.uint16 else np.int32).copy()
+    return torch.from_numpy(signed).view(getattr(torch, dtype))
+
+
+def to_bits(t: torch.Tensor) -> np.ndarray:
+    raw = t.view(TORCH_BITS[str(t.dtype).replace("torch.", "")]).numpy()
+    return raw.view(np.uint16 if raw.dtype == np.int16 else np.uint32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_cast_copy_between_equal_dtypes_keeps_every_bit(dtype):
+    """A checkpoint's NaN payloads are data: a same-dtype load must not rewrite them, or its digest fails."""
+    bits = NAN_BITS[32 if dtype == "float32" else 16]
+    dst = torch.zeros(bits.size, dtype=getattr(torch, dtype))
+    triton_ops.cast_copy_(dst, from_bits(bits, dtype))
+    np.testing.assert_array_equal(to_bits(dst), bits)
+
+
+def bf16_rounded(bits: np.ndarray) -> np.ndarray:
+    """float32 bits -> bfloat16 bits, in numpy integers: round to nearest even; a NaN keeps its sign and the top of
+    its payload, quieted."""
+    wide = bits.astype(np.uint64)
+    nan = ((wide >> 23) & 0xFF == 0xFF) & (wide & 0x7FFFFF != 0)
+    rounded = (wide + 0x7FFF + ((wide >> 16) & 1)) >> 16
+    return np.where(nan, (wide >> 16) | 0x0040, rounded).astype(np.uint16)
+
+
+def test_triton_cast_to_bfloat16_keeps_a_nans_sign():
+    bits = NAN_BITS[32]
+    dst = torch.zeros(bits.size, dtype=torch.bfloat16)
+    triton_ops.cast_copy_(dst, from_bits(bits, "float32"))
+    got = to_bits(dst)
+    np.testing.assert_array_equal(got, bf16_rounded(bits))
+    nan = np.isnan(bits.view(np.float32))
+    assert np.array_equal(got[nan] >> 15, (bits[nan] >> 31).astype(np.uint16))  # negative NaNs stay negative
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 8), (3, 96), (5, 1000)])
 @pytest.mark.parametrize("with_residual", [False, True])
