@@ -56,6 +56,19 @@ def device_sum64(t: paddle.Tensor) -> paddle.Tensor:
     return total
 
 
+def device_sums(state: Mapping[str, Any], names: list[str]) -> dict[str, int]:
+    """``sum64`` of each named tensor, reduced where it lives; the numbers cross to the host in one transfer per
+    device (stacked there first), not one per tensor, each of which would wait for the device to drain."""
+    by_place: dict[str, list[str]] = {}
+    for name in names:
+        by_place.setdefault(str(state[name].place), []).append(name)
+    sums = {}
+    for group in by_place.values():
+        values = paddle.stack([device_sum64(state[n]) for n in group]).numpy()
+        sums.update({n: int(v) & _MASK for n, v in zip(group, values)})
+    return sums
+
+
 def _words(t: Any) -> np.ndarray:
     """A tensor's bytes as unsigned words, on the host."""
     arr = t if isinstance(t, np.ndarray) else host_array(t)
@@ -92,11 +105,8 @@ def state_digest(state: Mapping[str, Any], scheme: str | None = None) -> str:
     if scheme == "xxh3":
         return combine({n: tensor_digest(n, _code(state[n]), state[n].shape, np.ascontiguousarray(host_array(state[n])))
                         for n in names})
-    h, sums = xxhash.xxh3_128(), {}
-    on_device = [n for n in names if _on_device(state[n]) and state[n].element_size() in _SIGNED]
-    if on_device:  # one transfer of len(on_device) numbers, not of the model
-        values = paddle.stack([device_sum64(state[n]).cpu() for n in on_device]).numpy()
-        sums = {n: int(v) & _MASK for n, v in zip(on_device, values)}
+    h = xxhash.xxh3_128()
+    sums = device_sums(state, [n for n in names if _on_device(state[n]) and state[n].element_size() in _SIGNED])
     for name in names:
         t = state[name]
         h.update(f"{name}|{_code(t)}|{list(t.shape)};".encode())

@@ -324,3 +324,22 @@ def test_a_gpu_models_digest_moves_no_weights_to_the_host(monkeypatch):
     assert on_gpu.startswith("sum64-") and on_gpu == digest.state_digest(host, "sum64")
     host["model.norm.weight"] = host["model.norm.weight"] + 1
     assert digest.state_digest(host, "sum64") != on_gpu
+
+
+def test_a_gpu_models_digest_crosses_to_the_host_once(monkeypatch):
+    """One transfer of one number per tensor for the whole update, not a device sync per tensor."""
+    config = get_config("tiny")
+    params = build_model(config, random_state_dict(config, 4)).state_dict()
+    want = digest.state_digest({n: t.numpy() for n, t in params.items()}, "sum64")
+    monkeypatch.setattr(digest, "_on_device", lambda t: not isinstance(t, np.ndarray))  # as if on a GPU
+    transfers = []
+    for method in ("numpy", "cpu", "item", "tolist"):
+        real = getattr(paddle.Tensor, method)
+
+        def counted(t, *args, _real=real, _method=method, **kwargs):
+            transfers.append((_method, list(t.shape)))
+            return _real(t, *args, **kwargs)
+
+        monkeypatch.setattr(paddle.Tensor, method, counted)
+    assert digest.state_digest(params) == want
+    assert transfers == [("numpy", [len(params)])]
