@@ -1,9 +1,11 @@
 """Kernels: the Paddle references against plain numpy, and the Triton kernels (under Triton's CPU interpreter,
 on torch tensors holding the same values) against the references."""
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere in this process
 
@@ -516,19 +518,56 @@ def test_dispatcher_runs_the_reference_on_cpu_tensors():
         kernels.cast_copy_(dst, paddle.ones([3, 4]))
 
 
-def test_gpu_check_script_runs_under_the_interpreter():
-    """The script a GPU host runs, on CPU tensors: every kernel matches the Paddle oracle and decode runs."""
-    import subprocess
-    import sys
-    from pathlib import Path
+GPU_CHECK = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
-    out = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300,
+
+def gpu_check(tmp_path: Path, *args: str, before: str = "") -> tuple[str, dict]:
+    """``bench/gpu_check.py --smoke`` in a fresh interpreter under ``TRITON_INTERPRET=1``, after running ``before``
+    there (to take a framework away or break a check): its output and its JSON."""
+    out = tmp_path / "gpu.json"
+    code = (f"import runpy, sys\n{before}\nsys.argv = ['gpu_check.py', '--smoke', '--out', {str(out)!r}, *{list(args)!r}]\n"
+            f"sys.exit(runpy.run_path({str(GPU_CHECK)!r}, run_name='__main__'))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "oracle: Baton's Paddle reference" in out.stdout
-    assert out.stdout.count(" yes ") == 5 and "tokens/s" in out.stdout
-    assert "VERDICT: PASS" in out.stdout.splitlines()[-1] and "paddle: tp2_update: {'ok': True}" in out.stdout
+    assert out.exists(), run.stdout + run.stderr
+    return run.stdout, json.loads(out.read_text())
+
+
+def test_gpu_check_script_runs_under_the_interpreter(tmp_path):
+    """The script a GPU host runs, on CPU tensors: every kernel matches the Paddle oracle, decode runs, and so does
+    every Paddle check this CPU build can run."""
+    stdout, result = gpu_check(tmp_path)
+    assert "oracle: Baton's Paddle reference on cpu" in stdout
+    kernels_run = [name for name in result if name.startswith("kernel_")]
+    assert len(kernels_run) == 5 and all(result[name]["ok"] for name in kernels_run)
+    assert result["decode"]["tokens_per_s"]["batch 1"] > 0
+    for name in ("engine_float32", "engine_bfloat16", "tp2_update", "tp2_update_bf16", "device_digest",
+                 "cast_copy_2g"):
+        assert result[name]["ok"], (name, result[name])
+    assert result["delta_update"]["load_path"] == "delta" and result["delta_update"]["ok"]
+    assert "skipped" in result["stream_of"]  # no CUDA place in a CPU build
+    assert stdout.splitlines()[-1].startswith("VERDICT: PASS")
+
+
+def test_gpu_check_reaches_its_verdict_when_a_paddle_check_raises(tmp_path):
+    before = ("import infer.digest\n"
+              "def broken(*args, **kwargs):\n    raise RuntimeError('forced by the test')\n"
+              "infer.digest.device_sums = broken")
+    stdout, result = gpu_check(tmp_path, "--checks", "device_digest,tp2_update", before=before)
+    assert result["device_digest"]["ok"] is False and "forced by the test" in result["device_digest"]["error"]
+    assert result["tp2_update"]["ok"]  # the checks after it still ran
+    assert stdout.splitlines()[-1].startswith("VERDICT: FAIL") and "device_digest" in stdout.splitlines()[-1]
+
+
+def test_gpu_check_runs_without_torch_and_without_paddle(tmp_path):
+    """A Paddle GPU host may have no torch; the lent GPU host has no Paddle: each runs what it can and says so."""
+    stdout, result = gpu_check(tmp_path, "--checks", "kernels,device_digest", before="sys.modules['torch'] = None")
+    assert "torch is not installed" in result["kernels"]["skipped"] and result["device_digest"]["ok"]
+    assert stdout.splitlines()[-1].startswith("VERDICT: PASS")
+    stdout, result = gpu_check(tmp_path, "--checks", "kernels,device_digest", before="sys.modules['paddle'] = None")
+    assert "Paddle is not installed" in result["paddle"]["skipped"] and "torch formulas" in result["oracle"]["label"]
+    assert all(result[name]["ok"] for name in result if name.startswith("kernel_"))
+    assert stdout.splitlines()[-1].startswith("VERDICT: PASS")
 
 
 def test_the_machine_fingerprint_names_what_row_bits_rest_on():
