@@ -525,8 +525,8 @@ def gpu_check(tmp_path: Path, *args: str, before: str = "") -> tuple[str, dict]:
     """``bench/gpu_check.py --smoke`` in a fresh interpreter under ``TRITON_INTERPRET=1``, after running ``before``
     there (to take a framework away or break a check): its output and its JSON."""
     out = tmp_path / "gpu.json"
-    code = (f"import runpy, sys\n{before}\nsys.argv = ['gpu_check.py', '--smoke', '--out', {str(out)!r}, *{list(args)!r}]\n"
-            f"sys.exit(runpy.run_path({str(GPU_CHECK)!r}, run_name='__main__'))")
+    argv = ["gpu_check.py", "--smoke", "--out", str(out), *args]
+    code = f"import runpy, sys\n{before}\nsys.argv = {argv!r}\nrunpy.run_path({str(GPU_CHECK)!r}, run_name='__main__')"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert out.exists(), run.stdout + run.stderr
