@@ -310,7 +310,8 @@ class WeightManager:
         digests = []
         for r, plan, verify, _ in sources:
             _, _, digest = apply_plan(plan, self._targets(slot, r), verify="none" if verify == "none" else "stream",
-                                      cast=True, copy_fn=kernels.cast_copy_ if on_gpu else None)
+                                      cast=True, copy_fn=kernels.cast_copy_ if on_gpu else None,
+                                      xor_fn=kernels.xor_at_ if on_gpu else None)
             digests.append(digest)
         return digests
 

@@ -80,6 +80,27 @@ def cast_copy_(dst: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:
     return dst
 
 
+_WORDS = {1: (paddle.uint8, np.uint8, np.uint8), 2: (paddle.int16, np.uint16, np.int16),
+          4: (paddle.int32, np.uint32, np.int32), 8: (paddle.int64, np.uint64, np.int64)}
+
+
+def xor_at_(dst: paddle.Tensor, index: np.ndarray, xors: np.ndarray) -> None:
+    """The delta-apply kernel: the elements of ``dst`` (contiguous) at ``index`` take their bits XOR ``xors``
+    (``storage.deltacodec.changes``: uint64 holding element-width words), in ``dst``'s own memory on its own
+    device. Only the changes cross from the host; a device tensor is never copied out and back."""
+    if not dst.is_contiguous():
+        raise ValueError("xor_at_: the target must be contiguous (its elements are addressed by flat index)")
+    paddle_words, unsigned, signed = _WORDS[dst.element_size()]
+    words = dst.detach().view(paddle_words).reshape([-1])
+    at = paddle.to_tensor(np.ascontiguousarray(index, np.int64), place=dst.place)
+    bits = paddle.to_tensor(np.ascontiguousarray(xors.astype(unsigned).view(signed)), place=dst.place)
+    ops = _gpu(dst)
+    if ops is None:
+        reference.xor_at_(words, at, bits)
+    else:
+        ops.xor_at_(words, at, bits)
+
+
 def rms_norm(
     x: paddle.Tensor, weight: paddle.Tensor, eps: float, residual: paddle.Tensor | None = None
 ) -> tuple[paddle.Tensor, paddle.Tensor | None]:

@@ -42,6 +42,13 @@ def cast_copy_(dst: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:
     return dst
 
 
+def xor_at_(words: paddle.Tensor, index: paddle.Tensor, bits: paddle.Tensor) -> None:
+    """``words[index] ^= bits`` in ``words``' own memory (a flat integer view of a tensor; each index once).
+    ``index_put_``, not ``scatter_``: this build has no 8- or 16-bit integer scatter on CPU."""
+    with paddle.no_grad():
+        paddle.index_put_(words, (index,), paddle.bitwise_xor(paddle.gather(words, index), bits))
+
+
 def _fused_rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float, residual: paddle.Tensor | None):
     """Paddle's fused CPU RMSNorm: one op instead of ten (2-4x faster per call at decode sizes here), and each row's
     result is the same for any number of rows (checked for 1-255 rows in ``tests/test_kernels.py``)."""

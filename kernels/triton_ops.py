@@ -128,6 +128,28 @@ def cast_copy_(dst, src):
 
 
 @triton.jit
+def _xor_at_kernel(words_ptr, index_ptr, bits_ptr, k, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < k
+    at = tl.load(index_ptr + offs, mask=mask, other=0)
+    bits = tl.load(bits_ptr + offs, mask=mask, other=0)
+    tl.store(words_ptr + at, tl.load(words_ptr + at, mask=mask) ^ bits, mask=mask)
+
+
+def xor_at_(words, index, bits) -> None:
+    """``words[index] ^= bits`` in place: a delta's changes applied where the tensor lives. ``words`` is a flat
+    integer view of the tensor's elements, ``index`` (int64) names each changed element once (a delta's are
+    increasing), so no two programs write one element."""
+    k = _numel(index)
+    _require(len(words.shape) == 1, "xor_at_: words must be a flat view of the tensor")
+    _require(list(bits.shape) == [k], f"xor_at_: {list(bits.shape)} XOR words for {k} indices")
+    _require(words.dtype == bits.dtype, "xor_at_: the XOR words must have the tensor's word width")
+    _contiguous(words, index, bits)
+    if k:
+        launch(_xor_at_kernel, (triton.cdiv(k, ELEMENTWISE_BLOCK),), words, index, bits, k, BLOCK=ELEMENTWISE_BLOCK)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

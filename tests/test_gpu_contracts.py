@@ -343,3 +343,48 @@ def test_a_gpu_models_digest_crosses_to_the_host_once(monkeypatch):
         monkeypatch.setattr(paddle.Tensor, method, counted)
     assert digest.state_digest(params) == want
     assert transfers == [("numpy", [len(params)])]
+
+
+@pytest.mark.parametrize("dtype,words", [("bfloat16", np.uint16), ("float16", np.uint16), ("float32", np.uint32),
+                                         ("int64", np.uint64), ("bool", np.uint8)])
+def test_the_delta_apply_kernel_xors_the_named_elements_in_the_tensors_own_memory(dtype, words):
+    t = paddle.to_tensor(np.arange(24, dtype=np.float32).reshape(4, 6) % 2).astype(dtype)
+    before = digest.host_array(t).copy()
+    index = np.array([0, 7, 23], np.int64)
+    xors = np.array([1, 0x80, 1], np.uint64)
+    same = t  # the same tensor object: written in place, not replaced
+    dispatch.xor_at_(t, index, xors)
+    want = np.ascontiguousarray(before).reshape(-1).view(words).copy()
+    want[index] ^= xors.astype(words)
+    assert same is t and np.array_equal(np.ascontiguousarray(digest.host_array(t)).reshape(-1).view(words), want)
+
+
+def test_a_delta_onto_device_targets_sends_only_its_changes(tmp_path, monkeypatch):
+    """The server's GPU path (``copy_fn`` and ``xor_fn`` given): each changed tensor takes its delta in place, never
+    read out to the host whole nor written back whole. Paddle CPU tensors stand in for device ones."""
+    from storage import chain
+
+    config = get_config("tiny", dtype="bfloat16")
+    model = build_model(config, random_state_dict(config, 5))
+    base = {n: t.clone() for n, t in model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    new = {}
+    for name, t in base.items():
+        bits = digest.host_array(t).copy()
+        flat = bits.reshape(-1)
+        flat[rng.random(flat.size) < 0.05] ^= np.uint16(1)
+        new[name] = paddle.to_tensor(bits).view(paddle.bfloat16)
+    storage.publish(dict(base), str(tmp_path), "v0")
+    assert storage.publish(new, str(tmp_path), "v1", base="v0").kind == "delta"
+    targets = model.state_dict()
+    plan = chain.load_plan(str(tmp_path), "v1", 0, targets)
+    assert chain.describe(plan) == "delta"
+
+    def whole(*args, **kwargs):
+        raise AssertionError("a whole tensor crossed to the host and back")
+
+    monkeypatch.setattr(chain, "tensor_bytes", whole)
+    monkeypatch.setattr(chain, "_copy_converted", whole)
+    chain.apply_plan(plan, targets, verify="none", cast=True, copy_fn=kernels.cast_copy_, xor_fn=kernels.xor_at_)
+    for name, t in new.items():
+        assert np.array_equal(digest.host_array(targets[name]), digest.host_array(t)), name

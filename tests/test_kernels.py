@@ -419,6 +419,20 @@ def test_triton_cast_to_bfloat16_keeps_a_nans_sign():
     assert np.array_equal(got[nan] >> 15, (bits[nan] >> 31).astype(np.uint16))  # negative NaNs stay negative
 
 
+@pytest.mark.parametrize("words", [np.uint8, np.int16, np.int32, np.int64])
+@pytest.mark.parametrize("k", [0, 1, 2047, 2049])
+def test_triton_xor_at_changes_only_the_named_elements(words, k):
+    rng = np.random.default_rng(k)
+    base = rng.integers(np.iinfo(words).min, np.iinfo(words).max, 5000, dtype=words)
+    index = np.sort(rng.choice(base.size, k, replace=False)).astype(np.int64)
+    bits = rng.integers(np.iinfo(words).min, np.iinfo(words).max, k, dtype=words)
+    want = base.copy()
+    want[index] = np.bitwise_xor(want[index], bits)
+    got = torch.from_numpy(base.copy())
+    triton_ops.xor_at_(got, torch.from_numpy(index), torch.from_numpy(bits))
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 8), (3, 96), (5, 1000)])
 @pytest.mark.parametrize("with_residual", [False, True])
