@@ -25,6 +25,8 @@ from .resolve import Source, resolve
 from .tensorfile import DTYPES, code_of_paddle, itemsize
 
 XorFn = Callable[[Any, np.ndarray, np.ndarray], None]  # (target, changed indices, XOR words): kernels.xor_at_
+# (targets, the snapshot's name -> (dtype code, shape)) -> their sum64 digest computed where they live, or None
+DigestFn = Callable[[Mapping[str, Any], Mapping[str, tuple[str, tuple[int, ...]]]], str | None]
 
 MAX_CHAIN = 64  # deltas a reader follows before calling a chain broken (publishers close theirs far sooner)
 
@@ -146,12 +148,18 @@ def apply_delta(src: Source, targets: Mapping[str, Any], *, verify: str = "strea
         raise PartialApplyError(str(exc), touched) from exc
 
 
-def check_result(src: Source, targets: Mapping[str, Any], touched: list[str]) -> str:
-    """The targets' digest, which must be the version's own (``src`` the last source applied); returns it."""
-    got = rank_digest(targets, src.index())
-    if got != src.manifest.digest:
+def check_result(src: Source, targets: Mapping[str, Any], touched: list[str], digest_fn: DigestFn | None = None) -> str:
+    """The targets' digest, which must be the version's own (``src`` the last source applied); returns it. With
+    ``digest_fn`` and a manifest that records ``sum64``, the targets' ``sum64`` digest is computed where they live
+    (a device's weights are not copied out to be hashed) and returned instead."""
+    want, got = src.manifest.digest, None
+    if digest_fn is not None and src.manifest.sum64 is not None:
+        want, got = src.manifest.sum64, digest_fn(targets, src.index())
+    if got is None:
+        want, got = src.manifest.digest, rank_digest(targets, src.index())
+    if got != want:
         raise PartialApplyError(f"{src.urls()[0]}: the weights after applying digest to {got}, the version's manifest "
-                                f"says {src.manifest.digest}: publish it again", list(targets))
+                                f"says {want}: publish it again", list(targets))
     return got
 
 
@@ -226,11 +234,12 @@ def describe(plan: list[Source]) -> str:
 
 
 def apply_plan(plan: list[Source], into: Any, *, verify: str = "stream", cast: bool = False, copy_fn=None,
-               xor_fn: XorFn | None = None, prefetch: int = 8, progress: bool = False,
-               label: str = "load") -> tuple[dict[str, Any], str, str | None]:
+               xor_fn: XorFn | None = None, digest_fn: DigestFn | None = None, prefetch: int = 8,
+               progress: bool = False, label: str = "load") -> tuple[dict[str, Any], str, str | None]:
     """Applies each source of ``plan`` in order; returns the targets, what was verified and, after a delta, the
-    targets' digest (checked equal to the version's unless ``verify="none"``). ``xor_fn`` applies a delta's
-    changes inside device tensors (``kernels.xor_at_``)."""
+    targets' digest (checked equal to the version's unless ``verify="none"``). A device passes ``xor_fn`` to apply
+    a delta's changes inside its tensors (``kernels.xor_at_``) and ``digest_fn`` to check the result there
+    (``infer.digest.matching_sum64``)."""
     targets, verified, touched = None, "", []
     for src in plan:
         if not src.is_delta:
@@ -247,4 +256,4 @@ def apply_plan(plan: list[Source], into: Any, *, verify: str = "stream", cast: b
         verified = "sizes and headers only" if verify == "none" else "xxh3_128 and the version's digest"
     if not plan[-1].is_delta or verify == "none":
         return targets, verified, None
-    return targets, verified, check_result(plan[-1], targets, touched)
+    return targets, verified, check_result(plan[-1], targets, touched, digest_fn)

@@ -388,3 +388,81 @@ def test_a_delta_onto_device_targets_sends_only_its_changes(tmp_path, monkeypatc
     chain.apply_plan(plan, targets, verify="none", cast=True, copy_fn=kernels.cast_copy_, xor_fn=kernels.xor_at_)
     for name, t in new.items():
         assert np.array_equal(digest.host_array(targets[name]), digest.host_array(t)), name
+
+
+def test_sum64_is_the_position_weighted_word_sum():
+    """``storage.digest.sum64`` against the formula written out in numpy's wrapping uint64 arithmetic."""
+    from storage.digest import ADD, MUL, sum64
+
+    words = np.random.default_rng(1).integers(0, 1 << 16, 10_001, dtype=np.uint16)
+    i = np.arange(words.size, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        want = int((words.astype(np.uint64) * (i * np.uint64(MUL) + np.uint64(ADD))).sum(dtype=np.uint64))
+    assert sum64(words) == want
+
+
+def bf16_versions(root: str) -> tuple[dict, dict]:
+    """v0 (full) and v1 (a delta on it: a few elements of every tensor one bf16 step away), as Paddle tensors."""
+    config = get_config("tiny", dtype="bfloat16")
+    base = {n: t.clone() for n, t in build_model(config, random_state_dict(config, 5)).state_dict().items()}
+    rng, new = np.random.default_rng(0), {}
+    for name, t in base.items():
+        bits = digest.host_array(t).copy()
+        flat = bits.reshape(-1)
+        flat[rng.random(flat.size) < 0.05] ^= np.uint16(1)
+        flat[0] ^= np.uint16(1)
+        new[name] = paddle.to_tensor(bits).view(paddle.bfloat16)
+    storage.publish(dict(base), root, "v0")
+    assert storage.publish(new, root, "v1", base="v0").kind == "delta"
+    return base, new
+
+
+def test_every_manifest_records_its_ranks_sum64_digest(tmp_path):
+    """Full and delta versions alike, equal to what a server computes over the same weights in place."""
+    base, new = bf16_versions(str(tmp_path))
+    for version, state in (("v0", base), ("v1", new)):
+        manifest = storage.resolve(str(tmp_path), version).manifest
+        assert manifest.sum64 == digest.state_digest(state, "sum64")
+        assert manifest.digest == digest.state_digest(state, "xxh3")
+
+
+def test_a_manifests_sum64_field_is_checked(tmp_path):
+    import json
+
+    from storage import layout
+    from storage.manifest import Manifest
+
+    storage.publish({"w": np.ones(4, np.float32)}, str(tmp_path), "a")
+    path = tmp_path / layout.manifest_name(0, "a")
+    doc = json.loads(path.read_bytes())
+    assert Manifest.from_json(path.read_bytes(), str(path)).sum64 == doc["sum64"]
+    del doc["sum64"]  # a manifest written before sum64: still read
+    assert Manifest.from_json(json.dumps(doc).encode(), str(path)).sum64 is None
+    doc["sum64"] = "sum64-XYZ"
+    with pytest.raises(storage.TornSnapshotError, match="sum64"):
+        Manifest.from_json(json.dumps(doc).encode(), str(path))
+
+
+@pytest.mark.parametrize("mode", ["in_place", "double_buffer"])
+def test_a_delta_on_a_gpu_copies_no_whole_tensor_to_the_host(tmp_path, monkeypatch, mode):
+    """The server's GPU path end to end: the base proven by the copy's own ``sum64`` against the held version's
+    manifest, the changes XORed in place, the result checked by ``sum64`` in place, and double_buffer's spare started
+    from the live copy. Paddle CPU tensors stand in for device ones: the model says it is on a GPU and the digest
+    treats its tensors as device tensors; every whole-tensor route to the host is closed for the delta."""
+    from infer.model import Decoder
+    from infer.weights import WeightManager
+    from storage import chain
+
+    bf16_versions(str(tmp_path))
+    monkeypatch.setattr(Decoder, "on_gpu", property(lambda self: True))
+    monkeypatch.setattr(digest, "_on_device", lambda t: not isinstance(t, np.ndarray))
+    manager = WeightManager(get_config("tiny", dtype="bfloat16"), str(tmp_path), mode=mode)
+    assert manager.update("v0").digest.startswith("sum64-")
+
+    def whole(*args, **kwargs):
+        raise AssertionError("a whole tensor was copied to the host")
+
+    for module, name in ((chain, "tensor_bytes"), (chain, "_copy_converted"), (digest, "host_array")):
+        monkeypatch.setattr(module, name, whole)
+    info = manager.update("v1")
+    assert info.path == "delta" and info.digest == storage.resolve(str(tmp_path), "v1").manifest.sum64
