@@ -4,6 +4,7 @@ GPU itself is exercised by ``bench/gpu_check.py`` where one is lent."""
 
 from __future__ import annotations
 
+import math
 import os
 import types
 
@@ -464,5 +465,16 @@ def test_a_delta_on_a_gpu_copies_no_whole_tensor_to_the_host(tmp_path, monkeypat
 
     for module, name in ((chain, "tensor_bytes"), (chain, "_copy_converted"), (digest, "host_array")):
         monkeypatch.setattr(module, name, whole)
+    sizes = {int(t.numel()) for t in manager.live.model.state_dict().values()}
+    transfers = []
+    for method in ("numpy", "cpu"):
+        real = getattr(paddle.Tensor, method)
+
+        def counted(t, *args, _real=real, **kwargs):
+            transfers.append(math.prod(t.shape))
+            return _real(t, *args, **kwargs)
+
+        monkeypatch.setattr(paddle.Tensor, method, counted)
     info = manager.update("v1")
     assert info.path == "delta" and info.digest == storage.resolve(str(tmp_path), "v1").manifest.sum64
+    assert transfers and not sizes & set(transfers)  # a few small transfers, none of a weight's size
