@@ -4,10 +4,10 @@ weights, so a trainer (or a test) can check what a server holds without reading 
 On the host the digest is ``storage.digest``'s (xxh3_128 of every tensor's name, dtype code, shape and bytes,
 combined in name order), the one manifests record, so a server's digest can be compared with a version's. On a GPU
 that would copy the whole model to the host after every sync, so there each tensor is reduced on the device to one
-64-bit number, ``sum64`` (its bytes read as unsigned 16- or 32-bit words ``w_i``, then ``sum(w_i * (i * MUL + ADD))
-mod 2**64``: an integer sum, so the same in any order on any device), and the digest is ``sum64-`` followed by
-xxh3_128 over the names, dtype codes, shapes and those numbers. Only the numbers cross to the host. Either kind can
-be computed for any state (``scheme=``), from numpy arrays too: a trainer compares like with like.
+64-bit number, ``sum64`` (``storage.digest``: an integer sum, so the same in any order on any device), and the
+digest is ``sum64-`` followed by xxh3_128 over the names, dtype codes, shapes and those numbers; manifests record it
+too. Only the numbers cross to the host. Either kind can be computed for any state (``scheme=``), from numpy arrays
+too: a trainer compares like with like.
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ from typing import Any
 
 import numpy as np
 import paddle
-import xxhash
-
+import storage
 from storage import code_of_numpy, code_of_paddle
-from storage.digest import combine, tensor_digest
+from storage.digest import ADD, MUL, combine, sum64, sum64_digest, sum64_words, tensor_digest
 
-MUL, ADD = 0x9E3779B97F4A7C15, 0x632BE59BD9B4E019  # odd constants: every position weighs differently
 CHUNK = 1 << 24  # words reduced at a time on the device: the int64 temporaries stay at 128 MiB each
 _MASK = 2**64 - 1
 _SIGNED = {2: (paddle.int16, 0xFFFF), 4: (paddle.int32, 0xFFFFFFFF)}
@@ -30,13 +28,6 @@ _SIGNED = {2: (paddle.int16, 0xFFFF), 4: (paddle.int32, 0xFFFFFFFF)}
 
 def _signed64(n: int) -> int:
     return n - 2**64 if n >= 2**63 else n
-
-
-def sum64(words: np.ndarray) -> int:
-    """The reference ``sum64`` of unsigned words (uint16 or uint32), in numpy's wrapping uint64 arithmetic."""
-    i = np.arange(words.size, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        return int((words.reshape(-1).astype(np.uint64) * (i * np.uint64(MUL) + np.uint64(ADD))).sum(dtype=np.uint64))
 
 
 def device_sum64(t: paddle.Tensor) -> paddle.Tensor:
@@ -56,13 +47,23 @@ def device_sum64(t: paddle.Tensor) -> paddle.Tensor:
     return total
 
 
+def device_sums(state: Mapping[str, Any], names: list[str]) -> dict[str, int]:
+    """``sum64`` of each named tensor, reduced where it lives; the numbers cross to the host in one transfer per
+    device (stacked there first), not one per tensor, each of which would wait for the device to drain."""
+    by_place: dict[str, list[str]] = {}
+    for name in names:
+        by_place.setdefault(str(state[name].place), []).append(name)
+    sums = {}
+    for group in by_place.values():
+        values = paddle.stack([device_sum64(state[n]) for n in group]).numpy()
+        sums.update({n: int(v) & _MASK for n, v in zip(group, values)})
+    return sums
+
+
 def _words(t: Any) -> np.ndarray:
-    """A tensor's bytes as unsigned words, on the host."""
+    """A tensor's bytes as the unsigned words ``sum64`` reads, on the host."""
     arr = t if isinstance(t, np.ndarray) else host_array(t)
-    arr = np.ascontiguousarray(arr).reshape(-1)
-    if arr.dtype.itemsize == 1:
-        return arr.view(np.uint8).astype(np.uint16)
-    return arr.view(np.uint16 if arr.dtype.itemsize == 2 else np.uint32)
+    return sum64_words(arr, arr.dtype.itemsize)
 
 
 def host_array(t: Any) -> np.ndarray:
@@ -92,17 +93,34 @@ def state_digest(state: Mapping[str, Any], scheme: str | None = None) -> str:
     if scheme == "xxh3":
         return combine({n: tensor_digest(n, _code(state[n]), state[n].shape, np.ascontiguousarray(host_array(state[n])))
                         for n in names})
-    h, sums = xxhash.xxh3_128(), {}
-    on_device = [n for n in names if _on_device(state[n]) and state[n].element_size() in _SIGNED]
-    if on_device:  # one transfer of len(on_device) numbers, not of the model
-        values = paddle.stack([device_sum64(state[n]).cpu() for n in on_device]).numpy()
-        sums = {n: int(v) & _MASK for n, v in zip(on_device, values)}
-    for name in names:
-        t = state[name]
-        h.update(f"{name}|{_code(t)}|{list(t.shape)};".encode())
-        value = sums[name] if name in sums else sum64(_words(t))
-        h.update(value.to_bytes(8, "little"))
-    return "sum64-" + h.hexdigest()
+    sums = device_sums(state, [n for n in names if _on_device(state[n]) and state[n].element_size() in _SIGNED])
+    return sum64_digest({n: (_code(state[n]), state[n].shape, sums[n] if n in sums else sum64(_words(state[n])))
+                         for n in names})
+
+
+def matching_sum64(targets: Mapping[str, Any], index: Mapping[str, tuple[str, tuple[int, ...]]]) -> str | None:
+    """The targets' ``sum64`` digest, computed where they live, when they hold a snapshot's tensors as they are (its
+    names, dtype codes and shapes, as ``index`` lists them); None when they do not (a cast target holds other bits):
+    then only the host can read them as the snapshot's dtypes."""
+    if set(targets) != set(index) or any(_code(targets[n]) != code or tuple(int(d) for d in targets[n].shape) !=
+                                         tuple(shape) for n, (code, shape) in index.items()):
+        return None
+    return state_digest(targets, "sum64")
+
+
+def published_digest(held: str, snapshot_root: str, version: str, rank: int, *, fallback_dir: str | None = None,
+                     storage_options: dict | None = None) -> str | None:
+    """The xxh3 digest (the one deltas name their base by) of the state a GPU copy holds, proven by the ``sum64``
+    digest it computed on the device after loading ``version``: the version's manifest records both. None where it
+    cannot be proven (no manifest, one written before ``sum64``, another state): the loader then reads the chain."""
+    try:
+        manifest = storage.resolve(snapshot_root, version, rank, fallback_dir=fallback_dir,
+                                   storage_options=storage_options).manifest
+    except (storage.SnapshotError, OSError, ValueError):
+        return None
+    if manifest is None or manifest.sum64 != held:
+        return None
+    return manifest.digest
 
 
 def _code(t: Any) -> str:

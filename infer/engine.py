@@ -50,7 +50,7 @@ class VersionUnavailable(Exception):
 class ModelSource(Protocol):
     """Lends model copies: ``acquire`` returns a copy (``.model``, ``.info.version``), the one holding ``version``
     when one is named, or raises ``Busy``, ``VersionUnavailable``, or any other exception to fail the request (e.g.
-    no weights loaded)."""
+    no weights loaded). A source may say where its copies live (``place``); the KV cache is made there."""
 
     def acquire(self, version: str | None = None) -> Any: ...
 
@@ -121,6 +121,13 @@ def keep_freed_memory() -> None:
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks below 32 MiB come from the (kept) heap
 
 
+def model_place(source: ModelSource):
+    """Where ``source``'s model copies live: its own ``place`` when it says, else where Paddle creates parameters
+    now (``Decoder`` put them there when the source built its copies before the engine)."""
+    place = getattr(source, "place", None)
+    return place if place is not None else paddle.framework._current_expected_place()
+
+
 STREAM_CONTEXT = 4  # prompt tokens a sample's detokeniser starts after (a SentencePiece space shows after them)
 
 
@@ -133,9 +140,10 @@ class Engine:
         self.tokenizer = tokenizer  # its stop_ids end samples; it turns their tokens into text
         self.metrics = metrics or Metrics()
         per_seq = pages_for(config.max_seq_len)
-        dtype = kv_dtype(config.dtype)
+        place = model_place(source)
+        dtype = kv_dtype(config.dtype, place)
         budget_pages = settings.kv_cache_mb * 2**20 // KVPool.page_bytes(config, dtype)
-        self.pool = KVPool(config, 1 + min(budget_pages, settings.max_num_seqs * per_seq), dtype)
+        self.pool = KVPool(config, 1 + min(budget_pages, settings.max_num_seqs * per_seq), dtype, place)
         self._inbox: deque[Request] = deque()
         self._waiting: deque[Request] = deque()
         self._prefilling: list[Sequence] = []
@@ -384,8 +392,9 @@ class Engine:
             logit_rows.extend(rows)
         step = PagedStep(self.pool, np.array(slots, np.int64), groups, self.config.heads)
         model: Decoder = slot.model
-        logits = model.run(paddle.to_tensor(tokens, dtype="int64"), paddle.to_tensor(positions, dtype="int64"), step,
-                           paddle.to_tensor(logit_rows, dtype="int64"))
+        place = model.place
+        logits = model.run(paddle.to_tensor(tokens, "int64", place), paddle.to_tensor(positions, "int64", place), step,
+                           paddle.to_tensor(logit_rows, "int64", place))
         needs_logp = any(s.request.params.logprobs is not None for s in decode) or any(
             s.request.params.logprobs is not None for s, *_ in wants)
         logp = F.log_softmax(logits, axis=-1).numpy() if needs_logp else None

@@ -31,6 +31,10 @@ class Fixed:
     def __init__(self, model: Decoder, version: str = "offline"):
         self.slot = SimpleNamespace(model=model, info=SimpleNamespace(version=version))
 
+    @property
+    def place(self):
+        return self.slot.model.place
+
     def acquire(self, version: str | None = None):
         if version is not None and version != self.slot.info.version:
             raise VersionUnavailable(f"weight version {version!r} is not held here: it serves "

@@ -21,11 +21,11 @@ from infer.config import ModelConfig
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def kv_dtype(model_dtype: str, device: str | None = None) -> str:
-    """The KV cache's dtype: the model's on a GPU (a bf16 model's cache costs half a float32 one), float32 on the
-    CPU, where the compiled attention kernel reads float32 pages (``kernels.cpu_attention``)."""
-    device = device if device is not None else paddle.get_device()
-    return "float32" if device == "cpu" else model_dtype
+def kv_dtype(model_dtype: str, place) -> str:
+    """The KV cache's dtype for a model on ``place``: the model's on a GPU (a bf16 model's cache costs half a
+    float32 one), float32 on the CPU, where the compiled attention kernel reads float32 pages
+    (``kernels.cpu_attention``)."""
+    return "float32" if place.is_cpu_place() else model_dtype
 
 
 def pages_for(tokens: int) -> int:
@@ -33,10 +33,13 @@ def pages_for(tokens: int) -> int:
 
 
 class KVPool:
-    def __init__(self, config: ModelConfig, pages: int, dtype: str = "float32"):
+    def __init__(self, config: ModelConfig, pages: int, dtype: str = "float32", place=None):
         if pages < 2:
             raise ValueError(f"a KV cache needs at least 2 pages of {kernels.PAGE} tokens, got {pages}")
-        layers = [kernels.new_kv_pages(config.kv_heads, pages, config.head_dim, dtype) for _ in range(config.layers)]
+        place = place if place is not None else paddle.CPUPlace()
+        layers = [kernels.new_kv_pages(config.kv_heads, pages, config.head_dim, dtype, place)
+                  for _ in range(config.layers)]
+        self.place = place
         self.dtype = dtype
         self.k, self.v = [k for k, _ in layers], [v for _, v in layers]
         self.pages = pages
@@ -98,7 +101,8 @@ class PagedStep:
         self.slots = slots.astype(np.int64)
         self.groups = [(g.start, g.positions.shape, kernels.Plan.build(g.positions, heads, kv_heads,
                                                                        g.page_table.shape[1] * kernels.PAGE,
-                                                                       g.page_table, pool.pages)) for g in groups]
+                                                                       g.page_table, pool.pages, place=pool.place))
+                       for g in groups]
 
     def __call__(self, layer: int, q, k, v, scale: float) -> paddle.Tensor:
         kernels.store_kv(self.pool.k[layer], self.pool.v[layer], k, v, self.slots)

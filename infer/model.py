@@ -213,8 +213,14 @@ class Decoder(paddle.nn.Layer):
         self.register_buffer("rope_sin", paddle.to_tensor(np.sin(angles).astype(np.float32)), persistable=False)
 
     @property
+    def place(self):
+        """Where the weights live: what the KV cache and every per-step tensor follow (not Paddle's process-wide
+        default device, which another model or thread may have changed)."""
+        return self.model.embed_tokens.weight.place
+
+    @property
     def on_gpu(self) -> bool:
-        return self.model.embed_tokens.weight.place.is_gpu_place()
+        return self.place.is_gpu_place()
 
     @property
     def compute_dtype(self) -> str:

@@ -231,6 +231,11 @@ class WeightManager:
         return None if self.broken else self.live.info
 
     @property
+    def place(self) -> Any:
+        """Where the model copies live: the engine makes its KV cache there."""
+        return self.live.model.place
+
+    @property
     def prepared(self) -> Prepared | None:
         with self._cond:
             self._expire()
@@ -509,23 +514,37 @@ class WeightManager:
                 self._cond.notify_all()
 
     def _digest_of(self, slot: Slot) -> str | None:
-        """The digest ``storage`` would compute for ``slot``'s rank state, when its record already says it: one
-        rank, hashed on the host (a device's ``sum64`` is another digest)."""
+        """The digest ``storage`` would compute for ``slot``'s rank state, when its record already says it (one
+        rank): hashed on the host, or, for a device's ``sum64``, the xxh3 digest of the version whose manifest
+        records that ``sum64`` (``published_digest``: proven without copying the weights out). A device copy with no
+        record holds no version worth reading out to hash: ``""`` matches no base."""
+        from infer.digest import published_digest
+
         info = slot.info
-        if info is None or self.tp_size != 1 or info.digest.startswith("sum64-"):
+        if info is None and slot.model.on_gpu and self.tp_size == 1:
+            return ""
+        if info is None or self.tp_size != 1:
             return None
-        return info.digest
+        if not info.digest.startswith("sum64-"):
+            return info.digest
+        return published_digest(info.digest, info.snapshot_root, info.version, info.rank, fallback_dir=self.fallback_dir,
+                                storage_options=self.storage_options)
 
     def _write(self, sources: list, slot: Slot) -> list[str | None]:
         """Applies every rank's plan; returns each rank's digest where a delta's check computed it."""
+        from infer.digest import matching_sum64
+
         on_gpu = slot.model.on_gpu
+        in_place = on_gpu and self.tp_size == 1  # a device checks a delta's result where the weights live
         if any(from_live for *_, from_live in sources):
             self._copy_live(slot)
         slot.info = None  # from the first byte written until success, this copy holds no version
         digests = []
         for r, plan, verify, _ in sources:
             _, _, digest = apply_plan(plan, self._targets(slot, r), verify="none" if verify == "none" else "stream",
-                                      cast=True, copy_fn=kernels.cast_copy_ if on_gpu else None)
+                                      cast=True, copy_fn=kernels.cast_copy_ if on_gpu else None,
+                                      xor_fn=kernels.xor_at_ if on_gpu else None,
+                                      digest_fn=matching_sum64 if in_place else None)
             digests.append(digest)
         return digests
 
@@ -567,8 +586,8 @@ class WeightManager:
     def _describe(self, version: str, snapshot_root: str, rank: int, sources: list, slot: Slot,
                   start: float, digests: list[str | None]) -> WeightInfo:
         levels = sorted({int(plan[-1].level) for _, plan, *_ in sources})
-        if self.tp_size == 1 and digests[0] is not None and not slot.model.on_gpu:
-            digest = digests[0]  # the delta's check hashed this very state already
+        if self.tp_size == 1 and digests[0] is not None and digests[0].startswith("sum64-") == slot.model.on_gpu:
+            digest = digests[0]  # the delta's check hashed this very state already, in the slot's own scheme
         else:
             digest = state_digest(slot.model.state_dict())  # part of the update's cost, so inside its seconds
         last = sources[0][1][-1]

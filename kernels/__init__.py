@@ -7,7 +7,7 @@ Each op has a Paddle reference (``reference.py``, CPU and the test oracle) and a
 
 __all__ = ["MAX_ROWS", "PAGE", "Plan", "backend", "cast_copy_", "causal_attention", "decode_attention", "matmul",
            "new_kv_pages", "paged_attention", "rms_norm", "rotary", "rotary_", "same_machine", "store_kv", "swiglu",
-           "use_every_core", "fingerprint"]
+           "use_every_core", "fingerprint", "xor_at_"]
 
 
 def __getattr__(name: str):

@@ -43,11 +43,16 @@ def _gpu(x: paddle.Tensor) -> ModuleType | None:
     return _triton_ops() if backend(x) == "triton" else None
 
 
+def _on(x: paddle.Tensor, place) -> paddle.Tensor:
+    """``x`` on ``place``: moved there once when it lives elsewhere (a host tensor read as a device pointer, or
+    written into device memory element by element, would be garbage or a host round trip per op)."""
+    return x if x.place == place else x.to(place)
+
+
 def _ready(x: paddle.Tensor, place) -> paddle.Tensor:
     """``x`` as a Triton launcher must get it: contiguous (the launchers derive strides from shapes) and on the
-    place of the op's first tensor (a host tensor would be read as a device pointer)."""
-    if x.place != place:
-        x = x.to(place)
+    place of the op's first tensor."""
+    x = _on(x, place)
     return x if x.is_contiguous() else x.contiguous()
 
 
@@ -66,10 +71,34 @@ def cast_copy_(dst: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:
     if list(dst.shape) != list(src.shape):
         raise ValueError(f"cast_copy_: a {list(src.shape)} tensor cannot be written into {list(dst.shape)}")
     ops = _gpu(dst)
-    if ops is None or not dst.is_contiguous():  # a strided view (a column shard) has no flat alias to write
+    if ops is None:
         return reference.cast_copy_(dst, src)
-    ops.cast_copy_(dst.detach(), _ready(src.detach(), dst.place))  # a host src crosses once, then is cast
+    src = _on(src.detach(), dst.place)  # a host src crosses once, then is cast on the device
+    if not dst.is_contiguous():  # a strided view (a column shard) has no flat alias for a launcher to write
+        return reference.cast_copy_(dst, src)
+    ops.cast_copy_(dst.detach(), _ready(src, dst.place))
     return dst
+
+
+_WORDS = {1: (paddle.uint8, np.uint8, np.uint8), 2: (paddle.int16, np.uint16, np.int16),
+          4: (paddle.int32, np.uint32, np.int32), 8: (paddle.int64, np.uint64, np.int64)}
+
+
+def xor_at_(dst: paddle.Tensor, index: np.ndarray, xors: np.ndarray) -> None:
+    """The delta-apply kernel: the elements of ``dst`` (contiguous) at ``index`` take their bits XOR ``xors``
+    (``storage.deltacodec.changes``: uint64 holding element-width words), in ``dst``'s own memory on its own
+    device. Only the changes cross from the host; a device tensor is never copied out and back."""
+    if not dst.is_contiguous():
+        raise ValueError("xor_at_: the target must be contiguous (its elements are addressed by flat index)")
+    paddle_words, unsigned, signed = _WORDS[dst.element_size()]
+    words = dst.detach().view(paddle_words).reshape([-1])
+    at = paddle.to_tensor(np.ascontiguousarray(index, np.int64), place=dst.place)
+    bits = paddle.to_tensor(np.ascontiguousarray(xors.astype(unsigned).view(signed)), place=dst.place)
+    ops = _gpu(dst)
+    if ops is None:
+        reference.xor_at_(words, at, bits)
+    else:
+        ops.xor_at_(words, at, bits)
 
 
 def rms_norm(
@@ -113,13 +142,15 @@ def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:
     return out
 
 
-def new_kv_pages(kv_heads: int, pages: int, dim: int, dtype: str = "float32") -> tuple[paddle.Tensor, paddle.Tensor]:
-    """Zeroed key and value pages of a KV cache on the current device, laid out for its attention kernel: keys
-    ``[Hkv, N, D, PAGE]`` (transposed within a page) for the CPU kernel, ``[Hkv, N, PAGE, D]`` elsewhere; values
-    ``[Hkv, N, PAGE, D]``. Either way axis 1 is the page."""
-    if dtype == "float32" and paddle.get_device() == "cpu":
+def new_kv_pages(kv_heads: int, pages: int, dim: int, dtype: str = "float32",
+                 place=None) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Zeroed key and value pages of a KV cache on ``place`` (the model's; the CPU by default), laid out for its
+    attention kernel: keys ``[Hkv, N, D, PAGE]`` (transposed within a page) for the CPU kernel, ``[Hkv, N, PAGE, D]``
+    elsewhere; values ``[Hkv, N, PAGE, D]``. Either way axis 1 is the page."""
+    place = place if place is not None else paddle.CPUPlace()
+    if dtype == "float32" and place.is_cpu_place():
         return cpu_attention.new_pages(kv_heads, pages, dim)
-    return tuple(paddle.zeros([kv_heads, pages, PAGE, dim], dtype) for _ in range(2))
+    return tuple(paddle.zeros([kv_heads, pages, PAGE, dim], dtype, device=place) for _ in range(2))
 
 
 def store_kv(k_pages: paddle.Tensor, v_pages: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import paddle
@@ -39,6 +40,13 @@ def cast_copy_(dst: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:
             stop = min(start + CAST_CHUNK, n)
             paddle.assign(flat_src[start:stop].astype(dst.dtype), output=flat_dst[start:stop])
     return dst
+
+
+def xor_at_(words: paddle.Tensor, index: paddle.Tensor, bits: paddle.Tensor) -> None:
+    """``words[index] ^= bits`` in ``words``' own memory (a flat integer view of a tensor; each index once).
+    ``index_put_``, not ``scatter_``: this build has no 8- or 16-bit integer scatter on CPU."""
+    with paddle.no_grad():
+        paddle.index_put_(words, (index,), paddle.bitwise_xor(paddle.gather(words, index), bits))
 
 
 def _fused_rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float, residual: paddle.Tensor | None):
@@ -139,12 +147,17 @@ class Plan:
     length: int  # keys per sequence, a multiple of PAGE
     table: np.ndarray | None = None  # [G, nb] int64
     pages: int = 0  # pages in the pool
+    place: Any = None  # where the attention's tensors live: its masks and indices are made there
 
     @staticmethod
     def build(positions: np.ndarray, heads: int, kv_heads: int, length: int, page_table: np.ndarray | None = None,
-              pages: int = 0) -> Plan:
+              pages: int = 0, *, place: Any) -> Plan:
         table = None if page_table is None else np.ascontiguousarray(page_table, np.int64)
-        return Plan(np.ascontiguousarray(positions, np.int64), heads, kv_heads, length, table, pages)
+        return Plan(np.ascontiguousarray(positions, np.int64), heads, kv_heads, length, table, pages, place)
+
+    def _tensor(self, values: np.ndarray) -> paddle.Tensor:
+        """``values`` on the plan's place, whatever Paddle's process-wide default device is."""
+        return paddle.to_tensor(values, place=self.place)
 
     @property
     def group(self) -> int:
@@ -164,24 +177,24 @@ class Plan:
 
     @functools.cached_property
     def bias(self) -> paddle.Tensor:  # full-size, not broadcast: a broadcasting add is ~40x slower here
-        return paddle.to_tensor(np.where(self._seen, np.float32(0), np.float32(-np.inf)))
+        return self._tensor(np.where(self._seen, np.float32(0), np.float32(-np.inf)))
 
     @functools.cached_property
     def keep(self) -> paddle.Tensor:
-        return paddle.to_tensor(self._seen.astype(np.float32))
+        return self._tensor(self._seen.astype(np.float32))
 
     @functools.cached_property
     def page_table(self) -> paddle.Tensor:
-        return paddle.to_tensor(self.table)
+        return self._tensor(self.table)
 
     @functools.cached_property
     def lengths(self) -> paddle.Tensor:  # last position + 1: the decode kernel's view
-        return paddle.to_tensor(self.positions[:, -1] + 1)
+        return self._tensor(self.positions[:, -1] + 1)
 
     @functools.cached_property
     def index(self) -> paddle.Tensor:  # rows of the pages viewed as [Hkv * N, PAGE * D]
         heads = np.arange(self.kv_heads, dtype=np.int64)[:, None, None]
-        return paddle.to_tensor((heads * self.pages + self.table[None]).reshape(-1))
+        return self._tensor((heads * self.pages + self.table[None]).reshape(-1))
 
 
 def _query_rows(q: paddle.Tensor, plan: Plan) -> paddle.Tensor:
@@ -209,7 +222,7 @@ def causal_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, scale
     if length > t:
         pad = paddle.zeros([kv_heads, batch, length - t, dim], "float32")
         keys, values = paddle.concat([keys, pad], 2), paddle.concat([values, pad], 2)
-    plan = Plan.build(np.tile(np.arange(t), (batch, 1)), heads, kv_heads, length)
+    plan = Plan.build(np.tile(np.arange(t), (batch, 1)), heads, kv_heads, length, place=q.place)
     out = attend(_query_rows(q, plan), keys, values, plan.bias, plan.keep, scale)
     return _from_rows(out, list(q.shape)).astype(q.dtype)
 
@@ -245,15 +258,17 @@ def paged_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Te
     return _from_rows(out, list(q.shape)).astype(q.dtype)
 
 
-def decode_plan(page_table: np.ndarray, lengths: np.ndarray, heads: int, kv_heads: int, pages: int) -> Plan:
+def decode_plan(page_table: np.ndarray, lengths: np.ndarray, heads: int, kv_heads: int, pages: int,
+                place: Any) -> Plan:
     """The plan of one new query per sequence at ``lengths - 1``, over that sequence's pages."""
     return Plan.build((lengths.astype(np.int64) - 1)[:, None], heads, kv_heads, page_table.shape[1] * PAGE,
-                      page_table, pages)
+                      page_table, pages, place=place)
 
 
 def decode_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.Tensor, page_table: paddle.Tensor,
                      lengths: paddle.Tensor, scale: float) -> paddle.Tensor:
     """One new query per sequence, q ``[B, H, D]``, against the first ``lengths[b]`` keys of its pages
     (``[Hkv, N, PAGE, D]``, table ``[B, nb]``). Grouped-query: query head h reads kv head ``h // (H // Hkv)``."""
-    plan = decode_plan(page_table.numpy(), lengths.numpy(), q.shape[1], k_pages.shape[0], k_pages.shape[1])
+    plan = decode_plan(page_table.numpy(), lengths.numpy(), q.shape[1], k_pages.shape[0], k_pages.shape[1],
+                       k_pages.place)
     return paged_attention(q.unsqueeze(1), k_pages, v_pages, plan, scale).squeeze(1)

@@ -8,9 +8,11 @@ Inputs must be contiguous: the launchers derive strides from shapes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
+from collections.abc import Iterator
 
 import triton
 import triton.language as tl
@@ -21,11 +23,12 @@ ELEMENTWISE_BLOCK = 2048
 @triton.jit
 def _rounded(x, ty: tl.constexpr):
     """``x`` (float32) in dtype ``ty``, rounded to nearest even. bfloat16 is rounded on the bits so the result is
-    the same on a GPU and in Triton's interpreter (which truncates); NaN stays NaN."""
+    the same on a GPU and in Triton's interpreter (which truncates). A NaN keeps its sign and the top of its payload,
+    quieted (the payload's top bits may all be zero: without the quiet bit it would read as an infinity)."""
     if ty == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         half = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return tl.where(x != x, 0x7FC0, half).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, (bits >> 16) | 0x0040, half).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(ty)
 
 
@@ -33,29 +36,53 @@ _LAUNCH = threading.Lock()
 
 
 def stream_of(t) -> tuple[int, int]:
-    """``(device index, raw CUDA stream)`` the tensor's own framework runs its next op on: Paddle's current stream
-    for the tensor's place (``paddle.device.current_stream``), or torch's."""
+    """``(device index, raw CUDA stream)`` the tensor's own framework runs its next op on, so a launch is ordered
+    after the ops that wrote its inputs. A Paddle tensor's ``.place`` is a ``libpaddle.Place``, which
+    ``paddle.device.current_stream`` refuses (it takes only ``str``/``CUDAPlace``/``XPUPlace``/``CustomPlace``,
+    ``python/paddle/device/__init__.py``); the raw stream is read by device index the way Paddle itself does for
+    foreign frameworks (``Tensor.__tvm_ffi_env_stream__`` in ``python/paddle/base/dygraph/tensor_patch_methods.py``,
+    ``_cuda_getCurrentRawStream`` in ``python/paddle/_C.py``)."""
     place = getattr(t, "place", None)
     if place is not None and hasattr(place, "gpu_device_id"):
-        import paddle
+        from paddle.base import libpaddle
 
-        return place.gpu_device_id(), paddle.device.current_stream(place).stream_base.cuda_stream
+        device = place.gpu_device_id()
+        return device, libpaddle._get_current_raw_stream(device)
     import torch
 
     return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
 
 
+@contextlib.contextmanager
+def current_device(utils, device: int) -> Iterator[None]:
+    """``device``'s primary CUDA context made current on this thread, the previous one put back after. Triton loads
+    a kernel's module into the current context and launches it there (``setCurrentDevice``/``getCurrentDevice`` and
+    ``cuLaunchKernelEx`` in ``third_party/nvidia/backend/driver.c``): a tensor on gpu:1 launched from a thread whose
+    context is gpu:0 would run in the wrong context. Paddle's runtime-API device switches use the same primary
+    contexts."""
+    previous = utils.get_current_device()
+    if previous == device:
+        yield
+        return
+    utils.set_current_device(device)
+    try:
+        yield
+    finally:
+        utils.set_current_device(previous)
+
+
 def launch(kernel, grid, *args, **meta) -> None:
-    """Every kernel starts here, on the device and stream of its first tensor argument. Triton asks its driver
-    for the current stream, which it knows only through torch; a Paddle tensor reached through Paddle's torch
-    proxy must not depend on that answer (a launch on another stream than Paddle's reads tensors before Paddle has
-    written them: wrong tokens, no error). The interpreter has no streams."""
+    """Every kernel starts here, on the device and stream of its first tensor argument, with that device current.
+    Triton's ``JITFunction.run`` (``python/triton/runtime/jit.py``) asks its driver for the current device and
+    stream, which it knows only through torch; a Paddle tensor reached through Paddle's torch proxy must not depend
+    on that answer (a launch on another stream than Paddle's reads tensors before Paddle has written them: wrong
+    tokens, no error). The interpreter has no streams."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         kernel[grid](*args, **meta)
         return
     device, stream = stream_of(args[0])
     driver = triton.runtime.driver.active
-    with _LAUNCH:
+    with _LAUNCH, current_device(driver.utils, device):
         saved = driver.get_current_device, driver.get_current_stream
         driver.get_current_device, driver.get_current_stream = (lambda: device), (lambda _device=None: stream)
         try:
@@ -83,17 +110,43 @@ def _cast_copy_kernel(dst_ptr, src_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(src_ptr + offs, mask=mask)
-    tl.store(dst_ptr + offs, _rounded(x.to(tl.float32), dst_ptr.dtype.element_ty), mask=mask)
+    if dst_ptr.dtype.element_ty == src_ptr.dtype.element_ty:  # a copy moves bits: NaN payloads are data too
+        tl.store(dst_ptr + offs, x, mask=mask)
+    else:
+        tl.store(dst_ptr + offs, _rounded(x.to(tl.float32), dst_ptr.dtype.element_ty), mask=mask)
 
 
 def cast_copy_(dst, src):
-    """In-place ``dst[...] = src`` with a dtype cast; one pass, no temporary."""
+    """In-place ``dst[...] = src`` with a dtype cast; one pass, no temporary. Between equal dtypes it is a bitwise
+    copy (a checkpoint's NaN payloads survive, so its digest does)."""
     _require(_numel(dst) == _numel(src), f"cast_copy_: {list(src.shape)} does not fit {list(dst.shape)}")
     _contiguous(dst, src)
     n = _numel(dst)
     if n:
         launch(_cast_copy_kernel, (triton.cdiv(n, ELEMENTWISE_BLOCK),), dst, src, n, BLOCK=ELEMENTWISE_BLOCK)
     return dst
+
+
+@triton.jit
+def _xor_at_kernel(words_ptr, index_ptr, bits_ptr, k, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < k
+    at = tl.load(index_ptr + offs, mask=mask, other=0)
+    bits = tl.load(bits_ptr + offs, mask=mask, other=0)
+    tl.store(words_ptr + at, tl.load(words_ptr + at, mask=mask) ^ bits, mask=mask)
+
+
+def xor_at_(words, index, bits) -> None:
+    """``words[index] ^= bits`` in place: a delta's changes applied where the tensor lives. ``words`` is a flat
+    integer view of the tensor's elements, ``index`` (int64) names each changed element once (a delta's are
+    increasing), so no two programs write one element."""
+    k = _numel(index)
+    _require(len(words.shape) == 1, "xor_at_: words must be a flat view of the tensor")
+    _require(list(bits.shape) == [k], f"xor_at_: {list(bits.shape)} XOR words for {k} indices")
+    _require(words.dtype == bits.dtype, "xor_at_: the XOR words must have the tensor's word width")
+    _contiguous(words, index, bits)
+    if k:
+        launch(_xor_at_kernel, (triton.cdiv(k, ELEMENTWISE_BLOCK),), words, index, bits, k, BLOCK=ELEMENTWISE_BLOCK)
 
 
 @triton.jit

@@ -9,7 +9,8 @@ decodes to anything but the published state is caught before it is served, whate
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from math import prod
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,11 @@ from .digest import combine, tensor_digest
 from .errors import PartialApplyError, SnapshotNotFoundError, TornSnapshotError
 from .fs import read_whole
 from .resolve import Source, resolve
-from .tensorfile import DTYPES, itemsize
+from .tensorfile import DTYPES, code_of_paddle, itemsize
+
+XorFn = Callable[[Any, np.ndarray, np.ndarray], None]  # (target, changed indices, XOR words): kernels.xor_at_
+# (targets, the snapshot's name -> (dtype code, shape)) -> their sum64 digest computed where they live, or None
+DigestFn = Callable[[Mapping[str, Any], Mapping[str, tuple[str, tuple[int, ...]]]], str | None]
 
 MAX_CHAIN = 64  # deltas a reader follows before calling a chain broken (publishers close theirs far sooner)
 
@@ -97,11 +102,19 @@ def _blob(src: Source, i: int, verify: bool) -> bytes:
     return data
 
 
+def _xor_in_place(dst: Any, code: str, xor_fn: XorFn | None) -> bool:
+    """Whether ``xor_fn`` can apply changes straight into ``dst``: a contiguous Paddle tensor of the snapshot's own
+    dtype (a cast target holds other bits; a strided view has no flat index)."""
+    return xor_fn is not None and not isinstance(dst, np.ndarray) and code_of_paddle(dst.dtype) == code and \
+        dst.is_contiguous()
+
+
 def apply_delta(src: Source, targets: Mapping[str, Any], *, verify: str = "stream", copy_fn=None,
-                touched: list[str] | None = None, bar=None) -> None:
+                xor_fn: XorFn | None = None, touched: list[str] | None = None, bar=None) -> None:
     """Applies delta ``src`` to ``targets``, which hold its base: each file is read whole and checked, then its
-    changes are XORed into the targets' own memory (or into a copy written back, for a device, a cast or a
-    strided view). Failure after the first write is a ``PartialApplyError``."""
+    changes are XORed into the targets' own memory: on the host directly, on a device by ``xor_fn`` with only the
+    changes sent there, else into a copy written back (a cast or a strided view). Failure after the first write is
+    a ``PartialApplyError``."""
     touched = [] if touched is None else touched
     tensors = src.manifest.tensors
     url = src.urls()[0]
@@ -113,6 +126,13 @@ def apply_delta(src: Source, targets: Mapping[str, Any], *, verify: str = "strea
                 code, shape = tensors[e.name].dtype, tensors[e.name].shape
                 dst = targets[e.name]
                 view = _host_view(dst, code) if copy_fn is None else None
+                if view is None and _xor_in_place(dst, code, xor_fn):
+                    index, xors = deltacodec.changes(memoryview(data)[e.start:e.end], prod(shape), itemsize(code))
+                    touched.append(e.name)
+                    xor_fn(dst, index, xors)
+                    if bar is not None:
+                        bar.update(e.nbytes)
+                    continue
                 values = view if view is not None else tensor_bytes(dst, code)
                 touched.append(e.name)
                 deltacodec.apply(values, memoryview(data)[e.start:e.end], itemsize(code))
@@ -128,12 +148,18 @@ def apply_delta(src: Source, targets: Mapping[str, Any], *, verify: str = "strea
         raise PartialApplyError(str(exc), touched) from exc
 
 
-def check_result(src: Source, targets: Mapping[str, Any], touched: list[str]) -> str:
-    """The targets' digest, which must be the version's own (``src`` the last source applied); returns it."""
-    got = rank_digest(targets, src.index())
-    if got != src.manifest.digest:
+def check_result(src: Source, targets: Mapping[str, Any], touched: list[str], digest_fn: DigestFn | None = None) -> str:
+    """The targets' digest, which must be the version's own (``src`` the last source applied); returns it. With
+    ``digest_fn`` and a manifest that records ``sum64``, the targets' ``sum64`` digest is computed where they live
+    (a device's weights are not copied out to be hashed) and returned instead."""
+    want, got = src.manifest.digest, None
+    if digest_fn is not None and src.manifest.sum64 is not None:
+        want, got = src.manifest.sum64, digest_fn(targets, src.index())
+    if got is None:
+        want, got = src.manifest.digest, rank_digest(targets, src.index())
+    if got != want:
         raise PartialApplyError(f"{src.urls()[0]}: the weights after applying digest to {got}, the version's manifest "
-                                f"says {src.manifest.digest}: publish it again", list(targets))
+                                f"says {want}: publish it again", list(targets))
     return got
 
 
@@ -208,9 +234,12 @@ def describe(plan: list[Source]) -> str:
 
 
 def apply_plan(plan: list[Source], into: Any, *, verify: str = "stream", cast: bool = False, copy_fn=None,
-               prefetch: int = 8, progress: bool = False, label: str = "load") -> tuple[dict[str, Any], str, str | None]:
+               xor_fn: XorFn | None = None, digest_fn: DigestFn | None = None, prefetch: int = 8,
+               progress: bool = False, label: str = "load") -> tuple[dict[str, Any], str, str | None]:
     """Applies each source of ``plan`` in order; returns the targets, what was verified and, after a delta, the
-    targets' digest (checked equal to the version's unless ``verify="none"``)."""
+    targets' digest (checked equal to the version's unless ``verify="none"``). A device passes ``xor_fn`` to apply
+    a delta's changes inside its tensors (``kernels.xor_at_``) and ``digest_fn`` to check the result there
+    (``infer.digest.matching_sum64``)."""
     targets, verified, touched = None, "", []
     for src in plan:
         if not src.is_delta:
@@ -223,8 +252,8 @@ def apply_plan(plan: list[Source], into: Any, *, verify: str = "stream", cast: b
             continue
         targets = target_table(into) if targets is None else targets
         check_source(src, targets, verify=verify, cast=cast, prefetch=prefetch)
-        apply_delta(src, targets, verify=verify, copy_fn=copy_fn, touched=touched)
+        apply_delta(src, targets, verify=verify, copy_fn=copy_fn, xor_fn=xor_fn, touched=touched)
         verified = "sizes and headers only" if verify == "none" else "xxh3_128 and the version's digest"
     if not plan[-1].is_delta or verify == "none":
         return targets, verified, None
-    return targets, verified, check_result(plan[-1], targets, touched)
+    return targets, verified, check_result(plan[-1], targets, touched, digest_fn)

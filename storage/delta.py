@@ -19,7 +19,7 @@ import numpy as np
 
 from . import deltacodec, layout
 from .chain import RankReader, resolve_chain
-from .digest import combine, tensor_digest
+from .digest import combine, sum64, sum64_digest, sum64_words, tensor_digest
 from .errors import SnapshotError
 from .manifest import Base, PartRecord, TensorRecord
 from .tensorfile import encode_header, itemsize
@@ -143,13 +143,15 @@ class TooLarge(Exception):
 
 def write_delta(items: list, raw_of: Callable, base: BaseValues, rank: int, version: str, part_bytes: int,
                 limit: int, put: Callable[[str, int, list, int], PartRecord],
-                keep: Callable[[Any, np.ndarray], None]) -> tuple[list[PartRecord], dict[str, TensorRecord], str]:
+                keep: Callable[[Any, np.ndarray], None]) -> tuple[list[PartRecord], dict[str, TensorRecord], str, str]:
     """Encodes each tensor against the base and writes the blobs as ``delta{N}`` files of about ``part_bytes``
     (``put(name, index, buffers, count)`` writes one and returns its record). Returns the files' and tensors'
-    records and the new state's digest; raises ``TooLarge`` once the files pass ``limit`` bytes."""
+    records and the new state's digest and ``sum64`` digest; raises ``TooLarge`` once the files pass ``limit``
+    bytes."""
     records: list[PartRecord] = []
     tensors: dict[str, TensorRecord] = {}
     digests: dict[str, bytes] = {}
+    sums: dict[str, tuple[str, tuple[int, ...], int]] = {}
     pending: list[tuple[str, bytes]] = []
     written = 0
 
@@ -164,6 +166,7 @@ def write_delta(items: list, raw_of: Callable, base: BaseValues, rank: int, vers
     for item in items:
         new = raw_of(item)
         digests[item.name] = tensor_digest(item.name, item.code, item.shape, new)
+        sums[item.name] = (item.code, item.shape, sum64(sum64_words(new, itemsize(item.code))))
         blob = deltacodec.encode(base.raw(item.name), new, itemsize(item.code), update=base.in_place)
         keep(item, new)
         if blob is None:
@@ -178,7 +181,7 @@ def write_delta(items: list, raw_of: Callable, base: BaseValues, rank: int, vers
         pending.append((item.name, blob))
     if pending or not records:  # a version with nothing changed still has its (empty) file 0
         flush()
-    return records, tensors, combine(digests)
+    return records, tensors, combine(digests), sum64_digest(sums)
 
 
 def base_record(base: BaseValues) -> Base:

@@ -148,9 +148,8 @@ def _scratch(size: int) -> tuple[np.ndarray, np.ndarray]:
     return held
 
 
-def apply(target: np.ndarray, blob: bytes | memoryview, width: int) -> None:
-    """XORs ``blob`` (from ``encode``) into ``target``, a writable flat uint8 array holding the base's bytes."""
-    elements = target.size // width
+def _windows(blob: bytes | memoryview, elements: int) -> tuple[memoryview, list[tuple[int, int, int]]]:
+    """The blob and its non-empty windows ``(window, start, size)``, after checking its table of lengths."""
     windows = -(-elements // WINDOW)
     view = memoryview(blob).cast("B")
     if len(view) < 8 * windows:
@@ -159,28 +158,59 @@ def apply(target: np.ndarray, blob: bytes | memoryview, width: int) -> None:
     if lengths.min(initial=0) < 0 or 8 * windows + int(lengths.sum()) != len(view):
         raise DeltaFormatError(f"window lengths add up to {8 * windows + int(lengths.sum())} bytes, the blob is {len(view)}")
     starts = (8 * windows + np.concatenate([[0], np.cumsum(lengths)[:-1]])).tolist()
+    return view, [(w, start, size) for w, (start, size) in enumerate(zip(starts, lengths.tolist())) if size]
+
+
+def _frame(view: memoryview, job: tuple[int, int, int], elements: int, width: int) -> tuple[int, int, np.ndarray, int]:
+    """Window ``job``'s planes decompressed and checked: ``(lo, hi, plane, k)``, its element range, its bytes and its
+    number of changes."""
+    w, start, size = job
+    lo, hi = w * WINDOW, min((w + 1) * WINDOW, elements)
+    limit, frame = 4 + (4 + width) * (hi - lo), view[start:start + size]
+    try:  # the declared size is checked first: decompress() would allocate whatever a frame declares
+        declared = zstandard.frame_content_size(frame)
+        if not 0 < declared <= limit:
+            raise DeltaFormatError(f"window {w}: a frame declaring {declared} bytes, over the window's {limit}")
+        plane = np.frombuffer(zstandard.ZstdDecompressor().decompress(frame), np.uint8)
+    except zstandard.ZstdError as exc:
+        raise DeltaFormatError(f"window {w}: {exc}") from None
+    if plane.size < 4:
+        raise DeltaFormatError(f"window {w}: {plane.size} bytes, too short for its count")
+    k = int(plane[:4].view("<u4")[0])
+    if k == 0 or k > hi - lo or plane.size != 4 + (4 + width) * k:
+        raise DeltaFormatError(f"window {w}: {plane.size} bytes for {k} changes of {width}-byte elements")
+    return lo, hi, plane, k
+
+
+def apply(target: np.ndarray, blob: bytes | memoryview, width: int) -> None:
+    """XORs ``blob`` (from ``encode``) into ``target``, a writable flat uint8 array holding the base's bytes."""
+    elements = target.size // width
+    view, jobs = _windows(blob, elements)
     elements_of = words(target, width)
 
     def one(job: tuple[int, int, int]) -> None:
-        w, start, size = job
-        lo, hi = w * WINDOW, min((w + 1) * WINDOW, elements)
-        limit, frame = 4 + (4 + width) * (hi - lo), view[start:start + size]
-        try:  # the declared size is checked first: decompress() would allocate whatever a frame declares
-            declared = zstandard.frame_content_size(frame)
-            if not 0 < declared <= limit:
-                raise DeltaFormatError(f"window {w}: a frame declaring {declared} bytes, over the window's {limit}")
-            plane = np.frombuffer(zstandard.ZstdDecompressor().decompress(frame), np.uint8)
-        except zstandard.ZstdError as exc:
-            raise DeltaFormatError(f"window {w}: {exc}") from None
-        if plane.size < 4:
-            raise DeltaFormatError(f"window {w}: {plane.size} bytes, too short for its count")
-        k = int(plane[:4].view("<u4")[0])
-        if k == 0 or k > hi - lo or plane.size != 4 + (4 + width) * k:
-            raise DeltaFormatError(f"window {w}: {plane.size} bytes for {k} changes of {width}-byte elements")
+        lo, hi, plane, k = _frame(view, job, elements, width)
         if _apply(elements_of, lo, hi, plane, k, width) < 0:
-            raise DeltaFormatError(f"window {w}: a change falls outside the window")
+            raise DeltaFormatError(f"window {job[0]}: a change falls outside the window")
 
-    jobs = [(w, start, size) for w, (start, size) in enumerate(zip(starts, lengths.tolist())) if size]
     # windows are disjoint ranges of the target: two at a time (decompression and the loop release the GIL)
     for _ in (_POOL.map(one, jobs) if len(jobs) > 1 else map(one, jobs)):
         pass
+
+
+def changes(blob: bytes | memoryview, elements: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """What ``blob`` changes in a tensor of ``elements`` elements of ``width`` bytes, decoded but not applied:
+    the changed elements' indices (int64, increasing) and their XORs (uint64 holding ``width``-byte words). A device
+    applies these where the tensor lives, so only the changes cross from the host. Checked as ``apply`` checks."""
+    view, jobs = _windows(blob, elements)
+    indices, xors = [np.empty(0, np.int64)], [np.empty(0, np.uint64)]
+    for job in jobs:
+        lo, hi, plane, k = _frame(view, job, elements, width)
+        gaps = plane[4:4 + 4 * k].reshape(4, k).astype(np.int64)
+        at = lo - 1 + np.cumsum((gaps[0] | gaps[1] << 8 | gaps[2] << 16 | gaps[3] << 24) + 1)
+        if at[-1] >= hi:
+            raise DeltaFormatError(f"window {job[0]}: a change falls outside the window")
+        planes = plane[4 + 4 * k:].reshape(width, k).astype(np.uint64)
+        indices.append(at)
+        xors.append(np.bitwise_or.reduce([planes[b] << np.uint64(8 * b) for b in range(width)], axis=0))
+    return np.concatenate(indices), np.concatenate(xors)

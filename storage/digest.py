@@ -4,14 +4,23 @@ Each tensor is hashed on its own (xxh3_128 of ``name|dtype|shape;`` then its byt
 xxh3_128 over those, in name order: a publisher computes it part by part in state-dict order as it writes, and
 a server over its live weights, and the two agree. A manifest records its rank's digest; a delta records its
 base's too, which is how a loader knows, never assumes, that a target holds the base.
+
+A manifest also records the rank's ``sum64`` digest: each tensor reduced to one 64-bit number (its bytes read as
+unsigned words ``w_i``, 8-bit for 1-byte dtypes, 16-bit for 2-byte ones, 32-bit otherwise, then
+``sum(w_i * (i * MUL + ADD)) mod 2**64``), and ``sum64-`` followed by xxh3_128 over each tensor's
+``name|dtype|shape;`` and its number, in name order. An integer sum is the same in any order on any device, so a GPU
+computes it where the weights live and only the numbers cross to the host (``infer/digest.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import numba
 import numpy as np
 import xxhash
+
+MUL, ADD = 0x9E3779B97F4A7C15, 0x632BE59BD9B4E019  # odd constants: every position weighs differently
 
 
 def tensor_digest(name: str, code: str, shape, raw: np.ndarray | bytes | memoryview) -> bytes:
@@ -19,6 +28,55 @@ def tensor_digest(name: str, code: str, shape, raw: np.ndarray | bytes | memoryv
     h = xxhash.xxh3_128(f"{name}|{code}|{[int(d) for d in shape]};".encode())
     h.update(memoryview(raw).cast("B") if isinstance(raw, np.ndarray) else raw)
     return h.digest()
+
+
+def sum64_words(raw: np.ndarray, itemsize: int) -> np.ndarray:
+    """A tensor's bytes (flat, C order) as the unsigned words ``sum64`` reads."""
+    flat = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    if itemsize == 1:
+        return flat
+    return flat.view(np.uint16 if itemsize == 2 else np.uint32)
+
+
+@numba.njit(cache=True, nogil=True)
+def _weighted_sum(words, mul, add):  # pragma: no cover - compiled
+    """Four independent sums over words i, i+1, i+2, i+3, so the multiplies overlap instead of waiting on one sum;
+    uint64 throughout, so every step wraps mod 2**64."""
+    n = words.size
+    t0 = t1 = t2 = t3 = np.uint64(0)
+    w0, w1, w2, w3 = add, add + mul, add + mul * np.uint64(2), add + mul * np.uint64(3)
+    step = mul * np.uint64(4)
+    i = 0
+    while i + 4 <= n:
+        t0 += np.uint64(words[i]) * w0
+        t1 += np.uint64(words[i + 1]) * w1
+        t2 += np.uint64(words[i + 2]) * w2
+        t3 += np.uint64(words[i + 3]) * w3
+        w0 += step
+        w1 += step
+        w2 += step
+        w3 += step
+        i += 4
+    while i < n:
+        t0 += np.uint64(words[i]) * w0
+        w0 += mul
+        i += 1
+    return t0 + t1 + t2 + t3
+
+
+def sum64(words: np.ndarray) -> int:
+    """``sum(w_i * (i * MUL + ADD)) mod 2**64`` of unsigned words, in one pass with no temporaries."""
+    return int(_weighted_sum(words, np.uint64(MUL), np.uint64(ADD)))
+
+
+def sum64_digest(tensors: Mapping[str, tuple[str, Sequence[int], int]]) -> str:
+    """The state's ``sum64`` digest from each tensor's ``(dtype code, shape, sum64)``."""
+    h = xxhash.xxh3_128()
+    for name in sorted(tensors):
+        code, shape, value = tensors[name]
+        h.update(f"{name}|{code}|{[int(d) for d in shape]};".encode())
+        h.update(int(value).to_bytes(8, "little"))
+    return "sum64-" + h.hexdigest()
 
 
 def combine(tensors: Mapping[str, bytes]) -> str:

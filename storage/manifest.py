@@ -11,6 +11,7 @@ digest, so no loader applies it to anything else.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 from .errors import TornSnapshotError
@@ -20,6 +21,7 @@ FORMAT = "baton.snapshot"
 FORMAT_VERSION = 2  # the newest this reader knows; full versions are still written as 1, deltas as 2
 FULL_FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 64 << 20  # ~500k tensors; refused before it is downloaded
+SUM64 = re.compile(r"sum64-[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Manifest:
     digest: str | None = None  # the rank state's ``storage.digest``; None in manifests before deltas existed
     base: Base | None = None  # set for a delta
     depth: int = 0  # deltas since the nearest full version (0: this is one)
+    sum64: str | None = None  # the rank state's ``storage.digest.sum64_digest``, what a GPU computes in place
 
     @property
     def is_delta(self) -> bool:
@@ -82,6 +85,8 @@ class Manifest:
             "metadata": self.metadata,
             "digest": self.digest,
         }
+        if self.sum64 is not None:
+            doc["sum64"] = self.sum64
         if self.is_delta:
             doc.update(kind="delta", base={"version": self.base.version, "digest": self.base.digest}, depth=self.depth)
         return json.dumps(doc, indent=1, sort_keys=True).encode()
@@ -137,7 +142,12 @@ class Manifest:
             depth = fields.count(doc, "depth")
             if digest is None or depth < 1:
                 raise TornSnapshotError(path, "a delta manifest needs its own digest and a depth of at least 1")
-        m = cls(named, fields.count(doc, "rank"), float(published_at), parts, tensors, metadata, digest, base, depth)
+        sum64 = fields.get(doc, "sum64", str) if "sum64" in doc else None
+        if sum64 is not None and not SUM64.fullmatch(sum64):
+            raise TornSnapshotError(path, f"manifest field sum64 {sum64[:60]!r} is not 'sum64-' and 32 lowercase hex "
+                                    "digits")
+        m = cls(named, fields.count(doc, "rank"), float(published_at), parts, tensors, metadata, digest, base, depth,
+                sum64)
         if [p.index for p in parts] != list(range(len(parts))):
             raise TornSnapshotError(path, "manifest parts are not numbered 0..N-1")
         for name, t in tensors.items():

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import layout
 from .delta import (MAX_CHAIN, MAX_RATIO, BaseUnreadable, BaseValues, LastPublished, TooLarge, base_record, why_full,
                     write_delta)
-from .digest import combine, tensor_digest
+from .digest import combine, sum64, sum64_digest, sum64_words, tensor_digest
 from .errors import SnapshotExistsError
 from .fs import is_local, join, listing, open_fs, storage_calls
 from .manifest import Manifest, PartRecord, TensorRecord
@@ -238,8 +238,8 @@ def publish(
                                     max_ratio, durable, sha256, keep, snapshot_root, storage_options)
     if manifest is None:
         plan = plan_parts(items, part_bytes)
-        records, tensors, digest = _write_parts(fs, root, plan, rank, version, durable, sha256, progress, keep)
-        manifest = Manifest(version, rank, time.time(), records, tensors, {}, digest)
+        records, tensors, digest, sums = _write_parts(fs, root, plan, rank, version, durable, sha256, progress, keep)
+        manifest = Manifest(version, rank, time.time(), records, tensors, {}, digest, sum64=sums)
     manifest.metadata = dict(metadata or {})
     manifest_path = join(root, manifest_file)
     if local:
@@ -276,8 +276,8 @@ def _try_delta(fs, root: str, items: list[_Item], rank: int, version: str, base:
         put = functools.partial(_put, fs, root, hasher, durable, sha256)
         try:
             # the cache's own buffers take the new values as they are compared: nothing to keep separately
-            records, tensors, digest = write_delta(items, _raw_bytes, values, rank, version, part_bytes, limit, put,
-                                                   (lambda item, raw: None) if values.in_place else keep)
+            records, tensors, digest, sums = write_delta(items, _raw_bytes, values, rank, version, part_bytes, limit,
+                                                         put, (lambda item, raw: None) if values.in_place else keep)
         except (TooLarge, BaseUnreadable) as exc:
             deltas = layout.delta_regex(rank, version)
             for name in listing(fs, root):
@@ -288,7 +288,8 @@ def _try_delta(fs, root: str, items: list[_Item], rank: int, version: str, base:
             return None, f"the delta passed {max_ratio:.0%} of the full bytes: publishing in full"
     if values.in_place:
         recording.compared_in_place()
-    manifest = Manifest(version, rank, time.time(), records, tensors, {}, digest, base_record(values), values.depth + 1)
+    manifest = Manifest(version, rank, time.time(), records, tensors, {}, digest, base_record(values), values.depth + 1,
+                        sums)
     return manifest, ""
 
 
@@ -305,20 +306,24 @@ def _put(fs, root: str, hasher: ThreadPoolExecutor, durable: bool, sha256: bool,
     return PartRecord(name, index, len(data), sha, xx, count)
 
 
-def _tensor_digests(items: list[_Item], raws: list[np.ndarray], into: dict[str, bytes]) -> None:
+def _tensor_digests(items: list[_Item], raws: list[np.ndarray], into: dict[str, bytes],
+                    sums: dict[str, tuple[str, tuple[int, ...], int]]) -> None:
     for i, raw in zip(items, raws):
         into[i.name] = tensor_digest(i.name, i.code, i.shape, raw)
+        sums[i.name] = (i.code, i.shape, sum64(sum64_words(raw, itemsize(i.code))))
 
 
 def _write_parts(fs, root: str, plan: list[list[_Item]], rank: int, version: str, durable: bool, sha256: bool,
-                 progress: bool, keep) -> tuple[list[PartRecord], dict[str, TensorRecord], str]:
+                 progress: bool, keep) -> tuple[list[PartRecord], dict[str, TensorRecord], str, str]:
     """Every part of ``plan``, hashed as written: locally one writer and one hashing thread, remotely up to two
     uploads in flight (memory: two parts). Returns the parts' and the tensors' records for the manifest, and the
-    state's digest (each tensor hashed beside the write); ``keep(item, raw)`` sees every tensor's bytes."""
+    state's digest and ``sum64`` digest (each tensor hashed beside the write); ``keep(item, raw)`` sees every
+    tensor's bytes."""
     local = is_local(fs)
     records: list[PartRecord | None] = [None] * len(plan)
     tensors: dict[str, TensorRecord] = {}
     state: dict[str, bytes] = {}
+    sums: dict[str, tuple[str, tuple[int, ...], int]] = {}
     bar = tqdm(total=sum(i.nbytes for part in plan for i in part), unit="B", unit_scale=True,
                desc=f"publish {version} tp{rank}", disable=not progress)
     with ThreadPoolExecutor(2) as pool:
@@ -332,7 +337,7 @@ def _write_parts(fs, root: str, plan: list[list[_Item]], rank: int, version: str
             for i in part:
                 tensors[i.name] = TensorRecord(i.code, i.shape, index)
             buffers = [header, *(_raw_bytes(i) for i in part)]
-            hashed = pool.submit(_tensor_digests, part, buffers[1:], state)
+            hashed = pool.submit(_tensor_digests, part, buffers[1:], state, sums)
             for i, raw in zip(part, buffers[1:]):
                 keep(i, raw)
             if local:
@@ -349,7 +354,7 @@ def _write_parts(fs, root: str, plan: list[list[_Item]], rank: int, version: str
         for f in pending:
             f.result()
     bar.close()
-    return [r for r in records if r], tensors, combine(state)
+    return [r for r in records if r], tensors, combine(state), sum64_digest(sums)
 
 
 def _upload(fs, path: str, buffers: list, index: int, count: int, records: list, bar, sha256: bool) -> None:

@@ -333,8 +333,29 @@ def test_forged_frames_cannot_write_outside_the_tensor_or_inflate():
     with pytest.raises(deltacodec.DeltaFormatError, match="outside"):
         deltacodec.apply(target, np.array([len(frame)], "<u8").tobytes() + frame, width)
     assert not target.any()
+    with pytest.raises(deltacodec.DeltaFormatError, match="outside"):
+        deltacodec.changes(np.array([len(frame)], "<u8").tobytes() + frame, target.size // width, width)
     with pytest.raises(deltacodec.DeltaFormatError, match="shorter"):
         deltacodec.apply(target, b"\1", width)
+    with pytest.raises(deltacodec.DeltaFormatError, match="declaring"):
+        deltacodec.changes(np.array([len(bomb)], "<u8").tobytes() + bomb, target.size // width, width)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+def test_a_deltas_changes_decode_to_the_changed_elements_and_their_xors(dtype, monkeypatch):
+    """What a device applies (indices and XOR words) is what changed, read off the two states with numpy; over
+    several windows, the last one short."""
+    monkeypatch.setattr(deltacodec, "WINDOW", 1000)
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, np.iinfo(dtype).max, 3500, dtype=dtype)
+    new = base.copy()
+    new[rng.random(base.size) < 0.05] ^= dtype(1)
+    new[[0, 999, 1000, 3499]] += dtype(7)
+    blob = deltacodec.encode(base.view(np.uint8), new.view(np.uint8), base.itemsize)
+    index, xors = deltacodec.changes(blob, base.size, base.itemsize)
+    want = np.flatnonzero(base != new)
+    assert np.array_equal(index, want) and index.dtype == np.int64
+    assert np.array_equal(xors, (base[want] ^ new[want]).astype(np.uint64))
 
 
 def test_delta_files_are_not_parts_to_fastdeploy(tmp_path):

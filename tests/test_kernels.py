@@ -1,9 +1,11 @@
 """Kernels: the Paddle references against plain numpy, and the Triton kernels (under Triton's CPU interpreter,
 on torch tensors holding the same values) against the references."""
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere in this process
 
@@ -205,7 +207,7 @@ def test_cpu_paged_and_causal_attention_are_bit_identical_per_row(heads, kv_head
                                        0.25)
     np.testing.assert_array_equal(decoded.numpy(), full[np.arange(3), rows])
     plan = reference.Plan.build(np.arange(10, 21)[None], heads, kv_heads, table.shape[1] * reference.PAGE,
-                                table[2:3], 16)
+                                table[2:3], 16, place=paddle.CPUPlace())
     chunk = kernels.paged_attention(pd(q[2:3, 10:21], "float32"), kp, vp, plan, 0.25)
     np.testing.assert_array_equal(chunk.numpy()[0], full[2, 10:21])
 
@@ -370,6 +372,67 @@ def test_triton_cast_copy_is_bit_identical_to_reference(src_dtype, dst_dtype, n)
     np.testing.assert_array_equal(f32(dst), f32(want))
 
 
+# NaNs with payloads (quiet and signalling, both signs) among ordinary values, as raw bits of each width.
+NAN_BITS = {
+    16: np.array([0x7FC1, 0xFFA5, 0x7F81, 0xFFFF, 0x7C01, 0xFE33, 0x3F80, 0x8001, 0x0000], np.uint16),
+    32: np.array([0x7FC00001, 0xFF812345, 0x7F800001, 0xFFC00000, 0x7FFFFFFF, 0x3F808000, 0x3F818000, 0x80000001,
+                  0x00000000], np.uint32),
+}
+TORCH_BITS = {"bfloat16": torch.int16, "float16": torch.int16, "float32": torch.int32}
+
+
+def from_bits(bits: np.ndarray, dtype: str) -> torch.Tensor:
+    signed = bits.view(np.int16 if bits.dtype == np.uint16 else np.int32).copy()
+    return torch.from_numpy(signed).view(getattr(torch, dtype))
+
+
+def to_bits(t: torch.Tensor) -> np.ndarray:
+    raw = t.view(TORCH_BITS[str(t.dtype).replace("torch.", "")]).numpy()
+    return raw.view(np.uint16 if raw.dtype == np.int16 else np.uint32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_cast_copy_between_equal_dtypes_keeps_every_bit(dtype):
+    """A checkpoint's NaN payloads are data: a same-dtype load must not rewrite them, or its digest fails."""
+    bits = NAN_BITS[32 if dtype == "float32" else 16]
+    dst = torch.zeros(bits.size, dtype=getattr(torch, dtype))
+    triton_ops.cast_copy_(dst, from_bits(bits, dtype))
+    np.testing.assert_array_equal(to_bits(dst), bits)
+
+
+def bf16_rounded(bits: np.ndarray) -> np.ndarray:
+    """float32 bits -> bfloat16 bits, in numpy integers: round to nearest even; a NaN keeps its sign and the top of
+    its payload, quieted."""
+    wide = bits.astype(np.uint64)
+    nan = ((wide >> 23) & 0xFF == 0xFF) & (wide & 0x7FFFFF != 0)
+    rounded = (wide + 0x7FFF + ((wide >> 16) & 1)) >> 16
+    return np.where(nan, (wide >> 16) | 0x0040, rounded).astype(np.uint16)
+
+
+def test_triton_cast_to_bfloat16_keeps_a_nans_sign():
+    bits = NAN_BITS[32]
+    dst = torch.zeros(bits.size, dtype=torch.bfloat16)
+    triton_ops.cast_copy_(dst, from_bits(bits, "float32"))
+    got = to_bits(dst)
+    np.testing.assert_array_equal(got, bf16_rounded(bits))
+    nan = np.isnan(bits.view(np.float32))
+    assert np.array_equal(got[nan] >> 15, (bits[nan] >> 31).astype(np.uint16))  # negative NaNs stay negative
+
+
+@pytest.mark.parametrize("words", [np.uint8, np.int16, np.int32, np.int64])
+@pytest.mark.parametrize("k", [0, 1, 2047, 2049])
+def test_triton_xor_at_changes_only_the_named_elements(words, k):
+    rng = np.random.default_rng(k)
+    base = rng.integers(np.iinfo(words).min, np.iinfo(words).max, 5000, dtype=words)
+    index = np.sort(rng.choice(base.size, k, replace=False)).astype(np.int64)
+    bits = rng.integers(np.iinfo(words).min, np.iinfo(words).max, k, dtype=words)
+    want = base.copy()
+    want[index] = np.bitwise_xor(want[index], bits)
+    got = torch.from_numpy(base.copy())
+    triton_ops.xor_at_(got, torch.from_numpy(index), torch.from_numpy(bits))
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 8), (3, 96), (5, 1000)])
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -469,19 +532,56 @@ def test_dispatcher_runs_the_reference_on_cpu_tensors():
         kernels.cast_copy_(dst, paddle.ones([3, 4]))
 
 
-def test_gpu_check_script_runs_under_the_interpreter():
-    """The script a GPU host runs, on CPU tensors: every kernel matches the Paddle oracle and decode runs."""
-    import subprocess
-    import sys
-    from pathlib import Path
+GPU_CHECK = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
-    out = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300,
+
+def gpu_check(tmp_path: Path, *args: str, before: str = "") -> tuple[str, dict]:
+    """``bench/gpu_check.py --smoke`` in a fresh interpreter under ``TRITON_INTERPRET=1``, after running ``before``
+    there (to take a framework away or break a check): its output and its JSON."""
+    out = tmp_path / "gpu.json"
+    argv = ["gpu_check.py", "--smoke", "--out", str(out), *args]
+    code = f"import runpy, sys\n{before}\nsys.argv = {argv!r}\nrunpy.run_path({str(GPU_CHECK)!r}, run_name='__main__')"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "oracle: Baton's Paddle reference" in out.stdout
-    assert out.stdout.count(" yes ") == 5 and "tokens/s" in out.stdout
-    assert "VERDICT: PASS" in out.stdout.splitlines()[-1] and "paddle: tp2_update: {'ok': True}" in out.stdout
+    assert out.exists(), run.stdout + run.stderr
+    return run.stdout, json.loads(out.read_text())
+
+
+def test_gpu_check_script_runs_under_the_interpreter(tmp_path):
+    """The script a GPU host runs, on CPU tensors: every kernel matches the Paddle oracle, decode runs, and so does
+    every Paddle check this CPU build can run."""
+    stdout, result = gpu_check(tmp_path)
+    assert "oracle: Baton's Paddle reference on cpu" in stdout
+    kernels_run = [name for name in result if name.startswith("kernel_")]
+    assert len(kernels_run) == 5 and all(result[name]["ok"] for name in kernels_run)
+    assert result["decode"]["tokens_per_s"]["batch 1"] > 0
+    for name in ("engine_float32", "engine_bfloat16", "tp2_update", "tp2_update_bf16", "device_digest",
+                 "cast_copy_2g"):
+        assert result[name]["ok"], (name, result[name])
+    assert result["delta_update"]["load_path"] == "delta" and result["delta_update"]["ok"]
+    assert "skipped" in result["stream_of"]  # no CUDA place in a CPU build
+    assert stdout.splitlines()[-1].startswith("VERDICT: PASS")
+
+
+def test_gpu_check_reaches_its_verdict_when_a_paddle_check_raises(tmp_path):
+    before = ("import infer.digest\n"
+              "def broken(*args, **kwargs):\n    raise RuntimeError('forced by the test')\n"
+              "infer.digest.device_sums = broken")
+    stdout, result = gpu_check(tmp_path, "--checks", "device_digest,tp2_update", before=before)
+    assert result["device_digest"]["ok"] is False and "forced by the test" in result["device_digest"]["error"]
+    assert result["tp2_update"]["ok"]  # the checks after it still ran
+    assert stdout.splitlines()[-1].startswith("VERDICT: FAIL") and "device_digest" in stdout.splitlines()[-1]
+
+
+def test_gpu_check_runs_without_torch_and_without_paddle(tmp_path):
+    """A Paddle GPU host may have no torch; the lent GPU host has no Paddle: each runs what it can and says so."""
+    stdout, result = gpu_check(tmp_path, "--checks", "kernels,device_digest", before="sys.modules['torch'] = None")
+    assert "torch is not installed" in result["kernels"]["skipped"] and result["device_digest"]["ok"]
+    assert stdout.splitlines()[-1].startswith("VERDICT: PASS")
+    stdout, result = gpu_check(tmp_path, "--checks", "kernels,device_digest", before="sys.modules['paddle'] = None")
+    assert "Paddle is not installed" in result["paddle"]["skipped"] and "torch formulas" in result["oracle"]["label"]
+    assert all(result[name]["ok"] for name in result if name.startswith("kernel_"))
+    assert stdout.splitlines()[-1].startswith("VERDICT: PASS")
 
 
 def test_the_machine_fingerprint_names_what_row_bits_rest_on():
