@@ -28,8 +28,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the policy and the sampling (default 0)")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
     p.add_argument("--delta", action="store_true",
-                   help="publish each step as a delta on the previous one: only the changed elements are written and "
-                        "read (a step that changes most of them is published in full; the table's bytes say which)")
+                   help="serve bf16 and publish the trainer's bf16 copy of its float32 master weights, each step as a "
+                        "delta on the previous one: only the changed bf16 elements are written and read (a step where "
+                        "a delta would not pay is published in full and says why; the table's kind and bytes show it)")
     p.set_defaults(func=main)
 
 

@@ -10,7 +10,9 @@ byte tokenizer; with ``--model-dir``, the tokens of that model's own tokenizer).
 2. the trainer (Paddle, the same decoder) scores the sampled tokens and takes a policy-gradient step with
    group-mean baselines (GRPO-style advantages, REINFORCE loss);
 3. the trainer saves its checkpoint and the ``sync-weights`` flow publishes it as parts, every server loads and
-   confirms it.
+   confirms it. With ``delta``, the servers serve bf16 and the trainer publishes its bf16 copy of the float32
+   master weights itself, as a delta on the step before (only the bf16 elements the step changed); the flow then
+   flips the servers to it.
 
 In ``--async`` mode the next rollouts run while the sync is still in flight, so they may come from the previous
 version (staleness at most 1); the loss then weights each token by truncated importance sampling, the trainer's
@@ -30,10 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+import storage
 from flows.local import use_temporary_prefect
 from infer.tokenizer import BYTES, Tokenizer
 
 PROMPTS = ("Digits: ", "Answer with numbers: ", "Count for me: ", "Your PIN is ")
+DELTA_DTYPE = "bfloat16"  # what ``--delta`` serves: the bf16 copy of float32 master weights, as RL trainers publish
 TIS_CAP = 2.0  # truncated importance sampling: a token's weight is min(p_trainer / p_server, TIS_CAP)
 
 
@@ -60,7 +64,11 @@ class StepRecord:
     staleness_max: int
     publish_s: float
     sync_s: float
-    bytes: int
+    bytes: int  # what each server read to take the version
+    kind: str  # "full" or "delta" ("" for the last step, which publishes nothing)
+    published_bytes: int  # what the publish wrote: a delta's changed elements, or the whole version
+    full_bytes: int  # what a full version holds: the yardstick of published_bytes
+    note: str  # why a step asked to publish a delta was published in full
     train_s: float
     mismatch: float | None  # max |server - trainer| logprob over tokens sampled with the trainer's weights
     is_ratio: float  # mean importance ratio p_trainer / p_server over the step's tokens (1.0 on-policy)
@@ -73,7 +81,8 @@ class Trainer:
     (master weights, as mixed-precision trainers keep them: a bf16 weight would not move at a small learning rate)
     and go out in the model directory's dtype (``state``)."""
 
-    def __init__(self, model_name: str, seed: int, lr: float, model_dir: str | None = None):
+    def __init__(self, model_name: str, seed: int, lr: float, model_dir: str | None = None,
+                 served_dtype: str | None = None):
         import paddle
 
         import kernels
@@ -95,6 +104,7 @@ class Trainer:
             self.config, self.tokenizer = get_config(model_name), BYTES
             self.model = trainable(build_model(self.config, seed=seed))
             self.served_dtype = self.config.dtype
+        self.served_dtype = served_dtype or self.served_dtype
         self.optimizer = paddle.optimizer.Adam(learning_rate=lr, parameters=self.model.parameters())
 
     def step(self, rollouts: list[Rollout], group: int, version: str, tis: bool) -> tuple[float | None, float]:
@@ -179,8 +189,10 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
     """The loop; one record per step. Step ``s`` samples with whatever the servers serve (``step_s``, or in async
     mode possibly ``step_{s-1}`` while ``step_s`` is still syncing: staleness at most 1), then trains and
     publishes ``step_{s+1}``. The last step only samples, to measure the final policy. ``model_dir``: a Hugging
-    Face directory the trainer starts from and the servers take architecture and tokenizer from. ``delta``: publish
-    each step as a delta on the one before (the servers then read only what changed)."""
+    Face directory the trainer starts from and the servers take architecture and tokenizer from. ``delta``: the
+    servers serve ``DELTA_DTYPE`` and the trainer publishes its copy of that dtype straight from memory, each step as
+    a delta on the one before where it pays (the servers then read only what changed); a step published in full
+    says why."""
     use_temporary_prefect(run_dir / "prefect")  # the flow records stay with the run
     import contextlib
     import logging
@@ -193,16 +205,31 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     snapshots = storage_url or str(run_dir / "snapshots")
-    trainer = Trainer(model, seed, lr, model_dir)
+    trainer = Trainer(model, seed, lr, model_dir, served_dtype=DELTA_DTYPE if delta else None)
     model_args = ("--model-dir", model_dir) if model_dir else ("--model", model)
+    model_args += ("--dtype", DELTA_DTYPE) if delta else ()
     syncs: dict[str, dict] = {}
+    last_published = storage.LastPublished()  # the delta's base compared in memory, not read back
 
-    def publish_and_sync(version: str, source: str, urls: list[str]) -> None:
+    def publish_and_sync(version: str, source: str | dict, urls: list[str]) -> None:
+        """``source``: the checkpoint directory the flow publishes, or (``delta``) the state the trainer publishes."""
         start = time.perf_counter()
-        previous = f"step_{_version_number(version) - 1}" if delta and version != "step_0" else None
-        rows = sync_weights(version, snapshots, urls, source=source, part_bytes=64 << 20, base=previous)
-        syncs[version] = {"publish_s": rows[0]["publish_work_s"], "sync_s": time.perf_counter() - start,
-                          "bytes": rows[0]["bytes"]}
+        if not delta:
+            rows = sync_weights(version, snapshots, urls, source=source, part_bytes=64 << 20)
+            published = {"publish_s": rows[0]["publish_work_s"], "kind": "full", "published_bytes": rows[0]["bytes"],
+                         "full_bytes": rows[0]["bytes"], "note": ""}
+        else:
+            report = publish_step(source, snapshots, version, last_published)
+            if report.note:
+                tqdm.write(f"{version} published in full, not as a delta: {report.note}")
+            rows = sync_weights(version, snapshots, urls)
+            published = {"publish_s": report.seconds, "kind": report.kind, "published_bytes": report.bytes,
+                         "full_bytes": report.full_bytes, "note": report.note}
+        syncs[version] = published | {"sync_s": time.perf_counter() - start, "bytes": rows[0]["bytes"]}
+
+    def checkpoint(version: str) -> str | dict:
+        """What ``publish_and_sync`` takes, made now: the next step trains on while it is published."""
+        return trainer.state() if delta else trainer.save(run_dir / "trainer" / version)
 
     samples: list[tuple[list[Rollout], float, float | None, float]] = []
     with contextlib.ExitStack() as stack:
@@ -210,7 +237,7 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
                 for _ in range(servers)]
         http = stack.enter_context(httpx.Client(timeout=120))
         # the initial policy first, so the servers generate with the trainer's weights from the start
-        publish_and_sync("step_0", trainer.save(run_dir / "trainer" / "step_0"), urls)
+        publish_and_sync("step_0", checkpoint("step_0"), urls)
         in_flight: threading.Thread | None = None
         bar = tqdm(range(steps + 1), desc="rl steps", unit="step", disable=not progress)
         for step in bar:
@@ -225,8 +252,7 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
             if in_flight is not None:
                 in_flight.join()  # at most one sync in flight: the staleness bound of 1
             version = f"step_{step + 1}"
-            source = trainer.save(run_dir / "trainer" / version)  # here, not in the thread: the next step trains on
-            in_flight = threading.Thread(target=publish_and_sync, args=(version, source, urls))
+            in_flight = threading.Thread(target=publish_and_sync, args=(version, checkpoint(version), urls))
             in_flight.start()
             if not async_mode:
                 in_flight.join()
@@ -236,15 +262,24 @@ def run(run_dir: Path, steps: int = 12, model: str = "tiny", storage_url: str | 
     records = []
     for step, (batch, train_s, mismatch, ratio, machine, same) in enumerate(samples):
         published = f"step_{step + 1}" if step < steps else ""
-        sync = syncs.get(published, {"publish_s": 0.0, "sync_s": 0.0, "bytes": 0})
+        sync = syncs.get(published, {"publish_s": 0.0, "sync_s": 0.0, "bytes": 0, "kind": "",
+                                     "published_bytes": 0, "full_bytes": 0, "note": ""})
         records.append(StepRecord(step, published, float(np.mean([r.reward for r in batch])),
                                   sorted({r.version for r in batch}),
                                   max(step - _version_number(r.version) for r in batch), sync["publish_s"],
-                                  sync["sync_s"], sync["bytes"], train_s, mismatch, ratio, machine, same))
+                                  sync["sync_s"], sync["bytes"], sync["kind"], sync["published_bytes"],
+                                  sync["full_bytes"], sync["note"], train_s, mismatch, ratio, machine, same))
     unknown = {v for rec in records for v in rec.rollout_versions} - set(syncs)
     if unknown:
         raise AssertionError(f"rollouts reported versions that were never published: {sorted(unknown)}")
     return records
+
+
+def publish_step(state: dict, snapshots: str, version: str, last: storage.LastPublished) -> storage.PublishReport:
+    """``state`` published as ``version``: a delta on the version before it (``step_0`` has none), or in full where
+    a delta would not pay; ``last`` holds what was published before, so the base is compared in memory."""
+    base = f"step_{_version_number(version) - 1}" if version != "step_0" else None
+    return storage.publish(state, snapshots, version, part_bytes=64 << 20, base=base, cache=last)
 
 
 def parity(http, urls: list[str]) -> tuple[dict, str]:
@@ -265,12 +300,13 @@ def _version_number(version: str) -> int:
 
 def table(records: list[StepRecord]) -> str:
     lines = [f"{'step':>4}  {'rollouts from':<16}{'staleness':>9}{'reward':>8}{'mismatch':>10}{'IS ratio':>9}"
-             f"{'published':>11}{'publish s':>10}{'sync s':>8}{'bytes':>10}"]
+             f"{'published':>11}{'kind':>7}{'bytes':>10}{'of full':>9}{'publish s':>10}{'sync s':>8}{'read':>10}"]
     for r in records:
         mismatch = "-" if r.mismatch is None else f"{r.mismatch:.1e}"
+        share = f"{r.published_bytes / r.full_bytes:.1%}" if r.full_bytes else "-"
         lines.append(f"{r.step:>4}  {','.join(r.rollout_versions):<16}{r.staleness_max:>9}{r.reward_mean:>8.3f}"
-                     f"{mismatch:>10}{r.is_ratio:>9.3f}{r.version:>11}{r.publish_s:>10.2f}{r.sync_s:>8.2f}"
-                     f"{r.bytes:>10}")
+                     f"{mismatch:>10}{r.is_ratio:>9.3f}{r.version:>11}{r.kind:>7}{r.published_bytes:>10}{share:>9}"
+                     f"{r.publish_s:>10.2f}{r.sync_s:>8.2f}{r.bytes:>10}")
     return "\n".join(lines)
 
 
