@@ -13,6 +13,7 @@ demo: $(VENV)/.installed
 	$(BIN)/baton demo
 
 test: $(VENV)/.installed
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed
