@@ -12,7 +12,8 @@ def build_parser() -> argparse.ArgumentParser:
     from demo import main as demo_main
     from storage import cli as storage_cli
 
-    parser = argparse.ArgumentParser(prog="baton", description="Weight handoff between an RL trainer and inference servers.")
+    parser = argparse.ArgumentParser(prog="baton",
+                                     description="Weight handoff between an RL trainer and inference servers.")
     sub = parser.add_subparsers(dest="command", required=True)
     storage_cli.add_commands(sub)
     infer_cli.add_commands(sub)

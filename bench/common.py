@@ -69,7 +69,8 @@ def parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
 
 
 def results_path(args: argparse.Namespace, name: str) -> Path:
-    return args.out or (Path(tempfile.gettempdir()) / f"{name}.quick.json" if args.quick else RESULTS_DIR / f"{name}.json")
+    return args.out or (Path(tempfile.gettempdir()) / f"{name}.quick.json" if args.quick
+                        else RESULTS_DIR / f"{name}.json")
 
 
 def write_results(path: Path, doc: dict) -> None:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from common import log, machine_info, parser, results_path, write_results
 
-TARGETS = {"delta bytes / full at lr 1e-6": 0.15, "delta sync / full at lr 1e-6": 0.35, "delta sync / full at lr 1e-5": 1.0}
+TARGETS = {"delta bytes / full at lr 1e-6": 0.15, "delta sync / full at lr 1e-6": 0.35,
+           "delta sync / full at lr 1e-5": 1.0}
 
 
 def bits(state: dict) -> dict:
@@ -88,11 +89,13 @@ def run_lr(lr: float, sizes: dict, steps: int, work: Path, seed: int = 0) -> lis
                    "publish_full_s": round(full_publish, 3), "publish_delta_s": round(delta_publish, 3),
                    "update_full_s": round(max(r["seconds"] for r in full_rows), 3),
                    "update_delta_s": round(max(r["seconds"] for r in delta_rows), 3),
-                   "sync_full_s": round(full_publish + full_sync, 3), "sync_delta_s": round(delta_publish + delta_sync, 3)}
+                   "sync_full_s": round(full_publish + full_sync, 3),
+                   "sync_delta_s": round(delta_publish + delta_sync, 3)}
             row["sync_ratio"] = round(row["sync_delta_s"] / row["sync_full_s"], 3)
             rows.append(row)
             log(f"lr {lr:g} step {step}: {changed:.2%} of elements changed, delta {row['bytes_ratio']:.1%} of the "
-                f"bytes ({delta.kind}, {row['load_path']}), sync {row['sync_delta_s']:.2f} s vs {row['sync_full_s']:.2f} s")
+                f"bytes ({delta.kind}, {row['load_path']}), "
+                f"sync {row['sync_delta_s']:.2f} s vs {row['sync_full_s']:.2f} s")
     return rows
 
 
@@ -110,8 +113,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "sync_ratio": round(statistics.median(r["sync_ratio"] for r in mine), 3),
                     "sync_ratio_delta_steps": round(statistics.median(r["sync_ratio"] for r in deltas), 3)
                     if deltas else None,
-                    "sync_ratio_total": round(sum(r["sync_delta_s"] for r in mine) / sum(r["sync_full_s"] for r in mine),
-                                              3),
+                    "sync_ratio_total": round(sum(r["sync_delta_s"] for r in mine)
+                                              / sum(r["sync_full_s"] for r in mine), 3),
                     "server_read_ratio": round(statistics.median(r["server_read_delta"] / r["server_read_full"]
                                                                  for r in mine), 4)})
     return out

@@ -219,8 +219,8 @@ def main() -> None:
         storage.publish(random_state_dict(get_config("tiny"), seed), root, version)
     fleets = [measure_fleet(root, n, rounds) for n in sizes]
     rollback = measure_rollback("tiny" if args.quick else "medium", 3 if args.quick else 5)
-    print("\n| servers | sync s | overhead / server ms | flip window ms median (max) | poll every ms | replies during a "
-          "failed sync |\n|---|---|---|---|---|---|")
+    print("\n| servers | sync s | overhead / server ms | flip window ms median (max) | poll every ms "
+          "| replies during a failed sync |\n|---|---|---|---|---|---|")
     for r in fleets:
         print(f"| {r['servers']} | {r['sync_s_median']:.3f} | {r['overhead_per_server_s'] * 1000:.1f} | "
               f"{r['flip_window_ms_median']:.1f} ({r['flip_window_ms_max']:.1f}) | {r['poll_resolution_ms']:.1f} | "

@@ -115,7 +115,8 @@ def decode(directory: Path, concurrency: int, new_tokens: int) -> dict:
     with torch.no_grad():
         hf.generate(torch.tensor([prompts[0][:4]]), max_new_tokens=2, do_sample=False)  # warm-up
         start = time.perf_counter()
-        out = hf.generate(torch.tensor(prompts), attention_mask=torch.ones(concurrency, PROMPT_TOKENS, dtype=torch.long),
+        out = hf.generate(torch.tensor(prompts),
+                          attention_mask=torch.ones(concurrency, PROMPT_TOKENS, dtype=torch.long),
                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         hf_s = time.perf_counter() - start
     same = sum(c.tokens == row[PROMPT_TOKENS:].tolist() for c, row in zip(ours, out))

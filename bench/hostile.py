@@ -183,13 +183,15 @@ def manifest_cases() -> list[Case]:
     cases.append(Case("manifest", "flipped data byte, xxh3 emptied",
                       _manifest_edit(_flip_last(good, 1), edits["xxh3 empty"])))
     extra = f"root/{layout.part_name(0, 'h', 40)}"
-    cases.append(Case("manifest", "stray part not in the manifest", good | {extra: good[f"root/{layout.part_name(0, 'h', 0)}"]}))
+    cases.append(Case("manifest", "stray part not in the manifest",
+                      good | {extra: good[f"root/{layout.part_name(0, 'h', 0)}"]}))
     bare = {k: v for k, v in good.items() if not k.endswith(".manifest.json")}
     cases.append(Case("parts", "gap in numbering", {k: v for k, v in bare.items() if ".part1." not in k}))
     cases.append(Case("parts", "publish in progress", bare | {f"root/{layout.pending_name(0, 'h')}": b""}))
     dup = f"root/{layout.part_name(0, 'h', len(bare))}"
     cases.append(Case("parts", "tensor in two parts", bare | {dup: bare[f"root/{layout.part_name(0, 'h', 0)}"]}))
-    cases.append(Case("parts", "part header corrupt", bare | {f"root/{layout.part_name(0, 'h', 1)}": b"\x10" + b"\0" * 15}))
+    cases.append(Case("parts", "part header corrupt",
+                      bare | {f"root/{layout.part_name(0, 'h', 1)}": b"\x10" + b"\0" * 15}))
     return cases
 
 
@@ -217,7 +219,8 @@ def _array(dtype: str, raw: bytes, shape: tuple[int, ...], flags: int = 0) -> by
           + P.NEWTRUE + P.TUPLE3 + P.REDUCE + P.MARK + P.BININT1 + b"\x03" + P.SHORT_BINUNICODE + b"\x01|" + P.NONE
           + P.NONE + P.NONE + P.BININT + struct.pack("<i", -1) + P.BININT + struct.pack("<i", -1) + P.BININT
           + struct.pack("<i", flags) + P.TUPLE + P.BUILD)
-    state = P.MARK + P.BININT1 + b"\x01" + shp + dt + P.NEWFALSE + P.BINBYTES + struct.pack("<I", len(raw)) + raw + P.TUPLE
+    state = (P.MARK + P.BININT1 + b"\x01" + shp + dt + P.NEWFALSE + P.BINBYTES + struct.pack("<I", len(raw)) + raw
+             + P.TUPLE)
     return (_global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray") + P.BININT1 + b"\x00"
             + P.TUPLE1 + P.SHORT_BINBYTES + b"\x01b" + P.TUPLE3 + P.REDUCE + state + P.BUILD)
 
@@ -309,7 +312,8 @@ def main() -> None:
         rows = [r for r in results if r["kind"] == k]
         print(f"{k:<10} {len(rows):>6} {sum(r['ok'] for r in rows):>16} {sum(not r['ok'] for r in rows):>11}")
     for r in bad:
-        print(f"  MISBEHAVED {r['kind']}: {r['name']}: {r['outcome']} {r.get('error', '')} {r.get('message', '')[:160]}")
+        print(f"  MISBEHAVED {r['kind']}: {r['name']}: {r['outcome']} {r.get('error', '')} "
+              f"{r.get('message', '')[:160]}")
     worst = max(results, key=lambda r: r.get("rss_growth", 0) / max(r.get("bytes", 1), 1 << 20))
     summary = {"tried": len(results), "misbehaved": len(bad),
                "by_kind": {k: {"tried": sum(r["kind"] == k for r in results),

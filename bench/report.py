@@ -145,7 +145,8 @@ def hf_section(d: dict) -> list[str]:
             rows.append([r["dtype"], f"{r['bytes'] / GiB:.2f}", f"{r['load_s']['transformers']:.2f}",
                          f"{r['load_s']['baton_snapshot']:.2f} ({r['load_ratio_snapshot']:.2f}×)",
                          f"{r['load_s']['baton_model_dir']:.2f} ({r['load_ratio_model_dir']:.2f}×)",
-                         str(c["concurrency"]), f"{c['baton_tokens_per_s']:.1f}", f"{c['transformers_tokens_per_s']:.1f}",
+                         str(c["concurrency"]), f"{c['baton_tokens_per_s']:.1f}",
+                         f"{c['transformers_tokens_per_s']:.1f}",
                          f"{c['ratio']:.2f}×", f"{c['same_greedy_tokens']}/{c['concurrency']}"])
     return [f"`{d['command']}`: Qwen2, {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, vocabulary "
             f"{m['vocab_size']} (Qwen2.5-0.5B's shape), random weights saved by `transformers`. Load: seconds until "
@@ -159,14 +160,15 @@ def delta_rows(d: dict) -> list[list[str]]:
     """One row per learning rate (medians over the steps): also the README's table."""
     return [[f"{s['lr']:g}", f"{s['changed_elements']:.2%}", f"{s['deltas']}/{s['steps']}",
              f"{s['bytes_ratio']:.1%}", f"{s['server_read_ratio']:.1%}",
-             f"{s['publish_full_s']:.2f} / {s['publish_delta_s']:.2f}", f"{s['update_full_s']:.2f} / {s['update_delta_s']:.2f}",
+             f"{s['publish_full_s']:.2f} / {s['publish_delta_s']:.2f}",
+             f"{s['update_full_s']:.2f} / {s['update_delta_s']:.2f}",
              f"{s['sync_full_s']:.2f} / {s['sync_delta_s']:.2f}", f"{s['sync_ratio']:.2f}×",
              f"{s['sync_ratio_total']:.2f}×"] for s in d["summary"]]
 
 
-DELTA_HEADER = ["Adam lr", "bf16 elements changed", "deltas", "delta / full bytes", "server reads", "publish s full / delta",
-                "server update s full / delta", "sync s full / delta", "delta / full sync (median step)",
-                "over the trajectory"]
+DELTA_HEADER = ["Adam lr", "bf16 elements changed", "deltas", "delta / full bytes", "server reads",
+                "publish s full / delta", "server update s full / delta", "sync s full / delta",
+                "delta / full sync (median step)", "over the trajectory"]
 
 
 def delta_section(d: dict) -> list[str]:
@@ -177,7 +179,8 @@ def delta_section(d: dict) -> list[str]:
             "on the previous step in the same run, each synced to both servers by the `sync-weights` flow; every "
             "server's digest after each delta equals the full version's. Medians over the steps; sync = publish + "
             "the flow until both servers serve it. Ratios: the median over the steps of each step's delta sync over "
-            "its full sync, and the trajectory's total time (its full versions, one every 8 by design, included).", ""] + md_table(DELTA_HEADER, delta_rows(d)) + \
+            "its full sync, and the trajectory's total time (its full versions, one every 8 by design, included).",
+            ""] + md_table(DELTA_HEADER, delta_rows(d)) + \
         ["", "Targets: " + "; ".join(targets) + "."]
 
 
@@ -191,8 +194,8 @@ def sync_tail_section(d: dict) -> list[str]:
     return [f"`{d['command']}`: the seconds of each `sync-weights` call, in the same run with Baton's temporary "
             "Prefect server (`flows/local.py`: start-up heap frozen, SQLite's busy 503 retried inside the server) and "
             "with Prefect's own. Target: the slowest demo sync under 2× the median.", ""] + \
-        md_table(["run", "server", "syncs", "median s", "p90 s", "max s", "max / median", "over 1 s", "client 503 retries"],
-                 rows)
+        md_table(["run", "server", "syncs", "median s", "p90 s", "max s", "max / median", "over 1 s",
+                  "client 503 retries"], rows)
 
 
 CHAOS_KINDS = ("succeeded", "refused_clean", "harmless", "partial", "bad")
@@ -237,8 +240,8 @@ def machine_line(docs: list[dict]) -> str:
 
 
 def report() -> str:
-    docs = {name: load(name) for name in ("storage", "model", "gpu", "server", "engine", "flow", "engines", "hf", "delta",
-                                           "sync_tail", "chaos")}
+    docs = {name: load(name) for name in ("storage", "model", "gpu", "server", "engine", "flow", "engines", "hf",
+                                           "delta", "sync_tail", "chaos")}
     out = ["# Baton benchmark report", "", machine_line([d for d in docs.values() if d]),
            "Every figure is from a real run on that 2-core machine; each ratio's baseline ran in the same run.",
            "Regenerate with `python bench/report.py` (collect) or `--run` (measure again).", ""]

@@ -486,7 +486,7 @@ def bench_s3(rows: list[Row], args) -> None:
                 row.note = (f"fetched {fetched[method]:.3f}x the snapshot (target <= {TARGETS['s3 bytes']}x)"
                             + ("; spooled to local disk, hashed before the first write" if verify == "full" else ""))
             fs.rm(root, recursive=True)
-            del state, target
+            state = target = None  # drop the references (not `del`: the closures above refer to these names)
             gc.collect()
 
 

@@ -204,7 +204,7 @@ class _Steady:
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
         for delay in (*self.RETRY_S, None):
-            async def receive_again(given=iter(request)) -> dict:
+            async def receive_again(given=iter(request)) -> dict:  # noqa: B008 - a fresh iterator for each try
                 return next(given, None) or await receive()
 
             if delay is None:  # the last try: whatever it answers goes to the client

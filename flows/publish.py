@@ -46,7 +46,8 @@ def publish_rank(source: str, snapshot_root: str, version: str, rank: int, tp_si
                              metadata={"source": source, "tp_size": str(tp_size)}, base=base)
     seconds = time.perf_counter() - start
     return {"rank": rank, "parts": report.parts, "bytes": report.bytes, "seconds": round(seconds, 3),
-            "GB/s": round(report.bytes / 1e9 / seconds, 3) if seconds else None, "note": report.note or report.manifest_url,
+            "GB/s": round(report.bytes / 1e9 / seconds, 3) if seconds else None,
+            "note": report.note or report.manifest_url,
             "kind": report.kind, "base": report.base, "full_bytes": report.full_bytes}
 
 

@@ -38,16 +38,17 @@ def read_server(server: Server) -> dict | None:
     return adapter_for(server).read()
 
 
-@task(name="prepare-server", retries=len(RETRY_DELAYS), retry_delay_seconds=list(RETRY_DELAYS), retry_condition_fn=_retry_unreachable,
-      cache_policy=NO_CACHE, task_run_name="prepare {version} on {adapter.server.url}")
+@task(name="prepare-server", retries=len(RETRY_DELAYS), retry_delay_seconds=list(RETRY_DELAYS),
+      retry_condition_fn=_retry_unreachable, cache_policy=NO_CACHE,
+      task_run_name="prepare {version} on {adapter.server.url}")
 def prepare_server(adapter: Adapter, version: str, snapshot_root: str, verify: str,
                    admin_token_env: str | None) -> dict:
     """Makes ``version`` ready on one server without serving it (``Adapter.prepare``)."""
     return adapter.prepare(version, snapshot_root, verify, admin_token_env)
 
 
-@task(name="update-server", retries=len(RETRY_DELAYS), retry_delay_seconds=list(RETRY_DELAYS), retry_condition_fn=_retry_unreachable,
-      cache_policy=NO_CACHE, task_run_name="update {server.url} to {version}")
+@task(name="update-server", retries=len(RETRY_DELAYS), retry_delay_seconds=list(RETRY_DELAYS),
+      retry_condition_fn=_retry_unreachable, cache_policy=NO_CACHE, task_run_name="update {server.url} to {version}")
 def update_server(server: Server, version: str, snapshot_root: str, verify: str, admin_token_env: str | None) -> dict:
     """Stages, loads and confirms ``version`` on one server in one step, outside a fleet's two phases."""
     return adapter_for(server).take(version, snapshot_root, verify, admin_token_env)

@@ -527,8 +527,8 @@ class WeightManager:
             return None
         if not info.digest.startswith("sum64-"):
             return info.digest
-        return published_digest(info.digest, info.snapshot_root, info.version, info.rank, fallback_dir=self.fallback_dir,
-                                storage_options=self.storage_options)
+        return published_digest(info.digest, info.snapshot_root, info.version, info.rank,
+                                fallback_dir=self.fallback_dir, storage_options=self.storage_options)
 
     def _write(self, sources: list, slot: Slot) -> list[str | None]:
         """Applies every rank's plan; returns each rank's digest where a delta's check computed it."""

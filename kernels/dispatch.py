@@ -168,8 +168,8 @@ def decode_attention(q: paddle.Tensor, k_pages: paddle.Tensor, v_pages: paddle.T
     """One new token per sequence, q ``[B, H, D]``, against the first ``lengths[b]`` keys of its pages (from
     ``new_kv_pages``; table ``[B, nb]``): the batched decode step, every sequence at its own length."""
     if cpu_attention.supports(q, k_pages, v_pages):
-        return cpu_attention.paged(q, k_pages, v_pages, np.ascontiguousarray(page_table.numpy(), np.int64), np.arange(q.shape[0], dtype=np.int64),
-                                   lengths.numpy().astype(np.int64) - 1, scale)
+        return cpu_attention.paged(q, k_pages, v_pages, np.ascontiguousarray(page_table.numpy(), np.int64),
+                                   np.arange(q.shape[0], dtype=np.int64), lengths.numpy().astype(np.int64) - 1, scale)
     ops = _gpu(q)
     if ops is None:
         return reference.decode_attention(q, k_pages, v_pages, page_table, lengths, scale)

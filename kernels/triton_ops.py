@@ -174,8 +174,8 @@ def rms_norm(x, weight, eps: float, out, residual=None, residual_out=None) -> No
     rows, block = _numel(x) // max(n_cols, 1), triton.next_power_of_2(n_cols)
     if rows:
         launch(_rms_norm_kernel, (rows,), x, residual if residual is not None else x, weight, out,
-                                  residual_out if residual_out is not None else out, n_cols, eps,
-                                  HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16))
+               residual_out if residual_out is not None else out, n_cols, eps,
+               HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16))
 
 
 @triton.jit

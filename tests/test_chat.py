@@ -98,7 +98,7 @@ def test_chat_reply_has_openai_s_shape_the_tokens_and_the_weight_version(byte_ur
 
 
 def test_chat_streams_the_same_reply_chunk_by_chunk(byte_url, hf_url, hf):
-    for url, tokenizer in ((byte_url, BYTES), (hf_url, hf[0])):
+    for url, _tokenizer in ((byte_url, BYTES), (hf_url, hf[0])):
         params = {"max_tokens": 12, "temperature": 0.8, "seed": 7, "n": 2}
         whole = chat(url, **params).json()
         r = chat(url, stream=True, **params)

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def baton(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "baton_cli", *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+    return subprocess.run([sys.executable, "-m", "baton_cli", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
 
 
 def test_publish_inspect_verify_from_a_paddle_save_file(tmp_path):

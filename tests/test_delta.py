@@ -364,7 +364,8 @@ def test_delta_files_are_not_parts_to_fastdeploy(tmp_path):
     storage.publish(v0, str(tmp_path), "7")
     storage.publish(nudged(v0, 1), str(tmp_path), "8", base="7")
     assert glob.glob(str(tmp_path / "model_state.tp0.8.part*.pdparams")) == []
-    assert not (tmp_path / "model_state.tp0.8.pdparams").exists() and not (tmp_path / "model_state.tp08.pdparams").exists()
+    assert not (tmp_path / "model_state.tp0.8.pdparams").exists()
+    assert not (tmp_path / "model_state.tp08.pdparams").exists()
     assert glob.glob(str(tmp_path / "model_state.tp0.8.delta*"))
 
 

@@ -61,7 +61,8 @@ def test_truncated_headers_are_torn(cut):
 
 
 def test_overlapping_offsets_are_torn():
-    body = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    body = (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+            b'"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}')
     body += b" " * (-len(body) % 8)
     data = struct.pack("<Q", len(body)) + body + b"\0" * 8
     with pytest.raises(TornSnapshotError, match="hole or overlap"):
@@ -89,7 +90,8 @@ def test_names_match_fastdeploy():
     assert layout.full_name(3, "12") == "model_state.tp3.12.pdparams"
     assert layout.legacy_name("12") == "model_state.tp012.pdparams"
     assert layout.manifest_name(1, "step-9") == "model_state.tp1.step-9.manifest.json"
-    names = ["model_state.tp0.v.part10.pdparams", "model_state.tp0.v.part2.pdparams", "model_state.tp0.v.part1.pdparams"]
+    names = ["model_state.tp0.v.part10.pdparams", "model_state.tp0.v.part2.pdparams",
+             "model_state.tp0.v.part1.pdparams"]
     index = {n: int(layout.part_regex(0, "v").fullmatch(n).group(1)) for n in names}  # ordered by number, not text
     assert sorted(names, key=index.get) == names[::-1]
     assert layout.part_regex(1, "2").fullmatch("model_state.tp12.part0.pdparams") is None

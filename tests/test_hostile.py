@@ -126,7 +126,8 @@ BAD_HEADERS = {
     "metadata not a map": b'{"__metadata__": [1, 2]}',
     "metadata values": b'{"__metadata__": {"a": 1}}',
     "dim 2**63": b'{"a": {"dtype": "U8", "shape": [9223372036854775808, 0], "data_offsets": [0, 0]}}',
-    "huge product": b'{"a": {"dtype": "U8", "shape": [' + b",".join([b"4294967295"] * 60) + b'], "data_offsets": [0, 0]}}',
+    "huge product": (b'{"a": {"dtype": "U8", "shape": [' + b",".join([b"4294967295"] * 60)
+                     + b'], "data_offsets": [0, 0]}}'),
     "65 dims": b'{"a": {"dtype": "U8", "shape": [' + b",".join([b"1"] * 65) + b'], "data_offsets": [0, 1]}}',
     "bool dims": b'{"a": {"dtype": "U8", "shape": [true], "data_offsets": [0, 1]}}',
     "list dtype": b'{"a": {"dtype": ["U8"], "shape": [1], "data_offsets": [0, 1]}}',

@@ -323,7 +323,8 @@ def test_cpu_gemm_bits_do_not_depend_on_the_blas_thread_count():
 def test_blas_uses_every_core_even_when_omp_num_threads_is_1():
     """Paddle sets OMP_NUM_THREADS=1 on import and OpenBLAS reads it when numpy loads: ``baton serve`` ran on one
     BLAS thread. Here the variable is set before numpy loads, as it was in the server."""
-    code = ("import os, numpy, paddle; from threadpoolctl import threadpool_info; import kernels; kernels.use_every_core(); "
+    code = ("import os, numpy, paddle; from threadpoolctl import threadpool_info; import kernels; "
+            "kernels.use_every_core(); "
             "print(max(i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'), "
             "len(os.sched_getaffinity(0)))")
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"} | {"OMP_NUM_THREADS": "1"}

@@ -40,7 +40,8 @@ _CHILD = textwrap.dedent("""
 def test_peak_memory_stays_within_a_part(tmp_path):
     part, count, each = 16 * MiB, 16, 16 * MiB  # a 256 MiB model in 16 parts
     root = str(tmp_path / "snap")
-    storage.publish({f"t{i}": np.full(each // 4, float(i), np.float32) for i in range(count)}, root, "big", part_bytes=part)
+    storage.publish({f"t{i}": np.full(each // 4, float(i), np.float32) for i in range(count)}, root, "big",
+                    part_bytes=part)
     storage.publish({"a": np.ones(16, np.float32), "b": np.ones(16, np.float32)}, root, "warm", part_bytes=64)
     out = subprocess.run([sys.executable, "-c", _CHILD, root, "big", str(count), str(each)], capture_output=True,
                          text=True, cwd=REPO, timeout=300)
@@ -73,4 +74,5 @@ def test_publisher_killed_midway_leaves_nothing_that_loads(tmp_path):
     assert not target["t0"].any()
     # a new publish of the same id cleans the leftovers and commits
     storage.publish({"t0": np.ones(4, np.float32)}, str(root), "k")
-    assert sorted(p.name for p in root.iterdir()) == ["model_state.tp0.k.manifest.json", "model_state.tp0.k.part0.pdparams"]
+    assert sorted(p.name for p in root.iterdir()) == ["model_state.tp0.k.manifest.json",
+                                                      "model_state.tp0.k.part0.pdparams"]

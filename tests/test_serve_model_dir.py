@@ -75,7 +75,8 @@ def test_model_dir_alone_serves_its_weights_tokenizer_and_chat_template(model_di
         weights = httpx.get(f"{url}/v1/weights").json()
         assert (weights["version"], weights["source_level"], weights["source"]) == ("qwen-a", 0, "model directory")
         models = httpx.get(f"{url}/v1/models").json()["data"]
-        assert [m["id"] for m in models] == ["qwen-a"] and models[0]["max_model_len"] == SIZES["max_position_embeddings"]
+        assert [m["id"] for m in models] == ["qwen-a"]
+        assert models[0]["max_model_len"] == SIZES["max_position_embeddings"]
 
         ids, body = completion_ids(url)
         assert body["usage"]["prompt_tokens"] == len(hf_tokenizer(PROMPT)["input_ids"])

@@ -139,8 +139,8 @@ def bad_snapshots(root: Path) -> dict[str, str]:
     part.write_bytes(bytes(data))
     storage.publish(random_state_dict(get_config("tiny", hidden=32, heads=2, kv_heads=1), 3), str(root), "other-shape",
                     overwrite=True)
-    return {"missing": "No snapshot found", "torn": "part2", "corrupt": "does not match the manifest", "other-shape": "shape",
-            "../etc": "version"}
+    return {"missing": "No snapshot found", "torn": "part2", "corrupt": "does not match the manifest",
+            "other-shape": "shape", "../etc": "version"}
 
 
 def test_every_rejected_update_leaves_the_old_version_serving(at_v1, root):
@@ -150,7 +150,8 @@ def test_every_rejected_update_leaves_the_old_version_serving(at_v1, root):
         assert r.status_code == 400 and body["success"] is False, (version, body)
         assert mention in body["message"] and "still serving 'v1'" in body["message"], (version, body["message"])
         assert serving(at_v1)["digest"] == offline_digest("v1")
-    assert completion(at_v1, max_tokens=5, temperature=0).json()["choices"][0]["text"] == offline_text("v1", max_tokens=5)
+    text = completion(at_v1, max_tokens=5, temperature=0).json()["choices"][0]["text"]
+    assert text == offline_text("v1", max_tokens=5)
 
 
 def corrupt_later_part(root: Path, version: str) -> None:
@@ -170,7 +171,8 @@ def test_failure_midway_restores_the_previous_version(at_v1, root):
     assert "restored 'v1'" in r.json()["message"] or "never touched" in r.json()["message"]
     info = serving(at_v1)
     assert info["version"] == "v1" and info["digest"] == offline_digest("v1") and info["healthy"]
-    assert completion(at_v1, max_tokens=5, temperature=0).json()["choices"][0]["text"] == offline_text("v1", max_tokens=5)
+    text = completion(at_v1, max_tokens=5, temperature=0).json()["choices"][0]["text"]
+    assert text == offline_text("v1", max_tokens=5)
 
 
 def test_update_waits_for_running_requests_and_refuses_a_second_one(tmp_path):
@@ -331,8 +333,11 @@ def test_32_concurrent_requests_give_the_bits_each_gives_alone(at_v1):
 
 def test_n_samples_are_reproducible_distinct_and_independent_of_n(at_v1):
     client = openai.OpenAI(base_url=f"{at_v1}/v1", api_key="unused", max_retries=0, timeout=120)
-    ask = lambda n: client.completions.create(model="baton-tiny", prompt=PROMPT, max_tokens=12, temperature=1.0,
-                                              seed=11, n=n, logprobs=1)
+
+    def ask(n):
+        return client.completions.create(model="baton-tiny", prompt=PROMPT, max_tokens=12, temperature=1.0,
+                                         seed=11, n=n, logprobs=1)
+
     eight = ask(8)
     ids = [c.model_extra["token_ids"] for c in eight.choices]
     assert [c.index for c in eight.choices] == list(range(8)) and len(set(map(tuple, ids))) == 8
