@@ -65,7 +65,7 @@ def main() -> int:
     from infer.config import get_config
     from infer.hf import config_from_hf
     from infer.model import random_state_dict
-    from storage.export import export_hf_dir
+    from storage.hfexport import export_hf_dir
     from storage.fastdeploy import export_fastdeploy
 
     name, repeats = ("tiny", 1) if args.quick else ("medium", 3)

@@ -35,12 +35,12 @@ _CHILD = """
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 import numpy as np, storage
-from storage.tensorfile import DTYPES
+from storage.tensorfile import DTYPE_CODES
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     src = storage.resolve(sys.argv[1], "h", fallback_dir=sys.argv[2])
     parsed = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the targets below are the harness's, not parsing
-    targets = {n: np.zeros(shape, DTYPES[code][0]) for n, (code, shape) in src.index().items()}
+    targets = {n: np.zeros(shape, DTYPE_CODES[code][0]) for n, (code, shape) in src.index().items()}
     apply = getattr(storage, "apply_source", None) or __import__("storage.reader").reader.apply_source  # older trees
     apply(src, targets)
     out = {"outcome": "loaded"}

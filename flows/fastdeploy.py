@@ -30,9 +30,8 @@ from typing import Any
 
 import httpx
 
-from storage import join, layout, open_fs
+from storage import join, layout, open_fs, read_record, write_json
 from storage.errors import TornSnapshotError
-from storage.export import read_record, write_json
 from storage.fastdeploy import export_fastdeploy
 
 from flows import fleet

@@ -13,10 +13,9 @@ from prefect.futures import as_completed
 import storage
 from flows.checkpoint import serving_shard
 from flows.inprocess import flow
-from storage import manifest_name, open_fs
+from storage import DEFAULT_PART_BYTES, manifest_name, open_fs
 
 Runner = Literal["threads", "dask", "ray"]
-DEFAULT_PART_BYTES = 512 << 20
 
 
 def transient(task, task_run, state) -> bool:

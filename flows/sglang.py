@@ -1,5 +1,5 @@
 """An SGLang server as a member of the fleet: each version is exported as a Hugging Face directory
-(``storage.export.export_hf_dir``) under the server's ``model_dir`` and loaded with ``POST
+(``storage.hfexport.export_hf_dir``) under the server's ``model_dir`` and loaded with ``POST
 /update_weights_from_disk``; ``GET /model_info`` confirms (``model_path`` and ``weight_version`` must be the new
 ones).
 
@@ -24,8 +24,10 @@ import json
 from typing import Any
 
 from storage import SnapshotError, join, open_fs
-from storage.export import EXPORT_RECORD, export_hf_dir, open_version, prune_exports, read_record
-from storage.families import check_fits
+from storage import read_record
+from storage.families import check_model_fits
+from storage.hfexport import EXPORT_RECORD, export_hf_dir, prune_exports
+from storage.whole import open_version
 
 from flows import fleet
 from flows.adapter import Adapter
@@ -82,7 +84,7 @@ class SGLang(Adapter):
                 raise Refused(f"{self.server.url} runs {running}, {url} describes {doc.get('architectures')}: set "
                               "the server's config to the config.json of the model it serves")
             reader = open_version(snapshot_root, version)
-            check_fits(reader.index(), doc, url, f"{snapshot_root} {version}")
+            check_model_fits(reader.index(), doc, url, f"{snapshot_root} {version}")
         except ValueError as exc:  # not JSON, or a model Baton does not know: the server is not called
             if isinstance(exc, SnapshotError):
                 raise

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import paddle
 import storage
-from storage import code_of_numpy, code_of_paddle
-from storage.digest import ADD, MUL, combine, sum64, sum64_digest, sum64_words, tensor_digest
+from storage import code_of as _code, host_array
+from storage.digest import ADD, MUL, state_digest as snapshot_digest, sum64, sum64_digest, sum64_words
 
 CHUNK = 1 << 24  # words reduced at a time on the device: the int64 temporaries stay at 128 MiB each
 _MASK = 2**64 - 1
@@ -66,18 +66,6 @@ def _words(t: Any) -> np.ndarray:
     return sum64_words(arr, arr.dtype.itemsize)
 
 
-def host_array(t: Any) -> np.ndarray:
-    """The tensor's bytes as numpy: shared with a contiguous CPU tensor (no copy of a large model), copied else."""
-    if isinstance(t, np.ndarray):
-        return t
-    t = t.detach()
-    if t.dtype == paddle.bfloat16:
-        t = t.view(paddle.uint16)
-    if t.place.is_cpu_place() and t.is_contiguous() and t.numel() > 0:
-        return np.from_dlpack(t)
-    return t.numpy()
-
-
 def _on_device(t: Any) -> bool:
     return not isinstance(t, np.ndarray) and not t.place.is_cpu_place()
 
@@ -91,8 +79,7 @@ def state_digest(state: Mapping[str, Any], scheme: str | None = None) -> str:
         raise ValueError(f"scheme {scheme!r}: use 'xxh3' or 'sum64'")
     names = sorted(state)
     if scheme == "xxh3":
-        return combine({n: tensor_digest(n, _code(state[n]), state[n].shape, np.ascontiguousarray(host_array(state[n])))
-                        for n in names})
+        return snapshot_digest(state)
     sums = device_sums(state, [n for n in names if _on_device(state[n]) and state[n].element_size() in _SIGNED])
     return sum64_digest({n: (_code(state[n]), state[n].shape, sums[n] if n in sums else sum64(_words(state[n])))
                          for n in names})
@@ -121,7 +108,3 @@ def published_digest(held: str, snapshot_root: str, version: str, rank: int, *, 
     if manifest is None or manifest.sum64 != held:
         return None
     return manifest.digest
-
-
-def _code(t: Any) -> str:
-    return code_of_numpy(t.dtype) if isinstance(t, np.ndarray) else code_of_paddle(t.dtype)

@@ -48,8 +48,8 @@ from infer.digest import state_digest
 from infer.engine import Busy, VersionUnavailable
 from infer.metrics import Metrics
 from infer.model import Decoder, load_state
-from storage import check_source, layout, shard_views
-from storage.chain import apply_delta, apply_plan, describe, load_plan, rank_digest
+from storage import apply_plan, check_source, deltaload, layout, load_plan, shard_views
+from storage.digest import state_digest as snapshot_digest
 
 log = logging.getLogger("baton.serve")
 MODES = ("in_place", "double_buffer")
@@ -435,7 +435,7 @@ class WeightManager:
             expected = plan[-1].manifest.digest if plan[-1].manifest else None
             if expected is None or (self.tp_size == 1 and slot.info.digest == expected):
                 continue  # a level without a manifest has no digest to prove; an equal server digest proves it
-            got = rank_digest(self._targets(slot, r), plan[-1].index())
+            got = snapshot_digest(self._targets(slot, r), plan[-1].index())
             if got != expected:
                 version, slot.info = slot.info.version, None
                 raise SnapshotRejected(f"{version} rank {r}: the prepared copy digests to "
@@ -450,8 +450,8 @@ class WeightManager:
                 slot.info = None
                 for r, plan, verify, _ in undo.sources:
                     targets = self._targets(slot, r)
-                    apply_delta(plan[0], targets, verify=verify, copy_fn=kernels.cast_copy_ if on_gpu else None)
-                    got = rank_digest(targets, plan[0].index())
+                    deltaload.apply_delta(plan[0], targets, verify=verify, copy_fn=kernels.cast_copy_ if on_gpu else None)
+                    got = snapshot_digest(targets, plan[0].index())
                     if got != plan[0].manifest.base.digest:
                         raise ValueError(f"digest {got} after reversing, the base's is {plan[0].manifest.base.digest}")
                 slot.info = WeightInfo(**{**undo.previous.__dict__, "loaded_at": time.time(),
@@ -593,7 +593,7 @@ class WeightManager:
         last = sources[0][1][-1]
         return WeightInfo(version, snapshot_root, rank, levels[0], last.level.label, time.time(),
                           sum(src.bytes for _, plan, *_ in sources for src in plan), time.perf_counter() - start,
-                          digest, describe(sources[0][1]))
+                          digest, sources[0][1].path)
 
     def _switch(self, slot: Slot) -> WeightInfo:
         with self._cond:

@@ -13,24 +13,26 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .apply import apply_source, check_source
-from .checkpoint import read_state_file
-from .chain import load_plan, resolve_chain
+from .catalog import VersionInfo, list_versions, prune
 from .delta import LastPublished
-from .fs import join, listing, open_fs
+from .deltaload import resolve_chain
+from .fs import join, listing, open_fs, read_record, write_json
 from .hfdir import hf_tensors, is_hf_checkpoint
 from .layout import Level, check_id, manifest_name
-from .reader import LoadReport, load_snapshot
+from .reader import LoadPlan, LoadReport, apply_plan, load_plan, load_snapshot
 from .resolve import Source, probe_levels, resolve
-from .tensorfile import code_of_numpy, code_of_paddle
-from .trainer import checkpoint_tensors, trainer_tensors
+from .tensorfile import TensorRef, code_of, code_of_numpy, code_of_paddle, host_array
 from .tp import LLAMA_TP_RULES, merge_state_dicts, reshard, shard_views, split_state_dict
-from .writer import PublishReport, TensorRef, VersionInfo, list_versions, prune, publish
+from .trainer import checkpoint_tensors, read_state_file, trainer_tensors
+from .writer import DEFAULT_PART_BYTES, PublishOptions, PublishReport, publish
 
 __all__ = [
     "IncompatibleTargetError", "PartialApplyError", "SnapshotError", "SnapshotExistsError", "SnapshotNotFoundError",
-    "TornSnapshotError", "UnsafeCheckpointError", "Level", "LoadReport", "load_snapshot", "probe_levels", "resolve",
-    "Source", "apply_source", "check_source", "checkpoint_tensors", "trainer_tensors", "read_state_file",
-    "LastPublished", "load_plan", "resolve_chain", "PublishReport", "TensorRef", "VersionInfo", "hf_tensors", "is_hf_checkpoint", "list_versions", "prune", "publish",
-    "LLAMA_TP_RULES", "merge_state_dicts", "reshard", "shard_views", "split_state_dict",
-    "open_fs", "join", "listing", "check_id", "manifest_name", "code_of_numpy", "code_of_paddle",
+    "TornSnapshotError", "UnsafeCheckpointError", "Level", "LoadPlan", "LoadReport", "load_plan", "apply_plan",
+    "load_snapshot", "probe_levels", "resolve", "resolve_chain", "Source", "apply_source", "check_source",
+    "checkpoint_tensors", "trainer_tensors", "read_state_file", "hf_tensors", "is_hf_checkpoint", "TensorRef",
+    "LastPublished", "PublishOptions", "PublishReport", "DEFAULT_PART_BYTES", "publish", "VersionInfo",
+    "list_versions", "prune", "LLAMA_TP_RULES", "merge_state_dicts", "reshard", "shard_views", "split_state_dict",
+    "open_fs", "join", "listing", "read_record", "write_json", "check_id", "manifest_name", "code_of",
+    "code_of_numpy", "code_of_paddle", "host_array",
 ]

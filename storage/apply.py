@@ -6,7 +6,7 @@ tensors, hashing it as it goes (``"stream"``, the default: every byte read once)
 ``readinto`` straight into the parameters' memory, a cache-sized window at a time so the hash reads it from
 cache. Remote parts are first downloaded once, ``prefetch`` at a time, into a local temporary directory, and
 applied as they arrive; without room there, they are fetched into memory two at a time and each is hashed
-before any of it is applied. Files are read, never memory-mapped: a part
+before any of it is applied. Files are read, never memory-mapped (here or anywhere in ``storage``): a part
 truncated while mapped would kill the process with SIGBUS. Once the first byte of a target has changed,
 any failure is a ``PartialApplyError`` naming every tensor touched, so the caller knows to restore.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import shutil
@@ -30,12 +29,11 @@ import xxhash
 from tqdm.auto import tqdm
 
 from .errors import IncompatibleTargetError, PartialApplyError, TornSnapshotError
-from .fs import is_local, storage_calls, storage_error
-from .resolve import Source, url_of
-from .tensorfile import DTYPES, Header, code_of_numpy, code_of_paddle, paddle_eager
+from .fs import HASH_WINDOW, is_local, storage_calls, storage_error
+from .resolve import Source, disappeared
+from .tensorfile import DTYPE_CODES, Header, code_of, copy_converted, host_view, paddle_eager, url_of
 
 log = logging.getLogger("baton.storage")
-HASH_WINDOW = 1 << 20  # bytes read then hashed at a time: small enough to stay in cache
 _FLOATS = {"F16", "BF16", "F32", "F64"}
 Target = Union[Mapping[str, Any], Any]  # a dict of paddle tensors / numpy arrays, or a paddle.nn.Layer
 CopyFn = Callable[[Any, Any], None]  # (live paddle tensor, loaded paddle tensor) -> None, in place
@@ -49,10 +47,6 @@ def target_table(into: Target) -> dict[str, Any]:
     raise TypeError(f"into must be a paddle.nn.Layer or a dict of tensors, not {type(into).__name__}")
 
 
-def _code_of(t: Any) -> str:
-    return code_of_numpy(t.dtype) if isinstance(t, np.ndarray) else code_of_paddle(t.dtype)
-
-
 def _unwritable(t: Any) -> str | None:
     """Why ``t`` cannot take bytes in place, or None."""
     if isinstance(t, np.ndarray):
@@ -62,7 +56,7 @@ def _unwritable(t: Any) -> str | None:
     return None
 
 
-def check_fits(index: Mapping[str, tuple[str, tuple[int, ...]]], targets: Mapping[str, Any], where: str, cast: bool) -> None:
+def check_targets(index: Mapping[str, tuple[str, tuple[int, ...]]], targets: Mapping[str, Any], where: str, cast: bool) -> None:
     """Every difference between snapshot and target, reported at once; raises before anything is written."""
     problems = [f"missing tensor {n!r}" for n in sorted(set(targets) - set(index))]
     problems += [f"unexpected tensor {n!r} (not in the target)" for n in sorted(set(index) - set(targets))]
@@ -75,7 +69,7 @@ def check_fits(index: Mapping[str, tuple[str, tuple[int, ...]]], targets: Mappin
             continue
         if tuple(int(d) for d in t.shape) != shape:
             problems.append(f"{name!r}: shape {list(shape)} in the snapshot, {list(t.shape)} in the target")
-        tcode = _code_of(t)
+        tcode = code_of(t)
         if tcode != code and not (cast and code in _FLOATS and tcode in _FLOATS):
             problems.append(f"{name!r}: dtype {code} in the snapshot, {tcode} in the target (pass cast=True to convert floats)")
     if problems:
@@ -83,56 +77,12 @@ def check_fits(index: Mapping[str, tuple[str, tuple[int, ...]]], targets: Mappin
         raise IncompatibleTargetError(f"{where} does not fit the target: " + "; ".join(problems[:20]) + more)
 
 
-def _host_view(dst: Any, code: str) -> np.ndarray | None:
-    """A writable flat byte view of ``dst``'s own memory when the bytes can land there as they are."""
-    if isinstance(dst, np.ndarray):
-        ok = dst.flags.c_contiguous and dst.flags.writeable and code_of_numpy(dst.dtype) == code
-        return dst.reshape(-1).view(np.uint8) if ok else None
-    if code_of_paddle(dst.dtype) != code or not dst.place.is_cpu_place() or not dst.is_contiguous():
-        return None
-    paddle = paddle_eager()
-
-    t = dst.detach()
-    if code == "BF16":
-        t = t.view(paddle.uint16)
-    elif code.startswith("F8"):
-        t = t.view(paddle.uint8)
-    if 0 in t.shape:  # (not t.numel(): a Paddle comparison costs more than the rest of this function)
-        return np.empty(0, np.uint8)
-    try:
-        return np.from_dlpack(t).reshape(-1).view(np.uint8)
-    except (BufferError, RuntimeError, TypeError):
-        return None
-
-
-def _copy_converted(dst: Any, raw: np.ndarray, code: str, shape: tuple[int, ...], copy_fn: CopyFn | None) -> None:
-    """The slow path: a dtype cast or a device copy, one tensor-sized temporary at most."""
-    arr = raw.view(DTYPES[code][0]).reshape(shape)
-    if isinstance(dst, np.ndarray):
-        if code == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        np.copyto(dst, arr, casting="unsafe")
-        return
-    paddle = paddle_eager()
-
-    src = paddle.to_tensor(arr, place=dst.place)
-    if code == "BF16":
-        src = src.view(paddle.bfloat16)
-    elif code.startswith("F8"):
-        src = src.view(getattr(paddle, DTYPES[code][1]))
-    if copy_fn is not None:
-        copy_fn(dst, src)
-        return
-    with paddle.no_grad():
-        paddle.assign(src if src.dtype == dst.dtype else src.astype(dst.dtype), output=dst)
-
-
 def _apply_bytes(dst: Any, data: np.ndarray, code: str, shape, copy_fn: CopyFn | None) -> None:
-    view = _host_view(dst, code) if copy_fn is None else None
+    view = host_view(dst, code) if copy_fn is None else None
     if view is not None:
         np.copyto(view, data)
     else:
-        _copy_converted(dst, data, code, shape, copy_fn)
+        copy_converted(dst, data, code, shape, copy_fn)
 
 
 def _readinto(f, buf: memoryview | np.ndarray, url: str) -> None:
@@ -145,46 +95,13 @@ def _readinto(f, buf: memoryview | np.ndarray, url: str) -> None:
         got += n
 
 
-def xxh3_file(path: str) -> str:
-    """xxh3_128 of a local file through one reused buffer: memory stays at the window, whatever happens to the file."""
-    h, buf = xxhash.xxh3_128(), bytearray(HASH_WINDOW)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(memoryview(buf)[:n])
-    return h.hexdigest()
-
-
-def _hash_remote(fs, path: str) -> str:
-    return xxhash.xxh3_128(fs.cat_file(path)).hexdigest()
-
-
-def digest_mismatch(url: str, got: str, expected: str) -> TornSnapshotError:
-    return TornSnapshotError(url, f"xxh3_128 {got} does not match the manifest's {expected} (corrupt or replaced): "
-                             "publish the version again")
-
-
-def verify_parts(src: Source, prefetch: int) -> None:
-    """Hashes every part of ``src`` that has a checksum, ``prefetch`` at a time, against its manifest."""
-    todo = [(p, u, d) for p, u, d in zip(src.files, src.urls(), src.digests) if d]
-    hasher = xxh3_file if is_local(src.fs) else functools.partial(_hash_remote, src.fs)
-    with ThreadPoolExecutor(max(1, prefetch)) as pool:
-        for (_, url, expected), got in zip(todo, pool.map(_guarded(hasher, src.fs), [p for p, _, _ in todo])):
-            if got != expected:
-                raise digest_mismatch(url, got, expected)
-
-
-def _disappeared(url: str) -> TornSnapshotError:
-    return TornSnapshotError(url, "disappeared while loading (pruned or replaced?); load again, or publish the "
-                             "version again if it was pruned")
-
-
 def _guarded(fn, fs):
     """``fn(path)`` with a vanished file reported as a torn snapshot that names it."""
     def run(path: str):
         try:
             return fn(path)
         except FileNotFoundError:
-            raise _disappeared(url_of(fs, path)) from None
+            raise disappeared(url_of(fs, path)) from None
     return run
 
 
@@ -216,7 +133,7 @@ def _apply_file(path: str, url: str, header: Header, targets, copy_fn: CopyFn | 
     try:
         f = open(path, "rb", buffering=0)  # unbuffered: readinto lands in the parameter itself
     except FileNotFoundError:
-        raise _disappeared(url) from None
+        raise disappeared(url) from None
     with f:
         if os.fstat(f.fileno()).st_size != header.file_size:
             raise TornSnapshotError(url, f"is {os.fstat(f.fileno()).st_size} bytes now, {header.file_size} when it "
@@ -227,22 +144,21 @@ def _apply_file(path: str, url: str, header: Header, targets, copy_fn: CopyFn | 
             h.update(head)
         for e in header.entries:
             dst = targets[e.name]
-            view = _host_view(dst, e.dtype) if copy_fn is None else None
+            view = host_view(dst, e.dtype) if copy_fn is None else None
             buf = view if view is not None else np.empty(e.nbytes, np.uint8)
             if view is not None:
                 touched.append(e.name)  # from here on its bytes may be half old, half new
             f.seek(e.start)
             step = HASH_WINDOW if h is not None else max(e.nbytes, 1)
             for start in range(0, e.nbytes, step):
-                # hashed while the window is still in cache: ~15% of the read, not a second pass (a helper
-                # thread per window measured slower here: the hand-off costs more than the hash)
+                # hashed while the window is still in cache, not in a second pass
                 window = buf[start:start + step]
                 _readinto(f, window, url)
                 if h is not None:
                     h.update(window)
             if view is None:
                 touched.append(e.name)
-                _copy_converted(dst, buf, e.dtype, e.shape, copy_fn)
+                copy_converted(dst, buf, e.dtype, e.shape, copy_fn)
             bar.update(e.nbytes)
 
 
@@ -264,7 +180,7 @@ def _apply(src: Source, targets: Mapping[str, Any], verify: str, copy_fn: CopyFn
     url = urls[0]
     try:
         for i, blob in _fetch_parts(src, ready):
-            url, expected = urls[i], (src.digests[i] if verify != "none" else None)
+            url, expected = urls[i], (src.checksums[i] if verify != "none" else None)
             h = xxhash.xxh3_128() if expected else None
             if blob is None:
                 _apply_file(src.files[i], url, src.headers[i], targets, copy_fn, h, touched, bar)
@@ -296,7 +212,7 @@ def _download(src: Source, i: int, url: str, path: str) -> None:
     try:
         src.fs.get_file(src.files[i], path)
     except FileNotFoundError:
-        raise _disappeared(url) from None
+        raise disappeared(url) from None
     if os.path.getsize(path) != src.sizes[i]:
         raise TornSnapshotError(url, f"downloaded {os.path.getsize(path)} bytes, expected {src.sizes[i]} (replaced "
                                 "while loading?)")
@@ -334,9 +250,9 @@ def check_source(src: Source, into: Target, *, verify: str = "stream", cast: boo
     is writable, and with ``verify="full"`` every part's checksum. A server checks every rank's source this way
     before applying any."""
     where = src.urls()[0] + (f" (+{len(src.files) - 1} more parts)" if len(src.files) > 1 else "")
-    check_fits(src.index(), target_table(into), where, cast)
-    if verify == "full" and any(src.digests):
-        verify_parts(src, prefetch)
+    check_targets(src.index(), target_table(into), where, cast)
+    if verify == "full" and any(src.checksums):
+        src.verify(prefetch)
 
 
 @storage_calls
@@ -350,17 +266,17 @@ def apply_source(
     if into is None:
         paddle = paddle_eager()
 
-        targets = {n: paddle.empty(list(shape), dtype=DTYPES[code][1]) for n, (code, shape) in index.items()}
+        targets = {n: paddle.empty(list(shape), dtype=DTYPE_CODES[code][1]) for n, (code, shape) in index.items()}
     else:
         targets = target_table(into)
-    has_digests = any(src.digests)
+    has_checksums = any(src.checksums)
     check_source(src, targets, verify="none", cast=cast)  # before a byte is downloaded
     with _spooled(src, prefetch) as (local, ready):
-        if verify == "full" and has_digests:
+        if verify == "full" and has_checksums:
             if ready is not None:  # every part local before the hash pass
                 for i in range(len(local.files)):
                     ready(i)
-            verify_parts(local, prefetch)
+            local.verify(prefetch)
         with tqdm(total=src.bytes, unit="B", unit_scale=True, desc=label, disable=not progress) as bar:
             try:
                 _apply(local, targets, verify, copy_fn, ready, bar)
@@ -368,8 +284,8 @@ def apply_source(
                 if into is None and isinstance(exc.__cause__, (TornSnapshotError, OSError)):
                     raise exc.__cause__ from None  # fresh tensors, never returned: nothing to restore
                 raise
-    if not has_digests or verify == "none":
-        verified = "sizes and headers only" + ("" if has_digests else " (no manifest: no checksums to check)")
+    if not has_checksums or verify == "none":
+        verified = "sizes and headers only" + ("" if has_checksums else " (no manifest: no checksums to check)")
     else:
         verified = "xxh3_128 before apply" if verify == "full" else "xxh3_128 while applying"
     return targets, verified

@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 
-from . import audit, hfdir, layout, trainer, writer
+from . import catalog, hfdir, layout, trainer, writer
 from .errors import SnapshotError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
@@ -71,7 +71,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    states = audit.inspect_snapshot(args.url, args.version, args.rank, fallback_dir=args.fallback_dir, strict=args.strict)
+    states = catalog.inspect_snapshot(args.url, args.version, args.rank, fallback_dir=args.fallback_dir, strict=args.strict)
     print(f"{'level':<6}{'source':<21}{'state':<10}{'files':>6}{'bytes':>12}  where / detail")
     for s in states:
         print(f"{int(s.level):<6}{s.level.label:<21}{s.state:<10}{s.files:>6}{human(s.bytes):>12}  {s.where}")
@@ -83,7 +83,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    level, checks = audit.verify_snapshot(args.url, args.version, args.rank, fallback_dir=args.fallback_dir,
+    level, checks = catalog.verify_snapshot(args.url, args.version, args.rank, fallback_dir=args.fallback_dir,
                                           strict=args.strict, sha256=args.sha256)
     for c in checks:
         print(f"{'ok ' if c.ok else 'BAD'} {c.url}: {c.detail}")
@@ -95,7 +95,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_versions(args: argparse.Namespace) -> int:
     import datetime
 
-    for v in writer.list_versions(args.url):
+    for v in catalog.list_versions(args.url):
         when = datetime.datetime.fromtimestamp(v.published_at).isoformat(timespec="seconds")
         kind = f"delta on {v.base}" if v.base else "full"
         print(f"{v.version:<24} ranks {','.join(map(str, v.ranks)):<10} {human(v.bytes):>12}  {when}  {kind}")
@@ -103,7 +103,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    removed = writer.prune(args.url, args.keep_last, keep=args.keep)
+    removed = catalog.prune(args.url, args.keep_last, keep=args.keep)
     print(f"removed {len(removed)} version(s): {', '.join(removed) or '-'}")
     return 0
 
@@ -135,8 +135,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="also record each part's SHA-256 for audits (costs about as much as the write)")
     p.add_argument("--base", help="publish only what changed since this committed version (a delta); written in full "
                    "when that would not pay")
-    p.add_argument("--max-chain", type=int, default=writer.MAX_CHAIN,
-                   help=f"a full version at least every this many versions (default {writer.MAX_CHAIN})")
+    p.add_argument("--max-chain", type=int, default=writer.MAX_DELTA_DEPTH,
+                   help=f"a full version at least every this many versions (default {writer.MAX_DELTA_DEPTH})")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("inspect", help="show what exists at each loading level and which would load")

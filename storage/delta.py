@@ -3,8 +3,8 @@
 The base's values come from the trainer's own memory when it kept what it last published (``LastPublished``:
 one comparison pass, no read of storage) or else from the snapshot root, read through the base's own chain.
 A delta is written only when it pays: a state whose names, dtypes or shapes differ from the base's, a base
-``max_chain - 1`` deltas from its full version, or changes that encode to more than ``max_ratio`` of the full
-bytes are published as a full version instead, and the report says why. So is a base that cannot be read
+``max_chain - 1`` deltas from its full version (``MAX_DELTA_DEPTH`` by default), or changes that encode to more
+than ``max_ratio`` of the full bytes are published as a full version instead, and the report says why. So is a base that cannot be read
 (pruned, a manifest or a file of its chain missing or corrupt, a base republished under the delta's feet): the
 trainer's step must not fail because an older version is damaged, and a full version ends the damaged chain.
 """
@@ -17,14 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from . import deltacodec, layout
-from .chain import RankReader, resolve_chain
+from . import deltacodec
+from .deltaload import RankReader, resolve_chain
 from .digest import combine, sum64, sum64_digest, sum64_words, tensor_digest
 from .errors import SnapshotError
 from .manifest import Base, PartRecord, TensorRecord
 from .tensorfile import encode_header, itemsize
 
-MAX_CHAIN = 8  # a full version at least every 8: a server that missed versions reads at most 7 deltas past it
+MAX_DELTA_DEPTH = 8  # a full version at least every 8: a server that missed versions reads at most 7 deltas past it
 MAX_RATIO = 0.5  # above half the full bytes, a delta saves too little to be worth a chain link
 
 
@@ -49,15 +49,17 @@ class LastPublished:
         held = self._ranks.get(rank)
         return held.version if held else None
 
-    def _record(self, rank: int, base: str | None) -> _Recording:
-        """A publish of ``rank`` begins: the rank is forgotten until it commits."""
+    def begin(self, rank: int, base: str | None) -> Recording:
+        """A publish of ``rank`` on ``base`` begins: the rank is forgotten until the recording commits. The recording
+        holds the last publish's values when they are ``base``'s."""
         held = self._ranks.pop(rank, None)
-        return _Recording(self, rank, held if held is not None and held.version == base else None,
-                          held.values if held else {})
+        return Recording(self, rank, held if held is not None and held.version == base else None,
+                         held.values if held else {})
 
 
-class _Recording:
-    """One publish's copy of the state it writes, into the buffers of the last (reused when sizes allow)."""
+class Recording:
+    """One publish's copy of the state it writes, into the buffers of the last (reused when sizes allow); ``commit``
+    makes it what the ``LastPublished`` holds for the rank."""
 
     def __init__(self, cache: LastPublished, rank: int, base: _Held | None, buffers: dict[str, np.ndarray]):
         self.cache, self.rank, self.base, self.buffers = cache, rank, base, buffers
@@ -141,11 +143,11 @@ class TooLarge(Exception):
     """The delta grew past its limit: the version is published in full instead."""
 
 
-def write_delta(items: list, raw_of: Callable, base: BaseValues, rank: int, version: str, part_bytes: int,
-                limit: int, put: Callable[[str, int, list, int], PartRecord],
+def write_delta(items: list, raw_of: Callable, base: BaseValues, part_bytes: int, limit: int,
+                write: Callable[[int, list, int], PartRecord],
                 keep: Callable[[Any, np.ndarray], None]) -> tuple[list[PartRecord], dict[str, TensorRecord], str, str]:
     """Encodes each tensor against the base and writes the blobs as ``delta{N}`` files of about ``part_bytes``
-    (``put(name, index, buffers, count)`` writes one and returns its record). Returns the files' and tensors'
+    (``write(index, buffers, count)`` writes file N and returns its record). Returns the files' and tensors'
     records and the new state's digest and ``sum64`` digest; raises ``TooLarge`` once the files pass ``limit``
     bytes."""
     records: list[PartRecord] = []
@@ -159,8 +161,7 @@ def write_delta(items: list, raw_of: Callable, base: BaseValues, rank: int, vers
         nonlocal pending
         index = len(records)
         header = encode_header([(n, "U8", (len(b),), len(b)) for n, b in pending], {"format": "baton.delta"})
-        records.append(put(layout.delta_name(rank, version, index), index, [header, *(b for _, b in pending)],
-                           len(pending)))
+        records.append(write(index, [header, *(b for _, b in pending)], len(pending)))
         pending = []
 
     for item in items:

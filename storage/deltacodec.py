@@ -1,12 +1,12 @@
 """The bytes of one tensor's delta: which elements changed bits since the base, and by which bits.
 
-Chosen by measurement (``bench/delta_bench.py``; a bf16 Adam step at lr 1e-6 changes ~4% of the elements,
-almost all by their last mantissa bits): per window of ``WINDOW`` elements, the gaps between changed elements
-(uint32) and each changed element's XOR with its base, every value split into byte planes (all low bytes, then
-all second bytes, ...), compressed as one zstd frame. Sparse planes cut the XOR-of-everything encoding's size by
-half at lr 1e-6 (2.5% of the full bytes vs 4.4%, both zstd level 1), and applying touches only the changed
-elements instead of decompressing a full-size XOR stream (1.2 GB/s here). Values are compared and applied as
-raw words, never as floats, so every dtype (NaNs, -0.0, ints) comes back bit-exact.
+A small optimizer step changes a few percent of the elements, almost all by their last mantissa bits; so per
+window of ``WINDOW`` elements the encoding keeps the gaps between changed elements (uint32) and each changed
+element's XOR with its base, every value split into byte planes (all low bytes, then all second bytes, ...),
+compressed as one zstd frame. Sparse planes are smaller than a compressed XOR of everything, and applying touches
+only the changed elements instead of decompressing a full-size XOR stream (``bench/delta_bench.py`` measures
+both). Values are compared and applied as raw words, never as floats, so every dtype (NaNs, -0.0, ints) comes back
+bit-exact.
 
 A tensor's blob: ``u64 frame length`` per window (0: nothing changed there), then the frames. A frame
 decompresses to ``u32 k`` then ``4*k`` gap bytes then ``w*k`` XOR bytes (``w`` the element width). Decoding
@@ -17,7 +17,6 @@ tensor or inflate past one window.
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,7 +25,7 @@ import numpy as np
 import zstandard
 
 WINDOW = 1 << 22  # elements per frame: a window's planes stay at (4 + w) * 4 Mi bytes at most
-LEVEL = 1  # zstd level: 3 gained <1% size here at 20% more time
+LEVEL = 1  # zstd level: the planes are small already, higher levels cost time for little size
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -130,22 +129,24 @@ def encode(base: np.ndarray, new: np.ndarray, width: int, update: bool = False) 
             return b""
         return zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(_planes(k, width, gaps, xors))
 
-    frames = list(_POOL.map(one, windows)) if len(windows) > 1 else [one(0)]
+    frames = _each(one, windows)
     if not any(frames):
         return None
     return np.asarray([len(f) for f in frames], "<u8").tobytes() + b"".join(frames)
 
 
-_local = threading.local()
-_POOL = ThreadPoolExecutor(2, thread_name_prefix="baton-delta")
+def _each(fn: Callable[[Any], Any], jobs) -> list:
+    """``fn`` over ``jobs`` (windows: disjoint ranges of one tensor), two at a time when there are several (the scan,
+    zstd and the apply loop release the GIL), in threads of this call's own."""
+    if len(jobs) < 2:
+        return [fn(job) for job in jobs]
+    with ThreadPoolExecutor(2, thread_name_prefix="baton-delta") as pool:
+        return list(pool.map(fn, jobs))
 
 
 def _scratch(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """This thread's gap and XOR buffers, a window each, reused across tensors."""
-    held = getattr(_local, "buffers", None)
-    if held is None or held[0].size < size:
-        held = _local.buffers = (np.empty(WINDOW, np.uint32), np.empty(WINDOW, np.uint64))
-    return held
+    """Gap and XOR buffers for one window of ``size`` elements."""
+    return np.empty(size, np.uint32), np.empty(size, np.uint64)
 
 
 def _windows(blob: bytes | memoryview, elements: int) -> tuple[memoryview, list[tuple[int, int, int]]]:
@@ -193,9 +194,7 @@ def apply(target: np.ndarray, blob: bytes | memoryview, width: int) -> None:
         if _apply(elements_of, lo, hi, plane, k, width) < 0:
             raise DeltaFormatError(f"window {job[0]}: a change falls outside the window")
 
-    # windows are disjoint ranges of the target: two at a time (decompression and the loop release the GIL)
-    for _ in (_POOL.map(one, jobs) if len(jobs) > 1 else map(one, jobs)):
-        pass
+    _each(one, jobs)
 
 
 def changes(blob: bytes | memoryview, elements: int, width: int) -> tuple[np.ndarray, np.ndarray]:

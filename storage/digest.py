@@ -15,10 +15,13 @@ computes it where the weights live and only the numbers cross to the host (``inf
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numba
 import numpy as np
 import xxhash
+
+from .tensorfile import code_of, host_bytes
 
 MUL, ADD = 0x9E3779B97F4A7C15, 0x632BE59BD9B4E019  # odd constants: every position weighs differently
 
@@ -85,3 +88,15 @@ def combine(tensors: Mapping[str, bytes]) -> str:
     for name in sorted(tensors):
         h.update(tensors[name])
     return h.hexdigest()
+
+
+def state_digest(targets: Mapping[str, Any], index: Mapping[str, tuple[str, tuple[int, ...]]] | None = None) -> str | None:
+    """The digest of ``targets`` (numpy arrays or Paddle tensors) read as ``index``'s dtypes (name -> (dtype code,
+    shape); by default each tensor's own), so a target cast to another float dtype digests as the snapshot it holds.
+    None when ``targets`` do not have ``index``'s names and shapes, so cannot hold any version of that snapshot."""
+    if index is None:
+        index = {n: (code_of(t), tuple(int(d) for d in t.shape)) for n, t in targets.items()}
+    elif set(targets) != set(index) or any(tuple(int(d) for d in targets[n].shape) != tuple(s)
+                                           for n, (_, s) in index.items()):
+        return None
+    return combine({n: tensor_digest(n, code, shape, host_bytes(targets[n], code)) for n, (code, shape) in index.items()})

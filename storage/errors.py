@@ -23,6 +23,12 @@ class TornSnapshotError(SnapshotError, ValueError):
         self.path, self.reason = path, reason
         super().__init__(f"{path}: {reason}")
 
+    @classmethod
+    def checksum(cls, path: str, got: str, expected: str) -> TornSnapshotError:
+        """A file whose checksum is not its manifest's."""
+        return cls(path, f"xxh3_128 {got} does not match the manifest's {expected} (corrupt or replaced): publish the "
+                   "version again")
+
 
 class IncompatibleTargetError(SnapshotError, ValueError):
     """The snapshot's names, shapes or dtypes do not fit the parameters it was asked to load into."""

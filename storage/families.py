@@ -112,9 +112,6 @@ def canonical_shapes(doc: Mapping[str, Any], source: str) -> dict[str, tuple[int
     return shapes
 
 
-DTYPE_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-
-
 def _names(names: list[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f" … ({len(names)} in all)" if len(names) > limit else "")
 
@@ -126,7 +123,7 @@ def _layers(names) -> int:
 SERVER_ADVICE = "Publish a version of that model, or point the server's entry at the config.json of the model it runs"
 
 
-def check_fits(tensors: Mapping[str, tuple[str, tuple[int, ...]]], doc: Mapping[str, Any], source: str, what: str,
+def check_model_fits(tensors: Mapping[str, tuple[str, tuple[int, ...]]], doc: Mapping[str, Any], source: str, what: str,
                dtype: str | None = None, target: str = "the server's model", advice: str = SERVER_ADVICE) -> Sizes:
     """Refuses (``IncompatibleTargetError``) a version whose canonical tensors (name -> (dtype code, shape)) are
     not exactly the model ``doc`` describes: every tensor missing, extra or of another shape is named, and with

@@ -54,13 +54,15 @@ import numpy as np
 
 from . import layout
 from .errors import IncompatibleTargetError
-from .export import Scratch, WholeTensors, open_version, transpose
-from .families import DTYPE_CODES, Sizes, check_fits, sizes_of
+from .families import Sizes, check_model_fits, sizes_of
 from .fs import join, listing, open_fs, storage_calls
 from .hfdir import CONFIG_FILE, read_json
-from .tensorfile import encode_header, itemsize
+from .tensorfile import DTYPE_CODES, encode_header, itemsize
+from .whole import Scratch, WholeTensors, open_version, transpose
 
 VOCAB_PADDING = 64  # fastdeploy/model_executor/layers/utils.py DEFAULT_VOCAB_PADDING_SIZE
+# a config.json's torch_dtype -> the dtype code of the tensors a model of it holds (Paddle's names are torch's here)
+CONFIG_DTYPES = {DTYPE_CODES[code][1]: code for code in ("F32", "BF16", "F16")}
 VERSION_FILE = "version.yaml"  # FastDeploy's own record of a model dir's version (``step:``), read by its rsync path
 
 
@@ -77,7 +79,7 @@ RL_MODELS = {"Qwen2ForCausalLM": RLModel("qwen2", True, False), "Qwen3ForCausalL
 
 
 @dataclass(frozen=True)
-class Piece:
+class WorkerTensor:
     """One tensor of a worker's state dict: the canonical tensors it is made of, and how: ``build(rank, *inputs)``
     gives blocks whose concatenation along the last axis is the tensor."""
 
@@ -101,7 +103,7 @@ def _rows(a: np.ndarray, start: int, n: int) -> np.ndarray:
     return out
 
 
-class Layout:
+class WorkerLayout:
     """What every worker of a FastDeploy server running the model of ``config.json`` ``doc`` on ``tp_size`` GPUs
     holds (see the module's table). Models FastDeploy cannot reload, and sizes its tensor parallelism cannot
     divide, are refused here with the reason."""
@@ -126,7 +128,7 @@ class Layout:
         if uneven:
             raise IncompatibleTargetError(f"{source}: FastDeploy cannot split {', '.join(uneven)} over {t} GPUs")
 
-    def pieces(self) -> list[Piece]:
+    def tensors(self) -> list[WorkerTensor]:
         s, t, p = self.sizes, self.tp, self.model.prefix
         hd, h = s.head_dim, s.hidden
         nq, ni = s.heads // t * hd, s.intermediate // t
@@ -158,26 +160,26 @@ class Layout:
             pad = (r + 1) * head_n - max(stop, start)
             return [w[:, start:stop]] + ([np.zeros((h, pad), w.dtype)] if pad else [])
 
-        out = [Piece(f"{p}.embed_tokens.embeddings.weight", (embed_n, h), ("model.embed_tokens.weight",), embed)]
+        out = [WorkerTensor(f"{p}.embed_tokens.embeddings.weight", (embed_n, h), ("model.embed_tokens.weight",), embed)]
         for i in range(s.layers):
             c, f = f"model.layers.{i}.", f"{p}.layers.{i}."
             qkv_in = tuple(f"{c}self_attn.{x}_proj.weight" for x in "qkv")
-            out.append(Piece(f"{f}self_attn.qkv_proj.weight", (h, nq + 2 * nkv), qkv_in, qkv))
+            out.append(WorkerTensor(f"{f}self_attn.qkv_proj.weight", (h, nq + 2 * nkv), qkv_in, qkv))
             if self.model.qkv_bias:
                 bias_in = tuple(f"{c}self_attn.{x}_proj.bias" for x in "qkv")
-                out.append(Piece(f"{f}self_attn.qkv_proj.bias", (nq + 2 * nkv,), bias_in, qkv))
-            out.append(Piece(f"{f}self_attn.o_proj.weight", (s.heads * hd // t, h), (f"{c}self_attn.o_proj.weight",),
+                out.append(WorkerTensor(f"{f}self_attn.qkv_proj.bias", (nq + 2 * nkv,), bias_in, qkv))
+            out.append(WorkerTensor(f"{f}self_attn.o_proj.weight", (s.heads * hd // t, h), (f"{c}self_attn.o_proj.weight",),
                              rows(s.heads * hd // t)))
             names = ["input_layernorm", "post_attention_layernorm"]
             names += ["self_attn.q_norm", "self_attn.k_norm"] if self.model.qk_norm else []
-            out += [Piece(f"{f}{n}.weight", (hd if n.startswith("self_attn.") else h,), (f"{c}{n}.weight",), same)
+            out += [WorkerTensor(f"{f}{n}.weight", (hd if n.startswith("self_attn.") else h,), (f"{c}{n}.weight",), same)
                     for n in names]
-            out.append(Piece(f"{f}mlp.up_gate_proj.weight", (h, 2 * ni),
+            out.append(WorkerTensor(f"{f}mlp.up_gate_proj.weight", (h, 2 * ni),
                              (f"{c}mlp.gate_proj.weight", f"{c}mlp.up_proj.weight"), up_gate))
-            out.append(Piece(f"{f}mlp.down_proj.weight", (ni, h), (f"{c}mlp.down_proj.weight",), rows(ni)))
-        out.append(Piece(f"{p}.norm.weight", (h,), ("model.norm.weight",), same))
+            out.append(WorkerTensor(f"{f}mlp.down_proj.weight", (ni, h), (f"{c}mlp.down_proj.weight",), rows(ni)))
+        out.append(WorkerTensor(f"{p}.norm.weight", (h,), ("model.norm.weight",), same))
         head_in = "model.embed_tokens.weight" if s.tied else "lm_head.weight"
-        out.append(Piece("lm_head.linear.weight", (h, head_n), (head_in,), head))
+        out.append(WorkerTensor("lm_head.linear.weight", (h, head_n), (head_in,), head))
         return out
 
 
@@ -195,7 +197,7 @@ def server_config(model_dir: str, config: str | None = None) -> tuple[dict[str, 
                                 "model directory; Baton needs it to stage the version in that model's layout") from None
 
 
-def _write_part(fs, path: str, pieces: list[Piece], rank: int, held: Mapping[str, np.ndarray],
+def _write_part(fs, path: str, pieces: list[WorkerTensor], rank: int, held: Mapping[str, np.ndarray],
                 codes: Mapping[str, str], version: str, scratch: Scratch) -> int:
     """One worker's part file holding ``pieces``, written tensor by tensor after the header; returns its bytes."""
     items = [(pc.name, codes[pc.inputs[0]], pc.shape, int(np.prod(pc.shape)) * itemsize(codes[pc.inputs[0]]))
@@ -213,15 +215,20 @@ def _write_part(fs, path: str, pieces: list[Piece], rank: int, held: Mapping[str
     return len(header) + sum(i[3] for i in items)
 
 
+def worker_part_name(rank: int, gpu: int, index: int) -> str:
+    """Part ``index`` of the files the worker of global rank ``rank`` on GPU ``gpu`` loads."""
+    return f"model_state.tp{layout.check_rank(rank)}.{layout.check_rank(gpu)}.part{index}.pdparams"
+
+
 def fastdeploy_glob(rank: int, gpu: int) -> str:
     """The files FastDeploy's first level loads for one worker (its ``{base}.part*.pdparams``)."""
-    return f"model_state.tp{layout.check_rank(rank)}.{layout.check_rank(gpu)}.part*.pdparams"
+    return worker_part_name(rank, gpu, 0).replace(".part0.", ".part*.")
 
 
 @storage_calls
 def export_fastdeploy(snapshot_root: str, version: str, model_dir: str, gpu_ids: Sequence[int], *,
                       config: str | None = None, before_swap: Callable[[dict], None] | None = None,
-                      storage_options: dict[str, Any] | None = None) -> dict:
+                      storage_options: dict[str, Any] | None = None, reader: WholeTensors | None = None) -> dict:
     """Put ``version`` in a FastDeploy model directory for a server whose worker ``r`` runs on GPU ``gpu_ids[r]``:
     each worker's tensors in FastDeploy's inference layout (the module's table) as
     ``model_state.tp{r}.{gpu_ids[r]}.part{N}.pdparams``, N from 1, split from the canonical tensors whatever
@@ -232,23 +239,24 @@ def export_fastdeploy(snapshot_root: str, version: str, model_dir: str, gpu_ids:
     names what does not fit). The parts are written beside, checked against the layout, then swapped in:
     ``before_swap(placed)`` is called first (the caller records that a swap is under way), then the parts of
     those names the new set does not overwrite are removed (FastDeploy would load them too), the new ones moved
-    in, and ``version.yaml`` gets ``step: version``. Returns ``placed``: ``{"files", "bytes", "config"}``."""
+    in, and ``version.yaml`` gets ``step: version``. Returns ``placed``: ``{"files", "bytes", "config"}``.
+    ``reader``: the version as ``storage.whole.open_version`` gave it, when the caller opened it already."""
     layout.check_id(version)
     if not gpu_ids:
         raise ValueError("gpu_ids is empty: give the GPU number of each worker of the FastDeploy server")
     doc, config_url = server_config(model_dir, config)
-    plan = Layout(doc, config_url, len(gpu_ids))
-    reader = open_version(snapshot_root, version, storage_options)
+    plan = WorkerLayout(doc, config_url, len(gpu_ids))
+    reader = reader or open_version(snapshot_root, version, storage_options)
     tensors = reader.index()
-    dtype = DTYPE_CODES.get(plan.sizes.dtype) if plan.sizes.dtype else None
+    dtype = CONFIG_DTYPES.get(plan.sizes.dtype) if plan.sizes.dtype else None
     if plan.sizes.dtype and dtype is None:
         raise IncompatibleTargetError(f"{config_url}: dtype {plan.sizes.dtype!r} is not one Baton stages "
-                                      f"({', '.join(DTYPE_CODES)})")
+                                      f"({', '.join(CONFIG_DTYPES)})")
     if dtype is None:
         raise IncompatibleTargetError(f"{config_url} names no torch_dtype, so the dtype of FastDeploy's parameters "
                                       "is unknown to Baton: add the dtype the server runs in")
-    check_fits(tensors, doc, config_url, f"{snapshot_root} {version}", dtype)
-    pieces = plan.pieces()
+    check_model_fits(tensors, doc, config_url, f"{snapshot_root} {version}", dtype)
+    worker_tensors = plan.tensors()
 
     fs, root = open_fs(model_dir)
     mine = f".baton-stage.gpu{'-'.join(str(layout.check_rank(g)) for g in gpu_ids)}."
@@ -258,7 +266,7 @@ def export_fastdeploy(snapshot_root: str, version: str, model_dir: str, gpu_ids:
     stage = join(root, f"{mine}{uuid.uuid4().hex[:8]}")
     fs.makedirs(stage)
     try:
-        new, total = _write_parts(fs, stage, reader, pieces, gpu_ids, version)
+        new, total = _write_parts(fs, stage, reader, worker_tensors, gpu_ids, version)
         placed = {"files": new, "bytes": total, "config": config_url}
         if before_swap is not None:
             before_swap(placed)
@@ -275,13 +283,13 @@ def export_fastdeploy(snapshot_root: str, version: str, model_dir: str, gpu_ids:
             fs.rm(stage, recursive=True)
 
 
-def _write_parts(fs, stage: str, reader: WholeTensors, pieces: list[Piece], gpu_ids: Sequence[int],
+def _write_parts(fs, stage: str, reader: WholeTensors, pieces: list[WorkerTensor], gpu_ids: Sequence[int],
                  version: str) -> tuple[list[str], int]:
     """Every worker's parts under ``stage``: part k holds the pieces whose last input is in the version's part k,
     so each canonical tensor is read once and held only until the pieces made from it are written."""
     headers = reader.sources[0].headers
     part_of = {e.name: p for p, h in enumerate(headers) for e in h.entries}
-    groups: list[list[Piece]] = [[] for _ in headers]
+    groups: list[list[WorkerTensor]] = [[] for _ in headers]
     for pc in pieces:
         groups[max(part_of[n] for n in pc.inputs)].append(pc)
     uses = Counter(n for pc in pieces for n in pc.inputs)
@@ -296,7 +304,7 @@ def _write_parts(fs, stage: str, reader: WholeTensors, pieces: list[Piece], gpu_
             continue
         index += 1
         for rank, gpu in enumerate(gpu_ids):
-            new.append(layout.part_name(rank, str(gpu), index))
+            new.append(worker_part_name(rank, gpu, index))
             total += _write_part(fs, join(stage, new[-1]), groups[p], rank, held, codes, version, scratch)
         for pc in groups[p]:
             for n in pc.inputs:

@@ -1,15 +1,21 @@
-"""One place that turns a URL into an fsspec filesystem, with the settings object stores need for Baton."""
+"""One place that turns a URL into an fsspec filesystem, with the settings object stores need for Baton; and what
+Baton does with whole files there: list them, checksum them, replace a JSON record."""
 
 from __future__ import annotations
 
 import functools
-import mmap
+import hashlib
+import json
 import os
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import fsspec
+import xxhash
 from fsspec.implementations.local import LocalFileSystem
+
+HASH_WINDOW = 1 << 20  # bytes read then hashed at a time: small enough to stay in cache
 
 
 def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -109,10 +115,43 @@ def listing(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
     return out
 
 
-def read_whole(fs, path: str) -> bytes | mmap.mmap:
-    """A part's bytes: mapped when local, so the page cache serves them without a copy into this process (parts are
-    never rewritten in place: a pruned one stays readable through the mapping); read whole otherwise."""
-    if not is_local(fs):
-        return fs.cat_file(path)
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+def checksums(buffers: Iterable, sha256: bool = False) -> tuple[str | None, str]:
+    """(SHA-256 or None, xxh3_128) of the concatenated buffers: the checksums a manifest records per file."""
+    sha, xx = hashlib.sha256() if sha256 else None, xxhash.xxh3_128()
+    for b in buffers:
+        if sha is not None:
+            sha.update(b)
+        xx.update(b)
+    return sha.hexdigest() if sha is not None else None, xx.hexdigest()
+
+
+def file_checksums(fs: fsspec.AbstractFileSystem, path: str, sha256: bool = False) -> tuple[str | None, str]:
+    """``checksums`` of a file, read through one reused buffer: memory stays at the window, whatever happens to
+    the file."""
+    with (open(path, "rb", buffering=0) if is_local(fs) else fs.open(path, "rb")) as f:
+        return checksums(_windows(f, bytearray(HASH_WINDOW)), sha256)
+
+
+def _windows(f, buf: bytearray):
+    """The file's bytes, a window of ``buf`` at a time (each valid until the next is read)."""
+    view = memoryview(buf)
+    while n := f.readinto(buf):
+        yield view[:n]
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, doc: dict) -> None:
+    """Replaces ``path`` whole with ``doc`` as JSON: written beside, then renamed over it."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.pipe_file(tmp, json.dumps(doc, indent=1, sort_keys=True).encode())
+    fs.mv(tmp, path)
+
+
+def read_record(url: str, name: str, storage_options: dict[str, Any] | None = None) -> dict | None:
+    """The JSON object in file ``name`` under ``url``, None when it is absent or unreadable (a record half-written
+    by hand is as good as none)."""
+    fs, root = open_fs(url, storage_options)
+    try:
+        doc = json.loads(fs.cat_file(join(root, name)))
+    except (FileNotFoundError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None

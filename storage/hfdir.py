@@ -21,10 +21,8 @@ from typing import Any
 import numpy as np
 
 from .fs import join, listing, open_fs
-from .resolve import read_headers
-from .tensorfile import DTYPES, TensorEntry
+from .tensorfile import TensorEntry, TensorRef, read_headers
 from .tp import LLAMA_TP_RULES, Rules, split_axis
-from .writer import TensorRef
 
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
 PADDLE_PREFIXES = ("llama.", "qwen2.", "qwen3.", "mistral.", "ernie.")  # older PaddleFormers' backbone names
@@ -76,17 +74,23 @@ def weight_files(fs, root: str, names: Mapping[str, int], url: str) -> list[str]
                             f"{sorted(names)[:10]})")
 
 
-def canonical_name(name: str, where: str) -> str | None:
-    """Baton's name for a checkpoint tensor, or None for a buffer that is not a parameter."""
+def canonical(name: str) -> str | None:
+    """Baton's name for a checkpoint tensor (a fused one's kept, to be unfused), None for a buffer that is not a
+    parameter (``rotary_emb.inv_freq``, which older checkpoints saved: it is computed from the config)."""
     if name.endswith("rotary_emb.inv_freq"):
-        return None  # older checkpoints saved it; it is computed from the config
-    if ".qkv_proj." in name or "up_gate_proj" in name or "gate_up_fused_proj" in name:
-        raise FusedTensorError(f"{where}: tensor {name!r} is fused: a Paddle trainer's checkpoint, which Baton "
-                               "publishes (`baton publish`, storage.trainer) but does not serve from directly")
+        return None
     for prefix in PADDLE_PREFIXES:
         if name.startswith(prefix):
             return "model." + name[len(prefix):]
     return name
+
+
+def canonical_name(name: str, where: str) -> str | None:
+    """``canonical(name)`` of a tensor of a directory served as it is: a fused tensor is refused."""
+    if ".qkv_proj." in name or "up_gate_proj" in name or "gate_up_fused_proj" in name:
+        raise FusedTensorError(f"{where}: tensor {name!r} is fused: a Paddle trainer's checkpoint, which Baton "
+                               "publishes (`baton publish`, storage.trainer) but does not serve from directly")
+    return canonical(name)
 
 
 def scan(url: str, storage_options: dict[str, Any] | None = None):
@@ -110,7 +114,7 @@ def scan(url: str, storage_options: dict[str, Any] | None = None):
 
 def read_tensor(fs, path: str, e: TensorEntry, transpose: bool) -> np.ndarray:
     """One tensor's values (bfloat16 as its 16-bit pattern), ``[in, out]`` when ``transpose``."""
-    arr = np.frombuffer(fs.cat_file(path, start=e.start, end=e.end), DTYPES[e.dtype][0]).reshape(e.shape)
+    arr = e.array(fs.cat_file(path, start=e.start, end=e.end), 0)
     return np.ascontiguousarray(arr.T) if transpose else arr
 
 

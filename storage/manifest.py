@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from .errors import TornSnapshotError
-from .tensorfile import DTYPES, MAX_DIMS, parse_json
+from .tensorfile import DTYPE_CODES, MAX_DIMS, parse_json
 
 FORMAT = "baton.snapshot"
 FORMAT_VERSION = 2  # the newest this reader knows; full versions are still written as 1, deltas as 2
@@ -102,7 +102,7 @@ class Manifest:
         if not _is_int(version) or version > FORMAT_VERSION:
             raise TornSnapshotError(path, f"manifest format_version {str(version)[:40]!r} is newer than this Baton "
                                     f"understands ({FORMAT_VERSION}): upgrade baton")
-        fields = _Fields(path)
+        fields = _FieldReader(path)
         parts_doc = fields.get(doc, "parts", list)
         if not parts_doc:
             raise TornSnapshotError(path, "manifest lists no parts: not a complete publish; publish the version again")
@@ -123,7 +123,7 @@ class Manifest:
                 raise TornSnapshotError(path, f"manifest field {where}.shape is not a list of at most {MAX_DIMS} sizes "
                                         "in [0, 2**63)")
             dtype = fields.get(t, "dtype", str, where)
-            if dtype not in DTYPES:
+            if dtype not in DTYPE_CODES:
                 raise TornSnapshotError(path, f"manifest field {where}.dtype {dtype[:20]!r} is not a safetensors dtype")
             part = None if t.get("part", 0) is None and doc.get("kind") == "delta" else fields.count(t, "part", where)
             tensors[name] = TensorRecord(dtype, tuple(shape), part)
@@ -160,7 +160,7 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-class _Fields:
+class _FieldReader:
     """Typed access to a parsed JSON document; every refusal names the file and the field."""
 
     def __init__(self, path: str):

@@ -19,7 +19,7 @@ names, and keeps every cost proportional to the file:
 - the few globals a state dict needs (numpy's array, dtype and scalar reconstruction, OrderedDict, tuple,
   bytes, ``_codecs.encode``) are recognised by name and rebuilt structurally; any other is refused;
 - dtypes are rebuilt from their type code through an allow-list of the safetensors dtypes
-  (``tensorfile.DTYPES``) and little-endian byte order; the pickled flags are never looked at;
+  (``tensorfile.DTYPE_CODES``) and little-endian byte order; the pickled flags are never looked at;
 - shape × itemsize must equal the data's length, and each array is built over the bytes read for it (no
   second copy), so loading takes about one file's size of memory. Arrays read from ``bytes`` are read-only
   views of those bytes; arrays read from a file are writable.
@@ -46,7 +46,7 @@ import numpy as np
 from .errors import UnsafeCheckpointError
 from .pickle_input import PickleInput
 from .pickle_objects import ArrayRef, DtypeRef, FileSpan, GlobalRef, Stored, dtype_label, object_kind
-from .tensorfile import DTYPES
+from .tensorfile import DTYPE_CODES
 
 __all__ = ["LAZY_BYTES", "Stored", "load_state_pickle"]
 
@@ -61,7 +61,7 @@ LAZY_BYTES = 1 << 12  # with lazy=True, bytes values this long or longer are lef
 _ADVICE = ("Only flat state dicts of tensors are read from pickles, and nothing in the file was run; "
            "re-save trusted weights as safetensors (`baton publish`)")
 
-_DTYPES = {dt.str[1:]: dt.newbyteorder("<") for dt, _ in DTYPES.values()}  # "f4" -> little-endian float32, ...
+_BY_TYPESTR = {dt.str[1:]: dt.newbyteorder("<") for dt, _ in DTYPE_CODES.values()}  # "f4" -> little-endian float32, ...
 _LITTLE = {"<", "|"} | ({"="} if sys.byteorder == "little" else set())
 _GLOBALS = {  # (module, name) -> what it rebuilds; nothing is imported or called
     ("numpy", "ndarray"): "ndarray", ("numpy", "dtype"): "dtype", ("collections", "OrderedDict"): "OrderedDict",
@@ -226,9 +226,9 @@ class _Loader:
     def dtype(self, d: Any) -> np.dtype:
         if not isinstance(d, DtypeRef):
             self.fail(f"an array's dtype is a {object_kind(d)}")
-        dtype, order = _DTYPES.get(d.code), d.order or "="
+        dtype, order = _BY_TYPESTR.get(d.code), d.order or "="
         if dtype is None or order not in _LITTLE or (order == "|" and dtype.itemsize > 1):
-            supported = ", ".join(sorted({dt.name for dt in _DTYPES.values()}))
+            supported = ", ".join(sorted({dt.name for dt in _BY_TYPESTR.values()}))
             self.fail(f"tensor dtype {dtype_label(d.code, d.order)} is not supported (supported: {supported}, "
                       f"little-endian)")
         return dtype

@@ -1,13 +1,78 @@
-"""``load_snapshot``: find the best complete source (``resolve``), then check and apply it (``apply``)."""
+"""Loading a version: ``load_plan`` picks the sources that take a target there (the version's own, full or a delta
+onto the base the target holds, else the chain from the nearest full version), ``apply_plan`` checks and applies
+them in order (``storage.apply`` for full versions, ``storage.deltaload`` for deltas), and ``load_snapshot`` does
+both for one rank and reports what it did.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .apply import CopyFn, Target, target_table
-from .chain import apply_plan, describe, load_plan
+from .apply import CopyFn, Target, apply_source, check_source, target_table
+from .deltaload import DigestFn, XorFn, apply_delta, check_result, holds_base, resolve_chain
+from .errors import PartialApplyError
+from .resolve import Source, resolve
+
+
+class LoadPlan(tuple):
+    """The sources that take a target to a version, in the order they are applied: a full version, then deltas."""
+
+    __slots__ = ()
+
+    def __getitem__(self, i):
+        got = super().__getitem__(i)
+        return LoadPlan(got) if isinstance(i, slice) else got
+
+    @property
+    def path(self) -> str:
+        """How the plan loads: what ``LoadReport.path``, the server's reply and its metrics say."""
+        if not self[-1].is_delta:
+            return "full"
+        return "delta" if len(self) == 1 else f"chain of {len(self) - 1} deltas from {self[0].manifest.version}"
+
+
+def load_plan(snapshot_root: str, version: str, rank: int, targets: Mapping[str, Any] | None, *,
+              base_digest: str | None = None, fallback_dir: str | None = None, strict: bool = False,
+              storage_options: dict[str, Any] | None = None) -> LoadPlan:
+    """The sources that take ``targets`` to ``version``, in order: the version's own (a full version, or a delta
+    when the targets hold its base: ``base_digest`` when the caller knows their digest, else computed), or the
+    chain from the nearest full version."""
+    src = resolve(snapshot_root, version, rank, fallback_dir=fallback_dir, strict=strict,
+                  storage_options=storage_options)
+    if not src.is_delta:
+        return LoadPlan([src])
+    if targets is not None and holds_base(src, targets, base_digest):
+        return LoadPlan([src])
+    return LoadPlan(resolve_chain(snapshot_root, version, rank, storage_options=storage_options, first=src))
+
+
+def apply_plan(plan: list[Source], into: Any, *, verify: str = "stream", cast: bool = False, copy_fn=None,
+               xor_fn: XorFn | None = None, digest_fn: DigestFn | None = None, prefetch: int = 8,
+               progress: bool = False, label: str = "load") -> tuple[dict[str, Any], str, str | None]:
+    """Applies each source of ``plan`` in order; returns the targets, what was verified and, after a delta, the
+    targets' digest (checked equal to the version's unless ``verify="none"``). A device passes ``xor_fn`` to apply
+    a delta's changes inside its tensors (``kernels.xor_at_``) and ``digest_fn`` to check the result there
+    (``infer.digest.matching_sum64``)."""
+    targets, verified, touched = None, "", []
+    for src in plan:
+        if not src.is_delta:
+            try:
+                targets, verified = apply_source(src, into if targets is None else targets, verify=verify, cast=cast,
+                                                 copy_fn=copy_fn, prefetch=prefetch, progress=progress, label=label)
+            except PartialApplyError as exc:
+                raise PartialApplyError(str(exc.__cause__ or exc), touched + exc.applied) from exc
+            touched += list(targets)
+            continue
+        targets = target_table(into) if targets is None else targets
+        check_source(src, targets, verify=verify, cast=cast, prefetch=prefetch)
+        apply_delta(src, targets, verify=verify, copy_fn=copy_fn, xor_fn=xor_fn, touched=touched)
+        verified = "sizes and headers only" if verify == "none" else "xxh3_128 and the version's digest"
+    if not plan[-1].is_delta or verify == "none":
+        return targets, verified, None
+    return targets, verified, check_result(plan[-1], targets, touched, digest_fn)
 
 
 @dataclass
@@ -75,5 +140,5 @@ def load_snapshot(
     src = plan[-1]
     return LoadReport(
         version, rank, int(src.level), src.level.label, [u for s in plan for u in s.urls()],
-        sum(s.bytes for s in plan), time.perf_counter() - start, len(targets), verified, describe(plan),
+        sum(s.bytes for s in plan), time.perf_counter() - start, len(targets), verified, plan.path,
         targets if into is None else None)

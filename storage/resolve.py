@@ -8,19 +8,21 @@ file, so the caller can say exactly why a level was passed over.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from . import layout
 from .errors import SnapshotNotFoundError, TornSnapshotError
-from .fs import join, listing, open_fs, storage_calls
+from .fs import file_checksums, join, listing, open_fs, storage_calls
 from .layout import Level
 from .manifest import MAX_MANIFEST_BYTES, Manifest
 from .pickle_safe import load_state_pickle
-from .tensorfile import HEADER_PROBE_BYTES, Header, code_of_numpy, header_length, parse_header
+from .tensorfile import Header, code_of_saved, read_headers, url_of, vanished
 
 log = logging.getLogger("baton.storage")
 
@@ -34,7 +36,7 @@ class Source:
     files: list[str]
     sizes: list[int]
     headers: list[Header | None]
-    digests: list[str | None]  # xxh3_128 from the manifest; None where there is no manifest
+    checksums: list[str | None]  # each file's xxh3_128 from the manifest; None where there is no manifest
     arrays: dict[str, np.ndarray] | None = None  # level 4: the restricted-unpickled state dict
     manifest: Manifest | None = None
     origin: list[str] | None = None  # where the files came from, when ``files`` are local copies of them
@@ -54,45 +56,49 @@ class Source:
     def index(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """name -> (dtype code, shape) of every tensor in the source."""
         if self.arrays is not None:
-            # paddle.save stores bfloat16 as uint16 arrays; Paddle reads them back as bfloat16, so do we
-            return {n: ("BF16" if a.dtype == np.uint16 else code_of_numpy(a.dtype), tuple(a.shape)) for n, a in self.arrays.items()}
+            return {n: (code_of_saved(a), tuple(a.shape)) for n, a in self.arrays.items()}
         if self.is_delta:  # the files hold encoded changes; the manifest has every tensor's own dtype and shape
             return {n: (t.dtype, t.shape) for n, t in self.manifest.tensors.items()}
         return {e.name: (e.dtype, e.shape) for h in self.headers if h for e in h.entries}
 
 
-def url_of(fs, path: str) -> str:
-    return fs.unstrip_protocol(path)
-
-
-def _vanished(fs, path: str, exc: BaseException) -> Exception:
-    """A file listed a moment ago that cannot be read now: torn (pruned or replaced) unless storage itself failed."""
-    if isinstance(exc, FileNotFoundError):
-        return TornSnapshotError(url_of(fs, path), "disappeared after it was listed (pruned or replaced while "
-                                 "loading?); load again, or publish the version again if it was pruned")
-    return exc if isinstance(exc, OSError) else OSError(f"{url_of(fs, path)}: {type(exc).__name__}: {exc}")
-
-
-def read_headers(fs, paths: list[str], sizes: list[int]) -> list[Header]:
-    """Every file's header, validated; one ranged read each for ordinary headers."""
-    if not paths:
-        return []
-    blobs = fs.cat_ranges(paths, [0] * len(paths), [min(s, HEADER_PROBE_BYTES) for s in sizes], on_error="return")
-    headers = []
-    for path, size, blob in zip(paths, sizes, blobs):
-        url = url_of(fs, path)
+    def read(self, i: int, verify: bool = True) -> bytes:
+        """File ``i`` whole, its size and (with ``verify``, where the manifest records one) its checksum checked before
+        any of it is used. Read into memory, never mapped: a file truncated while mapped would kill the process
+        (SIGBUS); one truncated before it is read is a ``TornSnapshotError``."""
+        url = self.urls()[i]
         try:
-            if isinstance(blob, BaseException):
-                raise blob
-            need = 8 + header_length(blob, url, size)
-            if need > len(blob):
-                blob = fs.cat_file(path, start=0, end=need)
-        except (OSError, ValueError) as exc:
-            if isinstance(exc, TornSnapshotError):
-                raise
-            raise _vanished(fs, path, exc) from None
-        headers.append(parse_header(blob, url, size))
-    return headers
+            data = self.fs.cat_file(self.files[i])
+        except FileNotFoundError:
+            raise disappeared(url) from None
+        if len(data) != self.sizes[i]:
+            raise TornSnapshotError(url, f"read {len(data)} bytes, expected {self.sizes[i]} (changed while loading?)")
+        if verify and self.checksums[i]:
+            got = xxhash.xxh3_128(data).hexdigest()
+            if got != self.checksums[i]:
+                raise TornSnapshotError.checksum(url, got, self.checksums[i])
+        return data
+
+
+    def verify(self, prefetch: int = 4) -> None:
+        """Hashes every file that has a checksum, ``prefetch`` at a time, against the manifest."""
+        todo = [(p, u, c) for p, u, c in zip(self.files, self.urls(), self.checksums) if c]
+
+        def checksum(item: tuple[str, str, str]) -> str:
+            try:
+                return file_checksums(self.fs, item[0])[1]
+            except FileNotFoundError:
+                raise disappeared(item[1]) from None
+
+        with ThreadPoolExecutor(max(1, prefetch)) as pool:
+            for (_, url, expected), got in zip(todo, pool.map(checksum, todo)):
+                if got != expected:
+                    raise TornSnapshotError.checksum(url, got, expected)
+
+
+def disappeared(url: str) -> TornSnapshotError:
+    return TornSnapshotError(url, "disappeared while loading (pruned or replaced?); load again, or publish the "
+                             "version again if it was pruned")
 
 
 def _probe_parts(fs, root: str, names: Mapping[str, int], rank: int, version: str, strict: bool) -> Source | None:
@@ -136,7 +142,7 @@ def _read_manifest(fs, root: str, name: str, size: int) -> Manifest:
     try:
         raw = fs.cat_file(path)
     except OSError as exc:
-        raise _vanished(fs, path, exc) from None
+        raise vanished(fs, path, exc) from None
     return Manifest.from_json(raw, url_of(fs, path))
 
 
@@ -185,7 +191,7 @@ def _parts_with_manifest(fs, root, names, found, manifest_file, rank, version) -
     return Source(Level.PARTS, fs, paths, [p.bytes for p in m.parts], headers, [p.xxh3_128 for p in m.parts], manifest=m)
 
 
-def probe_file(fs, root: str, names: Mapping[str, int], name: str, level: Level) -> Source | None:
+def probe_file(fs, root: str, names: Mapping[str, int], name: str, level: Level = Level.FULL) -> Source | None:
     if name not in names:
         return None
     path = join(root, name)
@@ -205,7 +211,7 @@ def _probe_fallback(url: str, rank: int, version: str, storage_options) -> Sourc
             return probe_file(fs, root, names, name, Level.FALLBACK)
         raw = fs.cat_file(path)
     except FileNotFoundError as exc:
-        raise _vanished(fs, path, exc) from None
+        raise vanished(fs, path, exc) from None
     arrays = load_state_pickle(raw, url_of(fs, path))
     return Source(Level.FALLBACK, fs, [path], [names[name]], [None], [None], arrays=arrays)
 
@@ -262,3 +268,23 @@ def resolve(
     if torn:
         raise TornSnapshotError(torn[0].path, torn[0].reason + "; nothing else loads. Checked:\n  - " + "\n  - ".join(checked))
     raise SnapshotNotFoundError(layout.base_name(rank, version), checked)
+
+
+def version_ranks(snapshot_root: str, version: str, storage_options) -> int:
+    """How many ranks ``version`` was published as (its manifests must be ranks 0..n-1)."""
+    ranks = sorted({parsed[0] for n in listing(*open_fs(snapshot_root, storage_options))
+                    if (parsed := layout.parse_manifest_name(n)) and parsed[1] == version})
+    if not ranks:
+        raise SnapshotNotFoundError(version, [f"{snapshot_root}: no manifest of {version} (publish it first)"])
+    if ranks != list(range(len(ranks))):
+        raise TornSnapshotError(snapshot_root, f"{version} has ranks {ranks}, not 0..{len(ranks) - 1}: publish it again")
+    return len(ranks)
+
+
+def checked_parts(snapshot_root: str, version: str, rank: int, storage_options) -> Source:
+    src = resolve(snapshot_root, version, rank, strict=True, storage_options=storage_options)
+    if src.level != layout.Level.PARTS or not all(src.checksums):
+        raise TornSnapshotError(src.urls()[0], f"found at level {int(src.level)} ({src.level.label}), without "
+                                "checksums: only versions published by Baton (parts and a manifest) are staged for "
+                                "another engine; publish it with `baton publish`")
+    return src

@@ -1,4 +1,5 @@
-"""The safetensors byte layout, read and written without a second copy of the data.
+"""Tensors as bytes: the one table of dtype codes, a tensor's bytes on the host, and the safetensors byte layout,
+read and written without a second copy of the data.
 
 Layout: 8-byte little-endian header length, a JSON header (``{name: {dtype, shape, data_offsets}}`` plus an
 optional ``__metadata__`` string map) padded with spaces to 8 bytes, then the tensor bytes back to back with
@@ -13,14 +14,16 @@ import codecs
 import json
 import struct
 from operator import attrgetter
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .errors import TornSnapshotError
 
 # safetensors dtype code -> (numpy dtype holding the raw bits, paddle dtype name)
-DTYPES: dict[str, tuple[np.dtype, str]] = {
+DTYPE_CODES: dict[str, tuple[np.dtype, str]] = {
     "BOOL": (np.dtype(np.bool_), "bool"),
     "U8": (np.dtype(np.uint8), "uint8"),
     "I8": (np.dtype(np.int8), "int8"),
@@ -37,12 +40,9 @@ DTYPES: dict[str, tuple[np.dtype, str]] = {
     "F8_E4M3": (np.dtype(np.uint8), "float8_e4m3fn"),
     "F8_E5M2": (np.dtype(np.uint8), "float8_e5m2"),
 }
-_BY_PADDLE = {paddle_name: code for code, (_, paddle_name) in DTYPES.items() if code != "U16"}
-_BY_PADDLE["uint16"] = "U16"
-_BY_NUMPY = {np.dtype(np.bool_): "BOOL", np.dtype(np.uint8): "U8", np.dtype(np.int8): "I8",
-             np.dtype(np.int16): "I16", np.dtype(np.uint16): "U16", np.dtype(np.float16): "F16",
-             np.dtype(np.int32): "I32", np.dtype(np.uint32): "U32", np.dtype(np.float32): "F32",
-             np.dtype(np.float64): "F64", np.dtype(np.int64): "I64", np.dtype(np.uint64): "U64"}
+_BY_PADDLE = {paddle_name: code for code, (_, paddle_name) in DTYPE_CODES.items()}
+# numpy has no bfloat16 nor float8: their bits are held as uint16 / uint8, which are U16 / U8 to numpy
+_BY_NUMPY = {np_dtype: code for code, (np_dtype, _) in DTYPE_CODES.items() if code != "BF16" and not code.startswith("F8")}
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 MAX_DIMS = 64  # numpy's
@@ -74,8 +74,103 @@ def code_of_numpy(dtype: np.dtype) -> str:
     return _BY_NUMPY[np.dtype(dtype)]
 
 
+def code_of(t: Any) -> str:
+    """The dtype code of a numpy array or a Paddle tensor."""
+    return code_of_numpy(t.dtype) if isinstance(t, np.ndarray) else code_of_paddle(t.dtype)
+
+
+def code_of_saved(arr: Any) -> str:
+    """The dtype code of an array (or a lazy one) that ``paddle.save`` wrote: it keeps bfloat16 as uint16, and Paddle reads those
+    back as bfloat16, so Baton does too."""
+    return "BF16" if arr.dtype == np.uint16 else code_of_numpy(arr.dtype)
+
+
 def itemsize(code: str) -> int:
-    return DTYPES[code][0].itemsize
+    return DTYPE_CODES[code][0].itemsize
+
+
+def host_array(t: Any) -> np.ndarray:
+    """``t``'s values on the host as numpy holding their raw bits (bfloat16 as uint16, float8 as uint8): ``t`` itself
+    for a numpy array, the tensor's own memory for a contiguous CPU tensor (no copy of a large model), else a copy."""
+    if isinstance(t, np.ndarray):
+        return t
+    paddle = paddle_eager()
+    t = t.detach()
+    code = code_of_paddle(t.dtype)
+    if code == "BF16":
+        t = t.view(paddle.uint16)
+    elif code.startswith("F8"):
+        t = t.view(paddle.uint8)
+    if t.place.is_cpu_place() and t.is_contiguous() and 0 not in t.shape:
+        return np.from_dlpack(t)
+    return t.numpy()
+
+
+def host_bytes(t: Any, code: str | None = None) -> np.ndarray:
+    """``t``'s values as the raw bytes of dtype ``code`` (its own when None), flat uint8: ``t``'s own memory where it
+    holds them already (read-only for a read-only array), else a host copy. A float tensor of another dtype than
+    ``code`` holds a snapshot's values cast, and casting back gives their exact bits."""
+    if isinstance(t, np.ndarray):
+        if code == "BF16" and t.dtype != np.uint16:
+            return (np.ascontiguousarray(t, np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(-1)
+        t = t if code is None else t.astype(DTYPE_CODES[code][0], copy=False)
+        return np.ascontiguousarray(t).reshape(-1).view(np.uint8)
+    if code is not None and code_of_paddle(t.dtype) != code:
+        t = t.detach().astype(DTYPE_CODES[code][1])
+    return np.ascontiguousarray(host_array(t)).reshape(-1).view(np.uint8)
+
+
+def host_view(t: Any, code: str) -> np.ndarray | None:
+    """A writable flat byte view of ``t``'s own memory when bytes of dtype ``code`` can land there as they are."""
+    if isinstance(t, np.ndarray):
+        ok = t.flags.c_contiguous and t.flags.writeable and code_of_numpy(t.dtype) == code
+        return t.reshape(-1).view(np.uint8) if ok else None
+    if code_of_paddle(t.dtype) != code or not t.place.is_cpu_place() or not t.is_contiguous():
+        return None
+    paddle = paddle_eager()
+    v = t.detach()
+    if code == "BF16":
+        v = v.view(paddle.uint16)
+    elif code.startswith("F8"):
+        v = v.view(paddle.uint8)
+    if 0 in v.shape:  # not v.numel(): a Paddle comparison costs more than the rest of this function
+        return np.empty(0, np.uint8)
+    try:
+        return np.from_dlpack(v).reshape(-1).view(np.uint8)
+    except (BufferError, RuntimeError, TypeError):
+        return None
+
+
+def copy_converted(dst: Any, raw: np.ndarray, code: str, shape: tuple[int, ...], copy_fn: Any = None) -> None:
+    """Writes bytes of dtype ``code`` into ``dst`` where they cannot land as they are: a dtype cast or a device copy
+    (``copy_fn(live, loaded)`` when given), one tensor-sized temporary at most."""
+    arr = raw.view(DTYPE_CODES[code][0]).reshape(shape)
+    if isinstance(dst, np.ndarray):
+        if code == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        np.copyto(dst, arr, casting="unsafe")
+        return
+    paddle = paddle_eager()
+    src = paddle.to_tensor(arr, place=dst.place)
+    if code == "BF16":
+        src = src.view(paddle.bfloat16)
+    elif code.startswith("F8"):
+        src = src.view(getattr(paddle, DTYPE_CODES[code][1]))
+    if copy_fn is not None:
+        copy_fn(dst, src)
+        return
+    with paddle.no_grad():
+        paddle.assign(src if src.dtype == dst.dtype else src.astype(dst.dtype), output=dst)
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor that is read only when the part holding it is written (``storage.hf_tensors`` gives these), so
+    publishing a checkpoint larger than memory holds about one part of it at a time."""
+
+    code: str  # safetensors dtype code, e.g. "BF16"
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]  # its values (bfloat16 as 16-bit integers), C-contiguous
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +184,13 @@ class TensorEntry:
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+    def array(self, buffer, start: int | None = None) -> np.ndarray:
+        """The tensor over ``buffer`` (its raw bits' numpy dtype, no copy): the whole file's bytes, or with ``start``
+        the tensor's bytes beginning at that offset."""
+        np_dtype = DTYPE_CODES[self.dtype][0]
+        offset = self.start if start is None else start
+        return np.frombuffer(buffer, np_dtype, self.nbytes // np_dtype.itemsize, offset).reshape(self.shape)
 
 
 @dataclass(frozen=True)
@@ -166,7 +268,7 @@ def _compact(pairs: list[tuple[str, object]]) -> object:
     return _Pairs(pairs)
 
 
-_CODES = {code: code for code in DTYPES}  # the dtype strings of every entry are these objects, not copies
+_CODES = {code: code for code in DTYPE_CODES}  # the dtype strings of every entry are these objects, not copies
 _SHAPES: dict[tuple, tuple] = {}
 
 
@@ -182,7 +284,7 @@ def _tensor_entry(name: str, info: object, data_start: int, file_size: int, path
     ok = isinstance(info, _Entry) and len(info) == 4
     if ok:
         code, shape, begin, end = info
-        ok = type(code) is str and code in DTYPES and len(shape) <= MAX_DIMS
+        ok = type(code) is str and code in DTYPE_CODES and len(shape) <= MAX_DIMS
         ok = ok and all(type(d) is int and 0 <= d < 1 << 63 for d in shape)
         ok = ok and type(begin) is int and type(end) is int and 0 <= begin <= end <= file_size
     if not ok:
@@ -240,3 +342,37 @@ def parse_header(raw: bytes, path: str, file_size: int) -> Header:
         why = "truncated" if cursor > file_size else "has trailing bytes"
         raise TornSnapshotError(path, f"file is {file_size} bytes but its header describes {cursor} ({why})")
     return Header(tuple(entries), data_start, file_size, metadata)
+
+
+def url_of(fs, path: str) -> str:
+    return fs.unstrip_protocol(path)
+
+
+def vanished(fs, path: str, exc: BaseException) -> Exception:
+    """A file listed a moment ago that cannot be read now: torn (pruned or replaced) unless storage itself failed."""
+    if isinstance(exc, FileNotFoundError):
+        return TornSnapshotError(url_of(fs, path), "disappeared after it was listed (pruned or replaced while "
+                                 "loading?); load again, or publish the version again if it was pruned")
+    return exc if isinstance(exc, OSError) else OSError(f"{url_of(fs, path)}: {type(exc).__name__}: {exc}")
+
+
+def read_headers(fs, paths: list[str], sizes: list[int]) -> list[Header]:
+    """Every file's header, validated; one ranged read each for ordinary headers."""
+    if not paths:
+        return []
+    blobs = fs.cat_ranges(paths, [0] * len(paths), [min(s, HEADER_PROBE_BYTES) for s in sizes], on_error="return")
+    headers = []
+    for path, size, blob in zip(paths, sizes, blobs):
+        url = url_of(fs, path)
+        try:
+            if isinstance(blob, BaseException):
+                raise blob
+            need = 8 + header_length(blob, url, size)
+            if need > len(blob):
+                blob = fs.cat_file(path, start=0, end=need)
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, TornSnapshotError):
+                raise
+            raise vanished(fs, path, exc) from None
+        headers.append(parse_header(blob, url, size))
+    return headers

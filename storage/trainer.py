@@ -44,15 +44,15 @@ from typing import Any
 
 import numpy as np
 
+from .apply import apply_source
 from .errors import IncompatibleTargetError
-from .families import FAMILIES, canonical_shapes, check_fits
+from .families import FAMILIES, canonical_shapes, check_model_fits
 from .fs import join, listing, open_fs
-from .hfdir import INDEX_FILE, PADDLE_PREFIXES, FusedTensorError, hf_tensors, is_hf_checkpoint, read_json, weight_files
+from .hfdir import INDEX_FILE, FusedTensorError, canonical, hf_tensors, is_hf_checkpoint, read_json, weight_files
 from .pickle_safe import load_state_pickle
-from .resolve import read_headers
-from .tensorfile import DTYPES, code_of_numpy
+from .resolve import probe_file
+from .tensorfile import TensorRef, code_of_saved, paddle_eager, read_headers
 from .tp import LLAMA_TP_RULES, Rules, split_axis
-from .writer import TensorRef
 
 WEIGHT_FILE = re.compile(r"model_state(?:\.(?P<a>[a-z0-9_]+))?\.pdparams|model(?:\.(?P<b>[a-z0-9_]+))?\.safetensors")
 SUFFIX = re.compile(r"(?:tp(?P<tp>\d+))?_?(?:pp(?P<pp>\d+))?(?:_?shard(?P<shard>\d+))?")
@@ -201,7 +201,7 @@ def _file_index(fs, path: str) -> dict[str, Lazy]:
             entries = load_state_pickle(f, url, lazy=True)
         out = {}
         for name, v in entries.items():
-            code = "BF16" if v.dtype == np.uint16 else code_of_numpy(v.dtype)  # paddle.save keeps bf16 as uint16
+            code = code_of_saved(v)
             read = (lambda v=v: v) if isinstance(v, np.ndarray) else (
                 lambda v=v: v.array(fs.cat_file(path, start=v.offset, end=v.offset + v.nbytes)))
             out[name] = Lazy(code, tuple(v.shape), read, url)
@@ -211,17 +211,7 @@ def _file_index(fs, path: str) -> dict[str, Lazy]:
 
 
 def _range_reader(fs, path: str, e) -> Callable[[], np.ndarray]:
-    return lambda: np.frombuffer(fs.cat_file(path, start=e.start, end=e.end), DTYPES[e.dtype][0]).reshape(e.shape)
-
-
-def canonical(name: str) -> str | None:
-    """Baton's name for a trainer's tensor (fused names kept, to be unfused), None for a buffer to drop."""
-    if name.endswith("rotary_emb.inv_freq"):
-        return None
-    for prefix in PADDLE_PREFIXES:
-        if name.startswith(prefix):
-            return "model." + name[len(prefix):]
-    return name
+    return lambda: e.array(fs.cat_file(path, start=e.start, end=e.end), 0)
 
 
 def is_decoder(names) -> bool:
@@ -348,7 +338,7 @@ def trainer_tensors(source: str, *, rank: int = 0, tp_size: int = 1, rules: Rule
                          "missing or names an architecture Baton does not know")
     if known:
         try:
-            check_fits(shapes, config, ckpt.config_url, source, target="the model of its config.json",
+            check_model_fits(shapes, config, ckpt.config_url, source, target="the model of its config.json",
                        advice="The checkpoint is incomplete, or its config.json is another model's")
         except IncompatibleTargetError as exc:
             if not ckpt.sharded:
@@ -426,3 +416,29 @@ def checkpoint_tensors(source: str, *, rank: int = 0, tp_size: int = 1,
         except FusedTensorError:
             pass  # fused projections: a Paddle trainer's unified checkpoint, [in, out]
     return trainer_tensors(source, rank=rank, tp_size=tp_size, storage_options=storage_options)
+
+
+def read_state_file(url: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A whole trainer file (safetensors, or a paddle.save pickle read without running code) as Paddle tensors."""
+    fs, path = open_fs(url, storage_options)
+    root, _, name = path.rpartition("/")
+    names = listing(fs, root)
+    if name not in names:
+        raise FileNotFoundError(f"{url}: no such file")
+    if fs.cat_file(path, start=0, end=1) == b"\x80":
+        with fs.open(path, "rb", block_size=16 << 20) as f:
+            arrays = load_state_pickle(f, url)
+        return {n: _adopt(a, code_of_saved(a)) for n, a in arrays.items()}
+    src = probe_file(fs, root, names, name)
+    return apply_source(src, None, verify="none", label=f"read {name}")[0]
+
+
+def _adopt(arr: np.ndarray, code: str) -> Any:
+    """A Paddle tensor over the unpickled array's own memory (no copy); bfloat16 arrives as uint16 bits."""
+    paddle = paddle_eager()
+
+    arr = np.ascontiguousarray(arr)
+    if code == "BF16":  # Paddle views int16 (not uint16) as bfloat16
+        arr = arr.view(np.int16)
+    t = paddle.utils.dlpack.from_dlpack(arr) if arr.size else paddle.to_tensor(arr)
+    return t.view(paddle.bfloat16) if code == "BF16" else t

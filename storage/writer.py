@@ -2,35 +2,31 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import xxhash
 from tqdm.auto import tqdm
 
 from . import layout
-from .delta import (MAX_CHAIN, MAX_RATIO, BaseUnreadable, BaseValues, LastPublished, TooLarge, base_record, why_full,
-                    write_delta)
+from .catalog import remove_version
+from .delta import (MAX_DELTA_DEPTH, MAX_RATIO, BaseUnreadable, BaseValues, LastPublished, TooLarge, base_record,
+                    why_full, write_delta)
 from .digest import combine, sum64, sum64_digest, sum64_words, tensor_digest
 from .errors import SnapshotExistsError
-from .fs import is_local, join, listing, open_fs, storage_calls
+from .fs import checksums, is_local, join, listing, open_fs, storage_calls
 from .manifest import Manifest, PartRecord, TensorRecord
-from .tensorfile import code_of_numpy, code_of_paddle, encode_header, itemsize, paddle_eager
+from .tensorfile import TensorRef, code_of_numpy, code_of_paddle, encode_header, host_bytes, itemsize
 
 DEFAULT_PART_BYTES = 512 << 20
-PAGE = 4096
-# Tensor bytes that start on a page boundary in the file are copied into (page-aligned) live tensors ~25% faster
-# here than bytes at an offset such as 8 + header length; parts this large get a page-aligned layout.
-ALIGN_FROM_BYTES = 1 << 20
+ALIGN = 4096  # a page: tensor bytes that start on one are copied into (page-aligned) live tensors faster than
+ALIGN_FROM_BYTES = 1 << 20  # bytes at an offset such as 8 + header length; parts this large get the aligned layout
 
 
 @dataclass(frozen=True)
@@ -52,13 +48,26 @@ class PublishReport:
 
 
 @dataclass(frozen=True)
-class TensorRef:
-    """A tensor that is read only when the part holding it is written (``storage.hf_tensors`` gives these), so
-    publishing a checkpoint larger than memory holds about one part of it at a time."""
+class PublishOptions:
+    """How ``publish`` writes a version (its keyword arguments, documented there), checked when made."""
 
-    code: str  # safetensors dtype code, e.g. "BF16"
-    shape: tuple[int, ...]
-    read: Callable[[], np.ndarray]  # its values (bfloat16 as 16-bit integers), C-contiguous
+    part_bytes: int = DEFAULT_PART_BYTES
+    overwrite: bool = False
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    durable: bool = True
+    sha256: bool = False
+    progress: bool = False
+    storage_options: dict[str, Any] | None = None
+    base: str | None = None
+    cache: LastPublished | None = None
+    max_chain: int = MAX_DELTA_DEPTH
+    max_ratio: float = MAX_RATIO
+
+    def __post_init__(self) -> None:
+        if self.base is not None:
+            layout.check_id(self.base)
+        if self.part_bytes <= 0:
+            raise ValueError(f"part_bytes must be positive, got {self.part_bytes}")
 
 
 @dataclass(frozen=True)
@@ -92,22 +101,7 @@ def _raw_bytes(item: _Item) -> np.ndarray:
             raise ValueError(f"{item.name}: read {raw.nbytes} bytes, expected {item.nbytes} for {item.code} "
                              f"{list(item.shape)}")
         return raw
-    if isinstance(value, np.ndarray):
-        return np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-    paddle = paddle_eager()
-
-    t = value.detach()
-    if not t.place.is_cpu_place():
-        t = t.cpu()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    if item.code == "BF16":
-        t = t.view(paddle.uint16)
-    elif item.code.startswith("F8"):
-        t = t.view(paddle.uint8)
-    if item.nbytes == 0:
-        return np.empty(0, np.uint8)
-    return np.from_dlpack(t).reshape(-1).view(np.uint8)
+    return host_bytes(value)
 
 
 def plan_parts(items: list[_Item], part_bytes: int) -> list[list[_Item]]:
@@ -123,27 +117,17 @@ def plan_parts(items: list[_Item], part_bytes: int) -> list[list[_Item]]:
     return parts
 
 
-def digests(buffers: Iterable, sha256: bool = True) -> tuple[str | None, str]:
-    """(sha256 or None, xxh3_128) of the concatenated buffers: the checksums a manifest records per part."""
-    sha, xx = hashlib.sha256() if sha256 else None, xxhash.xxh3_128()
-    for b in buffers:
-        if sha is not None:
-            sha.update(b)
-        xx.update(b)
-    return sha.hexdigest() if sha is not None else None, xx.hexdigest()
-
-
 def _write_local(path: str, buffers: list, hasher: ThreadPoolExecutor, durable: bool,
                  sha256: bool) -> tuple[str | None, str]:
-    # hashing (GIL released) on one core overlaps the kernel copying pages on the other
-    digest: Future = hasher.submit(digests, buffers, sha256)
+    # hashing (the GIL released) on one core overlaps the kernel copying pages on another
+    checksummed: Future = hasher.submit(checksums, buffers, sha256)
     with open(path, "wb") as f:
         for b in buffers:
             f.write(b)
         if durable:
             f.flush()
             os.fsync(f.fileno())
-    return digest.result()
+    return checksummed.result()
 
 
 def _write_atomic_local(path: str, data: bytes, durable: bool) -> None:
@@ -162,17 +146,6 @@ def _write_atomic_local(path: str, data: bytes, durable: bool) -> None:
             os.close(fd)
 
 
-def _remove_version(fs, root: str, names: Mapping[str, int], rank: int, version: str) -> None:
-    """Manifest first: from that instant the version no longer exists for any reader."""
-    manifest = layout.manifest_name(rank, version)
-    if manifest in names:
-        fs.rm_file(join(root, manifest))
-    parts, deltas = layout.part_regex(rank, version), layout.delta_regex(rank, version)
-    for name in names:
-        if parts.fullmatch(name) or deltas.fullmatch(name) or name == layout.pending_name(rank, version):
-            fs.rm_file(join(root, name))
-
-
 @storage_calls
 def publish(
     state_dict: Mapping[str, Any],
@@ -189,7 +162,7 @@ def publish(
     storage_options: dict[str, Any] | None = None,
     base: str | None = None,
     cache: LastPublished | None = None,
-    max_chain: int = MAX_CHAIN,
+    max_chain: int = MAX_DELTA_DEPTH,
     max_ratio: float = MAX_RATIO,
 ) -> PublishReport:
     """Write ``state_dict`` as ``model_state.tp{rank}.{id}.part{N}.pdparams`` files plus the manifest.
@@ -208,42 +181,44 @@ def publish(
     """
     layout.check_id(version)
     layout.check_rank(rank)
-    if base is not None and layout.check_id(base) == version:
+    if base is not None and base == version:
         raise ValueError(f"base {base!r} is the version being published: a delta needs an earlier version")
-    if part_bytes <= 0:
-        raise ValueError(f"part_bytes must be positive, got {part_bytes}")
+    options = PublishOptions(part_bytes, overwrite, dict(metadata or {}), durable, sha256, progress, storage_options,
+                             base, cache, max_chain, max_ratio)
     if not state_dict:
         raise ValueError("state_dict is empty: nothing to publish")
-    items = [_describe(str(k), v) for k, v in state_dict.items()]
-    fs, root = open_fs(snapshot_root, storage_options)
+    return _publish([_describe(str(k), v) for k, v in state_dict.items()], snapshot_root, version, rank, options)
+
+
+def _publish(items: list[_Item], snapshot_root: str, version: str, rank: int, options: PublishOptions) -> PublishReport:
+    fs, root = open_fs(snapshot_root, options.storage_options)
     local = is_local(fs)
     names = listing(fs, root)
     manifest_file = layout.manifest_name(rank, version)
-    if manifest_file in names and not overwrite:
+    if manifest_file in names and not options.overwrite:
         raise SnapshotExistsError(
             f"{snapshot_root}/{manifest_file} already exists: version {version!r} rank {rank} is published. "
             "Pick a new id, or pass overwrite=True (--overwrite) to replace it")
-    _remove_version(fs, root, names, rank, version)  # leftovers of an interrupted publish, or the overwrite
+    remove_version(fs, root, names, rank, version)  # leftovers of an interrupted publish, or the overwrite
     if local:
         os.makedirs(root, exist_ok=True)
     marker = join(root, layout.pending_name(rank, version))
     fs.pipe_file(marker, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode())
 
     start = time.perf_counter()
-    recording = cache._record(rank, base) if cache is not None else None
+    recording = options.cache.begin(rank, options.base) if options.cache is not None else None
     keep = recording.keep if recording is not None else (lambda item, raw: None)
     manifest, note = None, ""
-    if base is not None:
-        manifest, note = _try_delta(fs, root, items, rank, version, base, recording, part_bytes, max_chain,
-                                    max_ratio, durable, sha256, keep, snapshot_root, storage_options)
+    if options.base is not None:
+        manifest, note = _try_delta(_Sink(fs, root, rank, version, options), items, snapshot_root, recording, keep)
     if manifest is None:
-        plan = plan_parts(items, part_bytes)
-        records, tensors, digest, sums = _write_parts(fs, root, plan, rank, version, durable, sha256, progress, keep)
+        plan = plan_parts(items, options.part_bytes)
+        records, tensors, digest, sums = _write_parts(_Sink(fs, root, rank, version, options), plan, keep)
         manifest = Manifest(version, rank, time.time(), records, tensors, {}, digest, sum64=sums)
-    manifest.metadata = dict(metadata or {})
+    manifest.metadata = dict(options.metadata)
     manifest_path = join(root, manifest_file)
     if local:
-        _write_atomic_local(manifest_path, manifest.to_json(), durable)
+        _write_atomic_local(manifest_path, manifest.to_json(), options.durable)
     else:
         fs.pipe_file(manifest_path, manifest.to_json())
     fs.rm_file(marker)
@@ -255,55 +230,66 @@ def publish(
                          manifest.base.version if manifest.is_delta else None, sum(i.nbytes for i in items), note)
 
 
-def _try_delta(fs, root: str, items: list[_Item], rank: int, version: str, base: str, recording, part_bytes: int,
-               max_chain: int, max_ratio: float, durable: bool, sha256: bool, keep, snapshot_root: str,
-               storage_options) -> tuple[Manifest | None, str]:
+class _Sink:
+    """Where one publish's files go, full parts and delta files alike: each written whole and checksummed as it is
+    written (locally the checksum runs on ``pool`` beside the write), and its record returned."""
+
+    def __init__(self, fs, root: str, rank: int, version: str, options: PublishOptions):
+        self.fs, self.root, self.rank, self.version, self.options = fs, root, rank, version, options
+        self.pool: ThreadPoolExecutor | None = None
+
+    def part(self, index: int, buffers: list, count: int) -> PartRecord:
+        return self._write(layout.part_name(self.rank, self.version, index), index, buffers, count)
+
+    def delta(self, index: int, buffers: list, count: int) -> PartRecord:
+        return self._write(layout.delta_name(self.rank, self.version, index), index, buffers, count)
+
+    def _write(self, name: str, index: int, buffers: list, count: int) -> PartRecord:
+        path, sha256 = join(self.root, name), self.options.sha256
+        if is_local(self.fs):
+            size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in buffers)
+            sha, xx = _write_local(path, buffers, self.pool, self.options.durable, sha256)
+            return PartRecord(name, index, size, sha, xx, count)
+        data = b"".join(buffers)  # one file in memory: object stores take whole bodies
+        sha, xx = checksums([data], sha256)
+        self.fs.pipe_file(path, data)
+        return PartRecord(name, index, len(data), sha, xx, count)
+
+
+def _try_delta(sink: _Sink, items: list[_Item], snapshot_root: str, recording, keep) -> tuple[Manifest | None, str]:
     """The delta's manifest once its files are written, or (None, why) when the version goes out in full: the
     base does not fit, cannot be read (``BaseUnreadable``), or the delta would not pay. Failures to write the
     delta's own files raise."""
+    options, rank, version = sink.options, sink.rank, sink.version
     try:
         if recording is not None and recording.base is not None:
             values = BaseValues.from_cache(recording.base)
         else:
-            values = BaseValues.from_root(snapshot_root, base, rank, storage_options)
+            values = BaseValues.from_root(snapshot_root, options.base, rank, options.storage_options)
     except BaseUnreadable as exc:
         return None, str(exc)
-    why = why_full(items, values, max_chain)
+    why = why_full(items, values, options.max_chain)
     if why:
         return None, why
-    limit = int(max_ratio * sum(i.nbytes for i in items))
-    with ThreadPoolExecutor(1) as hasher:
-        put = functools.partial(_put, fs, root, hasher, durable, sha256)
+    limit = int(options.max_ratio * sum(i.nbytes for i in items))
+    with ThreadPoolExecutor(1) as sink.pool:
         try:
             # the cache's own buffers take the new values as they are compared: nothing to keep separately
-            records, tensors, digest, sums = write_delta(items, _raw_bytes, values, rank, version, part_bytes, limit,
-                                                         put, (lambda item, raw: None) if values.in_place else keep)
+            records, tensors, digest, sums = write_delta(items, _raw_bytes, values, options.part_bytes, limit,
+                                                         sink.delta, (lambda item, raw: None) if values.in_place else keep)
         except (TooLarge, BaseUnreadable) as exc:
             deltas = layout.delta_regex(rank, version)
-            for name in listing(fs, root):
+            for name in listing(sink.fs, sink.root):
                 if deltas.fullmatch(name):
-                    fs.rm_file(join(root, name))
+                    sink.fs.rm_file(join(sink.root, name))
             if isinstance(exc, BaseUnreadable):
                 return None, str(exc)
-            return None, f"the delta passed {max_ratio:.0%} of the full bytes: publishing in full"
+            return None, f"the delta passed {options.max_ratio:.0%} of the full bytes: publishing in full"
     if values.in_place:
         recording.compared_in_place()
     manifest = Manifest(version, rank, time.time(), records, tensors, {}, digest, base_record(values), values.depth + 1,
                         sums)
     return manifest, ""
-
-
-def _put(fs, root: str, hasher: ThreadPoolExecutor, durable: bool, sha256: bool, name: str, index: int,
-         buffers: list, count: int) -> PartRecord:
-    """Writes one file whole and returns its record."""
-    if is_local(fs):
-        size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in buffers)
-        sha, xx = _write_local(join(root, name), buffers, hasher, durable, sha256)
-        return PartRecord(name, index, size, sha, xx, count)
-    data = b"".join(buffers)
-    sha, xx = digests([data], sha256)
-    fs.pipe_file(join(root, name), data)
-    return PartRecord(name, index, len(data), sha, xx, count)
 
 
 def _tensor_digests(items: list[_Item], raws: list[np.ndarray], into: dict[str, bytes],
@@ -313,114 +299,44 @@ def _tensor_digests(items: list[_Item], raws: list[np.ndarray], into: dict[str, 
         sums[i.name] = (i.code, i.shape, sum64(sum64_words(raw, itemsize(i.code))))
 
 
-def _write_parts(fs, root: str, plan: list[list[_Item]], rank: int, version: str, durable: bool, sha256: bool,
-                 progress: bool, keep) -> tuple[list[PartRecord], dict[str, TensorRecord], str, str]:
-    """Every part of ``plan``, hashed as written: locally one writer and one hashing thread, remotely up to two
+def _write_parts(sink: _Sink, plan: list[list[_Item]], keep) -> tuple[list[PartRecord], dict[str, TensorRecord], str, str]:
+    """Every part of ``plan``, checksummed as written: locally one writer and one hashing thread, remotely up to two
     uploads in flight (memory: two parts). Returns the parts' and the tensors' records for the manifest, and the
     state's digest and ``sum64`` digest (each tensor hashed beside the write); ``keep(item, raw)`` sees every
     tensor's bytes."""
-    local = is_local(fs)
+    local = is_local(sink.fs)
     records: list[PartRecord | None] = [None] * len(plan)
     tensors: dict[str, TensorRecord] = {}
     state: dict[str, bytes] = {}
     sums: dict[str, tuple[str, tuple[int, ...], int]] = {}
     bar = tqdm(total=sum(i.nbytes for part in plan for i in part), unit="B", unit_scale=True,
-               desc=f"publish {version} tp{rank}", disable=not progress)
-    with ThreadPoolExecutor(2) as pool:
+               desc=f"publish {sink.version} tp{sink.rank}", disable=not sink.options.progress)
+
+    def upload(index: int, buffers: list, count: int) -> None:
+        records[index] = sink.part(index, buffers, count)
+        bar.update(records[index].bytes - len(buffers[0]))
+
+    with ThreadPoolExecutor(2) as sink.pool:
         pending: list[Future] = []
         for index, part in enumerate(plan):
-            name = layout.part_name(rank, version, index)
-            align = PAGE if sum(i.nbytes for i in part) >= ALIGN_FROM_BYTES else 8
-            if align == PAGE:  # whole-page tensors first, so every one of them starts on a page too
-                part = sorted(part, key=lambda i: i.nbytes % PAGE != 0)
+            align = ALIGN if sum(i.nbytes for i in part) >= ALIGN_FROM_BYTES else 8
+            if align == ALIGN:  # whole-page tensors first, so every one of them starts on a page too
+                part = sorted(part, key=lambda i: i.nbytes % ALIGN != 0)
             header = encode_header([(i.name, i.code, i.shape, i.nbytes) for i in part], {"format": "pd"}, align)
             for i in part:
                 tensors[i.name] = TensorRecord(i.code, i.shape, index)
             buffers = [header, *(_raw_bytes(i) for i in part)]
-            hashed = pool.submit(_tensor_digests, part, buffers[1:], state, sums)
+            hashed = sink.pool.submit(_tensor_digests, part, buffers[1:], state, sums)
             for i, raw in zip(part, buffers[1:]):
                 keep(i, raw)
             if local:
-                size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in buffers)
-                sha, xx = _write_local(join(root, name), buffers, pool, durable, sha256)
-                records[index] = PartRecord(name, index, size, sha, xx, len(part))
-                bar.update(size - len(header))
+                upload(index, buffers, len(part))
             else:
                 while len(pending) >= 2:
                     pending.pop(0).result()
-                pending.append(pool.submit(_upload, fs, join(root, name), buffers, index, len(part), records, bar,
-                                           sha256))
+                pending.append(sink.pool.submit(upload, index, buffers, len(part)))
             hashed.result()
         for f in pending:
             f.result()
     bar.close()
     return [r for r in records if r], tensors, combine(state), sum64_digest(sums)
-
-
-def _upload(fs, path: str, buffers: list, index: int, count: int, records: list, bar, sha256: bool) -> None:
-    data = b"".join(buffers)  # one part in memory: object stores take whole bodies
-    sha, xx = digests([data], sha256)
-    fs.pipe_file(path, data)
-    records[index] = PartRecord(path.rsplit("/", 1)[-1], index, len(data), sha, xx, count)
-    bar.update(len(data) - len(buffers[0]))
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    version: str
-    ranks: tuple[int, ...]
-    published_at: float
-    bytes: int
-    base: str | None = None  # a delta's base version: it must stay while this one is kept
-
-
-@storage_calls
-def list_versions(snapshot_root: str, *, storage_options: dict[str, Any] | None = None) -> list[VersionInfo]:
-    """Committed versions (those with a manifest), oldest first."""
-    fs, root = open_fs(snapshot_root, storage_options)
-    found: dict[str, list[Manifest]] = {}
-    for name in listing(fs, root):
-        parsed = layout.parse_manifest_name(name)
-        if parsed:
-            try:
-                raw = fs.cat_file(join(root, name))
-            except FileNotFoundError:  # pruned since it was listed
-                continue
-            found.setdefault(parsed[1], []).append(Manifest.from_json(raw, join(root, name)))
-    infos = [
-        VersionInfo(vid, tuple(sorted(m.rank for m in ms)), max(m.published_at for m in ms), sum(m.total_bytes for m in ms),
-                    next((m.base.version for m in ms if m.is_delta), None))
-        for vid, ms in found.items()
-    ]
-    return sorted(infos, key=lambda v: (v.published_at, v.version))
-
-
-@storage_calls
-def prune(
-    snapshot_root: str,
-    keep_last: int,
-    *,
-    keep: tuple[str, ...] | list[str] = (),
-    storage_options: dict[str, Any] | None = None,
-) -> list[str]:
-    """Delete all but the newest ``keep_last`` versions (and any id in ``keep``); returns the ids removed.
-
-    A version a kept delta is built on (its base, the base's base, down to a full version) is kept too. Each
-    version's manifests go first, so a reader either sees the whole version or none of it.
-    """
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be at least 1 (got {keep_last}): pruning never deletes every version")
-    versions = list_versions(snapshot_root, storage_options=storage_options)
-    bases = {v.version: v.base for v in versions}
-    kept = {v.version for v in versions[max(0, len(versions) - keep_last):]} | set(keep)
-    for version in list(kept):
-        while bases.get(version) and bases[version] not in kept:
-            version = bases[version]
-            kept.add(version)
-    doomed = [v for v in versions if v.version not in kept]
-    fs, root = open_fs(snapshot_root, storage_options)
-    names = listing(fs, root)
-    for v in doomed:
-        for rank in v.ranks:
-            _remove_version(fs, root, names, rank, v.version)
-    return [v.version for v in doomed]

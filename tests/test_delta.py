@@ -233,7 +233,7 @@ def test_a_base_that_fails_half_way_leaves_no_delta_file_behind(tmp_path, monkey
     storage.publish(v0, root, "a")
     v1 = nudged(v0, 1)
     reads = []
-    real = storage.chain.RankReader.raw
+    real = storage.deltaload.RankReader.raw
 
     def fails_late(self, name):
         reads.append(name)
@@ -241,7 +241,7 @@ def test_a_base_that_fails_half_way_leaves_no_delta_file_behind(tmp_path, monkey
             raise FileNotFoundError(f"{root}/model_state.tp0.a.part0.pdparams")
         return real(self, name)
 
-    monkeypatch.setattr(storage.chain.RankReader, "raw", fails_late)
+    monkeypatch.setattr(storage.deltaload.RankReader, "raw", fails_late)
     report = storage.publish(v1, root, "b", base="a", part_bytes=4096)  # small files: some written before it fails
     assert report.kind == "full" and "base a cannot be read" in report.note and "part0" in report.note
     assert not [f for f in files(root) if layout.delta_regex(0, "b").fullmatch(f)]
@@ -397,16 +397,34 @@ def test_tp2_deltas_per_rank(tmp_path):
         target = host_targets(s0)
         assert storage.load_snapshot(root, "b", rank, into=target).path == "delta"
         same_bytes(target, s1)
-    from storage.export import open_version
+    from storage.whole import open_version
 
     whole = open_version(root, "b")
     for name, a in v1.items():
         assert whole.tensor(0, name).tobytes() == a.tobytes(), name
 
 
+@pytest.mark.parametrize("version", ["a", "b"])
+def test_a_part_truncated_after_it_was_opened_is_a_torn_snapshot_not_a_crash(tmp_path, version):
+    """Exports and chains read a version's files whole, never mapped: a file cut short after the version was opened
+    (resolved, sizes and headers checked) is a ``TornSnapshotError`` naming it, never a SIGBUS."""
+    from storage.whole import open_version
+
+    root = str(tmp_path)
+    v0 = random_state_dict(CONFIG, 0)
+    storage.publish(v0, root, "a")
+    storage.publish(nudged(v0, 1), root, "b", base="a")
+    whole = open_version(root, version)
+    part = tmp_path / layout.part_name(0, "a", 0)
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    with pytest.raises(storage.TornSnapshotError, match=part.name):
+        for name in v0:
+            whole.tensor(0, name)
+
+
 def test_fastdeploy_and_sglang_get_the_delta_materialised(tmp_path):
     """Staging a delta version writes exactly what staging the same state published in full writes."""
-    from storage.export import export_hf_dir
+    from storage.hfexport import export_hf_dir
 
     doc = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": CONFIG.hidden,
            "num_hidden_layers": CONFIG.layers, "num_attention_heads": CONFIG.heads,

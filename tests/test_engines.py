@@ -20,7 +20,8 @@ from harness.launch import baton_serve
 from infer.model import build_model, random_state_dict
 from infer.weights import state_digest
 from storage.errors import TornSnapshotError
-from storage.export import EXPORT_RECORD, export_hf_dir, read_record
+from storage import read_record
+from storage.hfexport import EXPORT_RECORD, export_hf_dir
 from flows.fastdeploy import stage_fastdeploy, stage_record
 from tests.conftest import free_port
 from tests.engine_doubles import FastDeployDouble, SGLangDouble, digests

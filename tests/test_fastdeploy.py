@@ -19,7 +19,7 @@ from flows.sync import FleetSyncError, sync_weights, update_server
 from infer.hf import config_from_hf
 from infer.model import parameter_shapes
 from storage.errors import IncompatibleTargetError, TornSnapshotError
-from storage.export import read_record
+from storage import read_record
 from flows.fastdeploy import stage_fastdeploy, stage_record
 from storage.fastdeploy import VERSION_FILE
 from storage.tp import split_state_dict

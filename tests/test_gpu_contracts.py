@@ -363,7 +363,7 @@ def test_the_delta_apply_kernel_xors_the_named_elements_in_the_tensors_own_memor
 def test_a_delta_onto_device_targets_sends_only_its_changes(tmp_path, monkeypatch):
     """The server's GPU path (``copy_fn`` and ``xor_fn`` given): each changed tensor takes its delta in place, never
     read out to the host whole nor written back whole. Paddle CPU tensors stand in for device ones."""
-    from storage import chain
+    from storage import deltaload, reader
 
     config = get_config("tiny", dtype="bfloat16")
     model = build_model(config, random_state_dict(config, 5))
@@ -378,15 +378,15 @@ def test_a_delta_onto_device_targets_sends_only_its_changes(tmp_path, monkeypatc
     storage.publish(dict(base), str(tmp_path), "v0")
     assert storage.publish(new, str(tmp_path), "v1", base="v0").kind == "delta"
     targets = model.state_dict()
-    plan = chain.load_plan(str(tmp_path), "v1", 0, targets)
-    assert chain.describe(plan) == "delta"
+    plan = reader.load_plan(str(tmp_path), "v1", 0, targets)
+    assert plan.path == "delta"
 
     def whole(*args, **kwargs):
         raise AssertionError("a whole tensor crossed to the host and back")
 
-    monkeypatch.setattr(chain, "tensor_bytes", whole)
-    monkeypatch.setattr(chain, "_copy_converted", whole)
-    chain.apply_plan(plan, targets, verify="none", cast=True, copy_fn=kernels.cast_copy_, xor_fn=kernels.xor_at_)
+    monkeypatch.setattr(deltaload, "host_bytes", whole)
+    monkeypatch.setattr(deltaload, "copy_converted", whole)
+    reader.apply_plan(plan, targets, verify="none", cast=True, copy_fn=kernels.cast_copy_, xor_fn=kernels.xor_at_)
     for name, t in new.items():
         assert np.array_equal(digest.host_array(targets[name]), digest.host_array(t)), name
 
@@ -452,7 +452,8 @@ def test_a_delta_on_a_gpu_copies_no_whole_tensor_to_the_host(tmp_path, monkeypat
     treats its tensors as device tensors; every whole-tensor route to the host is closed for the delta."""
     from infer.model import Decoder
     from infer.weights import WeightManager
-    from storage import chain
+    from storage import deltaload
+    from storage import digest as storage_digest
 
     bf16_versions(str(tmp_path))
     monkeypatch.setattr(Decoder, "on_gpu", property(lambda self: True))
@@ -463,7 +464,8 @@ def test_a_delta_on_a_gpu_copies_no_whole_tensor_to_the_host(tmp_path, monkeypat
     def whole(*args, **kwargs):
         raise AssertionError("a whole tensor was copied to the host")
 
-    for module, name in ((chain, "tensor_bytes"), (chain, "_copy_converted"), (digest, "host_array")):
+    for module, name in ((deltaload, "host_bytes"), (deltaload, "copy_converted"), (storage_digest, "host_bytes"),
+                         (digest, "host_array")):
         monkeypatch.setattr(module, name, whole)
     sizes = {int(t.numel()) for t in manager.live.model.state_dict().values()}
     transfers = []

@@ -373,7 +373,7 @@ def test_tensors_made_on_any_thread_are_eager_paddle_tensors(tmp_path):
     storage.publish(state, str(tmp_path / "snap"), "v", part_bytes=PART)
     code = f"""
 import threading
-from storage.checkpoint import read_state_file
+from storage import read_state_file
 import storage
 found = []
 def read():

@@ -15,14 +15,7 @@ STORAGE_ERRORS = (storage.SnapshotError, OSError)
 
 def host_bytes(t) -> np.ndarray:
     """A writable flat byte view of a CPU Paddle tensor (or numpy array): to read and to reset targets exactly."""
-    if isinstance(t, np.ndarray):
-        return t.reshape(-1).view(np.uint8)
-    import paddle
-
-    v = t.detach()
-    if v.dtype == paddle.bfloat16:
-        v = v.view(paddle.uint16)
-    return np.from_dlpack(v).reshape(-1).view(np.uint8)
+    return storage.host_array(t).reshape(-1).view(np.uint8)
 
 
 def bytes_of(state: dict) -> dict[str, bytes]:

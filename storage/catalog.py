@@ -1,16 +1,19 @@
-"""What a user asks before trusting a snapshot: what exists at each level, and do the bytes match."""
+"""The versions under a snapshot root: which are committed (``list_versions``), removing old ones (``prune``), and
+what each level holds and whether its files still match their manifest (``inspect_snapshot``, ``verify_snapshot``,
+behind ``baton inspect`` and ``baton verify``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
+from . import layout
 from .errors import TornSnapshotError
+from .fs import file_checksums, join, listing, open_fs, storage_calls
 from .layout import Level
+from .manifest import Manifest
 from .resolve import Source, probe_levels, resolve
-from .writer import digests
-
-_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,6 @@ class FileCheck:
     detail: str
 
 
-def _file_digests(fs, path: str, sha256: bool) -> tuple[str | None, str]:
-    with fs.open(path, "rb") as f:
-        return digests(iter(lambda: f.read(_CHUNK), b""), sha256)
-
-
 def verify_snapshot(
     snapshot_root: str, version: str, rank: int = 0, *, fallback_dir: str | None = None, strict: bool = False,
     sha256: bool = False, storage_options: dict[str, Any] | None = None,
@@ -79,9 +77,81 @@ def verify_snapshot(
             checks.append(FileCheck(url, False, "no sha256 recorded (published without --sha256): publish with "
                                     "--sha256 to audit with it, or verify without --sha256 (xxh3_128)"))
             continue
-        sha, xx = _file_digests(src.fs, path, sha256)
+        sha, xx = file_checksums(src.fs, path, sha256)
         pairs = [("xxh3_128", xx, part.xxh3_128)] + ([("sha256", sha, part.sha256)] if sha256 else [])
         bad = [n for n, got, want in pairs if got != want]
         ok = f"sha256 {sha[:16]}… ok" if sha256 else f"xxh3_128 {xx[:16]}… ok"
         checks.append(FileCheck(url, not bad, f"{', '.join(bad)} mismatch: corrupt or replaced" if bad else ok))
     return src.level, checks
+
+
+def remove_version(fs, root: str, names: Mapping[str, int], rank: int, version: str) -> None:
+    """Manifest first: from that instant the version no longer exists for any reader."""
+    manifest = layout.manifest_name(rank, version)
+    if manifest in names:
+        fs.rm_file(join(root, manifest))
+    parts, deltas = layout.part_regex(rank, version), layout.delta_regex(rank, version)
+    for name in names:
+        if parts.fullmatch(name) or deltas.fullmatch(name) or name == layout.pending_name(rank, version):
+            fs.rm_file(join(root, name))
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    ranks: tuple[int, ...]
+    published_at: float
+    bytes: int
+    base: str | None = None  # a delta's base version: it must stay while this one is kept
+
+
+@storage_calls
+def list_versions(snapshot_root: str, *, storage_options: dict[str, Any] | None = None) -> list[VersionInfo]:
+    """Committed versions (those with a manifest), oldest first."""
+    fs, root = open_fs(snapshot_root, storage_options)
+    found: dict[str, list[Manifest]] = {}
+    for name in listing(fs, root):
+        parsed = layout.parse_manifest_name(name)
+        if parsed:
+            try:
+                raw = fs.cat_file(join(root, name))
+            except FileNotFoundError:  # pruned since it was listed
+                continue
+            found.setdefault(parsed[1], []).append(Manifest.from_json(raw, join(root, name)))
+    infos = [
+        VersionInfo(vid, tuple(sorted(m.rank for m in ms)), max(m.published_at for m in ms), sum(m.total_bytes for m in ms),
+                    next((m.base.version for m in ms if m.is_delta), None))
+        for vid, ms in found.items()
+    ]
+    return sorted(infos, key=lambda v: (v.published_at, v.version))
+
+
+@storage_calls
+def prune(
+    snapshot_root: str,
+    keep_last: int,
+    *,
+    keep: tuple[str, ...] | list[str] = (),
+    storage_options: dict[str, Any] | None = None,
+) -> list[str]:
+    """Delete all but the newest ``keep_last`` versions (and any id in ``keep``); returns the ids removed.
+
+    A version a kept delta is built on (its base, the base's base, down to a full version) is kept too. Each
+    version's manifests go first, so a reader either sees the whole version or none of it.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1 (got {keep_last}): pruning never deletes every version")
+    versions = list_versions(snapshot_root, storage_options=storage_options)
+    bases = {v.version: v.base for v in versions}
+    kept = {v.version for v in versions[max(0, len(versions) - keep_last):]} | set(keep)
+    for version in list(kept):
+        while bases.get(version) and bases[version] not in kept:
+            version = bases[version]
+            kept.add(version)
+    doomed = [v for v in versions if v.version not in kept]
+    fs, root = open_fs(snapshot_root, storage_options)
+    names = listing(fs, root)
+    for v in doomed:
+        for rank in v.ranks:
+            remove_version(fs, root, names, rank, v.version)
+    return [v.version for v in doomed]

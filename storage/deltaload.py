@@ -1,10 +1,11 @@
-"""Loading a delta version: the short path into a target that holds its base, or the chain from the nearest full
-version into anything else; and reading a version's tensors through its chain without a target.
+"""Reading delta versions: a version's chain from its nearest full version, a delta applied onto targets that hold
+its base, the result checked against the version's digest, and a rank read as whole tensors through its chain.
 
 A delta applies only to the exact bytes of its base, so the base is proven, never assumed: by the target's digest
 (``storage.digest``) against the one the delta records, and down a chain by each manifest's digest against the
 next delta's record of it. After applying, the target's digest must equal the version's own, so a delta that
 decodes to anything but the published state is caught before it is served, whatever the files' checksums say.
+Which sources a load takes (``load_plan``) and applying them in order (``apply_plan``) is ``storage.reader``.
 """
 
 from __future__ import annotations
@@ -14,21 +15,18 @@ from math import prod
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from . import deltacodec
-from .apply import _copy_converted, _host_view, apply_source, check_source, digest_mismatch, target_table
-from .digest import combine, tensor_digest
 from .errors import PartialApplyError, SnapshotNotFoundError, TornSnapshotError
-from .fs import read_whole
+from .digest import state_digest
 from .resolve import Source, resolve
-from .tensorfile import DTYPES, code_of_paddle, itemsize
+from .tensorfile import DTYPE_CODES, code_of_paddle, copy_converted, host_bytes, host_view, itemsize
 
 XorFn = Callable[[Any, np.ndarray, np.ndarray], None]  # (target, changed indices, XOR words): kernels.xor_at_
 # (targets, the snapshot's name -> (dtype code, shape)) -> their sum64 digest computed where they live, or None
 DigestFn = Callable[[Mapping[str, Any], Mapping[str, tuple[str, tuple[int, ...]]]], str | None]
 
-MAX_CHAIN = 64  # deltas a reader follows before calling a chain broken (publishers close theirs far sooner)
+MAX_CHAIN_LINKS = 64  # deltas a reader follows before calling a chain broken (publishers close theirs far sooner)
 
 
 def resolve_chain(snapshot_root: str, version: str, rank: int, *, strict: bool = False,
@@ -38,8 +36,9 @@ def resolve_chain(snapshot_root: str, version: str, rank: int, *, strict: bool =
     chain = [src]
     while chain[-1].is_delta:
         delta = chain[-1].manifest
-        if len(chain) > MAX_CHAIN:
-            raise TornSnapshotError(chain[0].urls()[0], f"a chain of over {MAX_CHAIN} deltas: publish a full version")
+        if len(chain) > MAX_CHAIN_LINKS:
+            raise TornSnapshotError(chain[0].urls()[0], f"a chain of over {MAX_CHAIN_LINKS} deltas: publish a full "
+                                    "version")
         try:
             base = resolve(snapshot_root, delta.base.version, rank, strict=True, storage_options=storage_options)
         except SnapshotNotFoundError as exc:
@@ -54,52 +53,11 @@ def resolve_chain(snapshot_root: str, version: str, rank: int, *, strict: bool =
     return chain[::-1]
 
 
-def tensor_bytes(dst: Any, code: str) -> np.ndarray:
-    """``dst``'s values as ``code``'s raw bytes (flat uint8): its own memory when it can be, else a copy. A target
-    of another float dtype holds the snapshot's values cast, and casting back gives the exact bits."""
-    view = _host_view(dst, code)
-    if view is not None:
-        return view
-    np_dtype, paddle_name = DTYPES[code]
-    if isinstance(dst, np.ndarray):
-        if code == "BF16" and dst.dtype != np.uint16:
-            return (np.ascontiguousarray(dst, np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(-1)
-        return np.ascontiguousarray(dst.astype(np_dtype, copy=False)).reshape(-1).view(np.uint8).copy()
-    from .tensorfile import paddle_eager
-
-    paddle = paddle_eager()
-    t = dst.detach()
-    if str(t.dtype).removeprefix("paddle.") != paddle_name:
-        t = t.astype(paddle_name)
-    if code == "BF16":
-        t = t.view(paddle.uint16)
-    elif code.startswith("F8"):
-        t = t.view(paddle.uint8)
-    return np.ascontiguousarray(t.cpu().numpy()).reshape(-1).view(np.uint8).copy()
-
-
-def rank_digest(targets: Mapping[str, Any], index: Mapping[str, tuple[str, tuple[int, ...]]]) -> str | None:
-    """The digest of ``targets`` read as the snapshot's dtypes (``index``: name -> (code, shape)); None when
-    they do not have the snapshot's names and shapes, so cannot hold any version of it."""
-    if set(targets) != set(index) or any(tuple(int(d) for d in targets[n].shape) != s for n, (_, s) in index.items()):
-        return None
-    return combine({n: tensor_digest(n, code, shape, tensor_bytes(targets[n], code)) for n, (code, shape) in index.items()})
-
-
-def _blob(src: Source, i: int, verify: bool) -> bytes:
-    """Delta file ``i`` whole (they are small), checked against the manifest before any of it is used."""
-    url = src.urls()[i]
-    try:
-        data = src.fs.cat_file(src.files[i])
-    except FileNotFoundError:
-        raise TornSnapshotError(url, "disappeared while loading (pruned or replaced?)") from None
-    if len(data) != src.sizes[i]:
-        raise TornSnapshotError(url, f"read {len(data)} bytes, expected {src.sizes[i]} (changed while loading?)")
-    if verify:
-        got = xxhash.xxh3_128(data).hexdigest()
-        if got != src.digests[i]:
-            raise digest_mismatch(url, got, src.digests[i])
-    return data
+def holds_base(src: Source, targets: Mapping[str, Any], base_digest: str | None = None) -> bool:
+    """Whether ``targets`` hold delta ``src``'s base: ``base_digest`` when the caller knows their digest, else
+    computed over them."""
+    held = base_digest if base_digest is not None else state_digest(targets, src.index())
+    return held == src.manifest.base.digest
 
 
 def _xor_in_place(dst: Any, code: str, xor_fn: XorFn | None) -> bool:
@@ -121,11 +79,11 @@ def apply_delta(src: Source, targets: Mapping[str, Any], *, verify: str = "strea
     try:
         for i, header in enumerate(src.headers):
             url = src.urls()[i]
-            data = _blob(src, i, verify != "none")
+            data = src.read(i, verify=verify != "none")
             for e in header.entries:
                 code, shape = tensors[e.name].dtype, tensors[e.name].shape
                 dst = targets[e.name]
-                view = _host_view(dst, code) if copy_fn is None else None
+                view = host_view(dst, code) if copy_fn is None else None
                 if view is None and _xor_in_place(dst, code, xor_fn):
                     index, xors = deltacodec.changes(memoryview(data)[e.start:e.end], prod(shape), itemsize(code))
                     touched.append(e.name)
@@ -133,11 +91,11 @@ def apply_delta(src: Source, targets: Mapping[str, Any], *, verify: str = "strea
                     if bar is not None:
                         bar.update(e.nbytes)
                     continue
-                values = view if view is not None else tensor_bytes(dst, code)
+                values = view if view is not None else host_bytes(dst, code)
                 touched.append(e.name)
                 deltacodec.apply(values, memoryview(data)[e.start:e.end], itemsize(code))
                 if view is None:
-                    _copy_converted(dst, values, code, shape, copy_fn)
+                    copy_converted(dst, values, code, shape, copy_fn)
                 if bar is not None:
                     bar.update(e.nbytes)
     except Exception as exc:
@@ -156,7 +114,7 @@ def check_result(src: Source, targets: Mapping[str, Any], touched: list[str], di
     if digest_fn is not None and src.manifest.sum64 is not None:
         want, got = src.manifest.sum64, digest_fn(targets, src.index())
     if got is None:
-        want, got = src.manifest.digest, rank_digest(targets, src.index())
+        want, got = src.manifest.digest, state_digest(targets, src.index())
     if got != want:
         raise PartialApplyError(f"{src.urls()[0]}: the weights after applying digest to {got}, the version's manifest "
                                 f"says {want}: publish it again", list(targets))
@@ -178,16 +136,7 @@ class RankReader:
 
     def _file(self, link: int, i: int):
         if self.held[link] is None or self.held[link][0] != i:
-            src = self.chain[link]
-            if link == 0:
-                data = read_whole(src.fs, src.files[i])
-                if src.digests[i]:
-                    got = xxhash.xxh3_128(data).hexdigest()
-                    if got != src.digests[i]:
-                        raise digest_mismatch(src.urls()[i], got, src.digests[i])
-            else:
-                data = _blob(src, i, True)
-            self.held[link] = (i, data)
+            self.held[link] = (i, self.chain[link].read(i))
         return self.held[link][1]
 
     def raw(self, name: str) -> np.ndarray:
@@ -206,54 +155,4 @@ class RankReader:
 
     def tensor(self, name: str) -> np.ndarray:
         code, shape = self.index[name]
-        return self.raw(name).view(DTYPES[code][0]).reshape(shape)
-
-
-def load_plan(snapshot_root: str, version: str, rank: int, targets: Mapping[str, Any] | None, *,
-              base_digest: str | None = None, fallback_dir: str | None = None, strict: bool = False,
-              storage_options: dict[str, Any] | None = None) -> list[Source]:
-    """The sources that take ``targets`` to ``version``, in order: the version's own (a full version, or a delta
-    when the targets hold its base: ``base_digest`` when the caller knows their digest, else computed), or the
-    chain from the nearest full version."""
-    src = resolve(snapshot_root, version, rank, fallback_dir=fallback_dir, strict=strict,
-                  storage_options=storage_options)
-    if not src.is_delta:
-        return [src]
-    if targets is not None:
-        held = base_digest if base_digest is not None else rank_digest(targets, src.index())
-        if held == src.manifest.base.digest:
-            return [src]
-    return resolve_chain(snapshot_root, version, rank, storage_options=storage_options, first=src)
-
-
-def describe(plan: list[Source]) -> str:
-    """How a plan loads: what ``LoadReport.path``, the server's reply and its metrics say."""
-    if not plan[-1].is_delta:
-        return "full"
-    return "delta" if len(plan) == 1 else f"chain of {len(plan) - 1} deltas from {plan[0].manifest.version}"
-
-
-def apply_plan(plan: list[Source], into: Any, *, verify: str = "stream", cast: bool = False, copy_fn=None,
-               xor_fn: XorFn | None = None, digest_fn: DigestFn | None = None, prefetch: int = 8,
-               progress: bool = False, label: str = "load") -> tuple[dict[str, Any], str, str | None]:
-    """Applies each source of ``plan`` in order; returns the targets, what was verified and, after a delta, the
-    targets' digest (checked equal to the version's unless ``verify="none"``). A device passes ``xor_fn`` to apply
-    a delta's changes inside its tensors (``kernels.xor_at_``) and ``digest_fn`` to check the result there
-    (``infer.digest.matching_sum64``)."""
-    targets, verified, touched = None, "", []
-    for src in plan:
-        if not src.is_delta:
-            try:
-                targets, verified = apply_source(src, into if targets is None else targets, verify=verify, cast=cast,
-                                                 copy_fn=copy_fn, prefetch=prefetch, progress=progress, label=label)
-            except PartialApplyError as exc:
-                raise PartialApplyError(str(exc.__cause__ or exc), touched + exc.applied) from exc
-            touched += list(targets)
-            continue
-        targets = target_table(into) if targets is None else targets
-        check_source(src, targets, verify=verify, cast=cast, prefetch=prefetch)
-        apply_delta(src, targets, verify=verify, copy_fn=copy_fn, xor_fn=xor_fn, touched=touched)
-        verified = "sizes and headers only" if verify == "none" else "xxh3_128 and the version's digest"
-    if not plan[-1].is_delta or verify == "none":
-        return targets, verified, None
-    return targets, verified, check_result(plan[-1], targets, touched, digest_fn)
+        return self.raw(name).view(DTYPE_CODES[code][0]).reshape(shape)
