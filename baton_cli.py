@@ -7,9 +7,9 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from demo import main as demo_main
     from flows import serve as flows_serve
     from infer import cli as infer_cli
-    from demo import main as demo_main
     from storage import cli as storage_cli
 
     parser = argparse.ArgumentParser(prog="baton",

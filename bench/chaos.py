@@ -18,9 +18,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 warnings.filterwarnings("ignore", category=UserWarning)  # Paddle's warnings would interleave with the report
 
 from bench.common import log, machine_info, parser, results_path, write_results  # noqa: E402
-from harness.chaos import (BUCKET, KINDS, Tally, byte_flips, header_name_duplicate, moto_s3,  # noqa: E402
-                           prefect_restarts, prune_race, publisher_kills, replace_race, s3_kills, server_kills, timed)
-
+from harness.chaos import (  # noqa: E402
+    BUCKET,
+    KINDS,
+    Tally,
+    byte_flips,
+    header_name_duplicate,
+    moto_s3,
+    prefect_restarts,
+    prune_race,
+    publisher_kills,
+    replace_race,
+    s3_kills,
+    server_kills,
+    timed,
+)
 
 # ---- the run --------------------------------------------------------------------------------------------------
 

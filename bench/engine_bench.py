@@ -194,14 +194,14 @@ def check_same_model(model, hf) -> float:
 
 def main() -> int:
     args = parser(__doc__, "tiny model, few requests: checks the script, not the figures").parse_args()
-    import storage
     import torch
 
     import infer.model
+    import storage
+    from harness.launch import baton_serve
     from infer.config import get_config
     from infer.engine import Engine, EngineConfig
     from infer.generate import Fixed
-    from harness.launch import baton_serve
     from infer.model import build_model, random_state_dict
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))

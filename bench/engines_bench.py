@@ -65,8 +65,8 @@ def main() -> int:
     from infer.config import get_config
     from infer.hf import config_from_hf
     from infer.model import random_state_dict
-    from storage.hfexport import export_hf_dir
     from storage.fastdeploy import export_fastdeploy
+    from storage.hfexport import export_hf_dir
 
     name, repeats = ("tiny", 1) if args.quick else ("medium", 3)
     c = get_config(name)

@@ -43,9 +43,9 @@ import logging  # noqa: E402
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
+from common import free_port, log, machine_info, parser, results_path, write_results  # noqa: E402
 
 import storage  # noqa: E402
-from common import free_port, log, machine_info, parser, results_path, write_results  # noqa: E402
 from flows.sync import FleetSyncError, sync_weights  # noqa: E402
 from harness.launch import baton_serve  # noqa: E402
 from infer.config import get_config  # noqa: E402

@@ -20,7 +20,6 @@ Goals: orchestration <= 0.3 s; sync of ``medium`` <= 1.5x the raw copy; a deploy
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -42,11 +41,11 @@ import logging  # noqa: E402
 
 import httpx  # noqa: E402
 import paddle  # noqa: E402
-
 from common import free_port, log, machine_info, parser, results_path, wait_until, write_results  # noqa: E402
+
 from flows.sync import sync_weights  # noqa: E402
-from infer.config import get_config  # noqa: E402
 from harness.launch import baton_serve, logged_process  # noqa: E402
+from infer.config import get_config  # noqa: E402
 from infer.model import random_state_dict  # noqa: E402
 
 logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import RESULTS_DIR, log, machine_info  # noqa: E402
-
 import storage  # noqa: E402
+from bench.common import RESULTS_DIR, log, machine_info  # noqa: E402
 from storage import layout  # noqa: E402
 
 FULL = layout.full_name(0, "h")

@@ -28,10 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 warnings.filterwarnings("ignore", category=UserWarning)
 
 import paddle  # noqa: E402
+from common import log, machine_info, parser, proc_status_bytes, reset_peak_rss, results_path, write_results  # noqa: E402
 
 import kernels  # noqa: E402
-from common import (log, machine_info, parser, proc_status_bytes, reset_peak_rss, results_path,  # noqa: E402
-                    write_results)
 from infer.config import get_config  # noqa: E402
 from infer.generate import SamplingParams, complete  # noqa: E402
 from infer.model import build_model  # noqa: E402

@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 warnings.filterwarnings("ignore", category=UserWarning)
 
 import httpx  # noqa: E402
+from common import log, machine_info, parser, proc_status_bytes, results_path, write_results  # noqa: E402
 
 import storage  # noqa: E402
-from common import log, machine_info, parser, proc_status_bytes, results_path, write_results  # noqa: E402
-from infer.config import get_config  # noqa: E402
 from harness.launch import baton_serve  # noqa: E402
+from infer.config import get_config  # noqa: E402
 from infer.model import Decoder, random_state_dict  # noqa: E402
 
 MODES = ("in_place", "double_buffer")

@@ -54,8 +54,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `storage` imports when the script runs from anywhere
 warnings.filterwarnings("ignore", category=UserWarning)  # paddle's import-time ccache notice
 
-import storage  # noqa: E402
 from common import REPO, RESULTS_DIR, log, machine_info, proc_status_bytes, reset_peak_rss, write_results  # noqa: E402
+
+import storage  # noqa: E402
 from storage.fs import open_fs  # noqa: E402
 from storage.manifest import Manifest  # noqa: E402
 

@@ -27,8 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import storage  # noqa: E402
 from common import log, machine_info, parser, results_path, write_results  # noqa: E402
+
+import storage  # noqa: E402
 from flows import home as prefect_home  # noqa: E402
 from harness.launch import baton_serve  # noqa: E402
 from infer.config import get_config  # noqa: E402

@@ -93,9 +93,7 @@ class Trainer:
         kernels.use_every_core()  # the trainer's GEMMs too
         paddle.seed(seed)
         if model_dir:  # the directory's architecture, weights and tokenizer
-            from infer.hf import load_model_dir
-
-            from infer.hf import read_config
+            from infer.hf import load_model_dir, read_config
 
             self.served_dtype = read_config(model_dir).dtype
             self.model = trainable(load_model_dir(model_dir, dtype="float32"))

@@ -18,9 +18,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from storage import SnapshotError
-
 from flows.fleet import Refused, Server, Unreachable, Untouched
+from storage import SnapshotError
 
 
 class Adapter:

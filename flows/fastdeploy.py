@@ -30,13 +30,12 @@ from typing import Any
 
 import httpx
 
-from storage import join, layout, open_fs, read_record, write_json
-from storage.errors import TornSnapshotError
-from storage.fastdeploy import export_fastdeploy
-
 from flows import fleet
 from flows.adapter import Adapter
 from flows.fleet import Refused, Unreachable
+from storage import join, layout, open_fs, read_record, write_json
+from storage.errors import TornSnapshotError
+from storage.fastdeploy import export_fastdeploy
 
 RETRY_LATER = {400: "already updating", 403: "clearing its weights"}  # the legacy API's busy answers
 

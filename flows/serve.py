@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 SERVER_HELP = ("an inference server: Baton's as URL[#rank=R], or any kind as JSON, e.g. '{\"url\": "
                "\"http://h:8188\", \"kind\": \"fastdeploy\", \"model_dir\": \"/models/m\", \"gpu_ids\": [0, 1]}' "
                "or '{\"url\": ..., \"kind\": \"sglang\", \"model_dir\": \"/exports\"}' (repeat for several)")

@@ -23,15 +23,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from storage import SnapshotError, join, open_fs
-from storage import read_record
-from storage.families import check_model_fits
-from storage.hfexport import EXPORT_RECORD, export_hf_dir, prune_exports
-from storage.whole import open_version
-
 from flows import fleet
 from flows.adapter import Adapter
 from flows.fleet import Refused, Unreachable
+from storage import SnapshotError, join, open_fs, read_record
+from storage.families import check_model_fits
+from storage.hfexport import EXPORT_RECORD, export_hf_dir, prune_exports
+from storage.whole import open_version
 
 
 class SGLang(Adapter):

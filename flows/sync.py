@@ -15,11 +15,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from flows.adapter import Adapter
-from flows.kinds import adapter_for
 from flows.fleet import Outcome, Refused, Server, Unreachable, Untouched
 from flows.inprocess import flow
+from flows.kinds import adapter_for
 from flows.publish import DEFAULT_PART_BYTES, Runner, publish_ranks
-
 
 RETRY_DELAYS = (1, 2, 4)  # seconds before each new try of a server that gave no usable answer
 

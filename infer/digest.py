@@ -17,9 +17,12 @@ from typing import Any
 
 import numpy as np
 import paddle
+
 import storage
-from storage import code_of as _code, host_array
-from storage.digest import ADD, MUL, state_digest as snapshot_digest, sum64, sum64_digest, sum64_words
+from storage import code_of as _code
+from storage import host_array
+from storage.digest import ADD, MUL, sum64, sum64_digest, sum64_words
+from storage.digest import state_digest as snapshot_digest
 
 CHUNK = 1 << 24  # words reduced at a time on the device: the int64 temporaries stay at 128 MiB each
 _MASK = 2**64 - 1

@@ -17,7 +17,6 @@ import paddle
 import kernels
 from infer.config import ModelConfig
 
-
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 

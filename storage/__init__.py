@@ -3,6 +3,10 @@
 See ``storage/FORMAT.md`` for the layout on one page.
 """
 
+from .apply import apply_source, check_source
+from .catalog import VersionInfo, list_versions, prune
+from .delta import LastPublished
+from .deltaload import resolve_chain
 from .errors import (
     IncompatibleTargetError,
     PartialApplyError,
@@ -12,10 +16,6 @@ from .errors import (
     TornSnapshotError,
     UnsafeCheckpointError,
 )
-from .apply import apply_source, check_source
-from .catalog import VersionInfo, list_versions, prune
-from .delta import LastPublished
-from .deltaload import resolve_chain
 from .fs import join, listing, open_fs, read_record, write_json
 from .hfdir import hf_tensors, is_hf_checkpoint
 from .layout import Level, check_id, manifest_name

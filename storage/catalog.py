@@ -4,8 +4,8 @@ behind ``baton inspect`` and ``baton verify``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from . import layout

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from . import deltacodec
-from .errors import PartialApplyError, SnapshotNotFoundError, TornSnapshotError
 from .digest import state_digest
+from .errors import PartialApplyError, SnapshotNotFoundError, TornSnapshotError
 from .resolve import Source, resolve
 from .tensorfile import DTYPE_CODES, code_of_paddle, copy_converted, host_bytes, host_view, itemsize
 

@@ -55,7 +55,8 @@ def _unreachable() -> tuple[type[BaseException], ...]:
     """Connection failures of object-store clients that are not ``OSError`` (botocore's are not)."""
     types: list[type[BaseException]] = []
     try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
         types += [BotoConnectionError, HTTPClientError]
     except ImportError:
         pass

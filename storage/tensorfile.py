@@ -13,9 +13,9 @@ from __future__ import annotations
 import codecs
 import json
 import struct
-from operator import attrgetter
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import numpy as np

@@ -6,7 +6,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +16,17 @@ from tqdm.auto import tqdm
 
 from . import layout
 from .catalog import remove_version
-from .delta import (MAX_DELTA_DEPTH, MAX_RATIO, BaseUnreadable, BaseValues, LastPublished, TooLarge, base_record,
-                    why_full, write_delta)
+from .delta import (
+    MAX_DELTA_DEPTH,
+    MAX_RATIO,
+    BaseUnreadable,
+    BaseValues,
+    LastPublished,
+    TooLarge,
+    base_record,
+    why_full,
+    write_delta,
+)
 from .digest import combine, sum64, sum64_digest, sum64_words, tensor_digest
 from .errors import SnapshotExistsError
 from .fs import checksums, is_local, join, listing, open_fs, storage_calls

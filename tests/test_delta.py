@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import BUCKET
 
 import storage
-from conftest import BUCKET
 from harness.launch import baton_serve
 from infer.config import get_config
 from infer.model import random_state_dict

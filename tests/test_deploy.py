@@ -15,8 +15,9 @@ from pathlib import Path
 import httpx
 import paddle
 
+from harness.launch import baton_serve
+from harness.launch import logged_process as process
 from infer.config import get_config
-from harness.launch import baton_serve, logged_process as process
 from infer.model import random_state_dict
 from tests.conftest import free_port
 

@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
+from flows.fastdeploy import stage_fastdeploy, stage_record
 from flows.fleet import Server
 from flows.sync import FleetSyncError, sync_weights
+from harness.launch import baton_serve
 from infer.config import get_config
 from infer.hf import config_from_hf
-from harness.launch import baton_serve
 from infer.model import build_model, random_state_dict
 from infer.weights import state_digest
-from storage.errors import TornSnapshotError
 from storage import read_record
+from storage.errors import TornSnapshotError
 from storage.hfexport import EXPORT_RECORD, export_hf_dir
-from flows.fastdeploy import stage_fastdeploy, stage_record
 from tests.conftest import free_port
 from tests.engine_doubles import FastDeployDouble, SGLangDouble, digests
 from tests.test_fastdeploy import canonical, fd_expected, fd_parts, model_dir_for, publish, qwen

@@ -15,12 +15,12 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 import storage
+from flows.fastdeploy import stage_fastdeploy, stage_record
 from flows.sync import FleetSyncError, sync_weights, update_server
 from infer.hf import config_from_hf
 from infer.model import parameter_shapes
-from storage.errors import IncompatibleTargetError, TornSnapshotError
 from storage import read_record
-from flows.fastdeploy import stage_fastdeploy, stage_record
+from storage.errors import IncompatibleTargetError, TornSnapshotError
 from storage.fastdeploy import VERSION_FILE
 from storage.tp import split_state_dict
 from tests.engine_doubles import FastDeployDouble, digests

@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from contextlib import ExitStack
-from pathlib import Path
 
 import httpx
 import numpy as np

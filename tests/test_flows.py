@@ -18,8 +18,8 @@ from flows.checkpoint import DONE_MARKER
 from flows.publish import publish_checkpoint
 from flows.sync import FleetSyncError, sync_weights
 from flows.watch import publish_new_checkpoints
-from infer.config import get_config
 from harness.launch import baton_serve
+from infer.config import get_config
 from infer.model import build_model, random_state_dict
 from infer.weights import state_digest
 from storage.tp import merge_state_dicts, split_state_dict

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 import storage
-from infer.hf import read_model_dir
 from harness.launch import baton_serve
+from infer.hf import read_model_dir
 from tests.test_tokenizer import qwen_style
 
 torch = pytest.importorskip("torch")

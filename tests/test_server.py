@@ -16,13 +16,13 @@ import openai
 import pytest
 
 import storage
+from harness.launch import baton_serve
 from infer.config import get_config
 from infer.generate import SamplingParams, complete
 from infer.model import build_model, random_state_dict
 from infer.tokenizer import encode
 from infer.weights import state_digest
 from storage.tp import split_state_dict
-from harness.launch import baton_serve
 
 CONFIG = get_config("tiny")
 SEEDS = {"v1": 1, "v2": 2}

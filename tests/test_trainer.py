@@ -19,8 +19,8 @@ from safetensors.numpy import save_file
 import storage
 from flows.publish import publish_checkpoint
 from flows.sync import sync_weights
-from infer.hf import config_from_hf
 from harness.launch import baton_serve
+from infer.hf import config_from_hf
 from infer.model import parameter_shapes
 from tests.test_cli import baton
 from tests.test_publish_hf import write_hf_dir

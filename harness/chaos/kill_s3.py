@@ -17,9 +17,10 @@ def s3_kills(tally: Tally, trials: int, model: str, rng: random.Random, down_che
     clear non-2xx with v1 still serving bit-exact (or nothing served, when the write had begun).
     With storage still down another update must be answered 503. Then S3 comes back (empty: v1 and v2 are
     published again) and an update to v2 must succeed. Returns the HTTP statuses seen."""
-    from infer.config import get_config
-    from harness.launch import baton_serve
     import httpx
+
+    from harness.launch import baton_serve
+    from infer.config import get_config
 
     statuses: dict[str, list[int]] = {"killed": [], "down": [], "after": []}
     config = get_config(model)

@@ -20,8 +20,8 @@ def server_kills(tally: Tally, workdir: Path, trials: int, model: str, rng: rand
     committed, v2) and update to v1; odd ones pin ``--version v1`` and update to v2. The kill comes a random
     ``0..spread`` of the update's duration after the server reports the update in progress (with ``writing``:
     after it has begun writing the live weights)."""
-    from infer.config import get_config
     from harness.launch import baton_serve
+    from infer.config import get_config
 
     root = str(workdir / "server-kill")
     digests = publish_pair(get_config(model), root, part_bytes=part_bytes, durable=False)

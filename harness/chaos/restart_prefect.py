@@ -63,8 +63,8 @@ def prefect_restarts(tally: Tally, workdir: Path, trials: int, rng: random.Rando
     sync must complete with both servers on the new version."""
     import paddle
 
-    from infer.config import get_config
     from harness.launch import baton_serve
+    from infer.config import get_config
     from infer.model import random_state_dict
     from infer.weights import state_digest
 

@@ -14,7 +14,6 @@ from collections.abc import Callable
 import storage
 from harness.launch import wait_until
 
-
 SAMPLE = {"prompt": "The policy", "max_tokens": 6, "temperature": 0.8, "seed": 7}
 
 

@@ -13,8 +13,16 @@ from pydantic import BaseModel, ConfigDict
 
 import kernels
 from infer.routes.common import ErrorReply, error
-from infer.weights import (PREPARE_TTL, NotPrepared, RestoreFailed, SnapshotRejected, StorageUnavailable,
-                           UpdateBusy, UpdateError, WeightInfo)
+from infer.weights import (
+    PREPARE_TTL,
+    NotPrepared,
+    RestoreFailed,
+    SnapshotRejected,
+    StorageUnavailable,
+    UpdateBusy,
+    UpdateError,
+    WeightInfo,
+)
 
 router = APIRouter()
 
