@@ -28,7 +28,6 @@ import tempfile
 import threading
 import time
 import warnings
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from common import free_port, log, machine_info, parser, results_path, write_res
 
 import storage  # noqa: E402
 from flows.sync import FleetSyncError, sync_weights  # noqa: E402
+from harness.clients import Completions  # noqa: E402
 from harness.launch import baton_serve  # noqa: E402
 from infer.config import get_config  # noqa: E402
 from infer.model import random_state_dict  # noqa: E402
@@ -105,33 +105,6 @@ class Pollers:
         return (max(self.seen.values()) - min(self.seen.values())) * 1000
 
 
-class Clients:
-    """Completions sent to the servers (a few client threads, round robin) until stopped; versions counted."""
-
-    def __init__(self, urls: list[str], threads: int = 4):
-        self.urls, self.stop, self.seen = urls, threading.Event(), Counter()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(min(threads, len(urls)))]
-
-    def _run(self, i: int) -> None:
-        with httpx.Client(timeout=60) as client:
-            k = i
-            while not self.stop.is_set():
-                r = client.post(f"{self.urls[k % len(self.urls)]}/v1/completions",
-                                json={"prompt": "The policy", "max_tokens": 2})
-                k += len(self.threads)
-                self.seen[r.json()["weight_version"] if r.status_code == 200 else f"HTTP {r.status_code}"] += 1
-
-    def __enter__(self) -> Clients:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-
-
 def measure_fleet(root: str, n: int, rounds: int) -> dict:
     with Servers(root, n) as urls:
         syncs, windows, overheads, resolution = [], [], [], []
@@ -148,7 +121,7 @@ def measure_fleet(root: str, n: int, rounds: int) -> dict:
             resolution.append(statistics.median(pollers.gaps) * 1000)
         down = f"http://127.0.0.1:{free_port()}"
         target = "v2" if rows[0]["version"] == "v1" else "v1"
-        with Clients(urls) as clients:
+        with Completions(urls, threads=4) as clients:
             time.sleep(0.3)
             try:
                 sync_weights(target, root, [*urls, down])

@@ -6,7 +6,6 @@ Expected texts and digests are computed here, offline, from the same state dicts
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from contextlib import ExitStack
 
 import httpx
@@ -19,6 +18,7 @@ import flows.baton
 import storage
 from flows.fleet import Refused
 from flows.sync import FleetSyncError, sync_weights
+from harness.clients import Completions
 from harness.launch import baton_serve
 from infer.config import get_config
 from infer.generate import SamplingParams, complete
@@ -86,34 +86,9 @@ def at_v1(fleet, snap):
     return fleet
 
 
-class Load:
-    """Clients sending greedy completions to every server until stopped; counts the versions that answered."""
-
-    def __init__(self, urls: list[str]):
-        self.urls, self.stop, self.seen = urls, threading.Event(), Counter()
-        self.threads = [threading.Thread(target=self._run, args=(u,)) for u in urls]
-
-    def _run(self, url: str) -> None:
-        with httpx.Client(timeout=60) as client:
-            while not self.stop.is_set():
-                r = client.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
-                if r.status_code == 200:
-                    self.seen[r.json()["weight_version"]] += 1
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-
-
 def test_a_member_down_at_prepare_lets_no_reply_come_from_the_new_version(at_v1, snap):
     down = f"http://127.0.0.1:{free_port()}"
-    with Load(at_v1) as load, pytest.raises(FleetSyncError) as err:
+    with Completions(at_v1) as load, pytest.raises(FleetSyncError) as err:
         sync_weights("v2", snap, [*at_v1, down])
     assert load.seen["v1"] > 0 and load.seen["v2"] == 0, load.seen
     assert str(err.value).count(": aborted: ") == 3 and f"{down}: unreachable" in str(err.value)
@@ -125,7 +100,7 @@ def test_a_member_down_at_prepare_lets_no_reply_come_from_the_new_version(at_v1,
 
 def test_a_member_refusing_at_prepare_commits_nothing(at_v1, snap, tmp_path):
     """A server running another model refuses v2 (its shapes do not fit) before the others serve it."""
-    with baton_serve(snap, "--model", "small", ready=False) as other, Load(at_v1) as load:
+    with baton_serve(snap, "--model", "small", ready=False) as other, Completions(at_v1) as load:
         with pytest.raises(FleetSyncError) as err:
             sync_weights("v2", snap, [*at_v1, str(other)])
     assert load.seen["v2"] == 0 and f"{other}: refused" in str(err.value), (load.seen, str(err.value))
