@@ -96,7 +96,7 @@ class Outcome:
 
 @functools.cache
 def _http() -> httpx.Client:
-    """One pooled client for every call: a new ``httpx`` client costs ~35 ms here (TLS context, pool), more than
+    """One pooled client for every call: a new ``httpx`` client (TLS context, pool) costs more than
     a whole request to a server on the same network."""
     return httpx.Client()
 

@@ -1,7 +1,7 @@
 """Runs of ``sync-weights`` executed inside the warm ``baton deploy`` process, not in a fresh one per run.
 
-Prefect's runner starts each run of a served deployment in a newly spawned Python process, which spends ~1.7 s
-here importing Prefect and the flows before the run even starts; a weight sync after every trainer step should
+Prefect's runner starts each run of a served deployment in a newly spawned Python process, which spends seconds
+importing Prefect and the flows before the run even starts; a weight sync after every trainer step should
 not. This runner registers one deployment, asks the API every ``poll`` seconds for its due runs, claims each by
 moving it to Pending (as Prefect's runner does, so two runners never take the same run), and runs it on a
 thread of this process through Prefect's own engine: the run, its task runs, logs and artifacts show in the UI

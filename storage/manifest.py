@@ -1,8 +1,8 @@
 """The manifest: the one object whose presence makes a snapshot exist.
 
 Written last by the publisher; it pins every part's size and digests (``xxh3_128``, the fast check on every
-load, and ``sha256`` for audits when the publisher was asked for it: it runs at ~1.4 GiB/s here, about the speed
-of the write itself, so it is null unless requested) and every
+load, and ``sha256`` for audits when the publisher was asked for it: about as slow as the write itself, so it is
+null unless requested) and every
 tensor's dtype, shape and part, so a reader can refuse a torn snapshot before it writes a byte. It also records the
 digest of the rank's whole state (``storage.digest``); a delta's (format version 2) names its base and the base's
 digest, so no loader applies it to anything else.
