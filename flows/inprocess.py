@@ -3,7 +3,8 @@
 Prefect's flow engine runs a heartbeat thread that sleeps in whole seconds, and a synchronous flow joins it
 on exit, so every in-process call of a sync flow ends up to a second later than its work. Heartbeats only feed
 zombie-run detection, which needs an automation a team sets up on purpose; so Baton's flows skip them when
-called in-process unless ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set. Runs started from a deployment keep Prefect's behaviour.
+called in-process unless ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set. Runs started from a deployment keep
+Prefect's behaviour.
 """
 
 from __future__ import annotations
