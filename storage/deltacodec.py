@@ -157,7 +157,8 @@ def _windows(blob: bytes | memoryview, elements: int) -> tuple[memoryview, list[
         raise DeltaFormatError(f"blob of {len(view)} bytes is shorter than its table of {windows} windows")
     lengths = np.frombuffer(view, "<u8", windows).astype(np.int64)
     if lengths.min(initial=0) < 0 or 8 * windows + int(lengths.sum()) != len(view):
-        raise DeltaFormatError(f"window lengths add up to {8 * windows + int(lengths.sum())} bytes, the blob is {len(view)}")
+        raise DeltaFormatError(f"window lengths add up to {8 * windows + int(lengths.sum())} bytes, the blob is "
+                               f"{len(view)}")
     starts = (8 * windows + np.concatenate([[0], np.cumsum(lengths)[:-1]])).tolist()
     return view, [(w, start, size) for w, (start, size) in enumerate(zip(starts, lengths.tolist())) if size]
 

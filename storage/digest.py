@@ -90,7 +90,8 @@ def combine(tensors: Mapping[str, bytes]) -> str:
     return h.hexdigest()
 
 
-def state_digest(targets: Mapping[str, Any], index: Mapping[str, tuple[str, tuple[int, ...]]] | None = None) -> str | None:
+def state_digest(targets: Mapping[str, Any],
+                 index: Mapping[str, tuple[str, tuple[int, ...]]] | None = None) -> str | None:
     """The digest of ``targets`` (numpy arrays or Paddle tensors) read as ``index``'s dtypes (name -> (dtype code,
     shape); by default each tensor's own), so a target cast to another float dtype digests as the snapshot it holds.
     None when ``targets`` do not have ``index``'s names and shapes, so cannot hold any version of that snapshot."""
@@ -99,4 +100,5 @@ def state_digest(targets: Mapping[str, Any], index: Mapping[str, tuple[str, tupl
     elif set(targets) != set(index) or any(tuple(int(d) for d in targets[n].shape) != tuple(s)
                                            for n, (_, s) in index.items()):
         return None
-    return combine({n: tensor_digest(n, code, shape, host_bytes(targets[n], code)) for n, (code, shape) in index.items()})
+    return combine({n: tensor_digest(n, code, shape, host_bytes(targets[n], code))
+                    for n, (code, shape) in index.items()})
