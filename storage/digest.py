@@ -82,6 +82,19 @@ def sum64_digest(tensors: Mapping[str, tuple[str, Sequence[int], int]]) -> str:
     return "sum64-" + h.hexdigest()
 
 
+def tensor_sums(targets: Mapping[str, Any], index: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, int]:
+    """Each tensor's ``sum64`` read as ``index``'s dtype (name -> (dtype code, shape)), on the host: what a delta's
+    apply advances from the changed elements alone (``deltacodec.apply(..., weigh=True)``)."""
+    from .tensorfile import itemsize
+
+    return {n: sum64(sum64_words(host_bytes(targets[n], code), itemsize(code))) for n, (code, _) in index.items()}
+
+
+def sums_digest(index: Mapping[str, tuple[str, Sequence[int]]], sums: Mapping[str, int]) -> str:
+    """The state's ``sum64`` digest from ``index`` (name -> (dtype code, shape)) and each tensor's ``sum64``."""
+    return sum64_digest({n: (code, shape, sums[n]) for n, (code, shape) in index.items()})
+
+
 def combine(tensors: Mapping[str, bytes]) -> str:
     """The state's digest from its tensors' (``tensor_digest``)."""
     h = xxhash.xxh3_128()
