@@ -21,7 +21,7 @@ import paddle
 import storage
 from storage import code_of as _code
 from storage import host_array
-from storage.digest import ADD, MUL, sum64, sum64_digest, sum64_words
+from storage.digest import ADD, MUL, sum64, sum64_digest, sum64_words, sums_digest
 from storage.digest import state_digest as snapshot_digest
 
 CHUNK = 1 << 24  # words reduced at a time on the device: the int64 temporaries stay at 128 MiB each
@@ -73,6 +73,20 @@ def _on_device(t: Any) -> bool:
     return not isinstance(t, np.ndarray) and not t.place.is_cpu_place()
 
 
+def tensor_sums(state: Mapping[str, Any],
+                index: Mapping[str, tuple[str, tuple[int, ...]]] | None = None) -> dict[str, int] | None:
+    """Each tensor's ``sum64``, reduced where it lives (one transfer of the numbers per device); with ``index`` (a
+    snapshot's name -> (dtype code, shape)), None unless ``state`` holds its tensors as they are (a cast target
+    holds other bits). What a server keeps so that a delta's apply can advance them from the changed elements."""
+    if index is not None and (set(state) != set(index) or any(
+            _code(state[n]) != code or tuple(int(d) for d in state[n].shape) != tuple(shape)
+            for n, (code, shape) in index.items())):
+        return None
+    names = sorted(state)
+    sums = device_sums(state, [n for n in names if _on_device(state[n]) and state[n].element_size() in _SIGNED])
+    return {n: sums[n] if n in sums else sum64(_words(state[n])) for n in names}
+
+
 def state_digest(state: Mapping[str, Any], scheme: str | None = None) -> str:
     """The digest of ``state`` (numpy arrays or Paddle tensors): ``scheme="xxh3"`` over the bytes, ``"sum64"``
     over each tensor's device-reduced number; by default ``sum64`` when a tensor is on a GPU, else ``xxh3``.
@@ -80,22 +94,18 @@ def state_digest(state: Mapping[str, Any], scheme: str | None = None) -> str:
     scheme = scheme or ("sum64" if any(_on_device(t) for t in state.values()) else "xxh3")
     if scheme not in ("xxh3", "sum64"):
         raise ValueError(f"scheme {scheme!r}: use 'xxh3' or 'sum64'")
-    names = sorted(state)
     if scheme == "xxh3":
         return snapshot_digest(state)
-    sums = device_sums(state, [n for n in names if _on_device(state[n]) and state[n].element_size() in _SIGNED])
-    return sum64_digest({n: (_code(state[n]), state[n].shape, sums[n] if n in sums else sum64(_words(state[n])))
-                         for n in names})
+    sums = tensor_sums(state)
+    return sum64_digest({n: (_code(t), t.shape, sums[n]) for n, t in state.items()})
 
 
 def matching_sum64(targets: Mapping[str, Any], index: Mapping[str, tuple[str, tuple[int, ...]]]) -> str | None:
     """The targets' ``sum64`` digest, computed where they live, when they hold a snapshot's tensors as they are (its
     names, dtype codes and shapes, as ``index`` lists them); None when they do not (a cast target holds other bits):
     then only the host can read them as the snapshot's dtypes."""
-    if set(targets) != set(index) or any(_code(targets[n]) != code or tuple(int(d) for d in targets[n].shape) !=
-                                         tuple(shape) for n, (code, shape) in index.items()):
-        return None
-    return state_digest(targets, "sum64")
+    sums = tensor_sums(targets, index)
+    return None if sums is None else sums_digest(index, sums)
 
 
 def published_digest(held: str, snapshot_root: str, version: str, rank: int, *, fallback_dir: str | None = None,

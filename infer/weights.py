@@ -15,7 +15,10 @@ is put back: reloaded from storage in ``in_place`` (the slot is unusable until t
 A server started from a model directory (``adopt``) serves its weights as level 0 and reloads them the same way.
 A delta version (``storage.delta``) is applied onto the copy being written when that copy's digest is the delta's
 base (``double_buffer`` first copies the live weights into the spare when those are the base), else loaded through
-its chain; either way the result's digest must be the version's, or the update is undone as above.
+its chain; either way the result's digest must be the version's, or the update is undone as above. Each copy keeps,
+per rank, the digest it provably holds and each tensor's ``sum64`` (taken at a full load, in the pass that gives
+its digest), so a delta onto it is proven from its changed elements alone (``storage/FORMAT.md``): no pass over the
+model, unless ``verify="full"``.
 If even the reload fails, the server reports itself unhealthy instead of serving a torn model.
 
 A fleet flips as one in two phases (``flows.sync``): ``prepare`` makes a version ready without serving it and
@@ -38,7 +41,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import kernels
@@ -48,6 +50,17 @@ from infer.digest import state_digest
 from infer.engine import Busy, VersionUnavailable
 from infer.metrics import Metrics
 from infer.model import Decoder, load_state
+from infer.updates import (  # noqa: F401 - re-exported: infer.weights is where callers import them from
+    NotPrepared,
+    NotReady,
+    Prepared,
+    RestoreFailed,
+    SnapshotRejected,
+    StorageUnavailable,
+    UpdateBusy,
+    UpdateError,
+    WeightInfo,
+)
 from storage import apply_plan, check_source, deltaload, layout, load_plan, shard_views
 from storage.digest import state_digest as snapshot_digest
 
@@ -56,92 +69,18 @@ MODES = ("in_place", "double_buffer")
 PREPARE_TTL = 300.0  # seconds a prepared version waits for its commit: a flow that died must not pin a spare
 
 
-@dataclass(frozen=True)
-class WeightInfo:
-    """What a model copy holds: which version, from where, and a digest of its live bytes."""
-
-    version: str
-    snapshot_root: str
-    rank: int
-    level: int
-    source: str
-    loaded_at: float
-    bytes: int
-    seconds: float
-    digest: str
-    path: str = "full"  # how it was loaded: "full", "delta" (onto the base it held) or "chain of N deltas from V"
-
-    def to_json(self) -> dict[str, Any]:
-        """The public names ``GET /v1/weights`` uses."""
-        return {"version": self.version, "snapshot_root": self.snapshot_root, "rank": self.rank,
-                "source_level": self.level,
-                "source": self.source, "loaded_at": datetime.fromtimestamp(self.loaded_at, timezone.utc).isoformat(),
-                "bytes": self.bytes, "seconds": self.seconds, "digest": self.digest, "load_path": self.path}
-
-
-class UpdateError(Exception):
-    """An update that did not happen (or was undone). Subclasses say why; ``outcome`` labels the metric."""
-
-    outcome = "error"
-
-
-class UpdateBusy(UpdateError):
-    """Another update is in progress."""
-
-    outcome = "busy"
-
-
-class SnapshotRejected(UpdateError):
-    """The snapshot is missing, torn, corrupt or does not fit (or the request names it wrongly); the previous
-    version is serving (restored, when the failure came midway)."""
-
-    def __init__(self, message: str, outcome: str = "bad_snapshot"):
-        super().__init__(message)
-        self.outcome = outcome
-
-
-class StorageUnavailable(UpdateError):
-    """Storage could not be reached; nothing was written."""
-
-    outcome = "storage_error"
-
-
-class RestoreFailed(UpdateError):
-    """A failed update could not be undone: the server serves nothing rather than a torn model."""
-
-    outcome = "broken"
-
-
-class NotPrepared(UpdateError):
-    """A commit with no prepared version to serve (never prepared, replaced by another prepare, aborted, expired)."""
-
-    outcome = "not_prepared"
-
-
-class NotReady(Exception):
-    """No weights to serve: none loaded yet, or a failed update could not be undone."""
-
-
 @dataclass(eq=False)
 class Slot:
     model: Decoder
     info: WeightInfo | None = None
     readers: int = 0
     writing: bool = False  # an update is writing it: no request may start on it
+    # per rank, what the copy provably holds while ``info`` is set: the rank state's digest (the one deltas name their
+    # base by) and each tensor's sum64, which a delta's apply advances from the changed elements alone
+    held: dict[int, tuple[str, dict[str, int]]] | None = None
 
-
-@dataclass(frozen=True)
-class Prepared:
-    """A version ``prepare`` made ready and ``commit`` has not served yet."""
-
-    info: WeightInfo  # double_buffer: what the spare holds; in_place: what was checked (no bytes written)
-    verify: str
-    expires: float  # time.monotonic() after which it is dropped
-    slot: Slot | None  # the spare holding it; None for in_place, whose commit loads it
-
-    def to_json(self) -> dict[str, Any]:
-        return {"version": self.info.version, "snapshot_root": self.info.snapshot_root,
-                "held": "spare" if self.slot else "checked", "expires_in_s": round(self.expires - time.monotonic(), 1)}
+    def record(self, rank: int) -> tuple[str, dict[str, int]] | None:
+        return self.held.get(rank) if self.held and self.info is not None else None
 
 
 @dataclass(frozen=True)
@@ -151,6 +90,7 @@ class _Undo:
     version: str  # what the delta made live
     previous: WeightInfo  # the base it was applied onto
     sources: list  # the update's per-rank plans (one delta each)
+    held: dict | None  # the base's record (``Slot.held``): reversing must give back these very sums
 
 
 def _cause(exc: Exception) -> str:
@@ -370,7 +310,7 @@ class WeightManager:
         except (OSError, ValueError) as exc:
             self.metrics.update_done("bad_snapshot", time.perf_counter() - start, 0, True)
             raise SnapshotRejected(f"{where}: could not load its weights: {exc}") from exc
-        self._base, self._undo = weights, None
+        self._base, self._undo, slot.held = weights, None, None
         params = slot.model.state_dict()
         slot.info = WeightInfo(version, where, 0, 0, "model directory", time.time(),
                                sum(int(t.numel()) * t.element_size() for t in params.values()),
@@ -405,11 +345,11 @@ class WeightManager:
             info = self._reverse(undo, target, start)
             if info is not None:
                 return self._switch(target)
-        previous = target.info
+        previous, held = target.info, target.held
         sources = self._load(target, version, snapshot_root, rank, verify, start)
         if target is self.live and previous is not None and all(len(plan) == 1 and plan[0].is_delta
                                                                 for _, plan, *_ in sources):
-            self._undo = _Undo(version, previous, sources)
+            self._undo = _Undo(version, previous, sources, held)
         return self._switch(target)
 
     def _load(self, target: Slot, version: str, snapshot_root: str, rank: int, verify: str, start: float) -> list:
@@ -433,7 +373,9 @@ class WeightManager:
             return
         for r, plan, *_ in sources:
             expected = plan[-1].manifest.digest if plan[-1].manifest else None
-            if expected is None or (self.tp_size == 1 and slot.info.digest == expected):
+            record = slot.record(r)
+            if expected is None or (self.tp_size == 1 and slot.info.digest == expected) or \
+                    (record is not None and record[0] == expected):
                 continue  # a level without a manifest has no digest to prove; an equal server digest proves it
             got = snapshot_digest(self._targets(slot, r), plan[-1].index())
             if got != expected:
@@ -443,17 +385,28 @@ class WeightManager:
 
     def _reverse(self, undo: _Undo, slot: Slot, start: float) -> WeightInfo | None:
         """Takes ``slot`` from the delta it holds back to that delta's base by applying the delta again, proven by
-        the base's digest; None (the slot's record cleared, so the caller loads the base in full) when that fails."""
+        the base's sums (advanced from the changed elements: they must come back to the base's record, tensor by
+        tensor) or else its digest; None (the slot's record cleared, so the caller loads the base in full) when that
+        fails."""
         on_gpu = slot.model.on_gpu
         try:
             with self._exclusive(slot):
-                slot.info = None
+                held, slot.info, slot.held, proven = slot.held or {}, None, None, {}
                 for r, plan, verify, _ in undo.sources:
                     targets = self._targets(slot, r)
-                    deltaload.apply_delta(plan[0], targets, verify=verify, copy_fn=kernels.cast_copy_ if on_gpu else None)
+                    mine, base = held.get(r), (undo.held or {}).get(r)
+                    sums = dict(mine[1]) if mine and base and verify != "full" else None
+                    deltaload.apply_delta(plan[0], targets, verify=verify, sums=sums,
+                                          copy_fn=kernels.cast_copy_ if on_gpu else None)
+                    if sums is not None:
+                        if sums != base[1]:
+                            raise ValueError("the tensors' sum64 after reversing differ from the base's")
+                        proven[r] = base
+                        continue
                     got = snapshot_digest(targets, plan[0].index())
                     if got != plan[0].manifest.base.digest:
                         raise ValueError(f"digest {got} after reversing, the base's is {plan[0].manifest.base.digest}")
+                slot.held = proven
                 slot.info = WeightInfo(**{**undo.previous.__dict__, "loaded_at": time.time(),
                                           "bytes": sum(src.bytes for _, plan, *_ in undo.sources for src in plan),
                                           "seconds": time.perf_counter() - start, "path": "delta reversed"})
@@ -476,10 +429,10 @@ class WeightManager:
             sources = []
             for r in self._ranks(rank):
                 targets = self._targets(target, r)
-                plan = load_plan(snapshot_root, version, r, targets, base_digest=self._digest_of(target),
+                plan = load_plan(snapshot_root, version, r, targets, base_digest=self._base_digest(target, r),
                                  fallback_dir=self.fallback_dir, storage_options=self.storage_options)
                 from_live = len(plan) > 1 and target is not self.live and \
-                    self._digest_of(self.live) == plan[-1].manifest.base.digest
+                    self._base_digest(self.live, r) == plan[-1].manifest.base.digest
                 if from_live:
                     plan = plan[-1:]  # the live copy holds the base: the spare starts as a copy of it (_write)
                 for src in plan:
@@ -513,6 +466,14 @@ class WeightManager:
                 self._paused = slot.writing = False
                 self._cond.notify_all()
 
+    def _base_digest(self, slot: Slot, rank: int) -> str | None:
+        """The digest of ``slot``'s rank state as its record says it (no hashing), else ``_digest_of``; ``""``
+        (matches no base) for a spare that holds no version: a delta starts it from the live copy instead."""
+        record = slot.record(rank)
+        if record:
+            return record[0]
+        return "" if slot.info is None and slot is not self.live else self._digest_of(slot)
+
     def _digest_of(self, slot: Slot) -> str | None:
         """The digest ``storage`` would compute for ``slot``'s rank state, when its record already says it (one
         rank): hashed on the host, or, for a device's ``sum64``, the xxh3 digest of the version whose manifest
@@ -531,22 +492,48 @@ class WeightManager:
                                 fallback_dir=self.fallback_dir, storage_options=self.storage_options)
 
     def _write(self, sources: list, slot: Slot) -> list[str | None]:
-        """Applies every rank's plan; returns each rank's digest where a delta's check computed it."""
+        """Applies every rank's plan; returns each rank's digest where a delta's check computed it, and records in
+        ``slot.held`` what each rank provably holds. A delta onto the base the copy's record names is proven by sum64
+        from its changed elements (``verify="full"``: over the whole model, as a full load is)."""
         from infer.digest import matching_sum64
 
         on_gpu = slot.model.on_gpu
         in_place = on_gpu and self.tp_size == 1  # a device checks a delta's result where the weights live
-        if any(from_live for *_, from_live in sources):
+        from_live = any(from_live for *_, from_live in sources)
+        held = {r: (self.live if from_live else slot).record(r) for r, *_ in sources}
+        if from_live:
             self._copy_live(slot)
-        slot.info = None  # from the first byte written until success, this copy holds no version
-        digests = []
+        slot.info, slot.held = None, None  # from the first byte written until success, this copy holds no version
+        digests, records = [], {}
         for r, plan, verify, _ in sources:
-            _, _, digest = apply_plan(plan, self._targets(slot, r), verify="none" if verify == "none" else "stream",
-                                      cast=True, copy_fn=kernels.cast_copy_ if on_gpu else None,
-                                      xor_fn=kernels.xor_at_ if on_gpu else None,
-                                      digest_fn=matching_sum64 if in_place else None)
+            base = held.get(r)
+            short = len(plan) == 1 and plan[0].is_delta and verify != "full" and base is not None and \
+                base[0] == plan[0].manifest.base.digest
+            targets, _, digest, sums = apply_plan(
+                plan, self._targets(slot, r), verify="none" if verify == "none" else "stream", cast=True,
+                copy_fn=kernels.cast_copy_ if on_gpu else None, xor_fn=kernels.xor_at_ if on_gpu else None,
+                digest_fn=matching_sum64 if in_place else None, held_sums=base[1] if short else None)
             digests.append(digest)
+            records[r] = self._record(plan[-1], targets, sums)
+        slot.held = {r: rec for r, rec in records.items() if rec is not None}
         return digests
+
+    @staticmethod
+    def _record(src, targets: Mapping[str, Any], sums: dict[str, int] | None) -> tuple[str, dict[str, int]] | None:
+        """What a rank provably holds after ``src`` was applied: the sums a delta's proof advanced, else each
+        tensor's sum64 computed where it lives (the pass that gives the server its digest), kept when they are the
+        version's."""
+        from infer.digest import tensor_sums
+
+        manifest = src.manifest
+        if manifest is None or manifest.sum64 is None or manifest.digest is None:
+            return None
+        if sums is None:
+            index = src.index()
+            sums = tensor_sums(targets, index)
+            if sums is None or storage.digest.sums_digest(index, sums) != manifest.sum64:
+                return None
+        return manifest.digest, sums
 
     def _copy_live(self, spare: Slot) -> None:
         """double_buffer: the spare becomes a copy of the live weights, the base a delta applies to (a memory copy,
@@ -569,6 +556,7 @@ class WeightManager:
         try:
             restore_start = time.perf_counter()
             if previous.level == 0 and self._base is not None:
+                slot.held = None
                 load_state(slot.model, self._base())
             else:
                 self._write(self._check(previous.version, previous.snapshot_root, previous.rank, "stream", slot), slot)
@@ -586,7 +574,11 @@ class WeightManager:
     def _describe(self, version: str, snapshot_root: str, rank: int, sources: list, slot: Slot,
                   start: float, digests: list[str | None]) -> WeightInfo:
         levels = sorted({int(plan[-1].level) for _, plan, *_ in sources})
-        if self.tp_size == 1 and digests[0] is not None and digests[0].startswith("sum64-") == slot.model.on_gpu:
+        record = slot.held.get(sources[0][0]) if self.tp_size == 1 and slot.held else None
+        if record is not None:  # the copy provably holds the version: its manifest's digest in the slot's scheme
+            manifest = sources[0][1][-1].manifest
+            digest = manifest.sum64 if slot.model.on_gpu else manifest.digest
+        elif self.tp_size == 1 and digests[0] is not None and digests[0].startswith("sum64-") == slot.model.on_gpu:
             digest = digests[0]  # the delta's check hashed this very state already, in the slot's own scheme
         else:
             digest = state_digest(slot.model.state_dict())  # part of the update's cost, so inside its seconds

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Union
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -35,7 +35,7 @@ from .tensorfile import DTYPE_CODES, Header, code_of, copy_converted, host_view,
 
 log = logging.getLogger("baton.storage")
 _FLOATS = {"F16", "BF16", "F32", "F64"}
-Target = Union[Mapping[str, Any], Any]  # a dict of paddle tensors / numpy arrays, or a paddle.nn.Layer
+Target = Mapping[str, Any] | Any  # a dict of paddle tensors / numpy arrays, or a paddle.nn.Layer
 CopyFn = Callable[[Any, Any], None]  # (live paddle tensor, loaded paddle tensor) -> None, in place
 
 
@@ -56,7 +56,8 @@ def _unwritable(t: Any) -> str | None:
     return None
 
 
-def check_targets(index: Mapping[str, tuple[str, tuple[int, ...]]], targets: Mapping[str, Any], where: str, cast: bool) -> None:
+def check_targets(index: Mapping[str, tuple[str, tuple[int, ...]]], targets: Mapping[str, Any], where: str,
+                  cast: bool) -> None:
     """Every difference between snapshot and target, reported at once; raises before anything is written."""
     problems = [f"missing tensor {n!r}" for n in sorted(set(targets) - set(index))]
     problems += [f"unexpected tensor {n!r} (not in the target)" for n in sorted(set(index) - set(targets))]
@@ -71,7 +72,8 @@ def check_targets(index: Mapping[str, tuple[str, tuple[int, ...]]], targets: Map
             problems.append(f"{name!r}: shape {list(shape)} in the snapshot, {list(t.shape)} in the target")
         tcode = code_of(t)
         if tcode != code and not (cast and code in _FLOATS and tcode in _FLOATS):
-            problems.append(f"{name!r}: dtype {code} in the snapshot, {tcode} in the target (pass cast=True to convert floats)")
+            problems.append(f"{name!r}: dtype {code} in the snapshot, {tcode} in the target (pass cast=True to "
+                            "convert floats)")
     if problems:
         more = f"; … and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise IncompatibleTargetError(f"{where} does not fit the target: " + "; ".join(problems[:20]) + more)
@@ -129,7 +131,8 @@ def _apply_blob(blob: bytes, header: Header, targets, copy_fn: CopyFn | None, to
         _apply_bytes(targets[e.name], np.frombuffer(blob, np.uint8, e.nbytes, e.start), e.dtype, e.shape, copy_fn)
 
 
-def _apply_file(path: str, url: str, header: Header, targets, copy_fn: CopyFn | None, h, touched: list[str], bar) -> None:
+def _apply_file(path: str, url: str, header: Header, targets, copy_fn: CopyFn | None, h, touched: list[str],
+                bar) -> None:
     try:
         f = open(path, "rb", buffering=0)  # unbuffered: readinto lands in the parameter itself
     except FileNotFoundError:
@@ -186,7 +189,8 @@ def _apply(src: Source, targets: Mapping[str, Any], verify: str, copy_fn: CopyFn
                 _apply_file(src.files[i], url, src.headers[i], targets, copy_fn, h, touched, bar)
             else:
                 if len(blob) != src.sizes[i]:
-                    raise TornSnapshotError(url, f"read {len(blob)} bytes, expected {src.sizes[i]} (changed while loading?)")
+                    raise TornSnapshotError(url, f"read {len(blob)} bytes, expected {src.sizes[i]} (changed while "
+                                            "loading?)")
                 if h is not None:
                     h.update(blob)
                     if h.hexdigest() != expected:  # a fetched part is checked before any of it is applied

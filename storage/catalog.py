@@ -42,7 +42,8 @@ def inspect_snapshot(
                 where = found.urls()[0].rsplit(".delta", 1)[0] + ".delta*.safetensors"
                 detail = (f"a delta on {m.base.version} ({m.depth} from a full version), {changed} tensors changed; "
                           f"loads onto a holder of {m.base.version}, else through the chain")
-            out.append(LevelState(level, where, "complete", len(found.files), found.bytes, f"{len(found.index())} tensors, {detail}"))
+            out.append(LevelState(level, where, "complete", len(found.files), found.bytes,
+                                  f"{len(found.index())} tensors, {detail}"))
         elif isinstance(found, TornSnapshotError):
             out.append(LevelState(level, where, "torn", 0, 0, str(found)))
         else:
@@ -67,9 +68,11 @@ def verify_snapshot(
     Sources without a manifest have no recorded checksums: their sizes and headers were checked by resolving,
     and the report says so rather than pretending more.
     """
-    src = resolve(snapshot_root, version, rank, fallback_dir=fallback_dir, strict=strict, storage_options=storage_options)
+    src = resolve(snapshot_root, version, rank, fallback_dir=fallback_dir, strict=strict,
+                  storage_options=storage_options)
     if src.manifest is None:
-        return src.level, [FileCheck(u, True, "structure valid; no manifest, so no checksums to compare") for u in src.urls()]
+        return src.level, [FileCheck(u, True, "structure valid; no manifest, so no checksums to compare")
+                           for u in src.urls()]
     checks = []
     for part, url in zip(src.manifest.parts, src.urls()):
         path = src.files[part.index]
@@ -119,7 +122,8 @@ def list_versions(snapshot_root: str, *, storage_options: dict[str, Any] | None 
                 continue
             found.setdefault(parsed[1], []).append(Manifest.from_json(raw, join(root, name)))
     infos = [
-        VersionInfo(vid, tuple(sorted(m.rank for m in ms)), max(m.published_at for m in ms), sum(m.total_bytes for m in ms),
+        VersionInfo(vid, tuple(sorted(m.rank for m in ms)), max(m.published_at for m in ms),
+                    sum(m.total_bytes for m in ms),
                     next((m.base.version for m in ms if m.is_delta), None))
         for vid, ms in found.items()
     ]

@@ -71,14 +71,16 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    states = catalog.inspect_snapshot(args.url, args.version, args.rank, fallback_dir=args.fallback_dir, strict=args.strict)
+    states = catalog.inspect_snapshot(args.url, args.version, args.rank, fallback_dir=args.fallback_dir,
+                                      strict=args.strict)
     print(f"{'level':<6}{'source':<21}{'state':<10}{'files':>6}{'bytes':>12}  where / detail")
     for s in states:
         print(f"{int(s.level):<6}{s.level.label:<21}{s.state:<10}{s.files:>6}{human(s.bytes):>12}  {s.where}")
         if s.detail:
             print(f"{'':<55}{s.detail}")
     chosen = next((s for s in states if s.state == "complete"), None)
-    print(f"would load: level {int(chosen.level)} ({chosen.level.label})" if chosen else "would load: nothing (no complete level)")
+    print(f"would load: level {int(chosen.level)} ({chosen.level.label})" if chosen
+          else "would load: nothing (no complete level)")
     return 0 if chosen else 1
 
 
@@ -113,7 +115,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("url", help="snapshot root: a directory or fsspec URL (file://, s3://bucket/prefix, memory://)")
         version_flag(p)
         p.add_argument("--rank", type=parse_rank_argument, default=0, help="tensor-parallel rank (default 0)")
-        p.add_argument("--fallback-dir", help="shared fallback directory (level 4) holding model_state.tp{r}.{id}.pdparams")
+        p.add_argument("--fallback-dir",
+                       help="shared fallback directory (level 4) holding model_state.tp{r}.{id}.pdparams")
         p.add_argument("--strict", action="store_true", help="refuse parts that have no manifest")
 
     p = sub.add_parser("publish", help="shard a checkpoint into part files + manifest",

@@ -4,9 +4,10 @@ The base's values come from the trainer's own memory when it kept what it last p
 one comparison pass, no read of storage) or else from the snapshot root, read through the base's own chain.
 A delta is written only when it pays: a state whose names, dtypes or shapes differ from the base's, a base
 ``max_chain - 1`` deltas from its full version (``MAX_DELTA_DEPTH`` by default), or changes that encode to more
-than ``max_ratio`` of the full bytes are published as a full version instead, and the report says why. So is a base that cannot be read
-(pruned, a manifest or a file of its chain missing or corrupt, a base republished under the delta's feet): the
-trainer's step must not fail because an older version is damaged, and a full version ends the damaged chain.
+than ``max_ratio`` of the full bytes are published as a full version instead, and the report says why. So is a base
+that cannot be read (pruned, a manifest or a file of its chain missing or corrupt, a base republished under the
+delta's feet): the trainer's step must not fail because an older version is damaged, and a full version ends the
+damaged chain.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def why_full(items: list, base: BaseValues, max_chain: int) -> str | None:
     if base.digest is None:
         return f"base {base.version} has no digest in its manifest (published before deltas): publishing in full"
     if base.depth + 1 >= max_chain:
-        return f"base {base.version} is {base.depth} deltas from a full version (max_chain={max_chain}): publishing in full"
+        return (f"base {base.version} is {base.depth} deltas from a full version (max_chain={max_chain}): "
+                "publishing in full")
     mine = {i.name: (i.code, i.shape) for i in items}
     if mine != base.index:
         diff = sorted(set(mine) ^ set(base.index)) or sorted(n for n in mine if mine[n] != base.index[n])

@@ -107,6 +107,54 @@ def _apply(target, lo, hi, plane, k, width):  # pragma: no cover - compiled
     return 0
 
 
+@_compiled
+def _apply_weighed(target, lo, hi, plane, k, width, mul, add):  # pragma: no cover - compiled
+    """``_apply``, also returning the change to the target's ``sum64`` (``storage.digest``): each changed word's
+    ``(new - old) * (i * mul + add)``, summed mod 2**64, read before the XOR; (-1, 0) when a position leaves the
+    window."""
+    pos = lo - 1
+    g0, g1, g2, g3, xor_at = 4, 4 + k, 4 + 2 * k, 4 + 3 * k, 4 + 4 * k
+    total = np.uint64(0)
+    for j in range(k):
+        gap = np.int64(plane[g0 + j]) | (np.int64(plane[g1 + j]) << 8) | (np.int64(plane[g2 + j]) << 16) | \
+            (np.int64(plane[g3 + j]) << 24)
+        pos += gap + 1
+        if pos >= hi:
+            return -1, np.uint64(0)
+        x = np.uint64(0)
+        for b in range(width):
+            x |= np.uint64(plane[xor_at + b * k + j]) << np.uint64(8 * b)
+        old = np.uint64(target[pos])
+        new = old ^ x
+        target[pos] = new
+        if width == 8:  # sum64 reads an 8-byte element as two 32-bit words, 2*pos and 2*pos + 1
+            at = np.uint64(pos) * np.uint64(2)
+            low = (new & np.uint64(0xFFFFFFFF)) - (old & np.uint64(0xFFFFFFFF))
+            high = (new >> np.uint64(32)) - (old >> np.uint64(32))
+            total += low * (at * mul + add) + high * ((at + np.uint64(1)) * mul + add)
+        else:
+            total += (new - old) * (np.uint64(pos) * mul + add)
+    return 0, total
+
+
+def weighed_change(index: np.ndarray, old: np.ndarray, xors: np.ndarray, width: int) -> int:
+    """The change to a tensor's ``sum64`` when its ``width``-byte elements at ``index`` (from ``changes``), whose
+    words were ``old``, take ``xors``: ``sum((new - old) * (i * MUL + ADD)) mod 2**64`` over the changed words only
+    (an 8-byte element is two 32-bit words to ``sum64``, ``2i`` and ``2i + 1``)."""
+    from .digest import ADD, MUL
+
+    old = old.astype(np.uint64)
+    new, at = old ^ xors, index.astype(np.uint64)
+    mul, add = np.uint64(MUL), np.uint64(ADD)
+    with np.errstate(over="ignore"):
+        if width != 8:
+            return int(((new - old) * (at * mul + add)).sum(dtype=np.uint64))
+        low, shift, at = np.uint64(0xFFFFFFFF), np.uint64(32), at * np.uint64(2)
+        lows = ((new & low) - (old & low)) * (at * mul + add)
+        highs = ((new >> shift) - (old >> shift)) * ((at + np.uint64(1)) * mul + add)
+        return int((lows + highs).sum(dtype=np.uint64))
+
+
 def encode(base: np.ndarray, new: np.ndarray, width: int, update: bool = False) -> bytes | None:
     """The delta blob taking ``base``'s bytes to ``new``'s (flat uint8 arrays of one tensor), or None when they
     are equal. With ``update``, ``base`` (writable) ends holding ``new``: a trainer's cache costs no second pass.
@@ -157,7 +205,8 @@ def _windows(blob: bytes | memoryview, elements: int) -> tuple[memoryview, list[
         raise DeltaFormatError(f"blob of {len(view)} bytes is shorter than its table of {windows} windows")
     lengths = np.frombuffer(view, "<u8", windows).astype(np.int64)
     if lengths.min(initial=0) < 0 or 8 * windows + int(lengths.sum()) != len(view):
-        raise DeltaFormatError(f"window lengths add up to {8 * windows + int(lengths.sum())} bytes, the blob is {len(view)}")
+        raise DeltaFormatError(f"window lengths add up to {8 * windows + int(lengths.sum())} bytes, the blob is "
+                               f"{len(view)}")
     starts = (8 * windows + np.concatenate([[0], np.cumsum(lengths)[:-1]])).tolist()
     return view, [(w, start, size) for w, (start, size) in enumerate(zip(starts, lengths.tolist())) if size]
 
@@ -183,18 +232,29 @@ def _frame(view: memoryview, job: tuple[int, int, int], elements: int, width: in
     return lo, hi, plane, k
 
 
-def apply(target: np.ndarray, blob: bytes | memoryview, width: int) -> None:
-    """XORs ``blob`` (from ``encode``) into ``target``, a writable flat uint8 array holding the base's bytes."""
+def apply(target: np.ndarray, blob: bytes | memoryview, width: int, weigh: bool = False) -> int | None:
+    """XORs ``blob`` (from ``encode``) into ``target``, a writable flat uint8 array holding the base's bytes. With
+    ``weigh``, returns the change to ``target``'s ``sum64`` (``storage.digest``), read from the changed elements
+    only: the new ``sum64`` is the old one plus it, mod 2**64."""
+    from .digest import ADD, MUL
+
     elements = target.size // width
     view, jobs = _windows(blob, elements)
     elements_of = words(target, width)
+    mul, add = np.uint64(MUL), np.uint64(ADD)
 
-    def one(job: tuple[int, int, int]) -> None:
+    def one(job: tuple[int, int, int]) -> int:
         lo, hi, plane, k = _frame(view, job, elements, width)
-        if _apply(elements_of, lo, hi, plane, k, width) < 0:
+        if weigh:
+            status, total = _apply_weighed(elements_of, lo, hi, plane, k, width, mul, add)
+        else:
+            status, total = _apply(elements_of, lo, hi, plane, k, width), 0
+        if status < 0:
             raise DeltaFormatError(f"window {job[0]}: a change falls outside the window")
+        return int(total)
 
-    _each(one, jobs)
+    totals = _each(one, jobs)
+    return sum(totals) % 2**64 if weigh else None
 
 
 def changes(blob: bytes | memoryview, elements: int, width: int) -> tuple[np.ndarray, np.ndarray]:

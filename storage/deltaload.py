@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import deltacodec
-from .digest import state_digest
+from .digest import state_digest, sums_digest
 from .errors import PartialApplyError, SnapshotNotFoundError, TornSnapshotError
 from .resolve import Source, resolve
 from .tensorfile import DTYPE_CODES, code_of_paddle, copy_converted, host_bytes, host_view, itemsize
@@ -53,9 +53,21 @@ def resolve_chain(snapshot_root: str, version: str, rank: int, *, strict: bool =
     return chain[::-1]
 
 
-def holds_base(src: Source, targets: Mapping[str, Any], base_digest: str | None = None) -> bool:
-    """Whether ``targets`` hold delta ``src``'s base: ``base_digest`` when the caller knows their digest, else
-    computed over them."""
+def holds_base(src: Source, targets: Mapping[str, Any], base_digest: str | None = None,
+               held_sums: Mapping[str, int] | None = None, *, snapshot_root: str | None = None,
+               storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``targets`` hold delta ``src``'s base: ``base_digest`` when the caller knows their digest, else their
+    ``held_sums`` (each tensor's ``sum64`` as the caller knows it) against the base manifest's ``sum64`` (one small
+    read under ``snapshot_root``), else their digest computed over them."""
+    if base_digest is None and held_sums is not None and snapshot_root is not None and \
+            set(held_sums) >= set(src.index()):
+        try:
+            base = resolve(snapshot_root, src.manifest.base.version, src.manifest.rank, strict=True,
+                           storage_options=storage_options).manifest
+        except SnapshotNotFoundError:
+            base = None
+        if base is not None and base.digest == src.manifest.base.digest and base.sum64 is not None:
+            return sums_digest(src.index(), held_sums) == base.sum64
     held = base_digest if base_digest is not None else state_digest(targets, src.index())
     return held == src.manifest.base.digest
 
@@ -67,12 +79,26 @@ def _xor_in_place(dst: Any, code: str, xor_fn: XorFn | None) -> bool:
         dst.is_contiguous()
 
 
+def words_at(dst: Any, index: np.ndarray, width: int) -> np.ndarray:
+    """The raw words of Paddle tensor ``dst`` (contiguous, elements of ``width`` bytes) at flat ``index``, gathered
+    where it lives: only those words cross to the host."""
+    import paddle
+
+    signed = {1: paddle.uint8, 2: paddle.int16, 4: paddle.int32, 8: paddle.int64}[width]
+    flat = dst.detach().view(signed).reshape([-1])
+    at = paddle.to_tensor(np.ascontiguousarray(index, np.int64), place=dst.place)
+    got = paddle.gather(flat, at).numpy()
+    return got.view(np.dtype(f"u{width}"))
+
+
 def apply_delta(src: Source, targets: Mapping[str, Any], *, verify: str = "stream", copy_fn=None,
-                xor_fn: XorFn | None = None, touched: list[str] | None = None, bar=None) -> None:
+                xor_fn: XorFn | None = None, touched: list[str] | None = None, bar=None,
+                sums: dict[str, int] | None = None) -> None:
     """Applies delta ``src`` to ``targets``, which hold its base: each file is read whole and checked, then its
     changes are XORed into the targets' own memory: on the host directly, on a device by ``xor_fn`` with only the
     changes sent there, else into a copy written back (a cast or a strided view). Failure after the first write is
-    a ``PartialApplyError``."""
+    a ``PartialApplyError``. ``sums`` (each target's ``sum64`` before, as ``src``'s dtypes) is advanced in place from
+    the changed elements alone: their old words are read at the changed positions before the XOR."""
     touched = [] if touched is None else touched
     tensors = src.manifest.tensors
     url = src.urls()[0]
@@ -86,14 +112,21 @@ def apply_delta(src: Source, targets: Mapping[str, Any], *, verify: str = "strea
                 view = host_view(dst, code) if copy_fn is None else None
                 if view is None and _xor_in_place(dst, code, xor_fn):
                     index, xors = deltacodec.changes(memoryview(data)[e.start:e.end], prod(shape), itemsize(code))
+                    if sums is not None:
+                        old = words_at(dst, index, itemsize(code))
                     touched.append(e.name)
                     xor_fn(dst, index, xors)
+                    if sums is not None:
+                        change = deltacodec.weighed_change(index, old, xors, itemsize(code))
+                        sums[e.name] = (sums[e.name] + change) % 2**64
                     if bar is not None:
                         bar.update(e.nbytes)
                     continue
                 values = view if view is not None else host_bytes(dst, code)
                 touched.append(e.name)
-                deltacodec.apply(values, memoryview(data)[e.start:e.end], itemsize(code))
+                change = deltacodec.apply(values, memoryview(data)[e.start:e.end], itemsize(code), sums is not None)
+                if sums is not None:
+                    sums[e.name] = (sums[e.name] + change) % 2**64
                 if view is None:
                     copy_converted(dst, values, code, shape, copy_fn)
                 if bar is not None:
@@ -106,11 +139,21 @@ def apply_delta(src: Source, targets: Mapping[str, Any], *, verify: str = "strea
         raise PartialApplyError(str(exc), touched) from exc
 
 
-def check_result(src: Source, targets: Mapping[str, Any], touched: list[str], digest_fn: DigestFn | None = None) -> str:
+def check_result(src: Source, targets: Mapping[str, Any], touched: list[str], digest_fn: DigestFn | None = None,
+                 sums: Mapping[str, int] | None = None) -> str:
     """The targets' digest, which must be the version's own (``src`` the last source applied); returns it. With
-    ``digest_fn`` and a manifest that records ``sum64``, the targets' ``sum64`` digest is computed where they live
-    (a device's weights are not copied out to be hashed) and returned instead."""
+    ``sums`` (each target's ``sum64``, advanced by the apply from the changed elements) and a manifest that records
+    ``sum64``, their ``sum64`` digest is compared and the version's digest returned: O(changed), no pass over the
+    targets. Else with ``digest_fn`` the targets' ``sum64`` digest is computed where they live (a device's weights
+    are not copied out to be hashed) and returned; else their digest is hashed over every tensor."""
     want, got = src.manifest.digest, None
+    if sums is not None and src.manifest.sum64 is not None:
+        got = sums_digest(src.index(), sums)
+        if got != src.manifest.sum64:
+            raise PartialApplyError(f"{src.urls()[0]}: the weights after applying have sum64 digest {got}, the "
+                                    f"version's manifest says {src.manifest.sum64} (a target that did not hold the "
+                                    "base, or a corrupt delta): publish it again", list(targets))
+        return src.manifest.digest
     if digest_fn is not None and src.manifest.sum64 is not None:
         want, got = src.manifest.sum64, digest_fn(targets, src.index())
     if got is None:

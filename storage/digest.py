@@ -82,6 +82,19 @@ def sum64_digest(tensors: Mapping[str, tuple[str, Sequence[int], int]]) -> str:
     return "sum64-" + h.hexdigest()
 
 
+def tensor_sums(targets: Mapping[str, Any], index: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, int]:
+    """Each tensor's ``sum64`` read as ``index``'s dtype (name -> (dtype code, shape)), on the host: what a delta's
+    apply advances from the changed elements alone (``deltacodec.apply(..., weigh=True)``)."""
+    from .tensorfile import itemsize
+
+    return {n: sum64(sum64_words(host_bytes(targets[n], code), itemsize(code))) for n, (code, _) in index.items()}
+
+
+def sums_digest(index: Mapping[str, tuple[str, Sequence[int]]], sums: Mapping[str, int]) -> str:
+    """The state's ``sum64`` digest from ``index`` (name -> (dtype code, shape)) and each tensor's ``sum64``."""
+    return sum64_digest({n: (code, shape, sums[n]) for n, (code, shape) in index.items()})
+
+
 def combine(tensors: Mapping[str, bytes]) -> str:
     """The state's digest from its tensors' (``tensor_digest``)."""
     h = xxhash.xxh3_128()
@@ -90,7 +103,8 @@ def combine(tensors: Mapping[str, bytes]) -> str:
     return h.hexdigest()
 
 
-def state_digest(targets: Mapping[str, Any], index: Mapping[str, tuple[str, tuple[int, ...]]] | None = None) -> str | None:
+def state_digest(targets: Mapping[str, Any],
+                 index: Mapping[str, tuple[str, tuple[int, ...]]] | None = None) -> str | None:
     """The digest of ``targets`` (numpy arrays or Paddle tensors) read as ``index``'s dtypes (name -> (dtype code,
     shape); by default each tensor's own), so a target cast to another float dtype digests as the snapshot it holds.
     None when ``targets`` do not have ``index``'s names and shapes, so cannot hold any version of that snapshot."""
@@ -99,4 +113,5 @@ def state_digest(targets: Mapping[str, Any], index: Mapping[str, tuple[str, tupl
     elif set(targets) != set(index) or any(tuple(int(d) for d in targets[n].shape) != tuple(s)
                                            for n, (_, s) in index.items()):
         return None
-    return combine({n: tensor_digest(n, code, shape, host_bytes(targets[n], code)) for n, (code, shape) in index.items()})
+    return combine({n: tensor_digest(n, code, shape, host_bytes(targets[n], code))
+                    for n, (code, shape) in index.items()})

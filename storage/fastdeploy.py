@@ -168,11 +168,12 @@ class WorkerLayout:
             if self.model.qkv_bias:
                 bias_in = tuple(f"{c}self_attn.{x}_proj.bias" for x in "qkv")
                 out.append(WorkerTensor(f"{f}self_attn.qkv_proj.bias", (nq + 2 * nkv,), bias_in, qkv))
-            out.append(WorkerTensor(f"{f}self_attn.o_proj.weight", (s.heads * hd // t, h), (f"{c}self_attn.o_proj.weight",),
-                             rows(s.heads * hd // t)))
+            out.append(WorkerTensor(f"{f}self_attn.o_proj.weight", (s.heads * hd // t, h),
+                                    (f"{c}self_attn.o_proj.weight",), rows(s.heads * hd // t)))
             names = ["input_layernorm", "post_attention_layernorm"]
             names += ["self_attn.q_norm", "self_attn.k_norm"] if self.model.qk_norm else []
-            out += [WorkerTensor(f"{f}{n}.weight", (hd if n.startswith("self_attn.") else h,), (f"{c}{n}.weight",), same)
+            out += [WorkerTensor(f"{f}{n}.weight", (hd if n.startswith("self_attn.") else h,), (f"{c}{n}.weight",),
+                                 same)
                     for n in names]
             out.append(WorkerTensor(f"{f}mlp.up_gate_proj.weight", (h, 2 * ni),
                              (f"{c}mlp.gate_proj.weight", f"{c}mlp.up_proj.weight"), up_gate))

@@ -78,7 +78,8 @@ def export_hf_dir(snapshot_root: str, version: str, export_root: str, config: by
                      json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1).encode())
         fs.pipe_file(join(tmp, "config.json"), config)
         fs.pipe_file(join(tmp, EXPORT_RECORD), json.dumps(
-            {"version": version, "snapshot_root": snapshot_root, "ranks": len(reader.sources), "exported_at": time.time()},
+            {"version": version, "snapshot_root": snapshot_root, "ranks": len(reader.sources),
+             "exported_at": time.time()},
             indent=1).encode())
         try:
             if is_local(fs):

@@ -152,7 +152,8 @@ class Manifest:
             raise TornSnapshotError(path, "manifest parts are not numbered 0..N-1")
         for name, t in tensors.items():
             if t.part is not None and t.part >= len(parts):
-                raise TornSnapshotError(path, f"manifest puts tensor {name[:80]!r} in part {t.part}, which it does not list")
+                raise TornSnapshotError(path, f"manifest puts tensor {name[:80]!r} in part {t.part}, which it does "
+                                        "not list")
         return m
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .apply import CopyFn, Target, apply_source, check_source, target_table
 from .deltaload import DigestFn, XorFn, apply_delta, check_result, holds_base, resolve_chain
+from .digest import sums_digest, tensor_sums
 from .errors import PartialApplyError
 from .resolve import Source, resolve
 
@@ -36,26 +37,55 @@ class LoadPlan(tuple):
 
 def load_plan(snapshot_root: str, version: str, rank: int, targets: Mapping[str, Any] | None, *,
               base_digest: str | None = None, fallback_dir: str | None = None, strict: bool = False,
-              storage_options: dict[str, Any] | None = None) -> LoadPlan:
+              storage_options: dict[str, Any] | None = None, held_sums: Mapping[str, int] | None = None) -> LoadPlan:
     """The sources that take ``targets`` to ``version``, in order: the version's own (a full version, or a delta
-    when the targets hold its base: ``base_digest`` when the caller knows their digest, else computed), or the
-    chain from the nearest full version."""
+    when the targets hold its base: ``base_digest`` when the caller knows their digest, else their ``held_sums``
+    against the base manifest's ``sum64``, else computed over them), or the chain from the nearest full version."""
     src = resolve(snapshot_root, version, rank, fallback_dir=fallback_dir, strict=strict,
                   storage_options=storage_options)
     if not src.is_delta:
         return LoadPlan([src])
-    if targets is not None and holds_base(src, targets, base_digest):
+    if targets is not None and holds_base(src, targets, base_digest, held_sums, snapshot_root=snapshot_root,
+                                          storage_options=storage_options):
         return LoadPlan([src])
     return LoadPlan(resolve_chain(snapshot_root, version, rank, storage_options=storage_options, first=src))
 
 
+class Applied(NamedTuple):
+    """What ``apply_plan`` did: the targets, what was verified, their digest when a delta's check proved it (the
+    version's), and each target's ``sum64`` when tracked (``held_sums``) and proven by the version's."""
+
+    targets: dict[str, Any]
+    verified: str
+    digest: str | None
+    sums: dict[str, int] | None
+
+
 def apply_plan(plan: list[Source], into: Any, *, verify: str = "stream", cast: bool = False, copy_fn=None,
                xor_fn: XorFn | None = None, digest_fn: DigestFn | None = None, prefetch: int = 8,
-               progress: bool = False, label: str = "load") -> tuple[dict[str, Any], str, str | None]:
-    """Applies each source of ``plan`` in order; returns the targets, what was verified and, after a delta, the
-    targets' digest (checked equal to the version's unless ``verify="none"``). A device passes ``xor_fn`` to apply
-    a delta's changes inside its tensors (``kernels.xor_at_``) and ``digest_fn`` to check the result there
-    (``infer.digest.matching_sum64``)."""
+               progress: bool = False, label: str = "load", held_sums: Mapping[str, int] | None = None) -> Applied:
+    """Applies each source of ``plan`` in order; returns the targets, what was verified, after a delta the
+    targets' digest (checked equal to the version's unless ``verify="none"``) and the targets' sums. A device passes
+    ``xor_fn`` to apply a delta's changes inside its tensors (``kernels.xor_at_``) and ``digest_fn`` to check the
+    result there (``infer.digest.matching_sum64``).
+
+    ``held_sums``: each target's ``sum64`` (``storage.digest``, read as the snapshot's dtypes) as the caller knows
+    it, which tracks them. A plan of one delta onto the base the targets hold then advances them from the changed
+    elements alone and proves the result by the manifest's ``sum64``: O(changed), even with ``verify="none"``.
+    Any other plan, and ``verify="full"`` (whose proof stays xxh3 over every tensor), computes them over the targets
+    afterwards (on the host), checked against the manifest's ``sum64`` (for a delta, as its proof instead of a
+    second hash). They come back in ``Applied.sums`` when proven (None without ``held_sums``, where the manifest
+    records no ``sum64``, or where a cast target lost bits)."""
+    last = plan[-1]
+    index = last.index()
+    short = held_sums is not None and len(plan) == 1 and last.is_delta and last.manifest.sum64 is not None and \
+        verify != "full"
+    sums = None
+    if short:
+        missing = sorted(set(index) - set(held_sums))
+        if missing:
+            raise ValueError(f"held_sums has no sum for {missing[:5]}: pass every tensor's, or none")
+        sums = {n: int(held_sums[n]) % 2**64 for n in index}
     targets, verified, touched = None, "", []
     for src in plan:
         if not src.is_delta:
@@ -68,11 +98,20 @@ def apply_plan(plan: list[Source], into: Any, *, verify: str = "stream", cast: b
             continue
         targets = target_table(into) if targets is None else targets
         check_source(src, targets, verify=verify, cast=cast, prefetch=prefetch)
-        apply_delta(src, targets, verify=verify, copy_fn=copy_fn, xor_fn=xor_fn, touched=touched)
+        apply_delta(src, targets, verify=verify, copy_fn=copy_fn, xor_fn=xor_fn, touched=touched, sums=sums)
         verified = "sizes and headers only" if verify == "none" else "xxh3_128 and the version's digest"
-    if not plan[-1].is_delta or verify == "none":
-        return targets, verified, None
-    return targets, verified, check_result(plan[-1], targets, touched, digest_fn)
+    if short:
+        verified = ("sizes and headers" if verify == "none" else "xxh3_128") + \
+            ", and the version's sum64 over the changed elements"
+        return Applied(targets, verified, check_result(last, targets, touched, sums=sums), sums)
+    if held_sums is not None and last.manifest is not None and last.manifest.sum64 is not None:
+        sums = tensor_sums(targets, index)
+    if not last.is_delta or verify == "none":
+        proven = sums is not None and sums_digest(index, sums) == last.manifest.sum64
+        return Applied(targets, verified, None, sums if proven else None)
+    if sums is not None and verify != "full":  # the sums just computed prove the result: no second pass
+        return Applied(targets, verified, check_result(last, targets, touched, sums=sums), sums)
+    return Applied(targets, verified, check_result(last, targets, touched, digest_fn), sums)
 
 
 @dataclass
@@ -88,6 +127,7 @@ class LoadReport:
     verified: str  # "xxh3_128 before apply", "xxh3_128 while applying" or what could not be checked
     path: str = "full"  # "full", "delta" (into its base) or "chain of N deltas from V"
     state_dict: dict[str, Any] | None = field(default=None, repr=False)  # filled when into=None
+    sums: dict[str, int] | None = field(default=None, repr=False)  # each tensor's sum64, with held_sums
 
     @property
     def gbps(self) -> float:
@@ -109,6 +149,7 @@ def load_snapshot(
     progress: bool = False,
     storage_options: dict[str, Any] | None = None,
     base_digest: str | None = None,
+    held_sums: Mapping[str, int] | None = None,
 ) -> LoadReport:
     """Load version ``version`` of ``rank`` into ``into`` in place, trying levels 1-4 in order.
 
@@ -127,6 +168,12 @@ def load_snapshot(
     ``"delta"``); the target's digest proves it holds the base (``base_digest``: the caller's record of it, which
     saves a hashing pass). Anything else (a fresh target too) is loaded through the chain from the nearest full
     version. After a delta the target's digest must equal the version's: a mismatch is a ``PartialApplyError``.
+
+    ``held_sums``: each target tensor's ``sum64`` as the caller knows them (``report.sums`` of the load that filled
+    it; ``{}`` to start tracking them at a full load). A delta onto its base then proves the base and its result
+    from the changed elements alone (``apply_plan``), and ``report.sums`` holds the new sums for the next load. A
+    target changed outside Baton since its sums were taken is not detected that way: ``verify="full"`` proves the
+    whole model (xxh3 over every tensor) and still returns the sums.
     """
     if verify is True or verify is False:
         verify = "stream" if verify else "none"
@@ -134,11 +181,12 @@ def load_snapshot(
         raise ValueError(f"verify must be 'full', 'stream' or 'none', not {verify!r}")
     start = time.perf_counter()
     plan = load_plan(snapshot_root, version, rank, None if into is None else target_table(into),
-                     base_digest=base_digest, fallback_dir=fallback_dir, strict=strict, storage_options=storage_options)
-    targets, verified, _ = apply_plan(plan, into, verify=verify, cast=cast, copy_fn=copy_fn, prefetch=prefetch,
-                                      progress=progress, label=f"load {version} tp{rank}")
+                     base_digest=base_digest, fallback_dir=fallback_dir, strict=strict, storage_options=storage_options,
+                     held_sums=held_sums)
+    targets, verified, _, sums = apply_plan(plan, into, verify=verify, cast=cast, copy_fn=copy_fn, prefetch=prefetch,
+                                            progress=progress, label=f"load {version} tp{rank}", held_sums=held_sums)
     src = plan[-1]
     return LoadReport(
         version, rank, int(src.level), src.level.label, [u for s in plan for u in s.urls()],
         sum(s.bytes for s in plan), time.perf_counter() - start, len(targets), verified, plan.path,
-        targets if into is None else None)
+        targets if into is None else None, sums)

@@ -188,7 +188,8 @@ def _parts_with_manifest(fs, root, names, found, manifest_file, rank, version) -
     stored = sum(t.part is not None for t in m.tensors.values())
     if count != stored:
         raise TornSnapshotError(where, f"manifest lists {stored} tensors in its files, the files hold {count}")
-    return Source(Level.PARTS, fs, paths, [p.bytes for p in m.parts], headers, [p.xxh3_128 for p in m.parts], manifest=m)
+    return Source(Level.PARTS, fs, paths, [p.bytes for p in m.parts], headers, [p.xxh3_128 for p in m.parts],
+                  manifest=m)
 
 
 def probe_file(fs, root: str, names: Mapping[str, int], name: str, level: Level = Level.FULL) -> Source | None:
@@ -227,7 +228,8 @@ def probe_levels(
     names = listing(fs, root)
     base = join(root, layout.base_name(rank, version))
     probes = [
-        (Level.PARTS, url_of(fs, base + ".part*.pdparams"), lambda: _probe_parts(fs, root, names, rank, version, strict)),
+        (Level.PARTS, url_of(fs, base + ".part*.pdparams"),
+         lambda: _probe_parts(fs, root, names, rank, version, strict)),
         (Level.FULL, url_of(fs, join(root, layout.full_name(rank, version))),
          lambda: probe_file(fs, root, names, layout.full_name(rank, version), Level.FULL)),
         (Level.LEGACY, url_of(fs, join(root, layout.legacy_name(version))),
@@ -266,7 +268,8 @@ def resolve(
     if not fallback_dir:
         checked.append(f"level 4 ({Level.FALLBACK.label}): not configured (fallback_dir=None)")
     if torn:
-        raise TornSnapshotError(torn[0].path, torn[0].reason + "; nothing else loads. Checked:\n  - " + "\n  - ".join(checked))
+        raise TornSnapshotError(torn[0].path,
+                                torn[0].reason + "; nothing else loads. Checked:\n  - " + "\n  - ".join(checked))
     raise SnapshotNotFoundError(layout.base_name(rank, version), checked)
 
 
@@ -277,7 +280,8 @@ def version_ranks(snapshot_root: str, version: str, storage_options) -> int:
     if not ranks:
         raise SnapshotNotFoundError(version, [f"{snapshot_root}: no manifest of {version} (publish it first)"])
     if ranks != list(range(len(ranks))):
-        raise TornSnapshotError(snapshot_root, f"{version} has ranks {ranks}, not 0..{len(ranks) - 1}: publish it again")
+        raise TornSnapshotError(snapshot_root,
+                                f"{version} has ranks {ranks}, not 0..{len(ranks) - 1}: publish it again")
     return len(ranks)
 
 

@@ -42,7 +42,8 @@ DTYPE_CODES: dict[str, tuple[np.dtype, str]] = {
 }
 _BY_PADDLE = {paddle_name: code for code, (_, paddle_name) in DTYPE_CODES.items()}
 # numpy has no bfloat16 nor float8: their bits are held as uint16 / uint8, which are U16 / U8 to numpy
-_BY_NUMPY = {np_dtype: code for code, (np_dtype, _) in DTYPE_CODES.items() if code != "BF16" and not code.startswith("F8")}
+_BY_NUMPY = {np_dtype: code for code, (np_dtype, _) in DTYPE_CODES.items()
+             if code != "BF16" and not code.startswith("F8")}
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 MAX_DIMS = 64  # numpy's
@@ -80,8 +81,8 @@ def code_of(t: Any) -> str:
 
 
 def code_of_saved(arr: Any) -> str:
-    """The dtype code of an array (or a lazy one) that ``paddle.save`` wrote: it keeps bfloat16 as uint16, and Paddle reads those
-    back as bfloat16, so Baton does too."""
+    """The dtype code of an array (or a lazy one) that ``paddle.save`` wrote: it keeps bfloat16 as uint16, and
+    Paddle reads those back as bfloat16, so Baton does too."""
     return "BF16" if arr.dtype == np.uint16 else code_of_numpy(arr.dtype)
 
 
@@ -112,7 +113,8 @@ def host_bytes(t: Any, code: str | None = None) -> np.ndarray:
     ``code`` holds a snapshot's values cast, and casting back gives their exact bits."""
     if isinstance(t, np.ndarray):
         if code == "BF16" and t.dtype != np.uint16:
-            return (np.ascontiguousarray(t, np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(-1)
+            top = np.ascontiguousarray(t, np.float32).view(np.uint32) >> 16
+            return top.astype(np.uint16).view(np.uint8).reshape(-1)
         t = t if code is None else t.astype(DTYPE_CODES[code][0], copy=False)
         return np.ascontiguousarray(t).reshape(-1).view(np.uint8)
     if code is not None and code_of_paddle(t.dtype) != code:
@@ -294,7 +296,8 @@ def _tensor_entry(name: str, info: object, data_start: int, file_size: int, path
     for d in shape:  # bounded by the file, so a hostile shape never makes a huge integer
         count = min(count * d, file_size + 1)
     if count * itemsize(code) != end - begin:
-        raise TornSnapshotError(path, f"tensor {name[:80]!r}: shape {list(shape)} {code} does not match {end - begin} bytes")
+        raise TornSnapshotError(path, f"tensor {name[:80]!r}: shape {list(shape)} {code} does not match "
+                                f"{end - begin} bytes")
     return TensorEntry(name, code, shape, data_start + begin, data_start + end)
 
 
@@ -336,7 +339,8 @@ def parse_header(raw: bytes, path: str, file_size: int) -> Header:
     cursor = data_start
     for e in entries:
         if e.start != cursor:
-            raise TornSnapshotError(path, f"tensor {e.name!r} starts at byte {e.start}, expected {cursor} (hole or overlap)")
+            raise TornSnapshotError(path, f"tensor {e.name!r} starts at byte {e.start}, expected {cursor} (hole or "
+                                    "overlap)")
         cursor = e.end
     if cursor != file_size:
         why = "truncated" if cursor > file_size else "has trailing bytes"

@@ -1,6 +1,7 @@
 """Checkpoints as Paddle's trainers write them (PaddleNLP / PaddleFormers ``Trainer``), read tensor by tensor into
-Baton's canonical layout (Hugging Face names, Paddle's ``[in, out]``), so that publishing one holds about one tensor
-of it in memory, whatever its tensor- and pipeline-parallel degrees.
+Baton's canonical layout (Hugging Face names, Paddle's ``[in, out]``), so that publishing one holds about one part
+of it in memory (the part being written, plus the tensor being joined from its ranks), whatever its tensor- and
+pipeline-parallel degrees: ``part_bytes`` bounds it, not the checkpoint's size.
 
 What the trainers write, from their code:
 

@@ -96,7 +96,8 @@ def _describe(name: str, value: Any) -> _Item:
     elif type(value).__module__.startswith("paddle") or hasattr(value, "place"):
         code = code_of_paddle(value.dtype)
     else:
-        raise TypeError(f"state dict entry {name!r} is a {type(value).__name__}; expected a Paddle tensor or numpy array")
+        raise TypeError(f"state dict entry {name!r} is a {type(value).__name__}; expected a Paddle tensor or numpy "
+                        "array")
     shape = tuple(int(d) for d in value.shape)
     return _Item(name, value, code, shape, int(np.prod(shape, dtype=np.int64)) * itemsize(code))
 
@@ -212,7 +213,8 @@ def _publish(items: list[_Item], snapshot_root: str, version: str, rank: int, op
     if local:
         os.makedirs(root, exist_ok=True)
     marker = join(root, layout.pending_name(rank, version))
-    fs.pipe_file(marker, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode())
+    fs.pipe_file(marker, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                     "started": time.time()}).encode())
 
     start = time.perf_counter()
     recording = options.cache.begin(rank, options.base) if options.cache is not None else None
@@ -284,8 +286,9 @@ def _try_delta(sink: _Sink, items: list[_Item], snapshot_root: str, recording, k
     with ThreadPoolExecutor(1) as sink.pool:
         try:
             # the cache's own buffers take the new values as they are compared: nothing to keep separately
-            records, tensors, digest, sums = write_delta(items, _raw_bytes, values, options.part_bytes, limit,
-                                                         sink.delta, (lambda item, raw: None) if values.in_place else keep)
+            records, tensors, digest, sums = write_delta(
+                items, _raw_bytes, values, options.part_bytes, limit, sink.delta,
+                (lambda item, raw: None) if values.in_place else keep)
         except (TooLarge, BaseUnreadable) as exc:
             deltas = layout.delta_regex(rank, version)
             for name in listing(sink.fs, sink.root):
@@ -308,7 +311,8 @@ def _tensor_digests(items: list[_Item], raws: list[np.ndarray], into: dict[str, 
         sums[i.name] = (i.code, i.shape, sum64(sum64_words(raw, itemsize(i.code))))
 
 
-def _write_parts(sink: _Sink, plan: list[list[_Item]], keep) -> tuple[list[PartRecord], dict[str, TensorRecord], str, str]:
+def _write_parts(sink: _Sink, plan: list[list[_Item]],
+                 keep) -> tuple[list[PartRecord], dict[str, TensorRecord], str, str]:
     """Every part of ``plan``, checksummed as written: locally one writer and one hashing thread, remotely up to two
     uploads in flight (memory: two parts). Returns the parts' and the tensors' records for the manifest, and the
     state's digest and ``sum64`` digest (each tensor hashed beside the write); ``keep(item, raw)`` sees every

@@ -13,8 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 import kernels
 from infer.routes.common import ErrorReply, error
-from infer.weights import (
-    PREPARE_TTL,
+from infer.updates import (
     NotPrepared,
     RestoreFailed,
     SnapshotRejected,
@@ -23,6 +22,7 @@ from infer.weights import (
     UpdateError,
     WeightInfo,
 )
+from infer.weights import PREPARE_TTL
 
 router = APIRouter()
 
