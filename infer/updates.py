@@ -1,6 +1,7 @@
 """What an update reports and how it fails: ``WeightInfo`` (what a model copy holds), ``Prepared`` (a version made
-ready by phase one of a fleet's flip) and the ``UpdateError`` family, whose ``outcome`` labels the update metric and
-whose type picks the HTTP status (``infer.routes.weights``). ``infer.weights`` re-exports every name."""
+ready by phase one of a fleet's flip), ``Undo`` (how an ``in_place`` copy goes back from a delta) and the
+``UpdateError`` family, whose ``outcome`` labels the update metric and whose type picks the HTTP status
+(``infer.routes.weights``). ``infer.weights`` re-exports the public names."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
+
+import storage
 
 if TYPE_CHECKING:
     from infer.weights import Slot
@@ -91,3 +94,20 @@ class Prepared:
     def to_json(self) -> dict[str, Any]:
         return {"version": self.info.version, "snapshot_root": self.info.snapshot_root,
                 "held": "spare" if self.slot else "checked", "expires_in_s": round(self.expires - time.monotonic(), 1)}
+
+
+@dataclass(frozen=True)
+class Undo:
+    """How to take an ``in_place`` server back from a delta it just applied: the same delta again."""
+
+    version: str  # what the delta made live
+    previous: WeightInfo  # the base it was applied onto
+    sources: list  # the update's per-rank plans (one delta each)
+    held: dict | None  # the base's record (``Slot.held``): reversing must give back these very sums
+
+
+def cause(exc: Exception) -> str:
+    """What went wrong, without a partial apply's advice to restore (the manager does that itself)."""
+    if isinstance(exc, storage.PartialApplyError) and exc.__cause__ is not None:
+        return f"{exc.__cause__}, after {len(exc.applied)} tensors were written"
+    return str(exc)

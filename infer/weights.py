@@ -50,19 +50,22 @@ from infer.digest import state_digest
 from infer.engine import Busy, VersionUnavailable
 from infer.metrics import Metrics
 from infer.model import Decoder, load_state
-from infer.updates import (  # noqa: F401 - re-exported: infer.weights is where callers import them from
+from infer.updates import (  # noqa: F401 - callers
     NotPrepared,
     NotReady,
     Prepared,
     RestoreFailed,
     SnapshotRejected,
-    StorageUnavailable,
+    StorageUnavailable,  # import them from infer.weights
+    Undo,
     UpdateBusy,
     UpdateError,
     WeightInfo,
+    cause,
 )
 from storage import apply_plan, check_source, deltaload, layout, load_plan, shard_views
 from storage.digest import state_digest as snapshot_digest
+from storage.tp import private_replicas
 
 log = logging.getLogger("baton.serve")
 MODES = ("in_place", "double_buffer")
@@ -81,23 +84,6 @@ class Slot:
 
     def record(self, rank: int) -> tuple[str, dict[str, int]] | None:
         return self.held.get(rank) if self.held and self.info is not None else None
-
-
-@dataclass(frozen=True)
-class _Undo:
-    """How to take an ``in_place`` server back from a delta it just applied: the same delta again."""
-
-    version: str  # what the delta made live
-    previous: WeightInfo  # the base it was applied onto
-    sources: list  # the update's per-rank plans (one delta each)
-    held: dict | None  # the base's record (``Slot.held``): reversing must give back these very sums
-
-
-def _cause(exc: Exception) -> str:
-    """What went wrong, without a partial apply's advice to restore (the manager does that itself)."""
-    if isinstance(exc, storage.PartialApplyError) and exc.__cause__ is not None:
-        return f"{exc.__cause__}, after {len(exc.applied)} tensors were written"
-    return str(exc)
 
 
 class WeightManager:
@@ -124,7 +110,7 @@ class WeightManager:
         self.updating: str | None = None  # the version an update in progress is loading (others get 409)
         self._base: Callable[[], Mapping[str, Any]] | None = None  # reads a model directory's weights again
         self._prepared: Prepared | None = None
-        self._undo: _Undo | None = None
+        self._undo: Undo | None = None
 
     def _new_model(self) -> Decoder:
         model = Decoder(self.config)
@@ -322,9 +308,12 @@ class WeightManager:
     def _ranks(self, rank: int) -> list[int]:
         return [layout.check_rank(rank)] if self.tp_size == 1 else list(range(self.tp_size))
 
-    def _targets(self, slot: Slot, rank: int) -> dict[str, Any]:
+    def _targets(self, slot: Slot, rank: int, delta: bool = False) -> dict[str, Any]:
         state = slot.model.state_dict()
-        return state if self.tp_size == 1 else shard_views(state, rank, self.tp_size)
+        if self.tp_size == 1:
+            return state
+        views = shard_views(state, rank, self.tp_size)
+        return private_replicas(views) if delta and rank > 0 else views
 
     def _spare(self) -> Slot:
         return next(s for s in self.slots if s is not self.live)
@@ -349,7 +338,7 @@ class WeightManager:
         sources = self._load(target, version, snapshot_root, rank, verify, start)
         if target is self.live and previous is not None and all(len(plan) == 1 and plan[0].is_delta
                                                                 for _, plan, *_ in sources):
-            self._undo = _Undo(version, previous, sources, held)
+            self._undo = Undo(version, previous, sources, held)
         return self._switch(target)
 
     def _load(self, target: Slot, version: str, snapshot_root: str, rank: int, verify: str, start: float) -> list:
@@ -383,7 +372,7 @@ class WeightManager:
                 raise SnapshotRejected(f"{version} rank {r}: the prepared copy digests to "
                                        f"{got}, its manifest says {expected}: not served; publish it again")
 
-    def _reverse(self, undo: _Undo, slot: Slot, start: float) -> WeightInfo | None:
+    def _reverse(self, undo: Undo, slot: Slot, start: float) -> WeightInfo | None:
         """Takes ``slot`` from the delta it holds back to that delta's base by applying the delta again, proven by
         the base's sums (advanced from the changed elements: they must come back to the base's record, tensor by
         tensor) or else its digest; None (the slot's record cleared, so the caller loads the base in full) when that
@@ -392,8 +381,9 @@ class WeightManager:
         try:
             with self._exclusive(slot):
                 held, slot.info, slot.held, proven = slot.held or {}, None, None, {}
+                views = {r: self._targets(slot, r, delta=True) for r, *_ in undo.sources}  # before a write
                 for r, plan, verify, _ in undo.sources:
-                    targets = self._targets(slot, r)
+                    targets = views[r]
                     mine, base = held.get(r), (undo.held or {}).get(r)
                     sums = dict(mine[1]) if mine and base and verify != "full" else None
                     deltaload.apply_delta(plan[0], targets, verify=verify, sums=sums,
@@ -505,12 +495,13 @@ class WeightManager:
             self._copy_live(slot)
         slot.info, slot.held = None, None  # from the first byte written until success, this copy holds no version
         digests, records = [], {}
+        views = {r: self._targets(slot, r, any(s.is_delta for s in plan)) for r, plan, *_ in sources}  # before a write
         for r, plan, verify, _ in sources:
             base = held.get(r)
             short = len(plan) == 1 and plan[0].is_delta and verify != "full" and base is not None and \
                 base[0] == plan[0].manifest.base.digest
             targets, _, digest, sums = apply_plan(
-                plan, self._targets(slot, r), verify="none" if verify == "none" else "stream", cast=True,
+                plan, views[r], verify="none" if verify == "none" else "stream", cast=True,
                 copy_fn=kernels.cast_copy_ if on_gpu else None, xor_fn=kernels.xor_at_ if on_gpu else None,
                 digest_fn=matching_sum64 if in_place else None, held_sums=base[1] if short else None)
             digests.append(digest)
@@ -568,7 +559,7 @@ class WeightManager:
                            f"({restore_exc}): not serving a torn model")
             log.error(self.broken)
             raise RestoreFailed(self.broken) from exc
-        raise SnapshotRejected(f"update failed midway ({_cause(exc)}); restored {previous.version!r}: still serving "
+        raise SnapshotRejected(f"update failed midway ({cause(exc)}); restored {previous.version!r}: still serving "
                                f"{previous.version!r}", "restored") from exc
 
     def _describe(self, version: str, snapshot_root: str, rank: int, sources: list, slot: Slot,

@@ -110,6 +110,13 @@ def reshard(shards: Sequence[Mapping[str, Any]], tp_size: int, rules: Rules = LL
     return split_state_dict(merge_state_dicts(shards, rules), tp_size, rules)
 
 
+def private_replicas(views: Mapping[str, Any], rules: Rules = LLAMA_TP_RULES) -> dict[str, Any]:
+    """``views`` (``shard_views`` of a rank after the first) with each replicated tensor replaced by a copy: the
+    first rank's delta already changed the shared tensor, and an XOR applied twice undoes itself, so the other
+    ranks apply theirs to a copy (and prove it there) while the model keeps the first rank's result."""
+    return {n: (t.clone() if split_axis(n, rules) is None else t) for n, t in views.items()}
+
+
 def shard_views(state: Mapping[str, Any], rank: int, tp_size: int, rules: Rules = LLAMA_TP_RULES) -> dict[str, Any]:
     """Rank ``rank``'s slice of each full Paddle tensor, as views: loading rank files into these writes straight
     into the full model, so one process can hold a whole tensor-parallel group without a staging copy.

@@ -206,3 +206,25 @@ def test_an_in_place_server_goes_back_from_a_delta_by_reapplying_it(tmp_path):
         back = post(url, "/v1/update_weights", version="b1").json()
         assert (back["load_path"], back["digest"]) == ("delta reversed", digest_of(base))
         assert ask(str(url)).json()["choices"][0]["text"] == offline_text(1)
+
+
+def test_a_server_holding_two_ranks_takes_a_delta_and_goes_back(tmp_path):
+    """Replicated tensors (the norms) sit in both ranks' views of one model: each rank's delta changes them once."""
+    from infer.weights import WeightManager
+
+    root = str(tmp_path / "snap")
+    base = state(1)
+    step = {k: v.copy() for k, v in base.items()}
+    for name in step:  # every tensor moves, the replicated norms too
+        step[name].reshape(-1)[:5] += np.float32(0.25)
+    cache = storage.LastPublished()
+    for rank, shard in enumerate(storage.split_state_dict(base, 2)):
+        storage.publish(shard, root, "b1", rank, cache=cache)
+    for rank, shard in enumerate(storage.split_state_dict(step, 2)):
+        assert storage.publish(shard, root, "d2", rank, base="b1", cache=cache).kind == "delta"
+    for mode in ("in_place", "double_buffer"):
+        manager = WeightManager(CONFIG, root, tp_size=2, mode=mode)
+        manager.update("b1")
+        info = manager.update("d2")
+        assert (info.path, info.digest) == ("delta", digest_of(step)), mode
+        assert manager.update("b1").digest == digest_of(base), mode
