@@ -95,6 +95,22 @@ def _result(future) -> dict | Exception:
         return exc
 
 
+def _commit_failed(adapter: Adapter, exc: Exception, version: str, admin_token_env: str | None) -> Outcome:
+    """A commit that failed: the prepared version is dropped (no request may name it there), and a server that
+    took it anyway (its reply lost) is reported as having taken it, so the rollback returns it with the others."""
+    outcome = _failure(adapter.server.url, exc)
+    outcome.message = f"commit failed: {outcome.message}"
+    try:
+        adapter.abort(version, admin_token_env)
+        serving = (adapter.held() or {}).get("version")
+    except Exception:  # noqa: BLE001 - unreachable: its prepared state expires by itself
+        return outcome
+    if serving == version:
+        outcome.ok, outcome.status, outcome.version = True, "live", version
+        outcome.message += f"; yet it serves {version}"
+    return outcome
+
+
 def _abort(adapters: list[Adapter], outcomes: list[Outcome], version: str, admin_token_env: str | None) -> None:
     """A prepare failed: every server that prepared drops it, and none served it."""
     def drop(pair: tuple[Adapter, Outcome]) -> None:
@@ -208,8 +224,8 @@ def sync_fleet(version: str, snapshot_root: str, servers: list[Server | str], so
         for i, (adapter, (reply, seconds)) in enumerate(zip(adapters, commits)):
             o = outcomes[i]
             if isinstance(reply, Exception):
-                outcomes[i] = _failure(adapter.server.url, reply)
-                outcomes[i].prepared, outcomes[i].message = o.prepared, f"commit failed: {outcomes[i].message}"
+                outcomes[i] = _commit_failed(adapter, reply, version, admin_token_env)
+                outcomes[i].prepared = o.prepared
                 continue
             o.status, o.version, o.seconds = "live", version, round((o.seconds or 0) + seconds, 3)
             o.bytes = reply.get("bytes", o.bytes)

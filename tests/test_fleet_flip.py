@@ -137,6 +137,23 @@ def test_a_commit_failing_on_one_server_puts_the_others_back(at_v1, snap, monkey
         assert (weights(url)["version"], weights(url)["digest"]) == ("v1", digest_of(state(1)))
 
 
+def test_a_commit_whose_reply_is_lost_counts_as_taken(at_v1, snap, monkeypatch):
+    """The server flipped but its answer never came back: the flow reads what it serves instead of guessing."""
+    lost = at_v1[2]
+    real = flows.baton.Baton.commit
+
+    def commit(self, version, *args, **kwargs):
+        reply = real(self, version, *args, **kwargs)
+        if self.server.url == lost:
+            raise Refused(f"{lost}: the reply was lost")
+        return reply
+
+    monkeypatch.setattr(flows.baton.Baton, "commit", commit)
+    rows = sync_weights("v2", snap, at_v1)
+    assert [r["status"] for r in rows] == ["live"] * 3 and "yet it serves v2" in rows[2]["message"]
+    assert {weights(url)["version"] for url in at_v1} == {"v2"}
+
+
 @pytest.mark.parametrize("route", ["completions", "chat"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_request_pinned_to_the_prepared_spare_is_answered_from_it(at_v1, route, stream):
