@@ -28,9 +28,9 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from kernels import sizes  # noqa: E402
+from kernels.sizes import PAGE  # noqa: E402
 
-PAGE = sizes.PAGE
-EXP_FLOOR = np.float32(sizes.EXP_FLOOR)  # a float32 constant inside the compiled loops
+EXP_FLOOR32 = np.float32(sizes.EXP_FLOOR)  # sizes.EXP_FLOOR as a float32 constant inside the compiled loops
 
 
 # Both loops run in parallel over (row, head): numba's parallel loops also tell LLVM that the arrays do not
@@ -68,7 +68,7 @@ def _softmax_values(scores, v_pages, table, seq_of, positions, out):  # pragma: 
         total = np.float32(0)
         acc = np.zeros(dim, np.float32)
         for j in range(count):
-            w = np.exp(max(scores[r, h, j] - top, EXP_FLOOR))
+            w = np.exp(max(scores[r, h, j] - top, EXP_FLOOR32))
             total += w
             page, slot = table[seq, j // PAGE], j % PAGE
             for d in range(dim):
