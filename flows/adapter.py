@@ -64,6 +64,10 @@ class Adapter:
         is ``Unreachable`` (it may)."""
         start = time.perf_counter()
         self._stage(version, snapshot_root)
+        return self._load_and_confirm(version, snapshot_root, verify, admin_token_env, start)
+
+    def _load_and_confirm(self, version: str, snapshot_root: str, verify: str, admin_token_env: str | None,
+                          start: float) -> dict[str, Any]:
         reply = self.load(version, snapshot_root, verify, admin_token_env) | self.confirm(version)
         reply.setdefault("seconds", round(time.perf_counter() - start, 3))
         return reply
@@ -92,10 +96,7 @@ class Adapter:
     def commit(self, version: str, snapshot_root: str, verify: str = "stream",
                admin_token_env: str | None = None) -> dict[str, Any]:
         """Phase two: serve the prepared ``version`` and confirm it."""
-        start = time.perf_counter()
-        reply = self.load(version, snapshot_root, verify, admin_token_env) | self.confirm(version)
-        reply.setdefault("seconds", round(time.perf_counter() - start, 3))
-        return reply
+        return self._load_and_confirm(version, snapshot_root, verify, admin_token_env, time.perf_counter())
 
     def abort(self, version: str, admin_token_env: str | None = None) -> None:
         """The fleet will not commit ``version``: drop what ``prepare`` left, nothing served changes."""

@@ -27,7 +27,9 @@ class Baton(Adapter):
     def commit(self, version: str, snapshot_root: str, verify: str = "stream",
                admin_token_env: str | None = None) -> dict[str, Any]:
         """The commit's reply names the version the server now serves: that is the confirmation."""
-        reply = fleet.admin_call(self.server, "/v1/weights/commit", {"version": version}, admin_token_env)
+        # a 409 here says nothing is prepared for it: another try cannot succeed
+        reply = fleet.admin_call(self.server, "/v1/weights/commit", {"version": version}, admin_token_env,
+                                 busy_retries=False)
         if reply.get("version") != version:
             raise Unreachable(f"{self.server.url} committed {version} but serves {reply.get('version')!r}")
         return reply

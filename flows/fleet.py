@@ -139,14 +139,15 @@ def update(server: Server, version: str, snapshot_root: str, verify: str = "stre
 
 
 def admin_call(server: Server, path: str, body: dict[str, Any], admin_token_env: str | None,
-               timeout: float = 1800) -> dict[str, Any]:
+               timeout: float = 1800, busy_retries: bool = True) -> dict[str, Any]:
     """One of a Baton server's weight calls (update, prepare, commit, abort): its success reply, else ``Refused``
-    (a 4xx: the same call will not succeed) or ``Unreachable`` (busy, or storage or server trouble: it may)."""
+    (a 4xx: the same call will not succeed) or ``Unreachable`` (storage or server trouble, or with
+    ``busy_retries`` a 409: another try may succeed)."""
     r = call("POST", f"{server.url}{path}", json=body, headers=auth_headers(admin_token_env), timeout=timeout)
     reply = reply_of(r)
     message = f"{server.url} answered {r.status_code}: {reply.get('message', reply)}"
     if r.status_code == 200 and reply.get("success"):
         return reply
-    if r.status_code == 409 and path != "/v1/weights/commit" or r.status_code >= 500:
+    if (r.status_code == 409 and busy_retries) or r.status_code >= 500:
         raise Unreachable(message)
     raise Refused(message)

@@ -198,12 +198,12 @@ def sync_fleet(version: str, snapshot_root: str, servers: list[Server | str], so
         raise ValueError("servers is empty: give at least one inference server URL")
     start = time.perf_counter()
     adapters = [adapter_for(s) for s in fleet_servers]
-    with ThreadPoolExecutor(len(adapters)) as pool:
-        if held is None:
+    if held is None:
+        with ThreadPoolExecutor(len(adapters)) as pool:
             list(pool.map(Adapter.read, adapters))
-        else:
-            for adapter in adapters:
-                adapter.before = held.get(adapter.server.url)
+    else:
+        for adapter in adapters:
+            adapter.before = held.get(adapter.server.url)
     published = None
     if source is not None:
         published = publish_ranks(source, snapshot_root, version, part_bytes, tp_size, runner, artifact=False,

@@ -50,13 +50,13 @@ from infer.digest import state_digest
 from infer.engine import Busy, VersionUnavailable
 from infer.metrics import Metrics
 from infer.model import Decoder, load_state
-from infer.updates import (  # noqa: F401 - callers
+from infer.updates import (  # noqa: F401 - infer.weights re-exports them
     NotPrepared,
     NotReady,
     Prepared,
     RestoreFailed,
     SnapshotRejected,
-    StorageUnavailable,  # import them from infer.weights
+    StorageUnavailable,
     Undo,
     UpdateBusy,
     UpdateError,
