@@ -114,6 +114,8 @@ def raw_streams(monkeypatch) -> list[int]:
     asked: list[int] = []
 
     def raw_stream(device: int) -> int:
+        if not isinstance(device, int):  # the real binding, `_get_current_raw_stream(arg0: int)`, refuses the rest
+            raise TypeError(f"_get_current_raw_stream(): incompatible function arguments: {device!r}")
         asked.append(device)
         return 0xBEEF + device
 
@@ -141,6 +143,8 @@ class FakeUtils:
         return self.current
 
     def set_current_device(self, device: int) -> None:
+        if not isinstance(device, int):  # Triton's driver.c parses its argument as a C int ("i")
+            raise TypeError(f"an integer is required, not {type(device).__name__}")
         self.current = device
 
 
