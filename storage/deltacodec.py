@@ -16,13 +16,15 @@ tensor or inflate past one window.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Mapping
 
+import numba
+import numba.extending
 import numpy as np
 import zstandard
+
+from .cores import each
+from .digest import ADD, MUL
 
 WINDOW = 1 << 22  # elements per frame: a window's planes stay at (4 + w) * 4 Mi bytes at most
 LEVEL = 1  # zstd level: the planes are small already, higher levels cost time for little size
@@ -38,24 +40,31 @@ def words(raw: np.ndarray, width: int) -> np.ndarray:
     return raw.view(_WORDS[width])
 
 
-def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``numba.njit(cache=True, nogil=True)(fn)``, done at the first call: importing numba is a large share of
-    importing ``storage``, which a process that never encodes or applies a delta (``baton sync`` of full versions,
-    ``baton serve``) should not pay."""
-    jitted: list[Callable[..., Any]] = []
+def _prefetch(typingctx, array, index):  # pragma: no cover - compiled into the loops below
+    """``_prefetch(array, i)``: asks the CPU to start loading ``array[i]``'s cache line for writing, without waiting
+    for it. The apply's positions are known a few dozen changes ahead, and a changed element's line is rarely in
+    cache (a 2% delta on bf16 touches about half of a tensor's lines), so without it each change waits on memory."""
+    from llvmlite import ir
+    from numba.core import cgutils
 
-    @functools.wraps(fn)
-    def call(*args: Any) -> Any:
-        if not jitted:
-            import numba
+    def codegen(context, builder, signature, args):
+        kind = signature.args[0]
+        array = context.make_array(kind)(context, builder, args[0])
+        at = cgutils.get_item_pointer(context, builder, kind, array, [args[1]], wraparound=False)
+        byte, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        name = "llvm.prefetch.p0" if getattr(byte, "is_opaque", False) else "llvm.prefetch.p0i8"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte] + [i32] * 3), name)
+        builder.call(fn, [builder.bitcast(at, byte), i32(1), i32(3), i32(1)])  # write, keep in cache, data
+        return context.get_dummy_value()
 
-            jitted.append(numba.njit(cache=True, nogil=True)(fn))  # two threads racing here compile one each
-        return jitted[0](*args)
-
-    return call
+    return numba.types.void(array, index), codegen
 
 
-@_compiled
+_prefetch = numba.extending.intrinsic(_prefetch)
+AHEAD = 32  # changes prefetched ahead: enough lines in flight to cover memory latency (bench/delta_bench.py)
+
+
+@numba.njit(cache=True, nogil=True)
 def _scan(base, new, lo, hi, lanes, bits, gaps, xors, update):  # pragma: no cover - compiled
     """Changed elements of window [lo, hi) (element indices) into ``gaps``/``xors``; returns how many. ``base`` and
     ``new`` are 64-bit words of ``lanes`` elements each (``bits`` wide): equal words, the common case, cost one
@@ -88,52 +97,51 @@ def _planes(k: int, width: int, gaps: np.ndarray, xors: np.ndarray) -> np.ndarra
     return plane
 
 
-@_compiled
-def _apply(target, lo, hi, plane, k, width):  # pragma: no cover - compiled
-    """XORs a window's changes into ``target`` (its elements as unsigned words); -1 when a position leaves the
-    window."""
-    pos = lo - 1
-    g0, g1, g2, g3, xor_at = 4, 4 + k, 4 + 2 * k, 4 + 3 * k, 4 + 4 * k
-    for j in range(k):
-        gap = np.int64(plane[g0 + j]) | (np.int64(plane[g1 + j]) << 8) | (np.int64(plane[g2 + j]) << 16) | \
-            (np.int64(plane[g3 + j]) << 24)
-        pos += gap + 1
-        if pos >= hi:
-            return -1
-        x = np.uint64(0)
-        for b in range(width):
-            x |= np.uint64(plane[xor_at + b * k + j]) << np.uint64(8 * b)
-        target[pos] = target[pos] ^ x
-    return 0
+@numba.njit(cache=True, nogil=True)
+def _gap(plane, k, j):  # pragma: no cover - compiled
+    """Change ``j``'s gap from the four byte planes."""
+    return np.int64(plane[4 + j]) | (np.int64(plane[4 + k + j]) << 8) | (np.int64(plane[4 + 2 * k + j]) << 16) | \
+        (np.int64(plane[4 + 3 * k + j]) << 24)
 
 
-@_compiled
-def _apply_weighed(target, lo, hi, plane, k, width, mul, add):  # pragma: no cover - compiled
-    """``_apply``, also returning the change to the target's ``sum64`` (``storage.digest``): each changed word's
-    ``(new - old) * (i * mul + add)``, summed mod 2**64, read before the XOR; (-1, 0) when a position leaves the
-    window."""
-    pos = lo - 1
-    g0, g1, g2, g3, xor_at = 4, 4 + k, 4 + 2 * k, 4 + 3 * k, 4 + 4 * k
-    total = np.uint64(0)
+@numba.njit(cache=True, nogil=True)
+def _apply(target, lo, hi, plane, k, width, weigh, mul, add):  # pragma: no cover - compiled
+    """XORs a window's changes into ``target`` (its elements as unsigned words); returns (0, the change to the
+    target's ``sum64`` when ``weigh``: each changed word's ``(new - old) * (i * mul + add)`` summed mod 2**64), or
+    (-1, 0) at the first position outside the window, which is never written. Positions are decoded ``AHEAD``
+    changes before they are written, into a ring, so their lines are prefetched while earlier changes apply."""
+    ring = np.empty(2 * AHEAD, np.int64)
+    ahead = lo - 1
+    for j in range(min(AHEAD, k)):
+        ahead += _gap(plane, k, j) + 1
+        ring[j % (2 * AHEAD)] = ahead
+        if ahead < hi:
+            _prefetch(target, ahead)
+    xor_at, total = 4 + 4 * k, np.uint64(0)
     for j in range(k):
-        gap = np.int64(plane[g0 + j]) | (np.int64(plane[g1 + j]) << 8) | (np.int64(plane[g2 + j]) << 16) | \
-            (np.int64(plane[g3 + j]) << 24)
-        pos += gap + 1
-        if pos >= hi:
+        if j + AHEAD < k:
+            ahead += _gap(plane, k, j + AHEAD) + 1
+            ring[(j + AHEAD) % (2 * AHEAD)] = ahead
+            if ahead < hi:
+                _prefetch(target, ahead)
+        i = ring[j % (2 * AHEAD)]
+        if i >= hi:
             return -1, np.uint64(0)
         x = np.uint64(0)
         for b in range(width):
             x |= np.uint64(plane[xor_at + b * k + j]) << np.uint64(8 * b)
-        old = np.uint64(target[pos])
+        old = np.uint64(target[i])
         new = old ^ x
-        target[pos] = new
-        if width == 8:  # sum64 reads an 8-byte element as two 32-bit words, 2*pos and 2*pos + 1
-            at = np.uint64(pos) * np.uint64(2)
+        target[i] = new
+        if not weigh:
+            continue
+        if width == 8:  # sum64 reads an 8-byte element as two 32-bit words, 2*i and 2*i + 1
+            w = np.uint64(i) * np.uint64(2)
             low = (new & np.uint64(0xFFFFFFFF)) - (old & np.uint64(0xFFFFFFFF))
             high = (new >> np.uint64(32)) - (old >> np.uint64(32))
-            total += low * (at * mul + add) + high * ((at + np.uint64(1)) * mul + add)
+            total += low * (w * mul + add) + high * ((w + np.uint64(1)) * mul + add)
         else:
-            total += (new - old) * (np.uint64(pos) * mul + add)
+            total += (new - old) * (np.uint64(i) * mul + add)
     return 0, total
 
 
@@ -141,8 +149,6 @@ def weighed_change(index: np.ndarray, old: np.ndarray, xors: np.ndarray, width: 
     """The change to a tensor's ``sum64`` when its ``width``-byte elements at ``index`` (from ``changes``), whose
     words were ``old``, take ``xors``: ``sum((new - old) * (i * MUL + ADD)) mod 2**64`` over the changed words only
     (an 8-byte element is two 32-bit words to ``sum64``, ``2i`` and ``2i + 1``)."""
-    from .digest import ADD, MUL
-
     old = old.astype(np.uint64)
     new, at = old ^ xors, index.astype(np.uint64)
     mul, add = np.uint64(MUL), np.uint64(ADD)
@@ -177,19 +183,10 @@ def encode(base: np.ndarray, new: np.ndarray, width: int, update: bool = False) 
             return b""
         return zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(_planes(k, width, gaps, xors))
 
-    frames = _each(one, windows)
+    frames = each(one, windows)
     if not any(frames):
         return None
     return np.asarray([len(f) for f in frames], "<u8").tobytes() + b"".join(frames)
-
-
-def _each(fn: Callable[[Any], Any], jobs) -> list:
-    """``fn`` over ``jobs`` (windows: disjoint ranges of one tensor), two at a time when there are several (the scan,
-    zstd and the apply loop release the GIL), in threads of this call's own."""
-    if len(jobs) < 2:
-        return [fn(job) for job in jobs]
-    with ThreadPoolExecutor(2, thread_name_prefix="baton-delta") as pool:
-        return list(pool.map(fn, jobs))
 
 
 def _scratch(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,25 +233,37 @@ def apply(target: np.ndarray, blob: bytes | memoryview, width: int, weigh: bool 
     """XORs ``blob`` (from ``encode``) into ``target``, a writable flat uint8 array holding the base's bytes. With
     ``weigh``, returns the change to ``target``'s ``sum64`` (``storage.digest``), read from the changed elements
     only: the new ``sum64`` is the old one plus it, mod 2**64."""
-    from .digest import ADD, MUL
+    return apply_many({"": (target, blob, width)}, weigh)[""]
 
-    elements = target.size // width
-    view, jobs = _windows(blob, elements)
-    elements_of = words(target, width)
+
+def apply_many(items: Mapping[str, tuple[np.ndarray, bytes | memoryview, int]],
+               weigh: bool = False) -> dict[str, int | None]:
+    """``apply`` over several tensors (name -> (target, blob, width)), their windows decoded and applied on both
+    cores. Every blob's table is checked before anything is written; a window that does not decode raises a
+    ``DeltaFormatError`` naming its tensor once every other window has been applied."""
+    jobs = []
+    for name, (target, blob, width) in items.items():
+        view, windows = _windows(blob, target.size // width)
+        jobs += [(name, view, window) for window in windows]
     mul, add = np.uint64(MUL), np.uint64(ADD)
 
-    def one(job: tuple[int, int, int]) -> int:
-        lo, hi, plane, k = _frame(view, job, elements, width)
-        if weigh:
-            status, total = _apply_weighed(elements_of, lo, hi, plane, k, width, mul, add)
-        else:
-            status, total = _apply(elements_of, lo, hi, plane, k, width), 0
+    def one(job: tuple[str, memoryview, tuple[int, int, int]]) -> tuple[str, int]:
+        name, view, window = job
+        target, _, width = items[name]
+        try:
+            lo, hi, plane, k = _frame(view, window, target.size // width, width)
+        except DeltaFormatError as exc:
+            raise DeltaFormatError(f"{name}: {exc}" if name else str(exc)) from None
+        status, total = _apply(words(target, width), lo, hi, plane, k, width, weigh, mul, add)
         if status < 0:
-            raise DeltaFormatError(f"window {job[0]}: a change falls outside the window")
-        return int(total)
+            raise DeltaFormatError(f"{name + ': ' if name else ''}window {window[0]}: a change falls outside the "
+                                   "window")
+        return name, int(total)
 
-    totals = _each(one, jobs)
-    return sum(totals) % 2**64 if weigh else None
+    totals = dict.fromkeys(items, 0)
+    for name, total in each(one, jobs):
+        totals[name] += total
+    return {name: total % 2**64 if weigh else None for name, total in totals.items()}
 
 
 def changes(blob: bytes | memoryview, elements: int, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from . import deltacodec
-from .digest import state_digest, sums_digest
+from .digest import state_digest, sums_digest, tensor_sums
 from .errors import PartialApplyError, SnapshotNotFoundError, TornSnapshotError
-from .resolve import Source, resolve
+from .resolve import Source, read_manifest, resolve
 from .tensorfile import DTYPE_CODES, code_of_paddle, copy_converted, host_bytes, host_view, itemsize
 
 XorFn = Callable[[Any, np.ndarray, np.ndarray], None]  # (target, changed indices, XOR words): kernels.xor_at_
@@ -55,21 +55,34 @@ def resolve_chain(snapshot_root: str, version: str, rank: int, *, strict: bool =
 
 def holds_base(src: Source, targets: Mapping[str, Any], base_digest: str | None = None,
                held_sums: Mapping[str, int] | None = None, *, snapshot_root: str | None = None,
-               storage_options: dict[str, Any] | None = None) -> bool:
+               storage_options: dict[str, Any] | None = None, found_sums: dict[str, int] | None = None) -> bool:
     """Whether ``targets`` hold delta ``src``'s base: ``base_digest`` when the caller knows their digest, else their
     ``held_sums`` (each tensor's ``sum64`` as the caller knows it) against the base manifest's ``sum64`` (one small
-    read under ``snapshot_root``), else their digest computed over them."""
-    if base_digest is None and held_sums is not None and snapshot_root is not None and \
-            set(held_sums) >= set(src.index()):
-        try:
-            base = resolve(snapshot_root, src.manifest.base.version, src.manifest.rank, strict=True,
-                           storage_options=storage_options).manifest
-        except SnapshotNotFoundError:
-            base = None
-        if base is not None and base.digest == src.manifest.base.digest and base.sum64 is not None:
-            return sums_digest(src.index(), held_sums) == base.sum64
-    held = base_digest if base_digest is not None else state_digest(targets, src.index())
-    return held == src.manifest.base.digest
+    read under ``snapshot_root``), else computed over them: with ``found_sums`` (a dict to fill) their ``sum64``
+    against that manifest's, which the apply then advances so the result needs no second pass, else their digest."""
+    if base_digest is not None:
+        return base_digest == src.manifest.base.digest
+    index = src.index()
+    base = None
+    if snapshot_root is not None and (held_sums is not None or found_sums is not None):
+        base = read_manifest(snapshot_root, src.manifest.base.version, src.manifest.rank,
+                             storage_options=storage_options)
+    by_sums = base is not None and base.digest == src.manifest.base.digest and base.sum64 is not None
+    if by_sums and held_sums is not None and set(held_sums) >= set(index):
+        return sums_digest(index, held_sums) == base.sum64
+    if by_sums and found_sums is not None and _fits(targets, index):
+        found_sums.update(tensor_sums(targets, index))
+        if sums_digest(index, found_sums) == base.sum64:
+            return True
+        found_sums.clear()
+        return False
+    return state_digest(targets, index) == src.manifest.base.digest
+
+
+def _fits(targets: Mapping[str, Any], index: Mapping[str, tuple[str, tuple[int, ...]]]) -> bool:
+    """Whether ``targets`` have exactly ``index``'s names and shapes (else they hold no version of it)."""
+    return set(targets) == set(index) and all(tuple(int(d) for d in targets[n].shape) == tuple(shape)
+                                              for n, (_, shape) in index.items())
 
 
 def _xor_in_place(dst: Any, code: str, xor_fn: XorFn | None) -> bool:
@@ -105,32 +118,34 @@ def apply_delta(src: Source, targets: Mapping[str, Any], *, verify: str = "strea
     try:
         for i, header in enumerate(src.headers):
             url = src.urls()[i]
-            data = src.read(i, verify=verify != "none")
+            data = memoryview(src.read(i, verify=verify != "none"))
+            here = {}  # the file's tensors whose memory is on the host: applied together, on both cores
             for e in header.entries:
                 code, shape = tensors[e.name].dtype, tensors[e.name].shape
                 dst = targets[e.name]
                 view = host_view(dst, code) if copy_fn is None else None
-                if view is None and _xor_in_place(dst, code, xor_fn):
-                    index, xors = deltacodec.changes(memoryview(data)[e.start:e.end], prod(shape), itemsize(code))
-                    if sums is not None:
-                        old = words_at(dst, index, itemsize(code))
+                if view is not None:
+                    here[e.name] = (view, data[e.start:e.end], itemsize(code))
+                    continue
+                if _xor_in_place(dst, code, xor_fn):
+                    index, xors = deltacodec.changes(data[e.start:e.end], prod(shape), itemsize(code))
+                    old = words_at(dst, index, itemsize(code)) if sums is not None else None
                     touched.append(e.name)
                     xor_fn(dst, index, xors)
-                    if sums is not None:
-                        change = deltacodec.weighed_change(index, old, xors, itemsize(code))
-                        sums[e.name] = (sums[e.name] + change) % 2**64
-                    if bar is not None:
-                        bar.update(e.nbytes)
-                    continue
-                values = view if view is not None else host_bytes(dst, code)
-                touched.append(e.name)
-                change = deltacodec.apply(values, memoryview(data)[e.start:e.end], itemsize(code), sums is not None)
+                    change = deltacodec.weighed_change(index, old, xors, itemsize(code)) if sums is not None else 0
+                else:
+                    touched.append(e.name)
+                    values = host_bytes(dst, code)
+                    change = deltacodec.apply(values, data[e.start:e.end], itemsize(code), sums is not None)
+                    copy_converted(dst, values, code, shape, copy_fn)
                 if sums is not None:
                     sums[e.name] = (sums[e.name] + change) % 2**64
-                if view is None:
-                    copy_converted(dst, values, code, shape, copy_fn)
-                if bar is not None:
-                    bar.update(e.nbytes)
+            touched += here  # any of them may be written from here on
+            for name, change in deltacodec.apply_many(here, sums is not None).items():
+                if sums is not None:
+                    sums[name] = (sums[name] + change) % 2**64
+            if bar is not None:
+                bar.update(sum(e.nbytes for e in header.entries))
     except Exception as exc:
         if isinstance(exc, deltacodec.DeltaFormatError):
             exc = TornSnapshotError(url, f"does not decode: {exc} (corrupt or forged); publish the version again")

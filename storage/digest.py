@@ -21,6 +21,7 @@ import numba
 import numpy as np
 import xxhash
 
+from .cores import each
 from .tensorfile import code_of, host_bytes
 
 MUL, ADD = 0x9E3779B97F4A7C15, 0x632BE59BD9B4E019  # odd constants: every position weighs differently
@@ -87,7 +88,11 @@ def tensor_sums(targets: Mapping[str, Any], index: Mapping[str, tuple[str, tuple
     apply advances from the changed elements alone (``deltacodec.apply(..., weigh=True)``)."""
     from .tensorfile import itemsize
 
-    return {n: sum64(sum64_words(host_bytes(targets[n], code), itemsize(code))) for n, (code, _) in index.items()}
+    def one(item: tuple[str, tuple[str, tuple[int, ...]]]) -> int:
+        name, (code, _) = item
+        return sum64(sum64_words(host_bytes(targets[name], code), itemsize(code)))
+
+    return dict(zip(index, each(one, list(index.items()))))  # on both cores: a pass over the whole state
 
 
 def sums_digest(index: Mapping[str, tuple[str, Sequence[int]]], sums: Mapping[str, int]) -> str:

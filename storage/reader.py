@@ -37,16 +37,18 @@ class LoadPlan(tuple):
 
 def load_plan(snapshot_root: str, version: str, rank: int, targets: Mapping[str, Any] | None, *,
               base_digest: str | None = None, fallback_dir: str | None = None, strict: bool = False,
-              storage_options: dict[str, Any] | None = None, held_sums: Mapping[str, int] | None = None) -> LoadPlan:
+              storage_options: dict[str, Any] | None = None, held_sums: Mapping[str, int] | None = None,
+              found_sums: dict[str, int] | None = None) -> LoadPlan:
     """The sources that take ``targets`` to ``version``, in order: the version's own (a full version, or a delta
     when the targets hold its base: ``base_digest`` when the caller knows their digest, else their ``held_sums``
-    against the base manifest's ``sum64``, else computed over them), or the chain from the nearest full version."""
+    against the base manifest's ``sum64``, else computed over them: their ``sum64`` into ``found_sums`` when given,
+    else their digest), or the chain from the nearest full version."""
     src = resolve(snapshot_root, version, rank, fallback_dir=fallback_dir, strict=strict,
                   storage_options=storage_options)
     if not src.is_delta:
         return LoadPlan([src])
     if targets is not None and holds_base(src, targets, base_digest, held_sums, snapshot_root=snapshot_root,
-                                          storage_options=storage_options):
+                                          storage_options=storage_options, found_sums=found_sums):
         return LoadPlan([src])
     return LoadPlan(resolve_chain(snapshot_root, version, rank, storage_options=storage_options, first=src))
 
@@ -180,11 +182,14 @@ def load_snapshot(
     if verify not in ("full", "stream", "none"):
         raise ValueError(f"verify must be 'full', 'stream' or 'none', not {verify!r}")
     start = time.perf_counter()
+    # with nothing known of the target, a delta's base is proven by its sums, which the apply then advances
+    found: dict[str, int] | None = {} if held_sums is None and base_digest is None and verify != "full" else None
     plan = load_plan(snapshot_root, version, rank, None if into is None else target_table(into),
                      base_digest=base_digest, fallback_dir=fallback_dir, strict=strict, storage_options=storage_options,
-                     held_sums=held_sums)
+                     held_sums=held_sums, found_sums=found)
     targets, verified, _, sums = apply_plan(plan, into, verify=verify, cast=cast, copy_fn=copy_fn, prefetch=prefetch,
-                                            progress=progress, label=f"load {version} tp{rank}", held_sums=held_sums)
+                                            progress=progress, label=f"load {version} tp{rank}",
+                                            held_sums=held_sums if held_sums is not None else found or None)
     src = plan[-1]
     return LoadReport(
         version, rank, int(src.level), src.level.label, [u for s in plan for u in s.urls()],

@@ -146,6 +146,26 @@ def _read_manifest(fs, root: str, name: str, size: int) -> Manifest:
     return Manifest.from_json(raw, url_of(fs, path))
 
 
+@storage_calls
+def read_manifest(snapshot_root: str, version: str, rank: int = 0, *,
+                  storage_options: dict[str, Any] | None = None) -> Manifest | None:
+    """``version``'s manifest for ``rank`` alone, or None where it has none: one small read, no listing and no part
+    headers, for a caller that needs only a version's digests (a delta's base, proven by its ``sum64``)."""
+    layout.check_id(version)
+    layout.check_rank(rank)
+    fs, root = open_fs(snapshot_root, storage_options)
+    path = join(root, layout.manifest_name(rank, version))
+    try:
+        raw = fs.cat_file(path, start=0, end=MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise TornSnapshotError(url_of(fs, path), f"manifest is over the {MAX_MANIFEST_BYTES}-byte limit: not written "
+                                "by Baton; remove it and publish again")
+    manifest = Manifest.from_json(raw, url_of(fs, path))
+    return manifest if (manifest.version, manifest.rank) == (version, rank) else None
+
+
 def _parts_with_manifest(fs, root, names, found, manifest_file, rank, version) -> Source:
     m = _read_manifest(fs, root, manifest_file, names[manifest_file])
     where = url_of(fs, join(root, manifest_file))
