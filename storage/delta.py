@@ -12,13 +12,15 @@ damaged chain.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from . import deltacodec
+from . import cores, deltacodec
 from .deltaload import RankReader, resolve_chain
 from .digest import combine, sum64, sum64_digest, sum64_words, tensor_digest
 from .errors import SnapshotError
@@ -166,15 +168,19 @@ def write_delta(items: list, raw_of: Callable, base: BaseValues, part_bytes: int
         records.append(write(index, [header, *(b for _, b in pending)], len(pending)))
         pending = []
 
-    for item in items:
-        new = raw_of(item)
-        digests[item.name] = tensor_digest(item.name, item.code, item.shape, new)
-        sums[item.name] = (item.code, item.shape, sum64(sum64_words(new, itemsize(item.code))))
-        blob = deltacodec.encode(base.raw(item.name), new, itemsize(item.code), update=base.in_place)
+    def compared(item, new: np.ndarray, old: np.ndarray) -> tuple[int, bytes | None]:  # on a worker thread
+        width = itemsize(item.code)
+        return sum64(sum64_words(new, width)), deltacodec.encode(old, new, width, update=base.in_place)
+
+    def finish() -> None:
+        nonlocal written
+        item, new, job = running.popleft()
+        total, blob = job.result()
+        sums[item.name] = (item.code, item.shape, total)
         keep(item, new)
         if blob is None:
             tensors[item.name] = TensorRecord(item.code, item.shape, None)
-            continue
+            return
         written += len(blob)
         if written > limit:
             raise TooLarge(f"the delta passed {limit} bytes")
@@ -182,6 +188,21 @@ def write_delta(items: list, raw_of: Callable, base: BaseValues, part_bytes: int
             flush()
         tensors[item.name] = TensorRecord(item.code, item.shape, len(records))
         pending.append((item.name, blob))
+
+    # each tensor is compared with the base (and summed) on a worker thread while this one hashes it (xxh3 holds the
+    # GIL) and fetches the next: two tensors in flight, so the machine's two cores both work
+    running: deque = deque()
+    try:
+        for item in items:
+            new = raw_of(item)
+            running.append((item, new, cores.submit(compared, item, new, base.raw(item.name))))
+            digests[item.name] = tensor_digest(item.name, item.code, item.shape, new)
+            while len(running) > 2:
+                finish()
+        while running:
+            finish()
+    finally:
+        wait([job for *_, job in running])  # nothing writes into the cache's buffers once this returns
     if pending or not records:  # a version with nothing changed still has its (empty) file 0
         flush()
     return records, tensors, combine(digests), sum64_digest(sums)

@@ -16,7 +16,8 @@ tensor or inflate past one window.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import numba
 import numba.extending
@@ -243,27 +244,34 @@ def apply_many(items: Mapping[str, tuple[np.ndarray, bytes | memoryview, int]],
     ``DeltaFormatError`` naming its tensor once every other window has been applied."""
     jobs = []
     for name, (target, blob, width) in items.items():
-        view, windows = _windows(blob, target.size // width)
+        with _naming(name):
+            view, windows = _windows(blob, target.size // width)
         jobs += [(name, view, window) for window in windows]
     mul, add = np.uint64(MUL), np.uint64(ADD)
 
     def one(job: tuple[str, memoryview, tuple[int, int, int]]) -> tuple[str, int]:
         name, view, window = job
         target, _, width = items[name]
-        try:
+        with _naming(name):
             lo, hi, plane, k = _frame(view, window, target.size // width, width)
-        except DeltaFormatError as exc:
-            raise DeltaFormatError(f"{name}: {exc}" if name else str(exc)) from None
-        status, total = _apply(words(target, width), lo, hi, plane, k, width, weigh, mul, add)
-        if status < 0:
-            raise DeltaFormatError(f"{name + ': ' if name else ''}window {window[0]}: a change falls outside the "
-                                   "window")
+            status, total = _apply(words(target, width), lo, hi, plane, k, width, weigh, mul, add)
+            if status < 0:
+                raise DeltaFormatError(f"window {window[0]}: a change falls outside the window")
         return name, int(total)
 
     totals = dict.fromkeys(items, 0)
     for name, total in each(one, jobs):
         totals[name] += total
     return {name: total % 2**64 if weigh else None for name, total in totals.items()}
+
+
+@contextlib.contextmanager
+def _naming(name: str) -> Iterator[None]:
+    """A ``DeltaFormatError`` inside says which tensor's blob it came from (when it has a name)."""
+    try:
+        yield
+    except DeltaFormatError as exc:
+        raise DeltaFormatError(f"{name}: {exc}" if name else str(exc)) from None
 
 
 def changes(blob: bytes | memoryview, elements: int, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from infer import digest as server_digest
 from infer import weights as weights_module
 from infer.config import get_config
 from infer.model import random_state_dict
-from storage import deltaload, layout
+from storage import deltacodec, deltaload, layout
 from storage import digest as storage_digest
 from storage.digest import ADD, MUL, state_digest, sum64_digest
 
@@ -315,3 +315,82 @@ def test_a_server_refuses_a_forged_delta_under_every_verify(tmp_path, verify):
         m.update("b", verify=verify)
     assert m.info.version == "a" and m.info.digest == storage.resolve(root, "a").manifest.digest
     same_bytes(live_bytes(m), a)
+
+
+@pytest.mark.parametrize("verify", ["stream", "none"])
+def test_a_library_load_knowing_nothing_proves_the_base_by_sums_and_hashes_nothing_whole(tmp_path, monkeypatch,
+                                                                                          verify):
+    """No base digest, no held sums: the target's sums (one pass) prove the base and the apply advances them, so
+    the result is proven without the whole-model xxh3 pass a digest would take."""
+    root = str(tmp_path)
+    states = [start_state()]
+    storage.publish(as_published(states[0]), root, "v0")
+    target = host_targets(states[0])
+    storage.load_snapshot(root, "v0", into=target)
+
+    def no_whole_hash(*args, **kwargs):
+        raise AssertionError("the whole model was hashed")
+
+    monkeypatch.setattr(deltaload, "state_digest", no_whole_hash)
+    for k in range(1, 4):
+        states.append(step(states[-1], k))
+        assert storage.publish(as_published(states[-1]), root, f"v{k}", base=f"v{k - 1}").kind == "delta"
+        report = storage.load_snapshot(root, f"v{k}", into=target, verify=verify)
+        assert report.path == "delta"
+        assert report.sums == {n: numpy_sum64(a) for n, a in states[-1].items()}
+        same_bytes(target, states[-1])
+
+
+def test_a_library_load_knowing_nothing_still_refuses_a_target_one_word_off_the_base(tmp_path):
+    root = str(tmp_path)
+    a, b = two_versions(root)
+    target = host_targets(a)
+    name, at = changed_position(a, b)
+    target[name].reshape(-1).view(np.uint8)[at * target[name].itemsize] ^= 1  # one bit off the base
+    report = storage.load_snapshot(root, "b", into=target)
+    assert report.path == "chain of 1 deltas from a"  # read from the full version, never patched
+    same_bytes(target, b)
+
+
+def test_one_corrupt_blob_among_a_files_tensors_is_named_and_stays_inside_its_tensor():
+    import zstandard
+
+    rng = np.random.default_rng(3)
+    base = {n: rng.integers(0, 1 << 16, 5000, dtype=np.uint16) for n in ("a", "b", "c")}
+    new = {n: v ^ (rng.random(v.size) < 0.05).astype(np.uint16) for n, v in base.items()}
+    blobs = {n: deltacodec.encode(base[n].view(np.uint8), new[n].view(np.uint8), 2) for n in base}
+    plane = np.zeros(4 + 6, np.uint8)
+    plane[:4] = np.array([1], "<u4").view(np.uint8)
+    plane[4:8] = np.array([10_000], "<u4").view(np.uint8)  # past the tensor's 5000 elements
+    frame = zstandard.ZstdCompressor().compress(plane.tobytes())
+    blobs["b"] = np.array([len(frame)], "<u8").tobytes() + frame
+    targets = {n: v.copy() for n, v in base.items()}
+    with pytest.raises(deltacodec.DeltaFormatError, match="^b: window 0: a change falls outside"):
+        deltacodec.apply_many({n: (targets[n].view(np.uint8), blobs[n], 2) for n in targets}, weigh=True)
+    np.testing.assert_array_equal(targets["b"], base["b"])
+    for n in ("a", "c"):  # the other windows were applied in full before the error was raised
+        np.testing.assert_array_equal(targets[n], new[n])
+
+
+def test_the_worker_threads_run_nested_work_inline_and_finish_every_job_before_an_error():
+    import threading
+    import time
+
+    from storage import cores
+
+    finished = []
+
+    def job(i: int) -> int:
+        if i == 0:
+            raise ValueError("first")
+        time.sleep(0.05)
+        finished.append(i)
+        return sum(cores.each(lambda j: j * i, [1, 2, 3]))  # from a worker: inline, never queued behind itself
+
+    with pytest.raises(ValueError, match="first"):
+        cores.each(job, [0, 1, 2, 3])
+    assert sorted(finished) == [1, 2, 3]  # every job ended before the error reached the caller
+    assert cores.each(job, [1, 2]) == [6, 12]
+    names = cores.each(lambda _: threading.current_thread().name, [0, 1])
+    assert all(n.startswith("baton-cores") for n in names)
+    assert cores.submit(lambda: cores.submit(lambda: 7).result()).result(timeout=5) == 7
