@@ -184,12 +184,15 @@ def timings(fn: Callable[[], object], repeats: int, setup: Callable[[], object] 
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Wall times of every ``fns`` entry, ``repeats`` rounds of one run each in turn."""
+    """Wall times of every ``fns`` entry, ``repeats`` rounds of one run each in turn. Each round starts one entry
+    later than the one before, so no method always runs right after the same other one (a loopback S3 server's
+    pause after a large reply would otherwise land on whichever method comes next, every round)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return times
 
