@@ -131,8 +131,9 @@ def _apply_blob(blob: bytes, header: Header, targets, copy_fn: CopyFn | None, to
         _apply_bytes(targets[e.name], np.frombuffer(blob, np.uint8, e.nbytes, e.start), e.dtype, e.shape, copy_fn)
 
 
-def _apply_file(path: str, url: str, header: Header, targets, copy_fn: CopyFn | None, h, touched: list[str],
+def _apply_file(src: Source, i: int, url: str, targets, copy_fn: CopyFn | None, h, touched: list[str],
                 bar) -> None:
+    path, header = src.files[i], src.headers[i]
     try:
         f = open(path, "rb", buffering=0)  # unbuffered: readinto lands in the parameter itself
     except FileNotFoundError:
@@ -143,6 +144,7 @@ def _apply_file(path: str, url: str, header: Header, targets, copy_fn: CopyFn | 
                                     "was checked (replaced while loading?)")
         head = bytearray(header.data_start)
         _readinto(f, head, url)
+        src.check_head(i, head)
         if h is not None:
             h.update(head)
         for e in header.entries:
@@ -186,11 +188,12 @@ def _apply(src: Source, targets: Mapping[str, Any], verify: str, copy_fn: CopyFn
             url, expected = urls[i], (src.checksums[i] if verify != "none" else None)
             h = xxhash.xxh3_128() if expected else None
             if blob is None:
-                _apply_file(src.files[i], url, src.headers[i], targets, copy_fn, h, touched, bar)
+                _apply_file(src, i, url, targets, copy_fn, h, touched, bar)
             else:
                 if len(blob) != src.sizes[i]:
                     raise TornSnapshotError(url, f"read {len(blob)} bytes, expected {src.sizes[i]} (changed while "
                                             "loading?)")
+                src.check_head(i, memoryview(blob))
                 if h is not None:
                     h.update(blob)
                     if h.hexdigest() != expected:  # a fetched part is checked before any of it is applied

@@ -41,6 +41,7 @@ def words(raw: np.ndarray, width: int) -> np.ndarray:
     return raw.view(_WORDS[width])
 
 
+@numba.extending.intrinsic
 def _prefetch(typingctx, array, index):  # pragma: no cover - compiled into the loops below
     """``_prefetch(array, i)``: asks the CPU to start loading ``array[i]``'s cache line for writing, without waiting
     for it. The apply's positions are known a few dozen changes ahead, and a changed element's line is rarely in
@@ -61,7 +62,6 @@ def _prefetch(typingctx, array, index):  # pragma: no cover - compiled into the 
     return numba.types.void(array, index), codegen
 
 
-_prefetch = numba.extending.intrinsic(_prefetch)
 AHEAD = 32  # changes prefetched ahead: enough lines in flight to cover memory latency (bench/delta_bench.py)
 
 

@@ -10,12 +10,14 @@ digest, so no loader applies it to anything else.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from dataclasses import asdict, dataclass, field
+import struct
+from dataclasses import dataclass, field
 
 from .errors import TornSnapshotError
-from .tensorfile import DTYPE_CODES, MAX_DIMS, parse_json
+from .tensorfile import DTYPE_CODES, MAX_DIMS, MAX_HEADER_BYTES, parse_json
 
 FORMAT = "baton.snapshot"
 FORMAT_VERSION = 2  # the newest this reader knows; full versions are still written as 1, deltas as 2
@@ -32,6 +34,18 @@ class PartRecord:
     sha256: str | None  # only when published with sha256=True (``baton publish --sha256``)
     xxh3_128: str
     tensors: int
+    # the file's header as written (its JSON without the padding spaces, and where its tensor bytes start): a
+    # reader needs no probe of the file before it downloads it; None in manifests written before 2026-12-08
+    header: str | None = None
+    data_start: int | None = None
+
+    def header_bytes(self) -> bytes | None:
+        """The file's first ``data_start`` bytes as the manifest records them (length prefix and padding), or
+        None. Checked like a header read from the file (``tensorfile.parse_header``) before it is used."""
+        if self.header is None or self.data_start is None:
+            return None
+        text = self.header.encode()
+        return struct.pack("<Q", self.data_start - 8) + text + b" " * (self.data_start - 8 - len(text))
 
 
 @dataclass(frozen=True)
@@ -78,7 +92,7 @@ class Manifest:
             "id": self.version,  # the field's old name, for readers of the previous release: dropped in the next
             "rank": self.rank,
             "published_at": self.published_at,
-            "parts": [asdict(p) for p in self.parts],
+            "parts": [_part_doc(p) for p in self.parts],
             "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape), "part": t.part} for n, t in self.tensors.items()},
             "total_bytes": self.total_bytes,
             "total_tensors": len(self.tensors),
@@ -110,10 +124,18 @@ class Manifest:
         for i, p in enumerate(parts_doc):
             where = f"parts[{i}]"
             p = fields.of(p, where, dict)
-            parts.append(PartRecord(
+            record = PartRecord(
                 fields.get(p, "file", str, where), fields.count(p, "index", where), fields.count(p, "bytes", where),
                 fields.digest(p, "sha256", 64, where, optional=True), fields.digest(p, "xxh3_128", 32, where),
-                fields.count(p, "tensors", where)))
+                fields.count(p, "tensors", where))
+            if "header" in p:
+                header, start = fields.get(p, "header", str, where), fields.count(p, "data_start", where)
+                size = len(header.encode())
+                if not 8 + size <= start <= min(record.bytes, 8 + MAX_HEADER_BYTES):
+                    raise TornSnapshotError(path, f"manifest field {where}.data_start = {start} does not fit its "
+                                            f"{size}-byte header in a {record.bytes}-byte file")
+                record = dataclasses.replace(record, header=header, data_start=start)
+            parts.append(record)
         tensors = {}
         for name, t in fields.get(doc, "tensors", dict).items():
             where = f"tensors[{name[:80]!r}]"
@@ -155,6 +177,13 @@ class Manifest:
                 raise TornSnapshotError(path, f"manifest puts tensor {name[:80]!r} in part {t.part}, which it does "
                                         "not list")
         return m
+
+
+def _part_doc(p: PartRecord) -> dict:
+    doc = dataclasses.asdict(p)
+    if p.header is None:
+        del doc["header"], doc["data_start"]
+    return doc
 
 
 def _is_int(v: object) -> bool:

@@ -129,7 +129,7 @@ class LoadReport:
     verified: str  # "xxh3_128 before apply", "xxh3_128 while applying" or what could not be checked
     path: str = "full"  # "full", "delta" (into its base) or "chain of N deltas from V"
     state_dict: dict[str, Any] | None = field(default=None, repr=False)  # filled when into=None
-    sums: dict[str, int] | None = field(default=None, repr=False)  # each tensor's sum64, with held_sums
+    sums: dict[str, int] | None = field(default=None, repr=False)  # each tensor's sum64, where proven
 
     @property
     def gbps(self) -> float:
@@ -167,9 +167,11 @@ def load_snapshot(
     raises ``OSError``; anything wrong with the snapshot a ``SnapshotError`` naming the file.
 
     A delta version loads into a target that holds its base by reading only the delta's files (``report.path``
-    ``"delta"``); the target's digest proves it holds the base (``base_digest``: the caller's record of it, which
-    saves a hashing pass). Anything else (a fresh target too) is loaded through the chain from the nearest full
-    version. After a delta the target's digest must equal the version's: a mismatch is a ``PartialApplyError``.
+    ``"delta"``). The base is proven by ``base_digest`` (the caller's record of the target's digest), else
+    ``held_sums``, else the target's ``sum64`` computed in one pass and compared with the base manifest's, which the
+    apply then advances (``report.sums``; the xxh3 digest over the target where the manifest has no ``sum64``).
+    Anything else (a fresh target too) is loaded through the chain from the nearest full version. After a delta the
+    target's digest must equal the version's: a mismatch is a ``PartialApplyError``.
 
     ``held_sums``: each target tensor's ``sum64`` as the caller knows them (``report.sums`` of the load that filled
     it; ``{}`` to start tracking them at a full load). A delta onto its base then proves the base and its result

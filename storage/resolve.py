@@ -22,7 +22,7 @@ from .fs import file_checksums, join, listing, open_fs, storage_calls
 from .layout import Level
 from .manifest import MAX_MANIFEST_BYTES, Manifest
 from .pickle_safe import load_state_pickle
-from .tensorfile import Header, code_of_saved, read_headers, url_of, vanished
+from .tensorfile import Header, code_of_saved, parse_header, read_headers, url_of, vanished
 
 log = logging.getLogger("baton.storage")
 
@@ -62,6 +62,15 @@ class Source:
         return {e.name: (e.dtype, e.shape) for h in self.headers if h for e in h.entries}
 
 
+    def check_head(self, i: int, head: bytes | bytearray | memoryview) -> None:
+        """File ``i``'s first bytes, as read, against the header its manifest records (what the load took its layout
+        from, without probing the file): a file replaced since it was published is refused before its bytes are
+        placed by a layout that is not theirs, even under ``verify="none"``."""
+        recorded = self.manifest.parts[i].header_bytes() if self.manifest is not None else None
+        if recorded is not None and bytes(head[:len(recorded)]) != recorded:
+            raise TornSnapshotError(self.urls()[i], "its header differs from the one its manifest records (replaced "
+                                    "since it was published?); publish the version again")
+
     def read(self, i: int, verify: bool = True) -> bytes:
         """File ``i`` whole, its size and (with ``verify``, where the manifest records one) its checksum checked before
         any of it is used. Read into memory, never mapped: a file truncated while mapped would kill the process
@@ -73,6 +82,7 @@ class Source:
             raise disappeared(url) from None
         if len(data) != self.sizes[i]:
             raise TornSnapshotError(url, f"read {len(data)} bytes, expected {self.sizes[i]} (changed while loading?)")
+        self.check_head(i, memoryview(data))
         if verify and self.checksums[i]:
             got = xxhash.xxh3_128(data).hexdigest()
             if got != self.checksums[i]:
@@ -193,7 +203,11 @@ def _parts_with_manifest(fs, root, names, found, manifest_file, rank, version) -
     if strays:
         raise TornSnapshotError(
             url_of(fs, join(root, strays[0])), "part file not listed in the manifest (left from another publish?)")
-    headers = read_headers(fs, paths, [p.bytes for p in m.parts])
+    recorded = [p.header_bytes() for p in m.parts]
+    if all(h is not None for h in recorded):  # the manifest holds every file's header: no probe of the files
+        headers = [parse_header(h, f"{where} (parts[{p.index}].header)", p.bytes) for h, p in zip(recorded, m.parts)]
+    else:
+        headers = read_headers(fs, paths, [p.bytes for p in m.parts])
     count = 0
     for index, (path, h) in enumerate(zip(paths, headers)):
         for e in h.entries:

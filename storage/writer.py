@@ -256,15 +256,18 @@ class _Sink:
         return self._write(layout.delta_name(self.rank, self.version, index), index, buffers, count)
 
     def _write(self, name: str, index: int, buffers: list, count: int) -> PartRecord:
+        """``buffers[0]`` is the file's header (``encode_header``), which the record keeps for readers."""
         path, sha256 = join(self.root, name), self.options.sha256
+        head = buffers[0]
+        header = {"header": head[8:].rstrip(b" ").decode(), "data_start": len(head)}
         if is_local(self.fs):
             size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in buffers)
             sha, xx = _write_local(path, buffers, self.pool, self.options.durable, sha256)
-            return PartRecord(name, index, size, sha, xx, count)
+            return PartRecord(name, index, size, sha, xx, count, **header)
         data = b"".join(buffers)  # one file in memory: object stores take whole bodies
         sha, xx = checksums([data], sha256)
         self.fs.pipe_file(path, data)
-        return PartRecord(name, index, len(data), sha, xx, count)
+        return PartRecord(name, index, len(data), sha, xx, count, **header)
 
 
 def _try_delta(sink: _Sink, items: list[_Item], snapshot_root: str, recording, keep) -> tuple[Manifest | None, str]:

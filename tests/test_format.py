@@ -124,3 +124,118 @@ def test_a_manifest_names_its_version_and_still_reads_the_old_field(tmp_path):
     assert Manifest.from_json(json.dumps(doc).encode(), "m").version == "step-7"
     assert storage.list_versions(str(tmp_path))[0].version == "step-7"
     assert not hasattr(storage.list_versions(str(tmp_path))[0], "id")  # the one-release alias is gone
+
+
+def _published(tmp_path, part_bytes: int = 1 << 20) -> tuple[dict, str]:
+    import storage
+
+    rng = np.random.default_rng(0)
+    state = {f"w{i}": rng.standard_normal((64, 128)).astype(np.float32) for i in range(8)}  # 32 KiB each
+    storage.publish(state, str(tmp_path), "v1", part_bytes=part_bytes)
+    return state, str(tmp_path)
+
+
+def test_a_manifest_records_each_files_header_so_a_load_probes_no_file(tmp_path, monkeypatch):
+    import importlib
+    import json
+
+    import storage
+
+    resolve_module = importlib.import_module("storage.resolve")  # the package exports a function of the same name
+    state, root = _published(tmp_path, part_bytes=100 << 10)
+    doc = json.loads((tmp_path / layout.manifest_name(0, "v1")).read_bytes())
+    assert len(doc["parts"]) == 3
+    for p in doc["parts"]:  # the header the file starts with, byte for byte (the padding is implied)
+        raw = (tmp_path / p["file"]).read_bytes()
+        (length,) = struct.unpack("<Q", raw[:8])
+        assert p["data_start"] == 8 + length and raw[8:8 + length].rstrip(b" ").decode() == p["header"]
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("a part's header was probed")
+
+    monkeypatch.setattr(resolve_module, "read_headers", no_probe)
+    target = {n: np.zeros_like(a) for n, a in state.items()}
+    for verify in ("stream", "full", "none"):
+        storage.load_snapshot(root, "v1", into=target, verify=verify)
+        for n in state:
+            np.testing.assert_array_equal(target[n], state[n])
+            target[n][:] = 0
+
+
+def test_a_manifest_without_recorded_headers_still_loads_by_probing(tmp_path):
+    import json
+
+    import storage
+
+    state, root = _published(tmp_path)
+    path = tmp_path / layout.manifest_name(0, "v1")
+    doc = json.loads(path.read_bytes())
+    for p in doc["parts"]:  # as written before 2026-12-08
+        del p["header"], p["data_start"]
+    path.write_text(json.dumps(doc))
+    target = {n: np.zeros_like(a) for n, a in state.items()}
+    storage.load_snapshot(root, "v1", into=target)
+    for n in state:
+        np.testing.assert_array_equal(target[n], state[n])
+
+
+@pytest.mark.parametrize("verify", ["stream", "none"])
+def test_a_part_whose_header_differs_from_the_recorded_one_is_refused_before_a_byte_is_placed(tmp_path, verify):
+    """Another file under the part's name with the same size and tensors in another order: its bytes would land in
+    the wrong tensors by the recorded layout. Its own header gives it away before any of it is written."""
+    import storage
+
+    state, root = _published(tmp_path)
+    part = tmp_path / layout.part_name(0, "v1", 0)
+    order = ["w1", "w0", *list(state)[2:]]  # the first two swapped: the same header length, another layout
+    swapped = {n: state[n] for n in order}
+    header = encode_header([(n, "F32", a.shape, a.nbytes) for n, a in swapped.items()], {"format": "pd"})
+    data = header + b"".join(a.tobytes() for a in swapped.values())
+    assert len(data) == part.stat().st_size
+    part.write_bytes(data)
+    target = {n: np.zeros_like(a) for n, a in state.items()}
+    with pytest.raises(TornSnapshotError, match="header differs from the one its manifest records"):
+        storage.load_snapshot(root, "v1", into=target, verify=verify)
+    assert not any(a.any() for a in target.values())
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("data_start", 4, "does not fit"),
+    ("data_start", 1 << 40, "does not fit"),
+    ("header", 5, "expected str"),
+    ("header", '{"w0":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', "header describes 588"),
+])
+def test_a_forged_recorded_header_is_refused_naming_the_manifest(tmp_path, field, value, why):
+    import json
+
+    import storage
+
+    state, root = _published(tmp_path)
+    path = tmp_path / layout.manifest_name(0, "v1")
+    doc = json.loads(path.read_bytes())
+    doc["parts"][0][field] = value
+    path.write_text(json.dumps(doc))
+    with pytest.raises(TornSnapshotError, match=why) as exc:
+        storage.load_snapshot(root, "v1", into={n: np.zeros_like(a) for n, a in state.items()})
+    assert "manifest" in str(exc.value)
+
+
+def test_an_s3_load_fetches_its_manifest_and_parts_and_nothing_else(s3_endpoint, s3_fetched):
+    """No ranged probe of each part's header before the download: one GET for the manifest, one per part."""
+    from conftest import BUCKET
+
+    import storage
+
+    rng = np.random.default_rng(1)
+    state = {f"w{i}": rng.standard_normal((64, 128)).astype(np.float32) for i in range(8)}
+    root = f"s3://{BUCKET}/exact"
+    storage.publish(state, root, "v1", part_bytes=100 << 10)
+    fs = storage.open_fs(root)[0]
+    expected = sorted(fs.size(f"{BUCKET}/exact/{name}") for name in
+                      [layout.manifest_name(0, "v1"), *(layout.part_name(0, "v1", i) for i in range(3))])
+    target = {n: np.zeros_like(a) for n, a in state.items()}
+    s3_fetched.start()
+    storage.load_snapshot(root, "v1", into=target)
+    assert sorted(s3_fetched) == expected
+    for n in state:
+        np.testing.assert_array_equal(target[n], state[n])
