@@ -251,6 +251,29 @@ def _spooled(src: Source, streams: int) -> Iterator[tuple[Source, Callable[[int]
             pool.shutdown(wait=True, cancel_futures=True)  # nothing writes into the directory once it is removed
 
 
+def _check_heads(src: Source, ready: Callable[[int], None] | None) -> None:
+    """Every remote file's own header against the one its manifest records, once all are downloaded (or, fetched
+    into memory, by a ranged read each) and before the first write: ``resolve`` took the layout from the records
+    without probing the files, and a corrupt header is refused here with the target untouched, as a probe did."""
+    if src.manifest is None:
+        return
+    starts = [h.data_start for h in src.headers]
+    if ready is None:
+        heads = src.fs.cat_ranges(src.files, [0] * len(starts), starts)
+    else:
+        heads = []
+        for i, (path, start) in enumerate(zip(src.files, starts)):
+            ready(i)
+            with open(path, "rb") as f:
+                heads.append(f.read(start))
+    for i, head in enumerate(heads):
+        if isinstance(head, FileNotFoundError):
+            raise disappeared(src.urls()[i])
+        if isinstance(head, BaseException):
+            raise head
+        src.check_head(i, head)
+
+
 @storage_calls
 def check_source(src: Source, into: Target, *, verify: str = "stream", cast: bool = False, prefetch: int = 8) -> None:
     """Everything that can be known before a byte of ``into`` changes: names, shapes and dtypes fit, every target
@@ -279,6 +302,8 @@ def apply_source(
     has_checksums = any(src.checksums)
     check_source(src, targets, verify="none", cast=cast)  # before a byte is downloaded
     with _spooled(src, prefetch) as (local, ready):
+        if not is_local(src.fs) and src.arrays is None:
+            _check_heads(local, ready)
         if verify == "full" and has_checksums:
             if ready is not None:  # every part local before the hash pass
                 for i in range(len(local.files)):

@@ -18,7 +18,7 @@ import xxhash
 
 from . import layout
 from .errors import SnapshotNotFoundError, TornSnapshotError
-from .fs import file_checksums, join, listing, open_fs, storage_calls
+from .fs import file_checksums, is_local, join, listing, open_fs, storage_calls
 from .layout import Level
 from .manifest import MAX_MANIFEST_BYTES, Manifest
 from .pickle_safe import load_state_pickle
@@ -204,7 +204,9 @@ def _parts_with_manifest(fs, root, names, found, manifest_file, rank, version) -
         raise TornSnapshotError(
             url_of(fs, join(root, strays[0])), "part file not listed in the manifest (left from another publish?)")
     recorded = [p.header_bytes() for p in m.parts]
-    if all(h is not None for h in recorded):  # the manifest holds every file's header: no probe of the files
+    if not is_local(fs) and not m.is_delta and all(h is not None for h in recorded):
+        # remote parts whose manifest holds every header: no probe before the download (one round trip less); each
+        # downloaded file's own header is compared with its record before the first write (``storage.apply``)
         headers = [parse_header(h, f"{where} (parts[{p.index}].header)", p.bytes) for h, p in zip(recorded, m.parts)]
     else:
         headers = read_headers(fs, paths, [p.bytes for p in m.parts])

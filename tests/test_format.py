@@ -126,27 +126,50 @@ def test_a_manifest_names_its_version_and_still_reads_the_old_field(tmp_path):
     assert not hasattr(storage.list_versions(str(tmp_path))[0], "id")  # the one-release alias is gone
 
 
-def _published(tmp_path, part_bytes: int = 1 << 20) -> tuple[dict, str]:
+def _published(root: str, part_bytes: int = 1 << 20) -> dict:
     import storage
 
     rng = np.random.default_rng(0)
     state = {f"w{i}": rng.standard_normal((64, 128)).astype(np.float32) for i in range(8)}  # 32 KiB each
-    storage.publish(state, str(tmp_path), "v1", part_bytes=part_bytes)
-    return state, str(tmp_path)
+    storage.publish(state, root, "v1", part_bytes=part_bytes)
+    return state
 
 
-def test_a_manifest_records_each_files_header_so_a_load_probes_no_file(tmp_path, monkeypatch):
-    import importlib
+def _root(tmp_path, where: str) -> str:
+    """A local directory, or fsspec's in-memory filesystem: remote to Baton, as an object store is."""
+    return str(tmp_path) if where == "file" else f"memory://{tmp_path.name}"
+
+
+def _doc(root: str, name: str) -> dict:
     import json
 
     import storage
 
+    return json.loads(storage.open_fs(root)[0].cat_file(f"{storage.open_fs(root)[1]}/{name}"))
+
+
+def _write_doc(root: str, name: str, doc: dict) -> None:
+    import json
+
+    import storage
+
+    fs, path = storage.open_fs(root)
+    fs.pipe_file(f"{path}/{name}", json.dumps(doc).encode())
+
+
+def test_a_manifest_records_each_files_header_so_a_remote_load_probes_no_file(tmp_path, monkeypatch):
+    import importlib
+
+    import storage
+
     resolve_module = importlib.import_module("storage.resolve")  # the package exports a function of the same name
-    state, root = _published(tmp_path, part_bytes=100 << 10)
-    doc = json.loads((tmp_path / layout.manifest_name(0, "v1")).read_bytes())
+    root = _root(tmp_path, "memory")
+    state = _published(root, part_bytes=100 << 10)
+    fs, path = storage.open_fs(root)
+    doc = _doc(root, layout.manifest_name(0, "v1"))
     assert len(doc["parts"]) == 3
     for p in doc["parts"]:  # the header the file starts with, byte for byte (the padding is implied)
-        raw = (tmp_path / p["file"]).read_bytes()
+        raw = fs.cat_file(f"{path}/{p['file']}")
         (length,) = struct.unpack("<Q", raw[:8])
         assert p["data_start"] == 8 + length and raw[8:8 + length].rstrip(b" ").decode() == p["header"]
 
@@ -162,39 +185,47 @@ def test_a_manifest_records_each_files_header_so_a_load_probes_no_file(tmp_path,
             target[n][:] = 0
 
 
-def test_a_manifest_without_recorded_headers_still_loads_by_probing(tmp_path):
-    import json
-
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_a_manifest_without_recorded_headers_still_loads_by_probing(tmp_path, where):
     import storage
 
-    state, root = _published(tmp_path)
-    path = tmp_path / layout.manifest_name(0, "v1")
-    doc = json.loads(path.read_bytes())
+    root = _root(tmp_path, where)
+    state = _published(root)
+    doc = _doc(root, layout.manifest_name(0, "v1"))
     for p in doc["parts"]:  # as written before 2026-12-08
         del p["header"], p["data_start"]
-    path.write_text(json.dumps(doc))
+    _write_doc(root, layout.manifest_name(0, "v1"), doc)
     target = {n: np.zeros_like(a) for n, a in state.items()}
     storage.load_snapshot(root, "v1", into=target)
     for n in state:
         np.testing.assert_array_equal(target[n], state[n])
 
 
-@pytest.mark.parametrize("verify", ["stream", "none"])
-def test_a_part_whose_header_differs_from_the_recorded_one_is_refused_before_a_byte_is_placed(tmp_path, verify):
-    """Another file under the part's name with the same size and tensors in another order: its bytes would land in
-    the wrong tensors by the recorded layout. Its own header gives it away before any of it is written."""
+@pytest.mark.parametrize("where", ["file", "memory"])
+@pytest.mark.parametrize("verify", ["stream", "full", "none"])
+def test_a_part_whose_header_differs_from_the_recorded_one_is_refused_before_a_byte_is_placed(tmp_path, where,
+                                                                                             verify):
+    """Another file under the last part's name with the same size and tensors in another order: its bytes would
+    land in the wrong tensors by the recorded layout. Its own header gives it away before the target changes."""
     import storage
 
-    state, root = _published(tmp_path)
-    part = tmp_path / layout.part_name(0, "v1", 0)
-    order = ["w1", "w0", *list(state)[2:]]  # the first two swapped: the same header length, another layout
-    swapped = {n: state[n] for n in order}
-    header = encode_header([(n, "F32", a.shape, a.nbytes) for n, a in swapped.items()], {"format": "pd"})
-    data = header + b"".join(a.tobytes() for a in swapped.values())
-    assert len(data) == part.stat().st_size
-    part.write_bytes(data)
+    root = _root(tmp_path, where)
+    state = _published(root, part_bytes=100 << 10)
+    fs, path = storage.open_fs(root)
+    last = f"{path}/{layout.part_name(0, 'v1', 2)}"
+    names = [e.name for e in storage.resolve(root, "v1").headers[2].entries]
+    order = [names[1], names[0], *names[2:]]  # the first two swapped: the same header length, another layout
+    header = encode_header([(n, "F32", state[n].shape, state[n].nbytes) for n in order], {"format": "pd"})
+    data = header + b"".join(state[n].tobytes() for n in order)
+    assert len(data) == fs.size(last)
+    fs.pipe_file(last, data)
     target = {n: np.zeros_like(a) for n, a in state.items()}
-    with pytest.raises(TornSnapshotError, match="header differs from the one its manifest records"):
+    if where == "file" and verify != "full":  # found as that part is read, after the parts before it: the caller
+        with pytest.raises(storage.PartialApplyError, match="part2.pdparams: its header differs"):  # restores
+            storage.load_snapshot(root, "v1", into=target, verify=verify)
+        return
+    why = "does not match the manifest" if where == "file" else "part2.pdparams: its header differs"
+    with pytest.raises(TornSnapshotError, match=why):  # a remote part's header is compared before the first write
         storage.load_snapshot(root, "v1", into=target, verify=verify)
     assert not any(a.any() for a in target.values())
 
@@ -206,15 +237,13 @@ def test_a_part_whose_header_differs_from_the_recorded_one_is_refused_before_a_b
     ("header", '{"w0":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', "header describes 588"),
 ])
 def test_a_forged_recorded_header_is_refused_naming_the_manifest(tmp_path, field, value, why):
-    import json
-
     import storage
 
-    state, root = _published(tmp_path)
-    path = tmp_path / layout.manifest_name(0, "v1")
-    doc = json.loads(path.read_bytes())
+    root = _root(tmp_path, "memory")
+    state = _published(root)
+    doc = _doc(root, layout.manifest_name(0, "v1"))
     doc["parts"][0][field] = value
-    path.write_text(json.dumps(doc))
+    _write_doc(root, layout.manifest_name(0, "v1"), doc)
     with pytest.raises(TornSnapshotError, match=why) as exc:
         storage.load_snapshot(root, "v1", into={n: np.zeros_like(a) for n, a in state.items()})
     assert "manifest" in str(exc.value)
