@@ -189,8 +189,8 @@ def write_delta(items: list, raw_of: Callable, base: BaseValues, part_bytes: int
         tensors[item.name] = TensorRecord(item.code, item.shape, len(records))
         pending.append((item.name, blob))
 
-    # each tensor is compared with the base (and summed) on a worker thread while this one hashes it (xxh3 holds the
-    # GIL) and fetches the next: two tensors in flight, so the machine's two cores both work
+    # each tensor is compared with the base (and summed) on a worker thread while this one hashes it with xxh3 and
+    # fetches the next: two tensors in flight, so the machine's two cores both work
     running: deque = deque()
     try:
         for item in items:
