@@ -34,14 +34,14 @@ TARGETS = {"delta bytes / full at lr 1e-6": 0.15, "delta sync / full at lr 1e-6"
            "library delta apply / full load, held sums passed": 0.25}
 
 
-def library_apply(mib: int, rounds: int, work: Path) -> dict:
+def library_apply(mib: int, rounds: int, work: Path, changed: float = 0.02) -> dict:
     """``load_snapshot`` of a delta onto the base its target holds against a full load of the same version into the
     same target, page cache warm, interleaved in one process (medians of ``rounds``): a bf16 model of ``mib`` MiB,
-    2% of each tensor's elements one bf16 step away (an Adam step at lr 1e-6 changes 1-3%). The delta is loaded as
-    a library caller would: with no base digest (the base proven by the target's sums, one pass over it on both
-    cores, which the apply then advances), and with the target's per-tensor sums from the load before
-    (``held_sums``: O(changed)). The machine's limits beside: the floor of touching the changed words alone, and
-    memcpy, xxh3 and sum64 over the same bytes."""
+    ``changed`` of each tensor's elements (2%) one bf16 step away (an Adam step at lr 1e-6 changes 1-3%). The
+    delta is loaded as a library caller would: with no base digest (the base proven by the target's sums, one pass
+    over it on both cores, which the apply then advances), and with the target's per-tensor sums from the load
+    before (``held_sums``: O(changed)). The machine's limits beside: the floor of touching the changed words alone,
+    and memcpy, xxh3 and sum64 over the same bytes."""
     import numpy as np
     import paddle
     import xxhash
@@ -57,7 +57,7 @@ def library_apply(mib: int, rounds: int, work: Path) -> dict:
     new = {}
     for n, a in base.items():
         b = a.copy().reshape(-1)
-        pick = rng.random(b.size) < 0.02
+        pick = rng.random(b.size) < changed
         b[pick] = b[pick] + np.uint16(1)  # one bf16 step (positive or negative value: away from or toward zero)
         new[n] = b.reshape(a.shape)
     root = str(work / "library")
@@ -112,7 +112,7 @@ def library_apply(mib: int, rounds: int, work: Path) -> dict:
             runs.append(time.perf_counter() - t)
         limits[label + "_gib_s"] = round(raw.nbytes / statistics.median(runs) / 2**30, 1)
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"model_mib": mib, "rounds": rounds, "changed_elements": 0.02,
+    out = {"model_mib": mib, "rounds": rounds, "changed_elements": changed,
            "full_load_s": round(med["full"], 4), "delta_no_sums_s": round(med["delta"], 4),
            "delta_held_sums_s": round(med["delta_sums"], 4),
            "ratio_no_sums": round(statistics.median(d / f for d, f in zip(times["delta"], times["full"])), 3),
@@ -120,8 +120,9 @@ def library_apply(mib: int, rounds: int, work: Path) -> dict:
            "touch_floor_s": round(statistics.median(floor), 4),
            "ratio_floor": round(statistics.median(floor) / med["full"], 3),
            "full_load_gib_s": round(mib / 1024 / med["full"], 2), **limits}
-    log(f"library, {mib} MiB bf16, 2% changed: full load {med['full'] * 1e3:.1f} ms, delta {med['delta'] * 1e3:.1f} "
-        f"ms (x{out['ratio_no_sums']}), with held sums {med['delta_sums'] * 1e3:.1f} ms (x{out['ratio_held_sums']}); "
+    log(f"library, {mib} MiB bf16, {changed:.1%} changed: full load {med['full'] * 1e3:.1f} ms, "
+        f"delta {med['delta'] * 1e3:.1f} ms (x{out['ratio_no_sums']}), "
+        f"with held sums {med['delta_sums'] * 1e3:.1f} ms (x{out['ratio_held_sums']}); "
         f"the floor, touching the changed words only: {out['touch_floor_s'] * 1e3:.1f} ms (x{out['ratio_floor']})")
     return out
 
@@ -256,6 +257,7 @@ def main() -> int:
     p.add_argument("--lrs", type=float, nargs="*", help="learning rates of the server trajectory (default 1e-6 3e-6 "
                    "1e-5; none: the library figures only)")
     p.add_argument("--library-mib", type=int, default=96, help="model size of the library figures")
+    p.add_argument("--library-changed", type=float, default=0.02, help="share of elements a library delta changes")
     p.add_argument("--child-lr", type=float, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -267,7 +269,8 @@ def main() -> int:
     lrs = lrs if args.lrs is None else args.lrs
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        library = library_apply(16 if args.quick else args.library_mib, 3 if args.quick else 15, Path(tmp))
+        library = library_apply(16 if args.quick else args.library_mib, 3 if args.quick else 15, Path(tmp),
+                                args.library_changed)
         for lr in lrs:
             out = Path(tmp) / f"lr{lr:g}.json"
             subprocess.run([sys.executable, __file__, "--child-lr", str(lr), "--child-out", str(out), "--steps",
