@@ -100,6 +100,19 @@ def library_apply(mib: int, rounds: int, work: Path, changed: float = 0.02) -> d
         each(lambda n: touch(held[n], at[n], xor[n]), names)
         if r:
             floor.append(time.perf_counter() - t)
+    # what decoding costs apart from writing: every window's zstd frame inflated and checked, on one core
+    from storage import deltacodec
+
+    src = storage.resolve(root, "v1")
+    blobs = [(memoryview(src.read(i))[e.start:e.end], e.name) for i, h in enumerate(src.headers) for e in h.entries]
+    inflate = []
+    for _ in range(rounds + 1):
+        t = time.perf_counter()
+        for blob, name in blobs:
+            view, windows = deltacodec._windows(blob, base[name].size)
+            for window in windows:
+                deltacodec._frame(view, window, base[name].size, 2)
+        inflate.append(time.perf_counter() - t)
     raw = np.concatenate([a.reshape(-1) for a in base.values()])
     limits = {}
     for label, fn in (("memcpy", lambda: np.copyto(np.empty_like(raw), raw)), ("xxh3", lambda: xxhash.xxh3_128(raw)),
@@ -118,6 +131,7 @@ def library_apply(mib: int, rounds: int, work: Path, changed: float = 0.02) -> d
            "ratio_no_sums": round(statistics.median(d / f for d, f in zip(times["delta"], times["full"])), 3),
            "ratio_held_sums": round(statistics.median(d / f for d, f in zip(times["delta_sums"], times["full"])), 3),
            "touch_floor_s": round(statistics.median(floor), 4),
+           "zstd_inflate_one_core_s": round(statistics.median(inflate[1:]), 4),
            "ratio_floor": round(statistics.median(floor) / med["full"], 3),
            "full_load_gib_s": round(mib / 1024 / med["full"], 2), **limits}
     log(f"library, {mib} MiB bf16, {changed:.1%} changed: full load {med['full'] * 1e3:.1f} ms, "
