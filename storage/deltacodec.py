@@ -1,17 +1,17 @@
 """The bytes of one tensor's delta: which elements changed bits since the base, and by which bits.
 
 A small optimizer step changes a few percent of the elements, almost all by their last mantissa bits; so per
-window of ``WINDOW`` elements the encoding keeps the gaps between changed elements (uint32) and each changed
-element's XOR with its base, every value split into byte planes (all low bytes, then all second bytes, ...),
-compressed as one zstd frame. Sparse planes are smaller than a compressed XOR of everything, and applying touches
-only the changed elements instead of decompressing a full-size XOR stream (``bench/delta_bench.py`` measures
-both). Values are compared and applied as raw words, never as floats, so every dtype (NaNs, -0.0, ints) comes back
-bit-exact.
+window of ``WINDOW`` elements the encoding keeps, for each changed element in order, the gap since the previous
+change and its XOR with its base, both as LEB128 varints (a gap under 128 and a last-bits XOR take one byte each),
+compressed as one zstd frame. Applying decodes the pairs in one pass and touches only the changed elements; the
+pairs inflate in a quarter of the time byte planes did (``bench/delta_bench.py``), in as many bytes. Values are
+compared and applied as raw words, never as floats, so every dtype (NaNs, -0.0, ints) comes back bit-exact.
 
 A tensor's blob: ``u64 frame length`` per window (0: nothing changed there), then the frames. A frame
-decompresses to ``u32 k`` then ``4*k`` gap bytes then ``w*k`` XOR bytes (``w`` the element width). Decoding
-checks every length and keeps every position inside its window, so hostile bytes cannot write outside the
-tensor or inflate past one window.
+decompresses to ``u32 k | PACKED`` then ``k`` (gap, XOR) varint pairs. A frame whose count lacks the ``PACKED`` bit
+is format_version 2's: ``u32 k``, the gaps as 4 byte planes, the XORs as ``w`` byte planes (``w`` the element
+width); it is still read, turned into pairs first. Decoding checks every length and keeps every position inside its
+window, so hostile bytes cannot write outside the tensor or inflate past one window.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ import zstandard
 from .cores import each
 from .digest import ADD, MUL
 
-WINDOW = 1 << 22  # elements per frame: a window's planes stay at (4 + w) * 4 Mi bytes at most
-LEVEL = 1  # zstd level: the planes are small already, higher levels cost time for little size
+WINDOW = 1 << 22  # elements per frame: a window's pairs stay under (5 + 10) * 4 Mi bytes
+LEVEL = 1  # zstd level: the pairs are small already, higher levels cost time for little size
+PACKED = 1 << 31  # the count's top bit: the frame holds varint pairs (format_version 3), not byte planes (2)
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_GAP_BYTES = 5  # the longest varint of a u32 gap (format_version 2's planes held any; the window bounds them)
+OUTSIDE, MALFORMED = -1, -2  # what the loops below return at a change they refuse (never written)
 
 
 class DeltaFormatError(ValueError):
@@ -39,6 +42,17 @@ class DeltaFormatError(ValueError):
 def words(raw: np.ndarray, width: int) -> np.ndarray:
     """A flat byte array as unsigned words of ``width`` bytes (the element's raw bits)."""
     return raw.view(_WORDS[width])
+
+
+def _most(width: int, k: int) -> int:
+    """The most bytes ``k`` pairs of ``width``-byte elements decode from (with the count)."""
+    return 4 + (_GAP_BYTES + _xor_bytes(width)) * k
+
+
+@numba.njit(cache=True, nogil=True)
+def _xor_bytes(width):  # pragma: no cover - compiled (and called from Python)
+    """The longest varint of a ``width``-byte XOR: 7 bits a byte."""
+    return (8 * width + 6) // 7
 
 
 @numba.extending.intrinsic
@@ -63,15 +77,59 @@ def _prefetch(typingctx, array, index):  # pragma: no cover - compiled into the 
 
 
 AHEAD = 32  # changes prefetched ahead: enough lines in flight to cover memory latency (bench/delta_bench.py)
+_RING = 2 * AHEAD  # decoded changes waiting to be written (a power of two: the slot is a mask)
 
 
 @numba.njit(cache=True, nogil=True)
-def _scan(base, new, lo, hi, lanes, bits, gaps, xors, update):  # pragma: no cover - compiled
-    """Changed elements of window [lo, hi) (element indices) into ``gaps``/``xors``; returns how many. ``base`` and
-    ``new`` are 64-bit words of ``lanes`` elements each (``bits`` wide): equal words, the common case, cost one
-    compare for all their elements. With ``update`` the base takes the new words."""
+def _put(out, p, value):  # pragma: no cover - compiled
+    """Writes ``value`` (uint64) as a LEB128 varint at ``out[p]``; returns where the next one goes."""
+    while value >= np.uint64(128):
+        out[p] = (value & np.uint64(127)) | np.uint64(128)
+        value >>= np.uint64(7)
+        p += 1
+    out[p] = value
+    return p + 1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _get(s, p, most):  # pragma: no cover - compiled
+    """The LEB128 varint at ``s[p]`` and where the next one starts, or ``(0, -1)`` when it runs past the end or
+    past ``most`` bytes."""
+    value, shift, end = np.uint64(0), np.uint64(0), min(s.size, p + most)
+    while p < end:
+        b = np.uint64(s[p])
+        p += 1
+        value |= (b & np.uint64(127)) << shift
+        if b < np.uint64(128):
+            return value, p
+        shift += np.uint64(7)
+    return np.uint64(0), -1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _next(s, p, last, hi, width):  # pragma: no cover - compiled
+    """The change after position ``last``, from the pair at ``s[p]``: ``(0, position, XOR, next p)``, or
+    ``(OUTSIDE or MALFORMED, ...)`` for a position at or past ``hi`` or a pair that does not decode (truncated, too
+    long, or an XOR wider than the element)."""
+    gap, p = _get(s, p, _GAP_BYTES)
+    if p < 0:
+        return MALFORMED, 0, np.uint64(0), p
+    x, p = _get(s, p, _xor_bytes(width))
+    if p < 0 or (width < 8 and x >> np.uint64(8 * width) != 0):
+        return MALFORMED, 0, np.uint64(0), p
+    at = last + 1 + np.int64(gap)
+    if at >= hi:
+        return OUTSIDE, 0, np.uint64(0), p
+    return 0, at, x, p
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan(base, new, lo, hi, lanes, bits, out, update):  # pragma: no cover - compiled
+    """Changed elements of window [lo, hi) (element indices) as pairs into ``out`` from byte 4; returns how many and
+    where they end. ``base`` and ``new`` are 64-bit words of ``lanes`` elements each (``bits`` wide): equal words, the
+    common case, cost one compare for all their elements. With ``update`` the base takes the new words."""
     mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1) if bits < 64 else ~np.uint64(0)
-    k, last = 0, lo - 1
+    k, last, p = 0, lo - 1, 4
     for j in range(lo // lanes, hi // lanes):
         x = base[j] ^ new[j]
         if x == 0:
@@ -80,70 +138,78 @@ def _scan(base, new, lo, hi, lanes, bits, gaps, xors, update):  # pragma: no cov
             sub = (x >> np.uint64(lane * bits)) & mask
             if sub != 0:
                 i = j * lanes + lane
-                gaps[k] = i - last - 1
-                xors[k] = sub
+                p = _put(out, _put(out, p, np.uint64(i - last - 1)), sub)
                 last = i
                 k += 1
         if update:
             base[j] = new[j]
-    return k
-
-
-def _planes(k: int, width: int, gaps: np.ndarray, xors: np.ndarray) -> np.ndarray:
-    """``u32 k``, then the gaps' 4 byte planes, then the XORs' ``width`` byte planes."""
-    plane = np.empty(4 + (4 + width) * k, np.uint8)
-    plane[:4] = np.array([k], "<u4").view(np.uint8)
-    plane[4:4 + 4 * k].reshape(4, k)[:] = gaps[:k].view(np.uint8).reshape(k, 4).T
-    plane[4 + 4 * k:].reshape(width, k)[:] = xors[:k].view(np.uint8).reshape(k, 8)[:, :width].T
-    return plane
+    return k, p
 
 
 @numba.njit(cache=True, nogil=True)
-def _gap(plane, k, j):  # pragma: no cover - compiled
-    """Change ``j``'s gap from the four byte planes."""
-    return np.int64(plane[4 + j]) | (np.int64(plane[4 + k + j]) << 8) | (np.int64(plane[4 + 2 * k + j]) << 16) | \
-        (np.int64(plane[4 + 3 * k + j]) << 24)
-
-
-@numba.njit(cache=True, nogil=True)
-def _apply(target, lo, hi, plane, k, width, weigh, mul, add):  # pragma: no cover - compiled
-    """XORs a window's changes into ``target`` (its elements as unsigned words); returns (0, the change to the
-    target's ``sum64`` when ``weigh``: each changed word's ``(new - old) * (i * mul + add)`` summed mod 2**64), or
-    (-1, 0) at the first position outside the window, which is never written. Positions are decoded ``AHEAD``
-    changes before they are written, into a ring, so their lines are prefetched while earlier changes apply."""
-    ring = np.empty(2 * AHEAD, np.int64)
-    ahead = lo - 1
-    for j in range(min(AHEAD, k)):
-        ahead += _gap(plane, k, j) + 1
-        ring[j % (2 * AHEAD)] = ahead
-        if ahead < hi:
-            _prefetch(target, ahead)
-    xor_at, total = 4 + 4 * k, np.uint64(0)
+def _repack(plane, k, width, out):  # pragma: no cover - compiled
+    """A format_version 2 frame's byte planes (gaps, then XORs) as pairs into ``out`` from byte 4; returns the end."""
+    p = 4
     for j in range(k):
-        if j + AHEAD < k:
-            ahead += _gap(plane, k, j + AHEAD) + 1
-            ring[(j + AHEAD) % (2 * AHEAD)] = ahead
-            if ahead < hi:
-                _prefetch(target, ahead)
-        i = ring[j % (2 * AHEAD)]
-        if i >= hi:
-            return -1, np.uint64(0)
-        x = np.uint64(0)
+        gap, x = np.uint64(0), np.uint64(0)
+        for b in range(4):
+            gap |= np.uint64(plane[4 + b * k + j]) << np.uint64(8 * b)
         for b in range(width):
-            x |= np.uint64(plane[xor_at + b * k + j]) << np.uint64(8 * b)
-        old = np.uint64(target[i])
-        new = old ^ x
-        target[i] = new
-        if not weigh:
-            continue
-        if width == 8:  # sum64 reads an 8-byte element as two 32-bit words, 2*i and 2*i + 1
-            w = np.uint64(i) * np.uint64(2)
-            low = (new & np.uint64(0xFFFFFFFF)) - (old & np.uint64(0xFFFFFFFF))
-            high = (new >> np.uint64(32)) - (old >> np.uint64(32))
-            total += low * (w * mul + add) + high * ((w + np.uint64(1)) * mul + add)
-        else:
-            total += (new - old) * (np.uint64(i) * mul + add)
+            x |= np.uint64(plane[4 + 4 * k + b * k + j]) << np.uint64(8 * b)
+        p = _put(out, _put(out, p, gap), x)
+    return p
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _xor(target, i, x, width, weigh, mul, add):  # pragma: no cover - compiled
+    """XORs ``x`` into ``target[i]``; returns the change to the ``sum64`` when ``weigh`` (else 0)."""
+    old = np.uint64(target[i])
+    new = old ^ x
+    target[i] = new
+    if not weigh:
+        return np.uint64(0)
+    if width == 8:  # sum64 reads an 8-byte element as two 32-bit words, 2*i and 2*i + 1
+        w = np.uint64(i) * np.uint64(2)
+        low = (new & np.uint64(0xFFFFFFFF)) - (old & np.uint64(0xFFFFFFFF))
+        high = (new >> np.uint64(32)) - (old >> np.uint64(32))
+        return low * (w * mul + add) + high * ((w + np.uint64(1)) * mul + add)
+    return (new - old) * (np.uint64(i) * mul + add)
+
+
+@numba.njit(cache=True, nogil=True)
+def _apply(target, lo, hi, s, k, width, weigh, mul, add):  # pragma: no cover - compiled
+    """XORs a window's ``k`` pairs (``s``, from byte 4) into ``target`` (its elements as unsigned words); returns (0,
+    the change to the target's ``sum64`` when ``weigh``: each changed word's ``(new - old) * (i * mul + add)`` summed
+    mod 2**64), or (OUTSIDE or MALFORMED, 0) at the first change refused, or MALFORMED when bytes follow the last
+    pair; a refused change and the ones after it are never written. Changes are decoded ``AHEAD`` before they are
+    written, into a ring, so their lines are prefetched while earlier changes apply."""
+    at, xs = np.empty(_RING, np.int64), np.empty(_RING, np.uint64)
+    p, i, total = 4, lo - 1, np.uint64(0)
+    for j in range(k + AHEAD):
+        if j < k:
+            status, i, x, p = _next(s, p, i, hi, width)
+            if status == 0 and j == k - 1 and p != s.size:
+                status = MALFORMED
+            if status != 0:
+                return status, np.uint64(0)
+            at[j & (_RING - 1)], xs[j & (_RING - 1)] = i, x
+            _prefetch(target, i)
+        if j >= AHEAD:
+            m = (j - AHEAD) & (_RING - 1)
+            total += _xor(target, at[m], xs[m], width, weigh, mul, add)
     return 0, total
+
+
+@numba.njit(cache=True, nogil=True)
+def _unpack(s, k, lo, hi, width, index, xors):  # pragma: no cover - compiled
+    """A window's ``k`` pairs into ``index`` (positions) and ``xors``; returns 0, or what ``_apply`` refuses."""
+    p, i = 4, lo - 1
+    for j in range(k):
+        status, i, x, p = _next(s, p, i, hi, width)
+        if status != 0:
+            return status
+        index[j], xors[j] = i, x
+    return 0 if p == s.size else MALFORMED
 
 
 def weighed_change(index: np.ndarray, old: np.ndarray, xors: np.ndarray, width: int) -> int:
@@ -178,21 +244,17 @@ def encode(base: np.ndarray, new: np.ndarray, width: int, update: bool = False) 
 
     def one(lo: int) -> bytes:
         hi = min(lo + WINDOW, elements)
-        gaps, xors = _scratch(hi - lo)
-        k = _scan(b, n, lo, hi, lanes, 8 * width, gaps, xors, update)
+        out = np.empty(_most(width, hi - lo), np.uint8)  # untouched pages of it are never committed
+        k, end = _scan(b, n, lo, hi, lanes, 8 * width, out, update)
         if k == 0:
             return b""
-        return zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(_planes(k, width, gaps, xors))
+        out[:4] = np.array([k | PACKED], "<u4").view(np.uint8)
+        return zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(out[:end])
 
     frames = each(one, windows)
     if not any(frames):
         return None
     return np.asarray([len(f) for f in frames], "<u8").tobytes() + b"".join(frames)
-
-
-def _scratch(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Gap and XOR buffers for one window of ``size`` elements."""
-    return np.empty(size, np.uint32), np.empty(size, np.uint64)
 
 
 def _windows(blob: bytes | memoryview, elements: int) -> tuple[memoryview, list[tuple[int, int, int]]]:
@@ -210,24 +272,35 @@ def _windows(blob: bytes | memoryview, elements: int) -> tuple[memoryview, list[
 
 
 def _frame(view: memoryview, job: tuple[int, int, int], elements: int, width: int) -> tuple[int, int, np.ndarray, int]:
-    """Window ``job``'s planes decompressed and checked: ``(lo, hi, plane, k)``, its element range, its bytes and its
-    number of changes."""
+    """Window ``job``'s pairs decompressed and checked: ``(lo, hi, pairs, k)``, its element range, its bytes and its
+    number of changes. A format_version 2 frame's planes are turned into pairs here."""
     w, start, size = job
     lo, hi = w * WINDOW, min((w + 1) * WINDOW, elements)
-    limit, frame = 4 + (4 + width) * (hi - lo), view[start:start + size]
+    limit, frame = _most(width, hi - lo), view[start:start + size]
     try:  # the declared size is checked first: decompress() would allocate whatever a frame declares
         declared = zstandard.frame_content_size(frame)
         if not 0 < declared <= limit:
             raise DeltaFormatError(f"window {w}: a frame declaring {declared} bytes, over the window's {limit}")
-        plane = np.frombuffer(zstandard.ZstdDecompressor().decompress(frame), np.uint8)
+        raw = np.frombuffer(zstandard.ZstdDecompressor().decompress(frame), np.uint8)
     except zstandard.ZstdError as exc:
         raise DeltaFormatError(f"window {w}: {exc}") from None
-    if plane.size < 4:
-        raise DeltaFormatError(f"window {w}: {plane.size} bytes, too short for its count")
-    k = int(plane[:4].view("<u4")[0])
-    if k == 0 or k > hi - lo or plane.size != 4 + (4 + width) * k:
-        raise DeltaFormatError(f"window {w}: {plane.size} bytes for {k} changes of {width}-byte elements")
-    return lo, hi, plane, k
+    if raw.size < 4:
+        raise DeltaFormatError(f"window {w}: {raw.size} bytes, too short for its count")
+    head = int(raw[:4].view("<u4")[0])
+    k, packed = head & ~PACKED, bool(head & PACKED)
+    fits = 4 + 2 * k <= raw.size <= _most(width, k) if packed else raw.size == 4 + (4 + width) * k
+    if k == 0 or k > hi - lo or not fits:
+        raise DeltaFormatError(f"window {w}: {raw.size} bytes for {k} changes of {width}-byte elements")
+    if packed:
+        return lo, hi, raw, k
+    pairs = np.empty(_most(width, k), np.uint8)
+    return lo, hi, pairs[:_repack(raw, k, width, pairs)], k
+
+
+def _refused(window: int, status: int) -> DeltaFormatError:
+    return DeltaFormatError(f"window {window}: " + ("a change falls outside the window" if status == OUTSIDE else
+                            "a change that does not decode (truncated, too long, wider than its element, or bytes "
+                            "after the last)"))
 
 
 def apply(target: np.ndarray, blob: bytes | memoryview, width: int, weigh: bool = False) -> int | None:
@@ -253,10 +326,10 @@ def apply_many(items: Mapping[str, tuple[np.ndarray, bytes | memoryview, int]],
         name, view, window = job
         target, _, width = items[name]
         with _naming(name):
-            lo, hi, plane, k = _frame(view, window, target.size // width, width)
-            status, total = _apply(words(target, width), lo, hi, plane, k, width, weigh, mul, add)
+            lo, hi, pairs, k = _frame(view, window, target.size // width, width)
+            status, total = _apply(words(target, width), lo, hi, pairs, k, width, weigh, mul, add)
             if status < 0:
-                raise DeltaFormatError(f"window {window[0]}: a change falls outside the window")
+                raise _refused(window[0], status)
         return name, int(total)
 
     totals = dict.fromkeys(items, 0)
@@ -281,12 +354,10 @@ def changes(blob: bytes | memoryview, elements: int, width: int) -> tuple[np.nda
     view, jobs = _windows(blob, elements)
     indices, xors = [np.empty(0, np.int64)], [np.empty(0, np.uint64)]
     for job in jobs:
-        lo, hi, plane, k = _frame(view, job, elements, width)
-        gaps = plane[4:4 + 4 * k].reshape(4, k).astype(np.int64)
-        at = lo - 1 + np.cumsum((gaps[0] | gaps[1] << 8 | gaps[2] << 16 | gaps[3] << 24) + 1)
-        if at[-1] >= hi:
-            raise DeltaFormatError(f"window {job[0]}: a change falls outside the window")
-        planes = plane[4 + 4 * k:].reshape(width, k).astype(np.uint64)
-        indices.append(at)
-        xors.append(np.bitwise_or.reduce([planes[b] << np.uint64(8 * b) for b in range(width)], axis=0))
+        lo, hi, pairs, k = _frame(view, job, elements, width)
+        indices.append(np.empty(k, np.int64))
+        xors.append(np.empty(k, np.uint64))
+        status = _unpack(pairs, k, lo, hi, width, indices[-1], xors[-1])
+        if status < 0:
+            raise _refused(job[0], status)
     return np.concatenate(indices), np.concatenate(xors)

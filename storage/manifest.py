@@ -20,7 +20,7 @@ from .errors import TornSnapshotError
 from .tensorfile import DTYPE_CODES, MAX_DIMS, MAX_HEADER_BYTES, parse_json
 
 FORMAT = "baton.snapshot"
-FORMAT_VERSION = 2  # the newest this reader knows; full versions are still written as 1, deltas as 2
+FORMAT_VERSION = 3  # the newest this reader knows; full versions are still written as 1, deltas as 3 (2: planes)
 FULL_FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 64 << 20  # ~500k tensors; refused before it is downloaded
 SUM64 = re.compile(r"sum64-[0-9a-f]{32}")

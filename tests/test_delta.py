@@ -544,9 +544,154 @@ def test_the_apply_loop_prefetches_the_lines_it_will_change():
 
     fresh = numba.njit(nogil=True)(deltacodec._apply.py_func)  # the cached build keeps no assembly to read
     target = np.zeros(100, np.uint16)
-    plane = np.zeros(4 + 6, np.uint8)
-    plane[0] = 1
-    fresh(target, 0, 100, plane, 1, 2, True, np.uint64(3), np.uint64(5))
+    pairs = np.array([1, 0, 0, 0x80, 3, 5], np.uint8)  # one change: gap 3 (element 3), XOR 5
+    fresh(target, 0, 100, pairs, 1, 2, True, np.uint64(3), np.uint64(5))
     asm = "\n".join(fresh.inspect_asm().values())
     assert re.search(r"\bprefetch\w*\b|\bprfm\b", asm), "no prefetch instruction in the compiled apply loop"
-    assert target[0] == 0  # one change, at index 0, XOR 0
+    assert target.tolist() == [0, 0, 0, 5] + [0] * 96
+
+
+def leb128(value: int) -> list[int]:
+    """Unsigned LEB128, written here apart from the codec: 7 bits a byte, low bits first, the top bit on all but the
+    last byte."""
+    out = []
+    while True:
+        out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return out
+
+
+def one_frame(content: bytes) -> bytes:
+    """A one-window blob holding ``content`` as its zstd frame."""
+    import zstandard
+
+    frame = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(content)
+    return np.array([len(frame)], "<u8").tobytes() + frame
+
+
+def test_a_frame_is_the_count_then_gap_and_xor_varint_pairs_as_format_md_says():
+    import zstandard
+
+    base = np.zeros(1000, np.uint16)
+    new = base.copy()
+    new[0], new[200], new[999] = 0x0001, 0x8001, 0x00FF  # gaps 0, 199, 798
+    blob = deltacodec.encode(base.view(np.uint8), new.view(np.uint8), 2)
+    want = bytes([3, 0, 0, 0x80] + leb128(0) + leb128(1) + leb128(199) + leb128(0x8001) + leb128(798) + leb128(0xFF))
+    assert want[4:] == bytes([0x00, 0x01, 0xC7, 0x01, 0x81, 0x80, 0x02, 0x9E, 0x06, 0xFF, 0x01])  # by hand
+    assert int(np.frombuffer(blob, "<u8", 1)[0]) == len(blob) - 8
+    assert zstandard.ZstdDecompressor().decompress(blob[8:]) == want
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    (bytes([1, 0, 0, 0x80, 0x80, 0x80]), "does not decode"),  # a gap whose varint runs past the frame
+    (bytes([1, 0, 0, 0x80, 0, 0x81]), "does not decode"),  # an XOR that runs past the frame
+    (bytes([1, 0, 0, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01, 1]), "does not decode"),  # a 6-byte gap
+    (bytes([1, 0, 0, 0x80, 0, 0x80, 0x80, 0x04]), "does not decode"),  # an XOR of 2**16: wider than 2 bytes
+    (bytes([1, 0, 0, 0x80, 0, 1, 7]), "does not decode"),  # a byte after the last pair
+    (bytes([2, 0, 0, 0x80, 0, 1, 0xE7, 0x07, 1]), "outside"),  # the second change at element 1001 of 1000
+    (bytes([0, 0, 0, 0x80]), "0 changes"),
+    (bytes([0xE9, 0x03, 0, 0x80] + [0, 1] * 1001), "1001 changes"),
+    (bytes([1, 0, 0, 0x80, 0]), "5 bytes for 1 changes"),
+])
+def test_forged_pairs_are_refused_and_nothing_after_them_is_written(content, why):
+    """Each forged frame raises a ``DeltaFormatError`` from ``apply`` and ``changes``; nothing from the refused
+    change on is written."""
+    blob = one_frame(content)
+    target = np.zeros(1000, np.uint16)
+    with pytest.raises(deltacodec.DeltaFormatError, match=why):
+        deltacodec.apply(target.view(np.uint8), blob, 2)
+    assert not target[1:].any()
+    with pytest.raises(deltacodec.DeltaFormatError, match=why):
+        deltacodec.changes(blob, 1000, 2)
+
+
+def planes_blob(base: np.ndarray, new: np.ndarray, window: int) -> bytes:
+    """A format_version 2 blob (the previous release's encoding) of two word arrays, built here from FORMAT.md: per
+    window ``u32 k``, the u32 gaps as 4 byte planes, then the XORs as ``w`` byte planes, in one zstd frame."""
+    import zstandard
+
+    frames = []
+    for lo in range(0, base.size, window):
+        at = np.flatnonzero(base[lo:lo + window] != new[lo:lo + window])
+        if not at.size:
+            frames.append(b"")
+            continue
+        gaps = (np.diff(np.concatenate([[-1], at])) - 1).astype("<u4")
+        xors = base[lo:lo + window][at] ^ new[lo:lo + window][at]
+        raw = np.array([at.size], "<u4").tobytes() + gaps.view(np.uint8).reshape(-1, 4).T.tobytes() + \
+            xors.view(np.uint8).reshape(-1, base.itemsize).T.tobytes()
+        frames.append(zstandard.ZstdCompressor(level=1, write_checksum=True).compress(raw))
+    return np.array([len(f) for f in frames], "<u8").tobytes() + b"".join(frames)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+def test_format_version_2_planes_still_apply_and_decode(dtype, monkeypatch):
+    """Deltas the previous release published (byte planes) apply bit-exact, with the same sum change, and decode to
+    the same changes, over several windows."""
+    monkeypatch.setattr(deltacodec, "WINDOW", 1000)
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, np.iinfo(dtype).max, 3500, dtype=dtype)
+    new = base.copy()
+    new[rng.random(base.size) < 0.05] ^= rng.integers(1, np.iinfo(dtype).max, dtype=dtype)
+    new[[0, 999, 1000, 3499]] ^= dtype(1)
+    blob = planes_blob(base, new, 1000)
+    target = base.copy()
+    change = deltacodec.apply(target.view(np.uint8), blob, base.itemsize, weigh=True)
+    assert np.array_equal(target, new)
+    want = np.flatnonzero(base != new)
+    xors = (base[want] ^ new[want]).astype(np.uint64)
+    assert change == deltacodec.weighed_change(want, base[want], xors, base.itemsize)
+    index, got = deltacodec.changes(blob, base.size, base.itemsize)
+    assert np.array_equal(index, want) and np.array_equal(got, xors)
+
+
+def test_a_version_2_delta_published_by_the_previous_release_loads_into_its_base(tmp_path, monkeypatch):
+    """A snapshot root the previous release wrote (delta manifests of format_version 2, planes in their files) is
+    read by this one: a server upgraded mid-chain applies those deltas, bit-exact, to the version's digest."""
+    root = str(tmp_path)
+    v0 = random_state_dict(CONFIG, 0)
+    v1, v2 = nudged(v0, 1), nudged(nudged(v0, 1), 2)
+    words = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+    def planes(base, new, width, update=False):
+        if np.array_equal(base, new):
+            return None
+        blob = planes_blob(base.view(words[width]), new.view(words[width]), deltacodec.WINDOW)
+        if update:
+            np.copyto(base, new)
+        return blob
+
+    storage.publish(v0, root, "a")
+    with monkeypatch.context() as old:
+        old.setattr(deltacodec, "encode", planes)
+        old.setattr(storage.manifest, "FORMAT_VERSION", 2)
+        storage.publish(v1, root, "b", base="a")
+    storage.publish(v2, root, "c", base="b")  # this release's delta on the old one
+    versions = {v: json.loads((tmp_path / layout.manifest_name(0, v)).read_bytes())["format_version"] for v in "bc"}
+    assert versions == {"b": 2, "c": 3}
+    assert frames_of_first_delta(tmp_path, "b")[3] < 0x80  # the count's top bit clear: planes
+    assert frames_of_first_delta(tmp_path, "c")[3] >= 0x80  # set: pairs
+    target = host_targets(v0)
+    assert storage.load_snapshot(root, "b", into=target).path == "delta"
+    same_bytes(target, v1)
+    assert storage.load_snapshot(root, "c", into=target).path == "delta"
+    same_bytes(target, v2)
+    fresh = host_targets(random_state_dict(CONFIG, 9))
+    assert storage.load_snapshot(root, "c", into=fresh).path == "chain of 2 deltas from a"
+    same_bytes(fresh, v2)
+
+
+def frames_of_first_delta(root: Path, version: str) -> bytes:
+    """The first non-empty frame of the first tensor in ``version``'s first delta file, inflated."""
+    import zstandard
+
+    raw = delta_file(root, version).read_bytes()
+    size = int(np.frombuffer(raw, "<u8", 1)[0])
+    header = json.loads(raw[8:8 + size])
+    name = next(n for n in header if n != "__metadata__")
+    start, end = header[name]["data_offsets"]
+    blob = raw[8 + size + start:8 + size + end]
+    windows = 1  # the test's tensors are all under one window
+    length = int(np.frombuffer(blob, "<u8", 1)[0])
+    return zstandard.ZstdDecompressor().decompress(blob[8 * windows:8 * windows + length])
