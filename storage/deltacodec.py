@@ -2,16 +2,18 @@
 
 A small optimizer step changes a few percent of the elements, almost all by their last mantissa bits; so per
 window of ``WINDOW`` elements the encoding keeps, for each changed element in order, the gap since the previous
-change and its XOR with its base, both as LEB128 varints (a gap under 128 and a last-bits XOR take one byte each),
-compressed as one zstd frame. Applying decodes the pairs in one pass and touches only the changed elements; the
-pairs inflate in a quarter of the time byte planes did (``bench/delta_bench.py``), in as many bytes. Values are
-compared and applied as raw words, never as floats, so every dtype (NaNs, -0.0, ints) comes back bit-exact.
+change and its XOR with its base, as LEB128 varints (a gap under 128 and a last-bits XOR take one byte each): all
+the gaps, then all the XORs, compressed as one zstd frame. Applying decodes both streams in one pass and touches
+only the changed elements. Varints inflate to well under half the bytes of the byte planes format_version 2 kept,
+in about as many compressed bytes (``bench/delta_bench.py``). Values are compared and applied as raw words, never
+as floats, so every dtype (NaNs, -0.0, ints) comes back bit-exact.
 
 A tensor's blob: ``u64 frame length`` per window (0: nothing changed there), then the frames. A frame
-decompresses to ``u32 k | PACKED`` then ``k`` (gap, XOR) varint pairs. A frame whose count lacks the ``PACKED`` bit
-is format_version 2's: ``u32 k``, the gaps as 4 byte planes, the XORs as ``w`` byte planes (``w`` the element
-width); it is still read, turned into pairs first. Decoding checks every length and keeps every position inside its
-window, so hostile bytes cannot write outside the tensor or inflate past one window.
+decompresses to ``u32 k | PACKED``, ``u32 g``, then ``k`` gap varints in ``g`` bytes, then ``k`` XOR varints. A
+frame whose count lacks the ``PACKED`` bit is format_version 2's: ``u32 k``, the gaps as 4 byte planes, the XORs as
+``w`` byte planes (``w`` the element width); it is still read, turned into varints first. Decoding checks every
+length and keeps every position inside its window, so hostile bytes cannot write outside the tensor or inflate
+past one window.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def words(raw: np.ndarray, width: int) -> np.ndarray:
 
 
 def _most(width: int, k: int) -> int:
-    """The most bytes ``k`` pairs of ``width``-byte elements decode from (with the count)."""
-    return 4 + (_GAP_BYTES + _xor_bytes(width)) * k
+    """The most bytes a frame of ``k`` changes of ``width``-byte elements inflates to."""
+    return 8 + (_GAP_BYTES + _xor_bytes(width)) * k
 
 
 @numba.njit(cache=True, nogil=True)
@@ -92,10 +94,10 @@ def _put(out, p, value):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _get(s, p, most):  # pragma: no cover - compiled
-    """The LEB128 varint at ``s[p]`` and where the next one starts, or ``(0, -1)`` when it runs past the end or
-    past ``most`` bytes."""
-    value, shift, end = np.uint64(0), np.uint64(0), min(s.size, p + most)
+def _get(s, p, most, end):  # pragma: no cover - compiled
+    """The LEB128 varint at ``s[p]`` and where the next one starts, or ``(0, -1)`` when it runs to ``end`` or past
+    ``most`` bytes."""
+    value, shift, end = np.uint64(0), np.uint64(0), min(end, p + most)
     while p < end:
         b = np.uint64(s[p])
         p += 1
@@ -107,29 +109,34 @@ def _get(s, p, most):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _next(s, p, last, hi, width):  # pragma: no cover - compiled
-    """The change after position ``last``, from the pair at ``s[p]``: ``(0, position, XOR, next p)``, or
-    ``(OUTSIDE or MALFORMED, ...)`` for a position at or past ``hi`` or a pair that does not decode (truncated, too
-    long, or an XOR wider than the element)."""
-    gap, p = _get(s, p, _GAP_BYTES)
-    if p < 0:
-        return MALFORMED, 0, np.uint64(0), p
-    x, p = _get(s, p, _xor_bytes(width))
-    if p < 0 or (width < 8 and x >> np.uint64(8 * width) != 0):
-        return MALFORMED, 0, np.uint64(0), p
+def _gaps_end(s):  # pragma: no cover - compiled
+    """Where a frame's gaps end and its XORs start: after the 8-byte head, its second ``u32`` bytes on."""
+    return 8 + (np.int64(s[4]) | np.int64(s[5]) << 8 | np.int64(s[6]) << 16 | np.int64(s[7]) << 24)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _next(s, p, q, mid, last, hi, width):  # pragma: no cover - compiled
+    """The change after position ``last``, its gap at ``s[p]`` (before ``mid``) and its XOR at ``s[q]``:
+    ``(0, position, XOR, next p, next q)``, or ``(OUTSIDE or MALFORMED, ...)`` for a position at or past ``hi`` or a
+    varint that does not decode (truncated, too long, or an XOR wider than the element)."""
+    gap, p = _get(s, p, _GAP_BYTES, mid)
+    x, q = _get(s, q, _xor_bytes(width), s.size)
+    if p < 0 or q < 0 or (width < 8 and x >> np.uint64(8 * width) != 0):
+        return MALFORMED, 0, np.uint64(0), p, q
     at = last + 1 + np.int64(gap)
     if at >= hi:
-        return OUTSIDE, 0, np.uint64(0), p
-    return 0, at, x, p
+        return OUTSIDE, 0, np.uint64(0), p, q
+    return 0, at, x, p, q
 
 
 @numba.njit(cache=True, nogil=True)
-def _scan(base, new, lo, hi, lanes, bits, out, update):  # pragma: no cover - compiled
-    """Changed elements of window [lo, hi) (element indices) as pairs into ``out`` from byte 4; returns how many and
-    where they end. ``base`` and ``new`` are 64-bit words of ``lanes`` elements each (``bits`` wide): equal words, the
-    common case, cost one compare for all their elements. With ``update`` the base takes the new words."""
+def _scan(base, new, lo, hi, lanes, bits, gaps, xors, update):  # pragma: no cover - compiled
+    """Changed elements of window [lo, hi) (element indices): their gaps as varints into ``gaps``, their XORs into
+    ``xors``; returns how many and the bytes of each. ``base`` and ``new`` are 64-bit words of ``lanes`` elements
+    each (``bits`` wide): equal words, the common case, cost one compare for all their elements. With ``update`` the
+    base takes the new words."""
     mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1) if bits < 64 else ~np.uint64(0)
-    k, last, p = 0, lo - 1, 4
+    k, last, p, q = 0, lo - 1, 0, 0
     for j in range(lo // lanes, hi // lanes):
         x = base[j] ^ new[j]
         if x == 0:
@@ -138,26 +145,28 @@ def _scan(base, new, lo, hi, lanes, bits, out, update):  # pragma: no cover - co
             sub = (x >> np.uint64(lane * bits)) & mask
             if sub != 0:
                 i = j * lanes + lane
-                p = _put(out, _put(out, p, np.uint64(i - last - 1)), sub)
+                p = _put(gaps, p, np.uint64(i - last - 1))
+                q = _put(xors, q, sub)
                 last = i
                 k += 1
         if update:
             base[j] = new[j]
-    return k, p
+    return k, p, q
 
 
 @numba.njit(cache=True, nogil=True)
-def _repack(plane, k, width, out):  # pragma: no cover - compiled
-    """A format_version 2 frame's byte planes (gaps, then XORs) as pairs into ``out`` from byte 4; returns the end."""
-    p = 4
+def _repack(plane, k, width, gaps, xors):  # pragma: no cover - compiled
+    """A format_version 2 frame's byte planes (``u32 k``, gaps, then XORs) as varints into ``gaps`` and ``xors``;
+    returns the bytes of each."""
+    p, q = 0, 0
     for j in range(k):
         gap, x = np.uint64(0), np.uint64(0)
         for b in range(4):
             gap |= np.uint64(plane[4 + b * k + j]) << np.uint64(8 * b)
         for b in range(width):
             x |= np.uint64(plane[4 + 4 * k + b * k + j]) << np.uint64(8 * b)
-        p = _put(out, _put(out, p, gap), x)
-    return p
+        p, q = _put(gaps, p, gap), _put(xors, q, x)
+    return p, q
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -178,17 +187,18 @@ def _xor(target, i, x, width, weigh, mul, add):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def _apply(target, lo, hi, s, k, width, weigh, mul, add):  # pragma: no cover - compiled
-    """XORs a window's ``k`` pairs (``s``, from byte 4) into ``target`` (its elements as unsigned words); returns (0,
-    the change to the target's ``sum64`` when ``weigh``: each changed word's ``(new - old) * (i * mul + add)`` summed
-    mod 2**64), or (OUTSIDE or MALFORMED, 0) at the first change refused, or MALFORMED when bytes follow the last
-    pair; a refused change and the ones after it are never written. Changes are decoded ``AHEAD`` before they are
-    written, into a ring, so their lines are prefetched while earlier changes apply."""
+    """XORs a window's ``k`` changes (frame ``s``) into ``target`` (its elements as unsigned words); returns (0, the
+    change to the target's ``sum64`` when ``weigh``: each changed word's ``(new - old) * (i * mul + add)`` summed mod
+    2**64), or (OUTSIDE or MALFORMED, 0) at the first change refused, or MALFORMED when either stream does not end
+    at its last varint; a refused change and the ones after it are never written. Changes are decoded ``AHEAD``
+    before they are written, into a ring, so their lines are prefetched while earlier changes apply."""
     at, xs = np.empty(_RING, np.int64), np.empty(_RING, np.uint64)
-    p, i, total = 4, lo - 1, np.uint64(0)
+    mid = _gaps_end(s)
+    p, q, i, total = 8, mid, lo - 1, np.uint64(0)
     for j in range(k + AHEAD):
         if j < k:
-            status, i, x, p = _next(s, p, i, hi, width)
-            if status == 0 and j == k - 1 and p != s.size:
+            status, i, x, p, q = _next(s, p, q, mid, i, hi, width)
+            if status == 0 and j == k - 1 and (p != mid or q != s.size):
                 status = MALFORMED
             if status != 0:
                 return status, np.uint64(0)
@@ -202,14 +212,15 @@ def _apply(target, lo, hi, s, k, width, weigh, mul, add):  # pragma: no cover - 
 
 @numba.njit(cache=True, nogil=True)
 def _unpack(s, k, lo, hi, width, index, xors):  # pragma: no cover - compiled
-    """A window's ``k`` pairs into ``index`` (positions) and ``xors``; returns 0, or what ``_apply`` refuses."""
-    p, i = 4, lo - 1
+    """A window's ``k`` changes into ``index`` (positions) and ``xors``; returns 0, or what ``_apply`` refuses."""
+    mid = _gaps_end(s)
+    p, q, i = 8, mid, lo - 1
     for j in range(k):
-        status, i, x, p = _next(s, p, i, hi, width)
+        status, i, x, p, q = _next(s, p, q, mid, i, hi, width)
         if status != 0:
             return status
         index[j], xors[j] = i, x
-    return 0 if p == s.size else MALFORMED
+    return 0 if p == mid and q == s.size else MALFORMED
 
 
 def weighed_change(index: np.ndarray, old: np.ndarray, xors: np.ndarray, width: int) -> int:
@@ -244,17 +255,29 @@ def encode(base: np.ndarray, new: np.ndarray, width: int, update: bool = False) 
 
     def one(lo: int) -> bytes:
         hi = min(lo + WINDOW, elements)
-        out = np.empty(_most(width, hi - lo), np.uint8)  # untouched pages of it are never committed
-        k, end = _scan(b, n, lo, hi, lanes, 8 * width, out, update)
+        out, xors = _buffers(width, hi - lo)
+        k, gaps, size = _scan(b, n, lo, hi, lanes, 8 * width, out[8:], xors, update)
         if k == 0:
             return b""
-        out[:4] = np.array([k | PACKED], "<u4").view(np.uint8)
-        return zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(out[:end])
+        return zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(_frame_of(out, k, gaps, xors[:size]))
 
     frames = each(one, windows)
     if not any(frames):
         return None
     return np.asarray([len(f) for f in frames], "<u8").tobytes() + b"".join(frames)
+
+
+def _buffers(width: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A frame's buffer (head, then gaps) and an XOR buffer for ``size`` changes at most; pages never written are
+    never committed."""
+    return np.empty(_most(width, size), np.uint8), np.empty(_xor_bytes(width) * size, np.uint8)
+
+
+def _frame_of(out: np.ndarray, k: int, gaps: int, xors: np.ndarray) -> np.ndarray:
+    """``out``'s frame: the head written, the XORs copied after the ``gaps`` bytes of gaps."""
+    out[:8] = np.array([k | PACKED, gaps], "<u4").view(np.uint8)
+    out[8 + gaps:8 + gaps + xors.size] = xors
+    return out[:8 + gaps + xors.size]
 
 
 def _windows(blob: bytes | memoryview, elements: int) -> tuple[memoryview, list[tuple[int, int, int]]]:
@@ -288,13 +311,17 @@ def _frame(view: memoryview, job: tuple[int, int, int], elements: int, width: in
         raise DeltaFormatError(f"window {w}: {raw.size} bytes, too short for its count")
     head = int(raw[:4].view("<u4")[0])
     k, packed = head & ~PACKED, bool(head & PACKED)
-    fits = 4 + 2 * k <= raw.size <= _most(width, k) if packed else raw.size == 4 + (4 + width) * k
+    if packed:  # the gaps' bytes must leave a byte for each XOR
+        fits = 8 + 2 * k <= raw.size <= _most(width, k) and k <= int(raw[4:8].view("<u4")[0]) <= raw.size - 8 - k
+    else:
+        fits = raw.size == 4 + (4 + width) * k
     if k == 0 or k > hi - lo or not fits:
         raise DeltaFormatError(f"window {w}: {raw.size} bytes for {k} changes of {width}-byte elements")
     if packed:
         return lo, hi, raw, k
-    pairs = np.empty(_most(width, k), np.uint8)
-    return lo, hi, pairs[:_repack(raw, k, width, pairs)], k
+    out, xors = _buffers(width, k)
+    gaps, size = _repack(raw, k, width, out[8:], xors)
+    return lo, hi, _frame_of(out, k, gaps, xors[:size]), k
 
 
 def _refused(window: int, status: int) -> DeltaFormatError:

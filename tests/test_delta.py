@@ -544,8 +544,8 @@ def test_the_apply_loop_prefetches_the_lines_it_will_change():
 
     fresh = numba.njit(nogil=True)(deltacodec._apply.py_func)  # the cached build keeps no assembly to read
     target = np.zeros(100, np.uint16)
-    pairs = np.array([1, 0, 0, 0x80, 3, 5], np.uint8)  # one change: gap 3 (element 3), XOR 5
-    fresh(target, 0, 100, pairs, 1, 2, True, np.uint64(3), np.uint64(5))
+    frame = np.array([1, 0, 0, 0x80, 1, 0, 0, 0, 3, 5], np.uint8)  # one change: gap 3 (element 3), XOR 5
+    fresh(target, 0, 100, frame, 1, 2, True, np.uint64(3), np.uint64(5))
     asm = "\n".join(fresh.inspect_asm().values())
     assert re.search(r"\bprefetch\w*\b|\bprfm\b", asm), "no prefetch instruction in the compiled apply loop"
     assert target.tolist() == [0, 0, 0, 5] + [0] * 96
@@ -570,31 +570,40 @@ def one_frame(content: bytes) -> bytes:
     return np.array([len(frame)], "<u8").tobytes() + frame
 
 
-def test_a_frame_is_the_count_then_gap_and_xor_varint_pairs_as_format_md_says():
+def test_a_frame_is_the_count_then_the_gaps_then_the_xors_as_varints_as_format_md_says():
     import zstandard
 
     base = np.zeros(1000, np.uint16)
     new = base.copy()
     new[0], new[200], new[999] = 0x0001, 0x8001, 0x00FF  # gaps 0, 199, 798
     blob = deltacodec.encode(base.view(np.uint8), new.view(np.uint8), 2)
-    want = bytes([3, 0, 0, 0x80] + leb128(0) + leb128(1) + leb128(199) + leb128(0x8001) + leb128(798) + leb128(0xFF))
-    assert want[4:] == bytes([0x00, 0x01, 0xC7, 0x01, 0x81, 0x80, 0x02, 0x9E, 0x06, 0xFF, 0x01])  # by hand
+    gaps, xors = leb128(0) + leb128(199) + leb128(798), leb128(0x0001) + leb128(0x8001) + leb128(0xFF)
+    assert gaps + xors == [0x00, 0xC7, 0x01, 0x9E, 0x06, 0x01, 0x81, 0x80, 0x02, 0xFF, 0x01]  # by hand
+    want = bytes([3, 0, 0, 0x80, len(gaps), 0, 0, 0] + gaps + xors)
     assert int(np.frombuffer(blob, "<u8", 1)[0]) == len(blob) - 8
     assert zstandard.ZstdDecompressor().decompress(blob[8:]) == want
 
 
+def frame(k: int, gaps: list[int], xors: list[int], g: int | None = None, count: int | None = None) -> bytes:
+    """A frame's content: the head (``k`` with the varints bit, ``g`` the gaps' bytes), then the two streams."""
+    head = np.array([(k if count is None else count) | 1 << 31, len(gaps) if g is None else g], "<u4")
+    return head.tobytes() + bytes(gaps + xors)
+
+
 @pytest.mark.parametrize(("content", "why"), [
-    (bytes([1, 0, 0, 0x80, 0x80, 0x80]), "does not decode"),  # a gap whose varint runs past the frame
-    (bytes([1, 0, 0, 0x80, 0, 0x81]), "does not decode"),  # an XOR that runs past the frame
-    (bytes([1, 0, 0, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01, 1]), "does not decode"),  # a 6-byte gap
-    (bytes([1, 0, 0, 0x80, 0, 0x80, 0x80, 0x04]), "does not decode"),  # an XOR of 2**16: wider than 2 bytes
-    (bytes([1, 0, 0, 0x80, 0, 1, 7]), "does not decode"),  # a byte after the last pair
-    (bytes([2, 0, 0, 0x80, 0, 1, 0xE7, 0x07, 1]), "outside"),  # the second change at element 1001 of 1000
-    (bytes([0, 0, 0, 0x80]), "0 changes"),
-    (bytes([0xE9, 0x03, 0, 0x80] + [0, 1] * 1001), "1001 changes"),
-    (bytes([1, 0, 0, 0x80, 0]), "5 bytes for 1 changes"),
+    (frame(1, [0x80, 0x80], [1]), "does not decode"),  # a gap that runs past its stream
+    (frame(1, [0], [0x81, 0x81]), "does not decode"),  # an XOR that runs past the frame
+    (frame(1, [0x80] * 5 + [1], [1]), "does not decode"),  # a 6-byte gap
+    (frame(1, [0], [0x80, 0x80, 0x04]), "does not decode"),  # an XOR of 2**16: wider than 2 bytes
+    (frame(1, [0, 0], [1]), "does not decode"),  # a byte after the last gap
+    (frame(1, [0], [1, 7]), "does not decode"),  # a byte after the last XOR
+    (frame(2, [0, 0xE7, 0x07], [1, 1]), "outside"),  # the second change at element 1001 of 1000
+    (frame(0, [], []), "0 changes"),
+    (frame(1001, [0] * 1001, [1] * 1001), "1001 changes"),
+    (frame(1, [0], []), "9 bytes for 1 changes"),
+    (frame(2, [0, 0], [1, 1], g=3), "12 bytes for 2 changes"),  # the gaps' bytes leave one byte for two XORs
 ])
-def test_forged_pairs_are_refused_and_nothing_after_them_is_written(content, why):
+def test_forged_frames_are_refused_and_nothing_from_the_refused_change_on_is_written(content, why):
     """Each forged frame raises a ``DeltaFormatError`` from ``apply`` and ``changes``; nothing from the refused
     change on is written."""
     blob = one_frame(content)
@@ -671,7 +680,7 @@ def test_a_version_2_delta_published_by_the_previous_release_loads_into_its_base
     versions = {v: json.loads((tmp_path / layout.manifest_name(0, v)).read_bytes())["format_version"] for v in "bc"}
     assert versions == {"b": 2, "c": 3}
     assert frames_of_first_delta(tmp_path, "b")[3] < 0x80  # the count's top bit clear: planes
-    assert frames_of_first_delta(tmp_path, "c")[3] >= 0x80  # set: pairs
+    assert frames_of_first_delta(tmp_path, "c")[3] >= 0x80  # set: varints
     target = host_targets(v0)
     assert storage.load_snapshot(root, "b", into=target).path == "delta"
     same_bytes(target, v1)
