@@ -29,9 +29,9 @@ import zstandard
 from .cores import each
 from .digest import ADD, MUL
 
-WINDOW = 1 << 22  # elements per frame: a window's pairs stay under (5 + 10) * 4 Mi bytes
-LEVEL = 1  # zstd level: the pairs are small already, higher levels cost time for little size
-PACKED = 1 << 31  # the count's top bit: the frame holds varint pairs (format_version 3), not byte planes (2)
+WINDOW = 1 << 22  # elements per frame: a window's varints stay under (5 + 10) * 4 Mi bytes
+LEVEL = 1  # zstd level: the varints are small already, higher levels cost time for little size
+PACKED = 1 << 31  # the count's top bit: the frame holds varints (format_version 3), not byte planes (2)
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _GAP_BYTES = 5  # the longest varint of a u32 gap (format_version 2's planes held any; the window bounds them)
 OUTSIDE, MALFORMED = -1, -2  # what the loops below return at a change they refuse (never written)
@@ -295,8 +295,8 @@ def _windows(blob: bytes | memoryview, elements: int) -> tuple[memoryview, list[
 
 
 def _frame(view: memoryview, job: tuple[int, int, int], elements: int, width: int) -> tuple[int, int, np.ndarray, int]:
-    """Window ``job``'s pairs decompressed and checked: ``(lo, hi, pairs, k)``, its element range, its bytes and its
-    number of changes. A format_version 2 frame's planes are turned into pairs here."""
+    """Window ``job``'s frame decompressed and checked: ``(lo, hi, frame, k)``, its element range, its bytes and its
+    number of changes. A format_version 2 frame's planes are turned into varints here."""
     w, start, size = job
     lo, hi = w * WINDOW, min((w + 1) * WINDOW, elements)
     limit, frame = _most(width, hi - lo), view[start:start + size]
@@ -353,8 +353,8 @@ def apply_many(items: Mapping[str, tuple[np.ndarray, bytes | memoryview, int]],
         name, view, window = job
         target, _, width = items[name]
         with _naming(name):
-            lo, hi, pairs, k = _frame(view, window, target.size // width, width)
-            status, total = _apply(words(target, width), lo, hi, pairs, k, width, weigh, mul, add)
+            lo, hi, frame, k = _frame(view, window, target.size // width, width)
+            status, total = _apply(words(target, width), lo, hi, frame, k, width, weigh, mul, add)
             if status < 0:
                 raise _refused(window[0], status)
         return name, int(total)
@@ -381,10 +381,10 @@ def changes(blob: bytes | memoryview, elements: int, width: int) -> tuple[np.nda
     view, jobs = _windows(blob, elements)
     indices, xors = [np.empty(0, np.int64)], [np.empty(0, np.uint64)]
     for job in jobs:
-        lo, hi, pairs, k = _frame(view, job, elements, width)
+        lo, hi, frame, k = _frame(view, job, elements, width)
         indices.append(np.empty(k, np.int64))
         xors.append(np.empty(k, np.uint64))
-        status = _unpack(pairs, k, lo, hi, width, indices[-1], xors[-1])
+        status = _unpack(frame, k, lo, hi, width, indices[-1], xors[-1])
         if status < 0:
             raise _refused(job[0], status)
     return np.concatenate(indices), np.concatenate(xors)
