@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .apply import CopyFn, Target, apply_source, check_source, target_table
-from .deltaload import DigestFn, XorFn, apply_delta, check_result, holds_base, resolve_chain
-from .digest import sums_digest, tensor_sums
+from .deltaload import DigestFn, RankReader, XorFn, apply_delta, check_result, holds_base, resolve_chain
+from .digest import combine, sums_digest, tensor_digest, tensor_sums
 from .errors import PartialApplyError
 from .resolve import Source, resolve
+from .tensorfile import code_of, copy_converted
 
 
 class LoadPlan(tuple):
@@ -80,6 +81,10 @@ def apply_plan(plan: list[Source], into: Any, *, verify: str = "stream", cast: b
     records no ``sum64``, or where a cast target lost bits)."""
     last = plan[-1]
     index = last.index()
+    if len(plan) > 1 and cast:
+        targets = target_table(into)
+        if any(code_of(targets[n]) != code for n, (code, _) in index.items() if n in targets):
+            return _cast_chain(plan, targets, verify, copy_fn)
     short = held_sums is not None and len(plan) == 1 and last.is_delta and last.manifest.sum64 is not None and \
         verify != "full"
     sums = None
@@ -114,6 +119,31 @@ def apply_plan(plan: list[Source], into: Any, *, verify: str = "stream", cast: b
     if sums is not None and verify != "full":  # the sums just computed prove the result: no second pass
         return Applied(targets, verified, check_result(last, targets, touched, sums=sums), sums)
     return Applied(targets, verified, check_result(last, targets, touched, digest_fn), sums)
+
+
+def _cast_chain(plan: list[Source], targets: dict[str, Any], verify: str, copy_fn: CopyFn | None) -> Applied:
+    """A chain into targets of another dtype (a cast): a delta changes the snapshot's bits, which a target cast from
+    them does not hold, so each tensor is read whole at the version through the chain on the host (the full
+    version's part, then each delta's change, every file checked against its manifest) and only then cast into its
+    target. The tensors' digest must be the version's; about one file of each link is held at a time."""
+    last = plan[-1]
+    check_source(last, targets, verify=verify, cast=True)
+    reader, index, digests, touched = RankReader(list(plan)), last.index(), {}, []
+    try:
+        for name in [e.name for header in plan[0].headers for e in header.entries]:  # file by file
+            code, shape = index[name]
+            raw = reader.raw(name)
+            digests[name] = tensor_digest(name, code, shape, raw)
+            touched.append(name)
+            copy_converted(targets[name], raw, code, shape, copy_fn)
+    except Exception as exc:
+        if not touched:
+            raise
+        raise PartialApplyError(str(exc), touched) from exc
+    if combine(digests) != last.manifest.digest:
+        raise PartialApplyError(f"{last.urls()[0]}: the chain's tensors digest to {combine(digests)}, the version's "
+                                f"manifest says {last.manifest.digest}: publish it again", touched)
+    return Applied(targets, "xxh3_128 and the version's digest, before the cast", None, None)
 
 
 @dataclass

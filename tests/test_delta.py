@@ -501,6 +501,60 @@ def test_server_takes_deltas_catches_up_through_the_chain_and_matches_full_versi
         assert re.search(r'baton_weight_update_paths_total\{path="delta"\} 2\.0', metrics), metrics
 
 
+def bf16_of(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 bits by Paddle's own cast: what a bf16 server holds after loading them."""
+    import paddle
+
+    return paddle.to_tensor(a).astype(paddle.bfloat16).view(paddle.uint16).numpy()
+
+
+def test_a_chain_into_targets_of_another_dtype_is_read_whole_then_cast(tmp_path):
+    """A float32 chain loaded into bfloat16 targets (a server serving bf16 from float32 snapshots): a cast target
+    never holds the snapshot's bits, so no delta may be XORed into it; each tensor is read at the version through the
+    chain and then cast. The result is Paddle's cast of the version's float32 values, and a corrupt delta in the
+    chain is still refused."""
+    import paddle
+
+    root = str(tmp_path)
+    states = [random_state_dict(CONFIG, 0)]
+    for i in (1, 2):
+        states.append(nudged(states[-1], i))
+    storage.publish(states[0], root, "a")
+    storage.publish(states[1], root, "b", base="a")
+    storage.publish(states[2], root, "c", base="b")
+    targets = {n: paddle.zeros(a.shape, paddle.bfloat16) for n, a in states[0].items()}
+    report = storage.load_snapshot(root, "c", into=targets, cast=True)
+    assert report.path == "chain of 2 deltas from a"
+    for name, a in states[2].items():
+        assert np.array_equal(targets[name].view(paddle.uint16).numpy(), bf16_of(a)), name
+    path = delta_file(tmp_path, "c")
+    raw = bytearray(path.read_bytes())
+    raw[-20] ^= 0x55
+    path.write_bytes(bytes(raw))
+    with pytest.raises(storage.TornSnapshotError, match="delta0"):
+        storage.load_snapshot(root, "c", into=targets, cast=True)
+
+
+def test_a_bf16_server_takes_float32_deltas_through_the_chain(tmp_path):
+    """``baton serve --dtype bfloat16`` over float32 snapshots: every delta version loads (through its chain, cast at
+    the end) to the same weights as the full version of the same step."""
+    root = str(tmp_path)
+    states = [random_state_dict(CONFIG, 0)]
+    for i in (1, 2):
+        states.append(nudged(states[-1], i))
+    storage.publish(states[0], root, "d0")
+    for i in (1, 2):
+        storage.publish(states[i], root, f"d{i}", base=f"d{i - 1}")
+        storage.publish(states[i], root, f"f{i}")
+    with baton_serve(root, "--version", "d0", "--dtype", "bfloat16") as url, \
+            baton_serve(root, "--version", "d0", "--dtype", "bfloat16") as other:
+        for i in (1, 2):
+            reply = update(url, f"d{i}").json()
+            assert reply["success"] and reply["load_path"] == f"chain of {i} deltas from d0", reply
+            assert update(other, f"f{i}").json()["load_path"] == "full"
+            assert digest(url) == digest(other)
+
+
 @pytest.mark.parametrize("verify", ["stream", "none"])
 def test_server_refuses_a_corrupt_delta_and_keeps_serving(tmp_path, verify):
     root = str(tmp_path)
