@@ -12,7 +12,9 @@ gradients and Adam moments) plus two bf16 servers does not fit this 24 GiB machi
 
 First, the library-level apply (``library_apply``): ``load_snapshot`` of a delta onto its base against a full load
 of the same model into the same target, without and with the target's per-tensor sums (``held_sums``).
-``--lrs`` picks the trajectory's learning rates (``--lrs`` alone: the library figures only).
+``--lrs`` picks the trajectory's learning rates (``--lrs`` alone: the library figures only). After each learning
+rate's steps, the floor under the servers' update as they run here (``touch_floor_pair``): two processes touching
+the changed words of their own model of that size at that density, at once.
 """
 
 from __future__ import annotations
@@ -156,6 +158,44 @@ def _touch_loop():
     return touch
 
 
+def _touch_pair_child(seed: int, mib: int, changed: float, rounds: int, barrier, out) -> None:
+    import numpy as np
+
+    from storage.cores import each
+
+    rng = np.random.default_rng(seed)
+    held = [(rng.standard_normal(2 << 20, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+            for _ in range(max(1, mib // 4))]
+    at = [np.flatnonzero(rng.random(h.size) < changed) for h in held]
+    xor = [np.ones(a.size, np.uint16) for a in at]
+    touch = _touch_loop()
+    touch(held[0], at[0], xor[0])  # compiled before any round
+    times = []
+    for _ in range(rounds):
+        barrier.wait()
+        t = time.perf_counter()
+        each(lambda i: touch(held[i], at[i], xor[i]), range(len(held)))
+        times.append(time.perf_counter() - t)
+    out.put(statistics.median(times))
+
+
+def touch_floor_pair(mib: int, changed: float, rounds: int = 9) -> float:
+    """The floor under the servers' delta update as this bench runs them, two at once on this machine's cores and
+    memory: two processes, each XORing ``changed`` of the elements of its own ``mib`` MiB bf16 model (positions
+    decoded beforehand, prefetched, both cores), started together each round; the slower one's median."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_touch_pair_child, args=(seed, mib, changed, rounds, barrier, out)) for seed in (1, 2)]
+    for proc in procs:
+        proc.start()
+    got = [out.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return max(got)
+
+
 def bits(state: dict) -> dict:
     import numpy as np
     import paddle
@@ -291,6 +331,12 @@ def main() -> int:
                             str(steps), *(["--quick"] if args.quick else [])], check=True)
             rows += json.loads(out.read_text())
     summary = summarise(rows)
+    for s in summary:  # the update's floor, at this trajectory's model size and median density
+        mib = round(statistics.median(r["full_bytes"] for r in rows if r["lr"] == s["lr"]) / 2**20)
+        s["touch_floor_pair_s"] = round(touch_floor_pair(mib, s["changed_elements"]), 4)
+        s["update_floor_ratio"] = round(s["touch_floor_pair_s"] / s["update_full_s"], 3)
+        log(f"lr {s['lr']:g}: two servers touching {s['changed_elements']:.2%} of {mib} MiB at once: "
+            f"{s['touch_floor_pair_s'] * 1e3:.1f} ms each, x{s['update_floor_ratio']} of the full update")
     print(f"\n{'lr':>7}{'changed':>9}{'delta/full bytes':>18}{'publish s (full/delta)':>24}"
           f"{'update s (full/delta)':>23}{'sync s (full/delta)':>21}{'sync ratio':>12}")
     for s in summary:
