@@ -120,9 +120,12 @@ def _next(s, p, q, mid, last, hi, width):  # pragma: no cover - compiled
     ``(0, position, XOR, next p, next q)``, or ``(OUTSIDE or MALFORMED, ...)`` for a position at or past ``hi`` or a
     varint that does not decode (truncated, too long, or an XOR wider than the element)."""
     gap, p = _get(s, p, _GAP_BYTES, mid)
+    start = q
     x, q = _get(s, q, _xor_bytes(width), s.size)
-    if p < 0 or q < 0 or (width < 8 and x >> np.uint64(8 * width) != 0):
+    if p < 0 or q < 0:
         return MALFORMED, 0, np.uint64(0), p, q
+    if x >> np.uint64(8 * width) != 0 if width < 8 else q - start == 10 and s[q - 1] > 1:
+        return MALFORMED, 0, np.uint64(0), p, q  # wider than the element (an 8-byte XOR's 10th byte holds bit 63)
     at = last + 1 + np.int64(gap)
     if at >= hi:
         return OUTSIDE, 0, np.uint64(0), p, q

@@ -669,6 +669,16 @@ def test_forged_frames_are_refused_and_nothing_from_the_refused_change_on_is_wri
         deltacodec.changes(blob, 1000, 2)
 
 
+def test_an_eight_byte_xor_takes_ten_varint_bytes_and_no_bit_past_63():
+    target = np.zeros(4, np.uint64)
+    top = one_frame(frame(1, [2], [0xFF] * 9 + [0x01]))  # 2**64 - 1: all 64 bits
+    deltacodec.apply(target.view(np.uint8), top, 8)
+    assert target.tolist() == [0, 0, 2**64 - 1, 0]
+    with pytest.raises(deltacodec.DeltaFormatError, match="does not decode"):  # bit 64 set: wider than the element
+        deltacodec.apply(target.view(np.uint8), one_frame(frame(1, [2], [0xFF] * 9 + [0x03])), 8)
+    assert target.tolist() == [0, 0, 2**64 - 1, 0]
+
+
 def planes_blob(base: np.ndarray, new: np.ndarray, window: int) -> bytes:
     """A format_version 2 blob (the previous release's encoding) of two word arrays, built here from FORMAT.md: per
     window ``u32 k``, the u32 gaps as 4 byte planes, then the XORs as ``w`` byte planes, in one zstd frame."""
